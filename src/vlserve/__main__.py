@@ -1,0 +1,7 @@
+"""`python -m vlserve` is `vlserve`."""
+
+import sys
+
+from vlserve.cli import main
+
+sys.exit(main())
