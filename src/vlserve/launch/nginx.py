@@ -1,0 +1,167 @@
+"""nginx in front of the instances: config rendering, validation and the command that runs it."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from vlserve.errors import VLServeError
+
+# Debian puts nginx in /usr/sbin, which is not on a normal user's PATH.
+_FALLBACK_PATHS = ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx")
+_TEMP_DIRS = ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+
+
+@dataclass(frozen=True)
+class NginxConfig:
+    """What the front endpoint looks like; ``upstreams`` are ``host:port`` of the instances."""
+
+    listen_host: str
+    listen_port: int
+    upstreams: tuple[str, ...]
+    # Generation can run for minutes; a short read timeout would cut long streams.
+    read_timeout_s: int = 3600
+    connect_timeout_s: int = 5
+    # Base64 images make request bodies large; nginx's default of 1 MB rejects them with 413.
+    max_body_mb: int = 100
+    keepalive_connections: int = 64
+    worker_processes: str = "auto"
+    worker_connections: int = 4096
+
+    def __post_init__(self) -> None:
+        if not self.upstreams:
+            raise ValueError("nginx needs at least one upstream")
+        if not 0 < self.listen_port < 65536:
+            raise ValueError(f"listen port out of range: {self.listen_port}")
+
+
+def render_http_block(config: NginxConfig, *, upstream_name: str = "vlserve") -> str:
+    """The ``upstream`` and ``server`` blocks: what goes into a system nginx's ``conf.d/``."""
+    servers = "\n".join(
+        f"    server {addr} max_fails=1 fail_timeout=5s;" for addr in config.upstreams
+    )
+    listen = _listen_address(config.listen_host, config.listen_port)
+    tries = len(config.upstreams)
+    return f"""\
+upstream {upstream_name} {{
+    # An image request can take seconds: send each new request to the least busy instance.
+    least_conn;
+{servers}
+    keepalive {config.keepalive_connections};
+}}
+
+server {{
+    listen {listen};
+    client_max_body_size {config.max_body_mb}m;
+    client_body_buffer_size 1m;
+
+    location / {{
+        proxy_pass http://{upstream_name};
+        # HTTP/1.1 with an empty Connection header keeps upstream connections alive.
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+        proxy_set_header Host $host;
+        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        # Server-sent events must reach the client token by token.
+        proxy_buffering off;
+        proxy_cache off;
+        proxy_connect_timeout {config.connect_timeout_s}s;
+        proxy_read_timeout {config.read_timeout_s}s;
+        proxy_send_timeout {config.read_timeout_s}s;
+        # A dead or reloading instance sends the request to another one. Chat completions have
+        # no side effects, so retrying a POST that got no answer is safe.
+        proxy_next_upstream error timeout http_502 http_503 non_idempotent;
+        proxy_next_upstream_tries {tries};
+    }}
+}}
+"""
+
+
+def render_nginx_conf(config: NginxConfig, prefix: Path) -> str:
+    """A complete standalone ``nginx.conf`` whose pid, logs and temp files live under ``prefix``."""
+    prefix = prefix.resolve()
+    temp_paths = "\n".join(f"    {name}_temp_path {prefix / 'temp' / name};" for name in _TEMP_DIRS)
+    # As root, nginx would drop its workers to "nobody", who cannot write our temp dirs.
+    user = f"user {pwd.getpwuid(os.geteuid()).pw_name};\n" if os.geteuid() == 0 else ""
+    http_block = _indent(render_http_block(config), "    ")
+    return f"""\
+# Written by `vlserve launch`; regenerated on every launch.
+{user}worker_processes {config.worker_processes};
+pid {prefix / "nginx.pid"};
+error_log {prefix / "error.log"} warn;
+
+events {{
+    worker_connections {config.worker_connections};
+}}
+
+http {{
+    default_type application/octet-stream;
+    access_log {prefix / "access.log"};
+{temp_paths}
+
+{http_block}}}
+"""
+
+
+def write_nginx_files(config: NginxConfig, prefix: Path) -> tuple[Path, Path]:
+    """Write ``nginx.conf`` (standalone) and ``vlserve-upstream.conf`` (snippet) under ``prefix``."""
+    for name in _TEMP_DIRS:
+        (prefix / "temp" / name).mkdir(parents=True, exist_ok=True)
+    conf = prefix / "nginx.conf"
+    conf.write_text(render_nginx_conf(config, prefix))
+    snippet = prefix / "vlserve-upstream.conf"
+    snippet.write_text(render_http_block(config))
+    return conf, snippet
+
+
+def find_nginx(explicit: str | None = None) -> str | None:
+    """The nginx binary: ``explicit`` if given (must exist), else PATH, else the usual sbin dirs."""
+    if explicit:
+        found = shutil.which(explicit)
+        if found is None:
+            raise VLServeError(f"nginx binary not found or not executable: {explicit}")
+        return found
+    found = shutil.which("nginx")
+    if found:
+        return found
+    return next((p for p in _FALLBACK_PATHS if os.access(p, os.X_OK)), None)
+
+
+def nginx_command(binary: str, prefix: Path, *, test_only: bool = False) -> list[str]:
+    """argv that runs nginx in the foreground with everything under ``prefix``."""
+    prefix = prefix.resolve()
+    # -e: without it nginx first opens the compiled-in /var/log/nginx/error.log.
+    argv = [binary, "-p", str(prefix), "-c", str(prefix / "nginx.conf")]
+    argv += ["-e", str(prefix / "error.log"), "-g", "daemon off;"]
+    if test_only:
+        argv.append("-t")
+    return argv
+
+
+def check_nginx_conf(binary: str, prefix: Path) -> None:
+    """Run ``nginx -t`` on the written config; raise VLServeError with nginx's words if rejected."""
+    proc = subprocess.run(
+        nginx_command(binary, prefix, test_only=True),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise VLServeError(f"nginx rejected {prefix / 'nginx.conf'}:\n{proc.stderr.strip()}")
+
+
+def _listen_address(host: str, port: int) -> str:
+    if host in ("", "0.0.0.0", "*"):
+        return str(port)
+    if ":" in host and not host.startswith("["):
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+def _indent(text: str, prefix: str) -> str:
+    return "".join(prefix + line if line.strip() else line for line in text.splitlines(True))

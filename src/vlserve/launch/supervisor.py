@@ -1,0 +1,299 @@
+"""Keep child processes alive: start, wait for /health, restart with backoff, stop in order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import os
+import signal
+import sys
+import time
+import urllib.parse
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vlserve.errors import VLServeError
+
+logger = logging.getLogger("vlserve.launch")
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    """One supervised child; ``env`` is its complete environment."""
+
+    name: str
+    argv: tuple[str, ...]
+    env: Mapping[str, str]
+    log_path: Path
+    # Ready once this URL answers 200; without one, ready as soon as it is started.
+    health_url: str | None = None
+    stop_signal: int = signal.SIGTERM
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    initial_backoff_s: float = 1.0
+    max_backoff_s: float = 30.0
+    # A child that ran this long after being ready starts over from the initial backoff.
+    stable_after_s: float = 60.0
+    # Crashing this many times in a row without ever becoming ready is fatal (bad model path,
+    # device held by someone else): restarting forever would only hide it.
+    max_startup_failures: int = 3
+    health_interval_s: float = 1.0
+    stop_timeout_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.initial_backoff_s <= 0 or self.max_backoff_s < self.initial_backoff_s:
+            raise ValueError("need 0 < initial_backoff_s <= max_backoff_s")
+        if self.max_startup_failures < 1:
+            raise ValueError("max_startup_failures must be at least 1")
+
+
+class ChildState(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    BACKOFF = "backoff"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+@dataclass
+class _Child:
+    spec: ProcessSpec
+    state: ChildState = ChildState.STARTING
+    proc: asyncio.subprocess.Process | None = None
+    num_starts: int = 0
+    started_at: float = 0.0
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
+
+
+class Supervisor:
+    """Runs children on the current event loop; ``stop`` drains them group by group."""
+
+    def __init__(self, policy: RestartPolicy) -> None:
+        self.policy = policy
+        self._children: dict[str, _Child] = {}
+        self._stopping = asyncio.Event()
+        self._failed = asyncio.Event()
+
+    def start(self, spec: ProcessSpec) -> None:
+        if spec.name in self._children:
+            raise ValueError(f"duplicate child name: {spec.name}")
+        child = _Child(spec)
+        self._children[spec.name] = child
+        child.task = asyncio.get_running_loop().create_task(self._keep_alive(child))
+
+    def states(self) -> dict[str, ChildState]:
+        return {name: child.state for name, child in self._children.items()}
+
+    def pid(self, name: str) -> int | None:
+        proc = self._children[name].proc
+        return proc.pid if proc is not None and proc.returncode is None else None
+
+    def num_starts(self, name: str) -> int:
+        return self._children[name].num_starts
+
+    def request_stop(self) -> None:
+        self._stopping.set()
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stopping.is_set()
+
+    async def wait_ready(self, names: Iterable[str], timeout_s: float) -> None:
+        """Return once every named child answers its health check; raise if that cannot happen."""
+        names = list(names)
+        waits = [asyncio.ensure_future(self._children[n].ready.wait()) for n in names]
+        all_ready = asyncio.ensure_future(asyncio.gather(*waits))
+        stop = asyncio.ensure_future(self._stopping.wait())
+        failed = asyncio.ensure_future(self._failed.wait())
+        try:
+            await asyncio.wait(
+                {all_ready, stop, failed}, timeout=timeout_s, return_when="FIRST_COMPLETED"
+            )
+        finally:
+            for fut in (all_ready, stop, failed):
+                fut.cancel()
+        if self._failed.is_set():
+            raise VLServeError(f"gave up on: {', '.join(self._names_in(ChildState.FAILED))}")
+        if self._stopping.is_set():
+            raise VLServeError("stop requested before everything was ready")
+        if not all(self._children[n].ready.is_set() for n in names):
+            late = [n for n in names if not self._children[n].ready.is_set()]
+            raise VLServeError(f"not ready after {timeout_s:g} s: {', '.join(late)}")
+
+    async def wait_stop_or_failure(self) -> bool:
+        """Block until a stop is requested (True) or a child is given up on (False)."""
+        stop = asyncio.ensure_future(self._stopping.wait())
+        failed = asyncio.ensure_future(self._failed.wait())
+        await asyncio.wait({stop, failed}, return_when="FIRST_COMPLETED")
+        stop.cancel()
+        failed.cancel()
+        return not self._failed.is_set()
+
+    async def stop(self, order: Sequence[Sequence[str]] = ()) -> None:
+        """Stop all children: each group of ``order`` together, groups one after the other."""
+        self._stopping.set()
+        listed = {name for group in order for name in group}
+        rest = [name for name in self._children if name not in listed]
+        for group in [*order, rest]:
+            children = [self._children[n] for n in group if n in self._children]
+            await asyncio.gather(*(self._stop_child(c) for c in children))
+        tasks = [c.task for c in self._children.values() if c.task is not None]
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def _keep_alive(self, child: _Child) -> None:
+        policy = self.policy
+        backoff_s = policy.initial_backoff_s
+        failures_in_a_row = 0
+        while not self._stopping.is_set():
+            await self._spawn(child)
+            if self._stopping.is_set():
+                # stop() ran while we were spawning and could not see this process yet.
+                await self._stop_child(child)
+                break
+            became_ready = await self._watch(child)
+            if self._stopping.is_set():
+                break
+            uptime_s = time.monotonic() - child.started_at
+            failures_in_a_row = 0 if became_ready else failures_in_a_row + 1
+            if became_ready and uptime_s >= policy.stable_after_s:
+                backoff_s = policy.initial_backoff_s
+            assert child.proc is not None
+            code = child.proc.returncode
+            tail = _log_tail(child.spec.log_path)
+            if failures_in_a_row >= policy.max_startup_failures:
+                logger.error(
+                    "%s exited with code %s %d times in a row before becoming ready; giving up. "
+                    "Last lines of %s:\n%s",
+                    child.spec.name, code, failures_in_a_row, child.spec.log_path, tail,
+                )  # fmt: skip
+                child.state = ChildState.FAILED
+                self._failed.set()
+                return
+            logger.warning(
+                "%s exited with code %s after %.1f s; restarting in %.1f s. Last lines of %s:\n%s",
+                child.spec.name, code, uptime_s, backoff_s, child.spec.log_path, tail,
+            )  # fmt: skip
+            child.state = ChildState.BACKOFF
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), timeout=backoff_s)
+            backoff_s = min(backoff_s * 2, policy.max_backoff_s)
+        child.state = ChildState.STOPPED
+
+    async def _spawn(self, child: _Child) -> None:
+        spec = child.spec
+        spec.log_path.parent.mkdir(parents=True, exist_ok=True)
+        child.num_starts += 1
+        with spec.log_path.open("ab") as log:
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+            log.write(f"=== {stamp} start #{child.num_starts}: {' '.join(spec.argv)}\n".encode())
+            log.flush()
+            # Own session: a Ctrl-C in the terminal reaches only us, and we stop children in order.
+            child.proc = await asyncio.create_subprocess_exec(
+                *spec.argv,
+                env=dict(spec.env),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_die_with_parent(),
+            )
+        child.started_at = time.monotonic()
+        child.state = ChildState.STARTING
+        child.ready.clear()
+        logger.info("%s started (pid %d, start #%d)", spec.name, child.proc.pid, child.num_starts)
+
+    async def _watch(self, child: _Child) -> bool:
+        """Wait for the child to exit; meanwhile mark it ready once healthy. True if it was."""
+        assert child.proc is not None
+        exited = asyncio.ensure_future(child.proc.wait())
+        while not exited.done():
+            if child.spec.health_url is None or await probe_health(child.spec.health_url):
+                child.state = ChildState.READY
+                child.ready.set()
+                waited_s = time.monotonic() - child.started_at
+                logger.info("%s ready after %.1f s", child.spec.name, waited_s)
+                await exited
+                return True
+            await asyncio.wait({exited}, timeout=self.policy.health_interval_s)
+        return False
+
+    async def _stop_child(self, child: _Child) -> None:
+        proc = child.proc
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(child.spec.stop_signal)
+        try:
+            await asyncio.wait_for(proc.wait(), timeout=self.policy.stop_timeout_s)
+        except asyncio.TimeoutError:
+            logger.warning(
+                "%s did not stop within %g s; killing it",
+                child.spec.name,
+                self.policy.stop_timeout_s,
+            )
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+        logger.info("%s stopped (exit code %s)", child.spec.name, proc.returncode)
+
+    def _names_in(self, state: ChildState) -> list[str]:
+        return [name for name, child in self._children.items() if child.state is state]
+
+
+async def probe_health(url: str, timeout_s: float = 5.0) -> bool:
+    """True if a GET on ``url`` answers 200. Plain asyncio: no HTTP client dependency needed."""
+    parts = urllib.parse.urlsplit(url)
+    path = parts.path or "/"
+    request = f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nConnection: close\r\n\r\n"
+    writer = None
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(parts.hostname, parts.port or 80), timeout=timeout_s
+        )
+        writer.write(request.encode())
+        await writer.drain()
+        status_line = await asyncio.wait_for(reader.readline(), timeout=timeout_s)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    finally:
+        if writer is not None:
+            writer.close()
+    return status_line.split()[1:2] == [b"200"]
+
+
+def _log_tail(path: Path, num_lines: int = 20) -> str:
+    try:
+        with path.open("rb") as f:
+            lines = deque(f, maxlen=num_lines)
+    except OSError:
+        return "(no log)"
+    return b"".join(lines).decode(errors="replace").rstrip()
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn that has Linux send SIGTERM to the child if we die without stopping it.
+
+    Orphaned servers would keep holding their NPUs, which is what this command exists to avoid.
+    libc is resolved here, before fork, so that the child only makes one system call.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    pr_set_pdeathsig = 1
+
+    def preexec() -> None:
+        prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+    return preexec
