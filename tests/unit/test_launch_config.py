@@ -1,0 +1,164 @@
+"""LaunchConfig, per-instance commands and environments, device detection and the CLI flags."""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from vlserve.cli import build_parser
+from vlserve.errors import VLServeError
+from vlserve.launch.cli import config_from_args
+from vlserve.launch.config import LaunchConfig, instance_specs
+from vlserve.launch.devices import (
+    count_gpus,
+    count_npus,
+    default_device_ids,
+    detect_device_type,
+    parse_device_ids,
+)
+
+
+def npu_config(**overrides: object) -> LaunchConfig:
+    values: dict[str, object] = {
+        "model": "/models/qwen3-vl-8b",
+        "device": "npu",
+        "device_ids": ("0", "1", "2"),
+        "num_instances": 3,
+        "port": 9000,
+        "base_port": 9101,
+    }
+    values.update(overrides)
+    return LaunchConfig(**values)  # type: ignore[arg-type]
+
+
+def test_one_instance_per_device_on_consecutive_ports() -> None:
+    specs = instance_specs(npu_config(serve_args=("--dtype", "bfloat16")), {"SERVER_PORT": "1"})
+    assert [s.name for s in specs] == ["instance-0", "instance-1", "instance-2"]
+    for index, spec in enumerate(specs):
+        port = str(9101 + index)
+        argv = list(spec.argv)
+        assert argv[argv.index("--port") + 1] == port
+        assert argv[argv.index("--device") + 1] == "npu"
+        assert argv[argv.index("--model") + 1] == "/models/qwen3-vl-8b"
+        assert argv[-2:] == ["--dtype", "bfloat16"]
+        assert spec.env["ASCEND_RT_VISIBLE_DEVICES"] == str(index)
+        # The user's stray SERVER_PORT must not contradict the flag.
+        assert spec.env["SERVER_PORT"] == port
+        assert spec.health_url == f"http://127.0.0.1:{port}/health"
+
+
+def test_cuda_instances_are_pinned_with_cuda_visible_devices() -> None:
+    config = npu_config(device="cuda", device_ids=("4", "7"), num_instances=2)
+    envs = [spec.env for spec in instance_specs(config, {})]
+    assert [env["CUDA_VISIBLE_DEVICES"] for env in envs] == ["4", "7"]
+    assert all("ASCEND_RT_VISIBLE_DEVICES" not in env for env in envs)
+
+
+def test_cpu_instances_share_the_cores() -> None:
+    config = npu_config(device="cpu", device_ids=(), num_instances=2, threads_per_instance=3)
+    envs = [spec.env for spec in instance_specs(config, {})]
+    assert [env["OMP_NUM_THREADS"] for env in envs] == ["3", "3"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"device_ids": ("0",)}, "3 instances need 3 device ids"),
+        ({"device": "tpu"}, "device must be one of"),
+        ({"base_port": 8999}, "collides"),
+        ({"base_port": 65534}, "out of range"),
+        ({"num_instances": 0, "device_ids": ()}, "at least 1"),
+        ({"stop_timeout_s": 0}, "positive"),
+    ],
+)
+def test_config_validation(overrides: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        npu_config(**overrides)
+
+
+def test_parse_device_ids() -> None:
+    assert parse_device_ids("0,1,4-6") == ("0", "1", "4", "5", "6")
+    assert parse_device_ids(" 3 , 07 ") == ("3", "7")
+    for bad in ("0,0", "a", "5-2", "1-x"):
+        with pytest.raises(ValueError):
+            parse_device_ids(bad)
+
+
+def make_dev_dir(tmp_path: Path, *names: str) -> Path:
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    for name in names:
+        (dev / name).touch()
+    return dev
+
+
+def test_npus_are_counted_from_device_nodes(tmp_path: Path) -> None:
+    dev = make_dev_dir(tmp_path, "davinci0", "davinci1", "davinci_manager", "devmm_svm")
+    assert count_npus(dev) == 2
+    assert detect_device_type(dev) == "npu"
+    assert default_device_ids("npu", {}, dev) == ("0", "1")
+    # A scheduler that already chose devices wins over the device count.
+    assert default_device_ids("npu", {"ASCEND_RT_VISIBLE_DEVICES": "4,5"}, dev) == ("4", "5")
+
+
+def test_gpus_are_counted_with_nvidia_smi(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text(
+        "#!/bin/sh\necho 'GPU 0: NVIDIA H100 (UUID: GPU-a)'\necho 'GPU 1: NVIDIA H100 (UUID: GPU-b)'\n"
+    )
+    smi.chmod(smi.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    empty = make_dev_dir(tmp_path)
+    assert count_gpus(empty) == 2
+    assert detect_device_type(empty) == "cuda"
+    assert default_device_ids("cuda", {}, empty) == ("0", "1")
+
+
+def test_no_devices_means_cpu_and_an_explicit_device_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    empty = make_dev_dir(tmp_path)
+    assert detect_device_type(empty) == "cpu"
+    with pytest.raises(VLServeError, match="no npu devices"):
+        default_device_ids("npu", {}, empty)
+
+
+@pytest.fixture(autouse=True)
+def _no_server_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The CLI's defaults come from these; the caller's shell must not leak into the tests.
+    for name in ("MODEL_PATH", "DEVICE", "SERVER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def parse(*argv: str) -> LaunchConfig:
+    args = build_parser(["launch"]).parse_args(["launch", *argv])
+    return config_from_args(args, {})
+
+
+def test_cli_builds_the_config_and_passes_arguments_after_double_dash() -> None:
+    config = parse("--model", "/m", "--device", "npu", "--devices", "0-3", "--num-instances", "2",
+                   "--port", "8000", "--", "--dtype", "bfloat16", "--served-model-name", "q")  # fmt: skip
+    assert config.device_ids == ("0", "1")
+    assert config.num_instances == 2
+    assert config.instance_ports == (8001, 8002)
+    assert config.serve_args == ("--dtype", "bfloat16", "--served-model-name", "q")
+
+
+def test_cli_cpu_instances_and_custom_serve_command() -> None:
+    config = parse("--model", "/m", "--device", "cpu", "--num-instances", "2",
+                   "--serve-command", "python3 fake.py --x 'a b'", "--nginx", "off")  # fmt: skip
+    assert config.device_ids == () and config.num_instances == 2
+    assert config.serve_command == ("python3", "fake.py", "--x", "a b")
+    assert config.nginx == "off"
+
+
+def test_cli_errors_are_clear() -> None:
+    with pytest.raises(VLServeError, match="--model"):
+        parse("--device", "cpu")
+    with pytest.raises(VLServeError, match="only 2 npu"):
+        parse("--model", "/m", "--device", "npu", "--devices", "0,1", "--num-instances", "3")

@@ -1,0 +1,126 @@
+"""The nginx config writer: what the rendered config says, and that real nginx accepts it."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from vlserve.errors import VLServeError
+from vlserve.launch.nginx import (
+    NginxConfig,
+    check_nginx_conf,
+    find_nginx,
+    nginx_command,
+    render_http_block,
+    render_nginx_conf,
+    write_nginx_files,
+)
+
+CONFIG = NginxConfig(
+    listen_host="127.0.0.1", listen_port=9000, upstreams=("127.0.0.1:9001", "127.0.0.1:9002")
+)
+
+
+def directives(text: str) -> list[str]:
+    """Non-comment lines, stripped: what nginx actually reads."""
+    lines = (line.split("#", 1)[0].strip() for line in text.splitlines())
+    return [line for line in lines if line]
+
+
+def test_upstream_is_least_conn_with_keepalive_and_every_instance() -> None:
+    lines = directives(render_http_block(CONFIG))
+    assert "least_conn;" in lines
+    assert "server 127.0.0.1:9001 max_fails=1 fail_timeout=5s;" in lines
+    assert "server 127.0.0.1:9002 max_fails=1 fail_timeout=5s;" in lines
+    assert "keepalive 64;" in lines
+
+
+def test_proxy_settings_suit_long_streaming_requests() -> None:
+    lines = directives(render_http_block(CONFIG))
+    for expected in (
+        "listen 127.0.0.1:9000;",
+        "proxy_buffering off;",
+        "proxy_http_version 1.1;",
+        'proxy_set_header Connection "";',
+        "proxy_read_timeout 3600s;",
+        "proxy_send_timeout 3600s;",
+        "client_max_body_size 100m;",
+        "proxy_next_upstream_tries 2;",
+    ):
+        assert expected in lines, expected
+    retry = next(line for line in lines if line.startswith("proxy_next_upstream "))
+    assert "http_503" in retry and "non_idempotent" in retry
+
+
+@pytest.mark.parametrize(
+    ("host", "expected"),
+    [
+        ("0.0.0.0", "listen 8080;"),
+        ("127.0.0.1", "listen 127.0.0.1:8080;"),
+        ("::1", "listen [::1]:8080;"),
+    ],
+)
+def test_listen_address_forms(host: str, expected: str) -> None:
+    config = NginxConfig(listen_host=host, listen_port=8080, upstreams=("127.0.0.1:1",))
+    assert expected in directives(render_http_block(config))
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="at least one upstream"):
+        NginxConfig(listen_host="127.0.0.1", listen_port=9000, upstreams=())
+    with pytest.raises(ValueError, match="port"):
+        NginxConfig(listen_host="127.0.0.1", listen_port=70000, upstreams=("a:1",))
+
+
+def test_standalone_config_keeps_every_path_under_the_prefix(tmp_path: Path) -> None:
+    text = render_nginx_conf(CONFIG, tmp_path)
+    lines = directives(text)
+    assert f"pid {tmp_path.resolve()}/nginx.pid;" in lines
+    assert any(line.startswith("error_log " + str(tmp_path.resolve())) for line in lines)
+    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        assert f"{kind}_temp_path {tmp_path.resolve()}/temp/{kind};" in lines
+    # Only root may (and must) name the worker user.
+    assert any(line.startswith("user ") for line in lines) == (os.geteuid() == 0)
+
+
+def test_write_files_and_command(tmp_path: Path) -> None:
+    conf, snippet = write_nginx_files(CONFIG, tmp_path)
+    assert conf.read_text() == render_nginx_conf(CONFIG, tmp_path)
+    assert snippet.read_text() == render_http_block(CONFIG)
+    assert (tmp_path / "temp" / "proxy").is_dir()
+    argv = nginx_command("/usr/sbin/nginx", tmp_path)
+    assert argv[0] == "/usr/sbin/nginx"
+    assert argv[argv.index("-c") + 1] == str(conf.resolve())
+    assert argv[argv.index("-g") + 1] == "daemon off;"
+    assert "-t" not in argv and nginx_command("nginx", tmp_path, test_only=True)[-1] == "-t"
+
+
+def test_find_nginx_rejects_a_missing_explicit_binary(tmp_path: Path) -> None:
+    with pytest.raises(VLServeError, match="not found"):
+        find_nginx(str(tmp_path / "no-nginx-here"))
+    fake = tmp_path / "nginx"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    assert find_nginx(str(fake)) == str(fake)
+
+
+NGINX = find_nginx()
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx)")
+def test_real_nginx_accepts_the_config(tmp_path: Path) -> None:
+    assert NGINX is not None
+    write_nginx_files(CONFIG, tmp_path)
+    check_nginx_conf(NGINX, tmp_path)
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx)")
+def test_real_nginx_rejection_is_reported_with_its_message(tmp_path: Path) -> None:
+    assert NGINX is not None
+    write_nginx_files(CONFIG, tmp_path)
+    (tmp_path / "nginx.conf").write_text("events {}\nhttp { bogus_directive on; }\n")
+    with pytest.raises(VLServeError, match="bogus_directive"):
+        check_nginx_conf(NGINX, tmp_path)
