@@ -1,0 +1,135 @@
+"""A whole benchmark run: dataset → runner → results JSONL, summary JSON, table, plots → exit code."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from vlserve.bench.client import RequestResult
+from vlserve.bench.config import BenchConfig
+from vlserve.bench.dataset import load_dataset
+from vlserve.bench.metrics import endpoint_breakdown, summarize
+from vlserve.bench.progress import Progress
+from vlserve.bench.report import ResultsWriter, completed_ids, format_table, write_summary
+from vlserve.bench.runner import RunOutcome, plan_requests, run_benchmark
+
+log = logging.getLogger("vlserve.bench")
+
+MIN_SUCCESS_RATE = 90.0  # below it the exit code is 1, as in the prototype
+
+
+def setup_logging(level: str, log_file: Path | None) -> None:
+    """Logs go to stderr (stdout carries the table); to a file only when asked."""
+    logger = logging.getLogger("vlserve")
+    logger.setLevel(level)
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        logger.addHandler(handler)
+
+
+def run_config(config: BenchConfig) -> int:
+    """Load the dataset, run, write every output; the exit code of ``vlserve bench``."""
+    dataset = load_dataset(config.dataset)
+    if not dataset.requests:
+        log.error("no requests to send (%d line(s) skipped)", len(dataset.issues))
+        return 1
+    out = config.output
+    skip = completed_ids(out.results_path) if out.resume else set()
+    planned = (
+        None
+        if config.load.duration_s
+        else sum(rid not in skip for rid, _ in plan_requests(dataset.requests, config.load))
+    )
+    log.info(
+        "%d requests from the dataset (%d lines skipped), %d already done, concurrency %d, endpoints %s",
+        len(dataset.requests),
+        len(dataset.issues),
+        len(skip),
+        config.load.max_concurrency,
+        ", ".join(config.load.endpoints),
+    )
+    progress = Progress(planned, enabled=out.progress)
+    outcome = RunOutcome(endpoints=config.load.endpoints)
+    started = time.perf_counter()
+    with ResultsWriter(out.results_path, resume=out.resume) as writer:
+
+        def sink(result: RequestResult) -> None:
+            writer.write(result)
+            outcome.results.append(result)
+            progress.update(result)
+
+        interrupted = False
+        try:
+            final = asyncio.run(run_benchmark(config, dataset.requests, sink, skip))
+            outcome = dataclasses.replace(final, results=outcome.results)
+        except KeyboardInterrupt:
+            interrupted = True
+            outcome.duration_s = time.perf_counter() - started
+            log.warning("interrupted: %d results are in %s", len(outcome.results), out.results_path)
+        progress.close()
+    summary = build_summary(
+        config,
+        outcome,
+        dataset_size=len(dataset.requests),
+        skipped_lines=len(dataset.issues),
+        resumed=len(skip),
+    )
+    write_summary(summary, out.resolved_summary_path)
+    print(format_table(summary), flush=True)
+    log.info("results: %s, summary: %s", out.results_path, out.resolved_summary_path)
+    if out.plots and outcome.results:
+        from vlserve.bench.plots import write_plots
+
+        prefix = out.results_path.with_name(out.results_path.name.removesuffix(".jsonl"))
+        for path in write_plots(outcome.results, prefix):
+            log.info("plot: %s", path)
+    if interrupted:
+        return 130
+    return 0 if summary["success_rate"] >= MIN_SUCCESS_RATE else 1
+
+
+def build_summary(
+    config: BenchConfig, outcome: RunOutcome, *, dataset_size: int, skipped_lines: int, resumed: int
+) -> dict[str, Any]:
+    """summarize() plus what was run, against what, and when."""
+    out = config.output
+    summary = summarize(outcome.results, outcome.duration_s, out.percentiles, out.goodput_slo_ms)
+    summary["max_concurrency_reached"] = outcome.max_in_flight
+    summary["endpoints"] = endpoint_breakdown(outcome.results, outcome.duration_s, out.percentiles)
+    started = datetime.datetime.fromtimestamp(
+        outcome.started_at or time.time(), datetime.timezone.utc
+    )
+    summary["run"] = {
+        "started_at": started.isoformat(timespec="seconds"),
+        "model": outcome.model,
+        "stream": config.request.stream,
+        "dataset_requests": dataset_size,
+        "dataset_lines_skipped": skipped_lines,
+        "resumed_ids_skipped": resumed,
+        "config": _jsonable(dataclasses.asdict(config)),
+    }
+    return summary
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items() if k != "api_key"}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    if isinstance(value, Path):
+        return str(value)
+    return value

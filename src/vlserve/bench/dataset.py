@@ -1,0 +1,285 @@
+"""Benchmark datasets: JSONL files in the prototype's formats, one image, or synthetic → BenchRequest."""
+
+from __future__ import annotations
+
+import base64
+import glob
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlserve.bench.config import DatasetConfig
+from vlserve.bench.synthetic import synthetic_messages
+
+log = logging.getLogger("vlserve.bench")
+
+Message = dict[str, Any]
+
+_MAGIC = (
+    (b"\x89PNG", "image/png"),
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"GIF8", "image/gif"),
+    (b"BM", "image/bmp"),
+)
+_SUFFIX_MIME = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
+
+
+@dataclass(frozen=True)
+class BenchRequest:
+    """One request to send: messages with every local image already inlined as a data URL."""
+
+    id: str
+    messages: list[Message]
+    source: str  # "file:line", the image path, or "random"
+    max_tokens: int | None = None  # a per-line override of --max-tokens
+
+
+@dataclass(frozen=True)
+class DatasetIssue:
+    """A line that was skipped, with where it is and why."""
+
+    source: str
+    message: str
+
+
+@dataclass
+class Dataset:
+    requests: list[BenchRequest] = field(default_factory=list)
+    issues: list[DatasetIssue] = field(default_factory=list)
+
+
+def sample_dir() -> Path:
+    """The small dataset shipped with vlserve (every JSONL format, PNG/JPEG/WebP images)."""
+    return Path(__file__).resolve().parent.parent / "data" / "sample"
+
+
+def load_dataset(config: DatasetConfig) -> Dataset:
+    """Build the requests ``config`` describes; shuffled (seeded) and limited."""
+    if config.kind == "random":
+        rng = random.Random(config.seed)
+        dataset = Dataset(
+            [
+                BenchRequest(
+                    f"random-{i}",
+                    synthetic_messages(
+                        rng,
+                        config.random_input_len,
+                        config.random_image_sizes,
+                        config.random_images,
+                    ),
+                    "random",
+                )
+                for i in range(config.num_random)
+            ]
+        )
+    elif config.kind == "image":
+        dataset = image_dataset(config.image_file or "", config.prompt)
+    elif config.kind == "sample":
+        root = sample_dir()
+        dataset = load_jsonl([str(root / "*.jsonl")], str(root))
+    else:
+        dataset = load_jsonl(config.inputs, config.base_dir)
+    if config.shuffle:
+        random.Random(config.seed).shuffle(dataset.requests)
+    if config.limit:
+        del dataset.requests[config.limit :]
+    return dataset
+
+
+def image_dataset(path: str, prompt: str) -> Dataset:
+    """``-f IMAGE``: one request, the image then ``prompt``; its id is the file name (stable)."""
+    inliner = ImageInliner(None)
+    try:
+        url = inliner.inline(path, Path.cwd())
+    except ValueError as exc:
+        return Dataset(issues=[DatasetIssue(path, str(exc))])
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": prompt}]
+    return Dataset([BenchRequest(Path(path).name, [{"role": "user", "content": content}], path)])
+
+
+def load_jsonl(patterns: list[str] | tuple[str, ...], base_dir: str | None) -> Dataset:
+    """Read every file the glob ``patterns`` match; bad lines become issues, never errors."""
+    dataset = Dataset()
+    inliner = ImageInliner(base_dir)
+    seen: dict[str, int] = {}
+    for pattern in patterns:
+        paths = _expand(pattern)
+        if not paths:
+            dataset.issues.append(DatasetIssue(pattern, "no file matches"))
+        for path in paths:
+            _load_file(path, inliner, dataset, seen)
+    for issue in dataset.issues:
+        log.warning("skipped %s: %s", issue.source, issue.message)
+    return dataset
+
+
+def _expand(pattern: str) -> list[Path]:
+    path = Path(pattern).expanduser()
+    if path.is_dir():
+        return sorted(path.glob("*.jsonl"))
+    if path.is_file():
+        return [path]
+    # Relative patterns are relative to the working directory (the prototype globbed from "/").
+    return [Path(p) for p in sorted(glob.glob(str(path), recursive=True)) if Path(p).is_file()]
+
+
+def _load_file(path: Path, inliner: ImageInliner, dataset: Dataset, seen: dict[str, int]) -> None:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        dataset.issues.append(DatasetIssue(str(path), f"cannot read: {exc}"))
+        return
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+            record_id, messages, max_tokens = parse_record(record, inliner, path.parent)
+        except (ValueError, TypeError, KeyError) as exc:
+            dataset.issues.append(DatasetIssue(where, str(exc)))
+            continue
+        record_id = record_id or f"{path.name}:{number}"  # stable across runs, for --resume
+        count = seen.get(record_id, 0) + 1
+        seen[record_id] = count
+        if count > 1:
+            record_id = f"{record_id}#{count}"
+        dataset.requests.append(BenchRequest(record_id, messages, where, max_tokens))
+
+
+def parse_record(
+    record: Any, inliner: ImageInliner, here: Path
+) -> tuple[str | None, list[Message], int | None]:
+    """One JSONL value in any supported format → (id or None, messages, max_tokens or None)."""
+    if isinstance(record, list):
+        first = record[0] if record else None
+        record_id = first.get("id") if isinstance(first, dict) else None
+        return _str_or_none(record_id), _messages(record, inliner, here), None
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object or list, got {type(record).__name__}")
+    max_tokens = record.get("max_tokens")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens <= 0):
+        raise ValueError("max_tokens must be a positive integer")
+    record_id = _str_or_none(record.get("id"))
+    if "messages" in record:
+        return record_id, _messages(record["messages"], inliner, here), max_tokens
+    images = [*_as_list(record.get("image_url")), *_as_list(record.get("image_path"))]
+    text = record.get("prompt", record.get("text"))
+    if not images and text is None:
+        raise ValueError("no 'messages', 'prompt', 'text', 'image_url' or 'image_path' field")
+    if text is not None and not isinstance(text, str):
+        raise ValueError("'prompt'/'text' must be a string")
+    # Images first, then the question: the order Qwen-VL's own examples use.
+    parts: list[Message] = [_image_part(url, inliner, here) for url in images]
+    if text:
+        parts.append({"type": "text", "text": text})
+    content: Any = parts if images else text
+    return record_id, [{"role": "user", "content": content}], max_tokens
+
+
+def _messages(value: Any, inliner: ImageInliner, here: Path) -> list[Message]:
+    if not isinstance(value, list) or not value:
+        raise ValueError("'messages' must be a non-empty list")
+    messages = []
+    for index, message in enumerate(value):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise ValueError(f"message {index} has no 'role'")
+        if "content" not in message:
+            raise ValueError(f"message {index} has no 'content'")
+        out = {k: v for k, v in message.items() if k != "id"}
+        out["content"] = _content(message["content"], inliner, here)
+        messages.append(out)
+    return messages
+
+
+def _content(content: Any, inliner: ImageInliner, here: Path) -> Any:
+    if content is None or isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise ValueError("'content' must be a string or a list of parts")
+    parts = []
+    for index, part in enumerate(content):
+        if not isinstance(part, dict):
+            raise ValueError(f"content part {index} is not an object")
+        kind = part.get("type")
+        if kind == "image_url":
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, dict) else url
+            part = {
+                **part,
+                "image_url": {**_dict(part["image_url"]), "url": _inline(url, inliner, here)},
+            }
+        elif kind == "image":  # Qwen-style {"type": "image", "image": path}
+            part = _image_part(part.get("image"), inliner, here)
+        parts.append(part)
+    return parts
+
+
+def _image_part(url: Any, inliner: ImageInliner, here: Path) -> Message:
+    return {"type": "image_url", "image_url": {"url": _inline(url, inliner, here)}}
+
+
+def _inline(url: Any, inliner: ImageInliner, here: Path) -> str:
+    if not isinstance(url, str) or not url:
+        raise ValueError("an image URL or path must be a non-empty string")
+    return inliner.inline(url, here)
+
+
+class ImageInliner:
+    """Local image paths → data URLs, each file read and encoded once before any timing."""
+
+    def __init__(self, base_dir: str | None) -> None:
+        self.base_dir = Path(base_dir).expanduser() if base_dir else None
+        self._cache: dict[Path, str] = {}
+
+    def inline(self, url: str, here: Path) -> str:
+        """Keep data: and http(s): URLs; resolve a path under base_dir, the JSONL's folder, cwd."""
+        if url.startswith(("data:", "http://", "https://")):
+            return url
+        path = self.resolve(url.removeprefix("file://"), here)
+        cached = self._cache.get(path)
+        if cached is None:
+            data = path.read_bytes()
+            cached = f"data:{_mime(data, path)};base64,{base64.b64encode(data).decode('ascii')}"
+            self._cache[path] = cached
+        return cached
+
+    def resolve(self, name: str, here: Path) -> Path:
+        path = Path(name).expanduser()
+        candidates = [path] if path.is_absolute() else []
+        if not path.is_absolute():
+            if self.base_dir is not None:
+                candidates.append(self.base_dir / path)
+            candidates += [here / path, path]
+        for candidate in candidates:
+            if candidate.is_file():
+                return candidate.resolve()
+        raise ValueError(f"image not found: {name} (looked in {', '.join(map(str, candidates))})")
+
+
+def _mime(data: bytes, path: Path) -> str:
+    for magic, mime in _MAGIC:
+        if data.startswith(magic):
+            return mime
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    return _SUFFIX_MIME.get(
+        path.suffix.lower(), f"image/{path.suffix.lower().lstrip('.') or 'png'}"
+    )
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def _str_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)

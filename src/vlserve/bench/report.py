@@ -1,0 +1,165 @@
+"""Outputs of a run: the results JSONL (appended as requests end), the summary JSON, the table."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import IO, Any
+
+from vlserve.bench.client import RequestResult
+
+log = logging.getLogger("vlserve.bench")
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000.0, 3)
+
+
+def result_record(result: RequestResult) -> dict[str, Any]:
+    """One results line: the prototype's fields first (same names and meaning), then timings."""
+    return {
+        "id": result.id,
+        "request_id": result.request_id,
+        "success": result.success,
+        "response": result.response,
+        "error": result.error,
+        "latency": round(result.latency_s, 3),
+        "tokens_used": result.total_tokens,
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "retry_count": result.retry_count,
+        "endpoint": result.endpoint,
+        "http_status": result.http_status,
+        "finish_reason": result.finish_reason,
+        "ttft_ms": _ms(result.ttft_s),
+        "tpot_ms": _ms(result.tpot_s),
+        "e2el_ms": _ms(result.latency_s),
+        "num_chunks": len(result.chunk_times_s),
+        "itl_ms": [round(x * 1000.0, 3) for x in result.itl_s],
+        "sent_at_s": round(result.sent_at_s, 6),
+        "queued_ms": _ms(result.queued_s),
+    }
+
+
+class ResultsWriter:
+    """Appends one JSON line per finished request and flushes it: a crash loses nothing."""
+
+    def __init__(self, path: Path, resume: bool = False) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file: IO[str] = path.open("a" if resume else "w", encoding="utf-8")
+        if resume and path.stat().st_size and not _ends_with_newline(path):
+            self._file.write("\n")  # the killed run may have left half a line
+
+    def write(self, result: RequestResult) -> None:
+        self._file.write(json.dumps(result_record(result), ensure_ascii=False) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> ResultsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with path.open("rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+def completed_ids(path: Path) -> set[str]:
+    """Request ids with a successful line in ``path`` (for ``--resume``); failed ones are re-sent."""
+    done: set[str] = set()
+    if not path.is_file():
+        return done
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # e.g. the half line of a killed run
+            if isinstance(record, dict) and record.get("success") and "request_id" in record:
+                done.add(str(record["request_id"]))
+    return done
+
+
+def write_summary(summary: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def _fmt(value: Any, digits: int = 2) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    """The console table: totals, throughputs, then one block per latency metric."""
+    width = 60
+    rows: list[tuple[str, Any]] = [
+        ("Successful requests", summary["successful"]),
+        ("Failed requests", summary["failed"]),
+        ("Success rate (%)", summary["success_rate"]),
+        ("Retries", summary["retries"]),
+        ("Max concurrency reached", summary.get("max_concurrency_reached")),
+        ("Duration (s)", summary["duration_s"]),
+        ("Request throughput (req/s)", summary["request_throughput"]),
+        ("Output token throughput (tok/s)", summary["output_token_throughput"]),
+        ("Total token throughput (tok/s)", summary["total_token_throughput"]),
+        ("Total prompt tokens", summary["total_prompt_tokens"]),
+        ("Total completion tokens", summary["total_completion_tokens"]),
+    ]
+    if "goodput" in summary:
+        rows.append(("Goodput (req/s)", summary["goodput"]["request_throughput"]))
+    lines = ["", " vlserve bench ".center(width, "="), *(_row(k, v, width) for k, v in rows)]
+    if summary.get("usage_note"):
+        lines.append(f"Note: {summary['usage_note']}")
+    for key, title in (
+        ("ttft_ms", "Time to first token"),
+        ("tpot_ms", "Time per output token (excl. 1st)"),
+        ("itl_ms", "Inter-token latency"),
+        ("e2el_ms", "End-to-end latency"),
+    ):
+        stats = summary.get(key) or {}
+        if not stats.get("count"):
+            continue
+        lines.append(f" {title} ".center(width, "-"))
+        for name, value in stats.items():
+            if name not in ("count", "std"):
+                lines.append(
+                    _row(
+                        f"{name.capitalize() if not name.startswith('p') else name.upper()} (ms)",
+                        value,
+                        width,
+                    )
+                )
+    endpoints = summary.get("endpoints") or {}
+    if len(endpoints) > 1:
+        lines.append(" Per endpoint ".center(width, "-"))
+        for url, stats in endpoints.items():
+            lines.append(
+                f"{url}\n  ok {stats['successful']}/{stats['requests']}, "
+                f"{_fmt(stats['request_throughput'])} req/s, "
+                f"median e2el {_fmt(stats['e2el_ms'].get('median'))} ms"
+            )
+    if summary.get("errors"):
+        lines.append(" Errors ".center(width, "-"))
+        lines += [f"{count:>6}  {kind}" for kind, count in summary["errors"].items()]
+    lines.append("=" * width)
+    return "\n".join(lines)
+
+
+def _row(label: str, value: Any, width: int) -> str:
+    text = _fmt(value)
+    return f"{label:<{width - len(text) - 1}} {text}"

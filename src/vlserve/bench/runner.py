@@ -1,0 +1,264 @@
+"""Drive a run: arrivals (Poisson, gamma, constant or all at once), true concurrency, retries, endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from vlserve.bench.client import (
+    RequestResult,
+    backoff_delay_s,
+    build_body,
+    make_session,
+    request_headers,
+    send_once,
+)
+from vlserve.bench.config import BenchConfig, LoadConfig, Routing
+from vlserve.bench.dataset import BenchRequest
+
+log = logging.getLogger("vlserve.bench")
+
+ResultSink = Callable[[RequestResult], None]
+
+
+@dataclass
+class RunOutcome:
+    """Results of the measured phase (warm-up excluded) and how the run went."""
+
+    results: list[RequestResult] = field(default_factory=list)
+    duration_s: float = 0.0
+    started_at: float = 0.0  # time.time() when the measured phase began
+    max_in_flight: int = 0
+    model: str = ""
+    endpoints: tuple[str, ...] = ()
+
+
+class EndpointRouter:
+    """Pick an endpoint per attempt: strict round-robin, or the one with fewest requests in
+    flight (ties go round-robin). Deterministic, unlike the prototype's ``hash(id)``."""
+
+    def __init__(self, num_endpoints: int, routing: Routing) -> None:
+        self.outstanding = [0] * num_endpoints
+        self.routing = routing
+        self._next = 0
+
+    def acquire(self) -> int:
+        n = len(self.outstanding)
+        if self.routing == "round-robin":
+            index = self._next % n
+        else:
+            order = [(self._next + k) % n for k in range(n)]
+            index = min(order, key=self.outstanding.__getitem__)
+        self._next = index + 1
+        self.outstanding[index] += 1
+        return index
+
+    def release(self, index: int) -> None:
+        self.outstanding[index] -= 1
+
+
+def arrival_offsets(load: LoadConfig, rng: random.Random) -> Iterator[float]:
+    """Seconds after the start at which each request is due.
+
+    Gamma-distributed gaps with shape ``burstiness`` and mean ``1/rate`` (shape 1 is a Poisson
+    process; smaller is burstier, larger is more regular); ``constant`` spaces them evenly.
+    """
+    t = 0.0
+    while True:
+        yield t
+        if math.isinf(load.request_rate):
+            continue
+        if load.arrival == "constant":
+            t += 1.0 / load.request_rate
+        else:
+            t += rng.gammavariate(load.burstiness, 1.0 / (load.request_rate * load.burstiness))
+
+
+def plan_requests(
+    requests: Sequence[BenchRequest], load: LoadConfig
+) -> Iterator[tuple[str, BenchRequest]]:
+    """(request_id, request) in send order: the dataset once, or cycled for a count/duration.
+
+    Repeats get ``@k`` ids, so ids are unique and the same on every run (``--resume`` relies on it).
+    """
+    if not requests:
+        return iter(())
+    if load.num_requests is None and load.duration_s is None:
+        cycles: Iterable[int] = range(1)
+    else:
+        cycles = itertools.count()
+    planned = (
+        (request.id if k == 0 else f"{request.id}@{k}", request)
+        for k in cycles
+        for request in requests
+    )
+    return itertools.islice(planned, load.num_requests)
+
+
+async def discover_model(
+    session: aiohttp.ClientSession, endpoint: str, headers: dict[str, str]
+) -> str:
+    """The first model id the server lists at /v1/models ("default" when it cannot say)."""
+    url = endpoint.rsplit("/chat/completions", 1)[0] + "/models"
+    try:
+        async with session.get(
+            url, headers=headers, timeout=aiohttp.ClientTimeout(total=10)
+        ) as resp:
+            return str((await resp.json(content_type=None))["data"][0]["id"])
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, LookupError, TypeError) as exc:
+        log.warning("could not read the model name from %s (%s); sending model='default'", url, exc)
+        return "default"
+
+
+class _Phase:
+    """One pass of requests under the configured arrival process and concurrency limit."""
+
+    def __init__(
+        self,
+        config: BenchConfig,
+        session: aiohttp.ClientSession,
+        bodies: dict[str, bytes],
+        sink: ResultSink,
+    ) -> None:
+        self.config = config
+        self.session = session
+        self.bodies = bodies
+        self.sink = sink
+        self.headers = request_headers(config.request)
+        self.router = EndpointRouter(len(config.load.endpoints), config.load.routing)
+        self.rng = random.Random(config.load.seed)
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.start = 0.0
+
+    async def run(
+        self, plan: Iterable[tuple[str, BenchRequest]], duration_s: float | None, paced: bool = True
+    ) -> float:
+        load = self.config.load
+        offsets = arrival_offsets(load, self.rng) if paced else itertools.repeat(0.0)
+        semaphore = asyncio.Semaphore(load.max_concurrency)
+        tasks: set[asyncio.Task[None]] = set()
+        self.start = time.perf_counter()
+        deadline = math.inf if duration_s is None else self.start + duration_s
+        for (request_id, request), offset in zip(plan, offsets, strict=False):
+            due = self.start + offset
+            if due >= deadline:
+                break
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await semaphore.acquire()
+            if time.perf_counter() >= deadline:
+                semaphore.release()
+                break
+            task = asyncio.create_task(self._request(request_id, request, due, semaphore))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+        if tasks:
+            await asyncio.gather(*tasks)
+        return time.perf_counter() - self.start
+
+    async def _request(
+        self, request_id: str, request: BenchRequest, due: float, semaphore: asyncio.Semaphore
+    ) -> None:
+        result = RequestResult(request_id, request.id)
+        try:
+            await self._attempts(result, request, due, semaphore)
+        except Exception as exc:  # a client bug must cost one result, not the run
+            log.exception("request %s failed inside the client", request_id)
+            result.success, result.error = False, f"client error: {exc!r}"
+        try:
+            self.sink(result)
+        except Exception:
+            log.exception("recording the result of %s failed", request_id)
+
+    async def _attempts(
+        self, result: RequestResult, request: BenchRequest, due: float, semaphore: asyncio.Semaphore
+    ) -> None:
+        body = self.bodies[request.id]
+        endpoints = self.config.load.endpoints
+        policy = self.config.retry
+        holding = True  # the dispatcher acquired the first slot
+        for attempt in itertools.count():
+            if not holding:
+                await semaphore.acquire()
+            index = self.router.acquire()
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            now = time.perf_counter()
+            if attempt == 0:
+                result.queued_s = max(0.0, now - due)
+            result.sent_at_s = now - self.start
+            try:
+                await send_once(
+                    self.session,
+                    endpoints[index],
+                    body,
+                    self.headers,
+                    self.config.request.stream,
+                    result,
+                )
+            finally:
+                self.in_flight -= 1
+                self.router.release(index)
+                semaphore.release()
+                holding = False
+            if result.success or not result.retryable or attempt >= policy.max_retries:
+                return
+            # The slot is free while backing off: only requests on the wire count as concurrency.
+            delay = backoff_delay_s(policy, attempt, result.retry_after_s, self.rng)
+            log.info("retrying %s in %.2fs after: %s", result.request_id, delay, result.error)
+            await asyncio.sleep(delay)
+            result.retry_count = attempt + 1
+            result.reset_attempt()
+
+
+async def run_benchmark(
+    config: BenchConfig,
+    requests: Sequence[BenchRequest],
+    sink: ResultSink | None = None,
+    skip_ids: frozenset[str] | set[str] = frozenset(),
+) -> RunOutcome:
+    """Warm up, then send ``requests`` as the config says; ``sink`` sees each result as it ends.
+
+    ``skip_ids`` are request ids already done (``--resume``): they are neither sent nor counted.
+    """
+    outcome = RunOutcome(endpoints=config.load.endpoints)
+
+    def record(result: RequestResult) -> None:
+        outcome.results.append(result)
+        if sink is not None:
+            sink(result)
+
+    max_connections = config.load.max_concurrency + 8
+    async with make_session(config.request, max_connections) as session:
+        model = config.request.model
+        if model is None:
+            model = await discover_model(
+                session, config.load.endpoints[0], request_headers(config.request)
+            )
+        outcome.model = model
+        # Serialized once, before timing (images included): sending then only moves bytes.
+        bodies = {r.id: build_body(r, config.request, model) for r in requests}
+        if config.load.warmup:
+            warm = itertools.islice(itertools.cycle(requests), config.load.warmup)
+            warm_plan = ((f"warmup-{i}", r) for i, r in enumerate(warm))
+            warm_results: list[RequestResult] = []
+            warm_phase = _Phase(config, session, bodies, warm_results.append)
+            await warm_phase.run(warm_plan, None, paced=False)
+            failed = sum(not r.success for r in warm_results)
+            log.info("warm-up: %d requests, %d failed", len(warm_results), failed)
+        phase = _Phase(config, session, bodies, record)
+        plan = ((rid, r) for rid, r in plan_requests(requests, config.load) if rid not in skip_ids)
+        outcome.started_at = time.time()
+        outcome.duration_s = await phase.run(plan, config.load.duration_s)
+        outcome.max_in_flight = phase.max_in_flight
+    return outcome

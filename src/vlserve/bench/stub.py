@@ -1,0 +1,265 @@
+"""A scripted OpenAI-compatible chat server with known delays and failures, for testing clients.
+
+Run ``python -m vlserve.bench.stub --port 9000 --ttft-ms 50 --itl-ms 10`` to check a client (or
+``vlserve bench`` itself) on a host without a model. Behaviour can be changed while it runs:
+``POST /stub/config`` merges settings, ``POST /stub/script`` queues actions for the next requests
+(``429``, ``503``, ``500``, ``drop``, ``drop-mid``, ``error-chunk``, ``ok``), ``GET /stub/stats``
+reports counts, the most requests ever in flight and arrival times, ``POST /stub/reset`` clears them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from aiohttp import web
+
+ACTIONS = ("ok", "429", "500", "503", "drop", "drop-mid", "error-chunk")
+
+
+@dataclass(frozen=True)
+class StubSettings:
+    ttft_ms: float = 50.0  # request received → first token
+    itl_ms: float = 0.0  # between tokens
+    num_tokens: int | None = None  # None: the request's max_tokens
+    usage: bool = True  # send usage (streaming: only when stream_options.include_usage)
+    done: bool = True  # end streams with data: [DONE]
+    keepalive: bool = False  # an SSE comment before every token
+    crlf: bool = False  # \r\n line endings
+    retry_after: str = "1"  # Retry-After header of scripted 429/503
+    fail_every: int = 0  # every Nth request answers 500 (0: never)
+    model: str = "stub-model"
+    prompt_tokens: int = 10
+
+
+class StubServer:
+    """State and handlers; ``app()`` builds the aiohttp application."""
+
+    def __init__(self, settings: StubSettings | None = None) -> None:
+        self.settings = settings or StubSettings()
+        self.script: deque[str] = deque()
+        self.reset()
+
+    def reset(self) -> None:
+        self.num_requests = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.arrivals: list[float] = []
+        self.actions: list[str] = []
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/stub/config", self.set_config)
+        app.router.add_post("/stub/script", self.set_script)
+        app.router.add_get("/stub/stats", self.stats)
+        app.router.add_post("/stub/reset", self.do_reset)
+        return app
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {"object": "list", "data": [{"id": self.settings.model, "object": "model"}]}
+        )
+
+    async def set_config(self, request: web.Request) -> web.Response:
+        known = {f.name for f in fields(StubSettings)}
+        changes = {k: v for k, v in (await request.json()).items() if k in known}
+        self.settings = replace(self.settings, **changes)
+        return web.json_response(asdict(self.settings))
+
+    async def set_script(self, request: web.Request) -> web.Response:
+        actions = (await request.json())["actions"]
+        bad = [a for a in actions if a not in ACTIONS]
+        if bad:
+            return web.json_response({"error": {"message": f"unknown actions {bad}"}}, status=400)
+        self.script.extend(actions)
+        return web.json_response({"queued": len(self.script)})
+
+    async def stats(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "num_requests": self.num_requests,
+                "in_flight": self.in_flight,
+                "max_in_flight": self.max_in_flight,
+                "arrivals": self.arrivals,
+                "actions": self.actions,
+            }
+        )
+
+    async def do_reset(self, request: web.Request) -> web.Response:
+        self.reset()
+        self.script.clear()
+        return web.json_response({"ok": True})
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        self.arrivals.append(time.perf_counter())
+        self.num_requests += 1
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            body = await request.json()
+            action = self.script.popleft() if self.script else "ok"
+            s = self.settings
+            if action == "ok" and s.fail_every and self.num_requests % s.fail_every == 0:
+                action = "500"
+            self.actions.append(action)
+            return await self._answer(request, body, action)
+        finally:
+            self.in_flight -= 1
+
+    async def _answer(
+        self, request: web.Request, body: dict[str, Any], action: str
+    ) -> web.StreamResponse:
+        s = self.settings
+        if action in ("429", "500", "503"):
+            headers = {"Retry-After": s.retry_after} if action != "500" else {}
+            error = {"error": {"message": f"scripted {action}", "type": "stub", "code": action}}
+            return web.json_response(error, status=int(action), headers=headers)
+        if action == "drop":
+            _drop(request)
+            return web.Response()
+        n = s.num_tokens if s.num_tokens is not None else int(body.get("max_tokens") or 16)
+        await asyncio.sleep(s.ttft_ms / 1000.0)
+        if not body.get("stream"):
+            return web.json_response(self._completion(n))
+        return await self._stream(request, body, action, n)
+
+    async def _stream(
+        self, request: web.Request, body: dict[str, Any], action: str, n: int
+    ) -> web.StreamResponse:
+        s = self.settings
+        resp = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await resp.prepare(request)
+        eol = "\r\n" if s.crlf else "\n"
+        base = {
+            "id": "chatcmpl-stub",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": s.model,
+        }
+
+        def frame(obj: Any) -> bytes:
+            data = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
+            return f"data: {data}{eol}{eol}".encode()
+
+        await resp.write(
+            frame(
+                {
+                    **base,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "delta": {"role": "assistant", "content": ""},
+                            "finish_reason": None,
+                        }
+                    ],
+                }
+            )
+        )
+        for i in range(n):
+            if i and s.itl_ms:
+                await asyncio.sleep(s.itl_ms / 1000.0)
+            if action == "drop-mid" and i == n // 2:
+                _drop(request)
+                return resp
+            if action == "error-chunk" and i == n // 2:
+                await resp.write(
+                    frame({"error": {"message": "scripted error chunk", "type": "stub"}})
+                )
+                break
+            if s.keepalive:
+                await resp.write(f": keep-alive{eol}{eol}".encode())
+            finish = ("length" if body.get("max_tokens") == n else "stop") if i == n - 1 else None
+            delta = {"content": f"t{i} "}
+            await resp.write(
+                frame({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+            )
+        include_usage = (body.get("stream_options") or {}).get("include_usage")
+        if s.usage and include_usage:
+            await resp.write(frame({**base, "choices": [], "usage": self._usage(n)}))
+        if s.done:
+            await resp.write(frame("[DONE]"))
+        await resp.write_eof()
+        return resp
+
+    def _completion(self, n: int) -> dict[str, Any]:
+        s = self.settings
+        result: dict[str, Any] = {
+            "id": "chatcmpl-stub",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": s.model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {
+                        "role": "assistant",
+                        "content": "".join(f"t{i} " for i in range(n)),
+                    },
+                    "finish_reason": "length",
+                }
+            ],
+        }
+        if s.usage:
+            result["usage"] = self._usage(n)
+        return result
+
+    def _usage(self, n: int) -> dict[str, int]:
+        p = self.settings.prompt_tokens
+        return {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
+
+
+def _drop(request: web.Request) -> None:
+    """Close the connection under the handler, as a crashing server or a proxy would."""
+    if request.transport is not None:
+        request.transport.close()
+
+
+async def serve(settings: StubSettings, host: str, port: int) -> None:
+    """Serve until cancelled; print ``listening on PORT`` once bound (port 0 picks a free one)."""
+    runner = web.AppRunner(StubServer(settings).app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=1024)
+    await site.start()
+    bound = runner.addresses[0][1]
+    print(f"listening on {bound}", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m vlserve.bench.stub", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9000)
+    for f in fields(StubSettings):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+        elif f.name == "num_tokens":
+            parser.add_argument(flag, type=int, default=None)
+        else:
+            kind = {"float": float, "int": int}.get(str(f.type), str)
+            parser.add_argument(flag, type=kind, default=f.default)
+    args = vars(parser.parse_args(argv))
+    host, port = args.pop("host"), args.pop("port")
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(StubSettings(**args), host, port))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
