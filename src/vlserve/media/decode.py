@@ -1,0 +1,180 @@
+"""Untrusted image bytes → one RGB PIL image, with format, pixel and aspect limits checked first."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import re
+
+from PIL import Image, ImageOps
+
+from vlserve.errors import MediaError
+from vlserve.media.config import ALLOWED_FORMATS, MediaConfig
+from vlserve.media.dataurl import format_not_allowed
+
+# Pillow plugins tried when opening; no other decoder ever sees the bytes.
+_PIL_PLUGINS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+# Image.format -> our format name (cameras write multi-picture JPEGs, which Pillow calls MPO).
+_PIL_FORMATS: dict[str, str] = {
+    "PNG": "png",
+    "JPEG": "jpeg",
+    "MPO": "jpeg",
+    "WEBP": "webp",
+    "GIF": "gif",
+    "BMP": "bmp",
+}
+# Signatures of formats we refuse, only to word the refusal: (offset, magic, name).
+_REFUSED_MAGIC: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"II*\x00", "tiff"),
+    (0, b"MM\x00*", "tiff"),
+    (0, b"II+\x00", "tiff"),
+    (0, b"MM\x00+", "tiff"),
+    (0, b"8BPS", "psd"),
+    (0, b"%PDF", "pdf"),
+    (0, b"%!PS", "postscript"),
+    (0, b"\x00\x00\x01\x00", "ico"),
+    (0, b"icns", "icns"),
+    (0, b"\xff\x4f\xff\x51", "jpeg2000"),
+    (0, b"\x00\x00\x00\x0cjP  ", "jpeg2000"),
+    (0, b"\xff\x0a", "jpegxl"),
+    (0, b"\x00\x00\x00\x0cJXL ", "jpegxl"),
+    (0, b"DDS ", "dds"),
+    (0, b"qoif", "qoi"),
+    (0, b"gimp xcf", "xcf"),
+    (0, b"\x76\x2f\x31\x01", "openexr"),
+    (0, b"#?RADIANCE", "hdr"),
+    (4, b"ftypavif", "avif"),
+    (4, b"ftypavis", "avif"),
+    (4, b"ftypheic", "heic"),
+    (4, b"ftypheix", "heic"),
+    (4, b"ftypmif1", "heif"),
+)
+_WHITE = (255, 255, 255)
+
+
+def decode_image(data: bytes, config: MediaConfig) -> Image.Image:
+    """Decode ``data`` into an RGB image of at most ``config.max_image_pixels`` pixels.
+
+    Only PNG, JPEG, WebP, GIF and BMP are decoded; the pixel count and aspect ratio are read
+    from the header and refused before any pixel is decoded; animated images give their first
+    frame; EXIF orientation is applied; alpha is composited on white. Blocking and CPU-bound:
+    call it in a worker thread. Raises only ``MediaError``.
+    """
+    if not data:
+        raise MediaError("image data is empty")
+    if len(data) > config.max_image_bytes:
+        raise MediaError(f"image is larger than the {config.max_image_bytes} bytes allowed")
+    image = _open(data, config.max_decode_pixels)
+    try:
+        _check_header(image, config)
+        target = fit_within(image.size, config.max_image_pixels)
+        if target != image.size:
+            # JPEG only: let libjpeg decode at 1/2, 1/4 or 1/8 scale, never below target.
+            image.draft(None, target)
+        image.load()
+    except MediaError:
+        raise
+    except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, struct.error, ...
+        raise MediaError("image data is truncated or corrupt") from exc
+    try:
+        return _normalise(image, target)
+    except Exception as exc:
+        raise MediaError("image data could not be converted to RGB") from exc
+
+
+def fit_within(size: tuple[int, int], max_pixels: int) -> tuple[int, int]:
+    """The largest size with the aspect ratio of ``size`` and at most ``max_pixels`` pixels."""
+    width, height = size
+    if width * height <= max_pixels:
+        return size
+    scale = math.sqrt(max_pixels / (width * height))
+    new_width = max(1, math.floor(width * scale))
+    new_height = max(1, math.floor(height * scale))
+    # Rounding a very thin image up to one pixel wide may overshoot: trim the long side.
+    if new_width * new_height > max_pixels:
+        if new_width >= new_height:
+            new_width = max(1, max_pixels // new_height)
+        else:
+            new_height = max(1, max_pixels // new_width)
+    return new_width, new_height
+
+
+def _open(data: bytes, max_pixels: int) -> Image.Image:
+    try:
+        image = Image.open(io.BytesIO(data), formats=_PIL_PLUGINS)
+    except Image.DecompressionBombError as exc:
+        # Pillow's own, process-wide limit (about 179M pixels) fired before ours could: its
+        # message carries the pixel count, ours must not carry its wording.
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        count = f"{int(found.group(1))} pixels" if found else "too many pixels"
+        raise MediaError(f"image has {count}, more than the {max_pixels} allowed") from None
+    except Exception:  # UnidentifiedImageError, or a plugin choking on a broken header
+        refused = _sniff_refused_format(data)
+        if refused is not None:
+            raise MediaError(format_not_allowed(refused)) from None
+        allowed = ", ".join(sorted(ALLOWED_FORMATS))
+        raise MediaError(f"image data is not a recognised image (allowed: {allowed})") from None
+    if _PIL_FORMATS.get(image.format or "") not in ALLOWED_FORMATS:
+        raise MediaError(format_not_allowed(str(image.format).lower()))
+    return image
+
+
+def _check_header(image: Image.Image, config: MediaConfig) -> None:
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise MediaError(f"image is {width}x{height} pixels: it has no pixels")
+    if width * height > config.max_decode_pixels:
+        raise MediaError(
+            f"image is {width}x{height} pixels, more than the {config.max_decode_pixels} allowed"
+        )
+    ratio = max(width, height) / min(width, height)
+    if ratio > config.max_aspect_ratio:
+        raise MediaError(
+            f"image is {width}x{height} pixels: its aspect ratio is above the "
+            f"{config.max_aspect_ratio:g} allowed"
+        )
+
+
+def _normalise(image: Image.Image, target: tuple[int, int]) -> Image.Image:
+    """Orientation, mode, size and alpha: in that order, so alpha is resized premultiplied.
+
+    ``target`` is the final size computed from the header, in stored orientation: JPEG draft
+    decoding may have shrunk the image already, and the result must not depend on that.
+    """
+    stored_size = image.size
+    # A broken EXIF block leaves the pixels intact: keep them as stored.
+    with contextlib.suppress(Exception):
+        image = ImageOps.exif_transpose(image)
+    if image.size != stored_size:  # rotated by 90 degrees
+        target = (target[1], target[0])
+    image = _to_rgb_or_rgba(image)
+    if image.size != target:
+        image = image.resize(target, Image.Resampling.BICUBIC, reducing_gap=2.0)
+    if image.mode == "RGBA":
+        background = Image.new("RGB", image.size, _WHITE)
+        background.paste(image, mask=image.getchannel("A"))
+        image = background
+    return image
+
+
+def _to_rgb_or_rgba(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode == "I" or mode.startswith("I;16"):
+        # 16-bit greyscale PNG: scale to 8 bits (a plain convert would clip it to white).
+        image = image.convert("I").point(lambda v: v * (1 / 256)).convert("L")
+        mode = "L"
+    has_alpha = "A" in mode or "a" in mode or "transparency" in image.info
+    if has_alpha:
+        return image if mode == "RGBA" else image.convert("RGBA")
+    return image if mode == "RGB" else image.convert("RGB")
+
+
+def _sniff_refused_format(data: bytes) -> str | None:
+    for offset, magic, name in _REFUSED_MAGIC:
+        if data[offset : offset + len(magic)] == magic:
+            return name
+    head = data[:256].lstrip().lower()
+    if head.startswith((b"<svg", b"<?xml")) and b"<svg" in data[:4096].lower():
+        return "svg"
+    return None

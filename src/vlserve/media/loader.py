@@ -1,0 +1,103 @@
+"""MediaLoader: an image URL from a request → a safe RGB PIL image, without blocking the loop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+from PIL import Image
+
+from vlserve.errors import MediaError
+from vlserve.media.config import MediaConfig
+from vlserve.media.dataurl import parse_data_url
+from vlserve.media.decode import decode_image
+from vlserve.media.fetch import ImageFetcher
+from vlserve.media.local import is_local_reference, read_local_file
+from vlserve.media.netguard import AddressPolicy, Resolver, system_resolver
+
+T = TypeVar("T")
+
+
+class MediaLoader:
+    """Loads the images of requests: data URLs, http(s) URLs and allowed local files.
+
+    One per server. Decoding runs in worker threads (at most ``max_concurrent_decodes`` at
+    once), fetching on the event loop with httpx (at most ``max_concurrent_fetches`` at once).
+    Every failure is a ``MediaError`` whose message can be shown to the client.
+    """
+
+    def __init__(
+        self,
+        config: MediaConfig,
+        *,
+        address_policy: AddressPolicy | None = None,
+        resolver: Resolver = system_resolver,
+    ) -> None:
+        # address_policy/resolver exist for tests of the network guard; the server passes neither.
+        self.config = config
+        self._fetcher = ImageFetcher(config, policy=address_policy, resolver=resolver)
+        self._decode_slots = asyncio.Semaphore(config.max_concurrent_decodes)
+
+    async def load(self, url: str) -> Image.Image:
+        """One image as RGB, downsized to ``max_image_pixels``; raises ``MediaError``."""
+        if not isinstance(url, str):
+            raise MediaError("image URL must be a string")
+        if not url:
+            raise MediaError("image URL is empty")
+        scheme = url.split(":", 1)[0].lower() if ":" in url[:16] else ""
+        if scheme == "data":
+            return await self._in_worker(self._decode_data_url, url)
+        if scheme in ("http", "https"):
+            data = await self._fetcher.fetch(url)
+            return await self._in_worker(decode_image, data, self.config)
+        if is_local_reference(url):
+            return await self._in_worker(self._decode_local_file, url)
+        shown = "".join(c for c in scheme[:16] if c.isalnum() or c in "+-.")
+        what = f"image URL scheme '{shown}' is not supported" if shown else "not a valid image URL"
+        raise MediaError(f"{what} (use a data: URL, http(s): URL or allowed local file)")
+
+    async def load_many(self, urls: Sequence[str]) -> list[Image.Image]:
+        """The images of one request, loaded concurrently, in order.
+
+        Errors name the image by its 1-based position ("image 2: ..."); the first failing image
+        (by position) is reported and the others are cancelled.
+        """
+        limit = self.config.max_images_per_request
+        if len(urls) > limit:
+            raise MediaError(f"too many images: {len(urls)}, at most {limit} allowed per request")
+        if not urls:
+            return []
+        tasks = [asyncio.ensure_future(self.load(url)) for url in urls]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            # Reached on the first error and when our caller is cancelled (client gone).
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for position, task in enumerate(tasks, start=1):
+            error = None if task.cancelled() else task.exception()
+            if isinstance(error, MediaError):
+                raise MediaError(f"image {position}: {error.message}", param=error.param) from error
+            if error is not None:
+                raise error
+        return [task.result() for task in tasks]
+
+    async def aclose(self) -> None:
+        """Close the HTTP client; the loader must not be used afterwards."""
+        await self._fetcher.aclose()
+
+    async def _in_worker(self, function: Callable[..., T], *args: object) -> T:
+        async with self._decode_slots:
+            return await asyncio.to_thread(function, *args)
+
+    def _decode_data_url(self, url: str) -> Image.Image:
+        _, data = parse_data_url(url, max_bytes=self.config.max_image_bytes)
+        return decode_image(data, self.config)
+
+    def _decode_local_file(self, url: str) -> Image.Image:
+        data = read_local_file(
+            url, self.config.allowed_local_media_path, self.config.max_image_bytes
+        )
+        return decode_image(data, self.config)
