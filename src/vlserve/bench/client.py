@@ -169,6 +169,8 @@ def _on_event(event: SSEEvent, at_s: float, result: RequestResult, pieces: list[
     data = event.data
     if data == DONE:
         return True
+    if not data.strip():
+        return False
     try:
         obj = json.loads(data)
     except ValueError:

@@ -136,7 +136,7 @@ def format_table(summary: dict[str, Any]) -> str:
             continue
         lines.append(f" {title} ".center(width, "-"))
         for name, value in stats.items():
-            if name not in ("count", "std"):
+            if name not in ("count", "std", "p50"):  # p50 is the median, shown once
                 lines.append(
                     _row(
                         f"{name.capitalize() if not name.startswith('p') else name.upper()} (ms)",

@@ -3,7 +3,7 @@
 Run ``python -m vlserve.bench.stub --port 9000 --ttft-ms 50 --itl-ms 10`` to check a client (or
 ``vlserve bench`` itself) on a host without a model. Behaviour can be changed while it runs:
 ``POST /stub/config`` merges settings, ``POST /stub/script`` queues actions for the next requests
-(``429``, ``503``, ``500``, ``drop``, ``drop-mid``, ``error-chunk``, ``ok``), ``GET /stub/stats``
+(``400``, ``429``, ``500``, ``503``, ``drop``, ``drop-mid``, ``error-chunk``, ``ok``), ``GET /stub/stats``
 reports counts, the most requests ever in flight and arrival times, ``POST /stub/reset`` clears them.
 """
 
@@ -13,15 +13,17 @@ import argparse
 import asyncio
 import contextlib
 import json
+import subprocess
 import sys
 import time
+import urllib.request
 from collections import deque
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from aiohttp import web
 
-ACTIONS = ("ok", "429", "500", "503", "drop", "drop-mid", "error-chunk")
+ACTIONS = ("ok", "400", "429", "500", "503", "drop", "drop-mid", "error-chunk")
 
 
 @dataclass(frozen=True)
@@ -119,8 +121,8 @@ class StubServer:
         self, request: web.Request, body: dict[str, Any], action: str
     ) -> web.StreamResponse:
         s = self.settings
-        if action in ("429", "500", "503"):
-            headers = {"Retry-After": s.retry_after} if action != "500" else {}
+        if action in ("400", "429", "500", "503"):
+            headers = {"Retry-After": s.retry_after} if action in ("429", "503") else {}
             error = {"error": {"message": f"scripted {action}", "type": "stub", "code": action}}
             return web.json_response(error, status=int(action), headers=headers)
         if action == "drop":
@@ -237,6 +239,72 @@ async def serve(settings: StubSettings, host: str, port: int) -> None:
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()
+
+
+class StubProcess:
+    """Run the stub in its own process (so its timing is not disturbed by the client's GIL).
+
+    ``with StubProcess(ttft_ms=100) as stub: stub.url``; ``config``, ``script``, ``stats`` and
+    ``reset`` drive it over HTTP while it runs.
+    """
+
+    def __init__(self, **settings: Any) -> None:
+        self.settings = settings
+        self.port = 0
+        self._proc: subprocess.Popen[str] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> StubProcess:
+        args = [sys.executable, "-m", "vlserve.bench.stub", "--port", "0"]
+        for name, value in self.settings.items():
+            flag = "--" + name.replace("_", "-")
+            if isinstance(value, bool):
+                args.append(flag if value else "--no-" + flag[2:])
+            else:
+                args += [flag, str(value)]
+        self._proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+        assert self._proc.stdout is not None
+        line = self._proc.stdout.readline()
+        if not line.startswith("listening on "):
+            self.__exit__()
+            raise RuntimeError(f"stub server did not start: {line!r}")
+        self.port = int(line.split()[-1])
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+
+    def _call(self, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            self.url + path, data=data, headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def config(self, **changes: Any) -> dict[str, Any]:
+        return self._call("/stub/config", changes)
+
+    def script(self, *actions: str) -> None:
+        self._call("/stub/script", {"actions": list(actions)})
+
+    def stats(self) -> dict[str, Any]:
+        return self._call("/stub/stats")
+
+    def reset(self, **settings: Any) -> None:
+        """Clear counters and script, and restore the start-up settings plus ``settings``."""
+        self._call("/stub/reset", {})
+        self.config(**{**asdict(StubSettings()), **self.settings, **settings})
 
 
 def main(argv: list[str] | None = None) -> int:
