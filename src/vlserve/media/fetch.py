@@ -162,6 +162,9 @@ class ImageFetcher:
 
 def _describe(exc: Exception) -> str:
     """A short, library-free description of a transport failure."""
+    if isinstance(exc, httpx.InvalidURL):
+        # httpx parses a redirect's Location even when it does not follow it.
+        return "redirected to an invalid URL"
     if isinstance(exc, (httpx.TimeoutException, httpcore.TimeoutException)):
         return "timed out"
     if isinstance(exc, (httpx.ConnectError, httpcore.ConnectError)):
