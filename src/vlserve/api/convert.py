@@ -1,0 +1,122 @@
+"""Request fields → engine inputs: unsupported values refused, sampling defaults applied."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from vlserve.api.protocol import ChatCompletionRequest
+from vlserve.engine.request import SamplingParams
+from vlserve.errors import ContextLengthError, InvalidRequestError
+
+MAX_STOP_STRINGS = 16
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """Used for fields a request leaves out: the model's generation_config, else OpenAI's defaults."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    default_max_tokens: int = 2048
+
+    @classmethod
+    def from_generation_config(cls, gen: Any, default_max_tokens: int) -> SamplingDefaults:
+        def get(name: str, fallback: Any) -> Any:
+            value = getattr(gen, name, None) if gen is not None else None
+            return fallback if value is None else value
+
+        do_sample = bool(get("do_sample", True))
+        return cls(
+            temperature=float(get("temperature", 1.0)) if do_sample else 0.0,
+            top_p=float(get("top_p", 1.0)),
+            top_k=max(int(get("top_k", 0)), 0),
+            min_p=float(get("min_p", 0.0)),
+            repetition_penalty=float(get("repetition_penalty", 1.0)),
+            default_max_tokens=default_max_tokens,
+        )
+
+
+def check_supported(req: ChatCompletionRequest) -> None:
+    """Refuse, naming the field, what the server cannot honour (never ignore it silently)."""
+    if req.n != 1:
+        _unsupported("n", "n > 1 is not supported; send separate requests")
+    if req.logprobs or req.top_logprobs:
+        _unsupported("logprobs", "logprobs are not supported")
+    if req.logit_bias:
+        _unsupported("logit_bias", "logit_bias is not supported")
+    if req.response_format is not None and req.response_format.type != "text":
+        _unsupported("response_format", "only response_format {'type': 'text'} is supported")
+    if req.tools:
+        _unsupported("tools", "tool calling is not supported")
+    if req.tool_choice not in (None, "none", "auto"):
+        _unsupported("tool_choice", "tool calling is not supported")
+    if req.max_tokens is not None and req.max_completion_tokens is not None and (
+        req.max_tokens != req.max_completion_tokens
+    ):
+        raise InvalidRequestError(
+            "max_tokens and max_completion_tokens disagree; send only one", param="max_tokens"
+        )
+
+
+def _unsupported(param: str, message: str) -> None:
+    raise InvalidRequestError(message, param=param, code="unsupported_parameter")
+
+
+def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
+    if stop is None:
+        return ()
+    items = [stop] if isinstance(stop, str) else stop
+    if len(items) > MAX_STOP_STRINGS:
+        raise InvalidRequestError(f"at most {MAX_STOP_STRINGS} stop strings", param="stop")
+    return tuple(s for s in items if s)
+
+
+def to_sampling(
+    req: ChatCompletionRequest,
+    defaults: SamplingDefaults,
+    *,
+    num_prompt_tokens: int,
+    max_model_len: int,
+    vocab_size: int,
+) -> SamplingParams:
+    room = max_model_len - num_prompt_tokens
+    if room < 1:
+        raise ContextLengthError(
+            f"the prompt is {num_prompt_tokens} tokens, which leaves no room in the model's "
+            f"context of {max_model_len} tokens",
+            param="messages",
+        )
+    asked = req.max_completion_tokens or req.max_tokens
+    if asked is not None and asked > room:
+        raise ContextLengthError(
+            f"this model's context is {max_model_len} tokens; the prompt uses "
+            f"{num_prompt_tokens}, so max_tokens can be at most {room} (got {asked})",
+            param="max_completion_tokens" if req.max_completion_tokens else "max_tokens",
+        )
+    bad_ids = [t for t in req.stop_token_ids or () if not 0 <= t < vocab_size]
+    if bad_ids:
+        raise InvalidRequestError(
+            f"stop_token_ids {bad_ids} are outside the vocabulary (0..{vocab_size - 1})",
+            param="stop_token_ids",
+        )
+    top_k = defaults.top_k if req.top_k is None else max(req.top_k, 0)
+    return SamplingParams(
+        max_tokens=asked or min(defaults.default_max_tokens, room),
+        temperature=defaults.temperature if req.temperature is None else req.temperature,
+        top_p=defaults.top_p if req.top_p is None else req.top_p,
+        top_k=top_k,
+        min_p=defaults.min_p if req.min_p is None else req.min_p,
+        repetition_penalty=(
+            defaults.repetition_penalty if req.repetition_penalty is None else req.repetition_penalty
+        ),
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        stop=stop_strings(req.stop),
+        stop_token_ids=tuple(req.stop_token_ids or ()),
+        ignore_eos=req.ignore_eos,
+        seed=req.seed,
+    )

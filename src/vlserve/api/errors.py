@@ -1,0 +1,101 @@
+"""The one mapping from exceptions to OpenAI error bodies, and FastAPI's handlers for it."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from vlserve.errors import EngineUnavailableError, OverloadedError, VLServeError
+
+log = logging.getLogger(__name__)
+
+_STATUS_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def body_for(exc: VLServeError) -> dict[str, Any]:
+    return error_body(exc.message, exc.type, exc.param, exc.code)
+
+
+def response_for(exc: VLServeError) -> JSONResponse:
+    headers = {}
+    if isinstance(exc, OverloadedError | EngineUnavailableError):
+        headers["Retry-After"] = str(exc.retry_after_s)
+    return JSONResponse(body_for(exc), status_code=exc.status, headers=headers)
+
+
+def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
+    """('body', 'messages', 0, 'content', 1, 'image_url', 'url') → 'messages[0].content[1].image_url.url'."""
+    parts = [p for p in loc if p != "body"]
+    # Pydantic adds the tag of a union member (e.g. 'list[...]', 'text'); keep field names only.
+    out = ""
+    for p in parts:
+        if isinstance(p, int):
+            out += f"[{p}]"
+        elif isinstance(p, str) and ("[" in p or p in ("str", "text", "image_url") and out.endswith("]")):
+            continue
+        else:
+            out += f".{p}" if out else str(p)
+    return out or None
+
+
+def validation_error(exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    param = _loc_to_param(tuple(first.get("loc", ())))
+    if first.get("type") == "extra_forbidden":
+        message = f"unsupported parameter: {param}"
+    elif first.get("type") in ("json_invalid", "model_attributes_type") or param is None:
+        message = f"request body is not valid JSON for this endpoint: {first.get('msg')}"
+    else:
+        message = f"{param}: {first.get('msg')}"
+    return JSONResponse(
+        error_body(message, "invalid_request_error", param, "invalid_value"), status_code=400
+    )
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(VLServeError)
+    async def _vlserve(_: Request, exc: VLServeError) -> JSONResponse:
+        if exc.status >= 500:
+            log.warning("request failed: %s", exc.message)
+        return response_for(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return validation_error(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type_ = _STATUS_TYPES.get(exc.status_code, "internal_error")
+        return JSONResponse(
+            error_body(str(exc.detail), type_, None, None),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return JSONResponse(
+            error_body("internal server error", "internal_error", None, "internal_error"),
+            status_code=500,
+        )

@@ -1,0 +1,49 @@
+"""ServerConfig: every setting of `vlserve serve`, frozen and validated once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vlserve.engine.scheduler import SchedulerConfig
+from vlserve.media.config import MediaConfig
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model_path: str
+    host: str = "0.0.0.0"
+    port: int = 9000
+    served_model_names: tuple[str, ...] = ()  # empty: the model path is the name
+    device: str = "auto"
+    dtype: str = "auto"
+    default_max_tokens: int = 2048
+    request_timeout_s: float = 600.0
+    shutdown_timeout_s: float = 30.0
+    log_level: str = "info"
+    media: MediaConfig = field(default_factory=MediaConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if not self.model_path:
+            raise ValueError("a model path is required (--model or MODEL_PATH)")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port}")
+        if self.device not in ("auto", "npu", "cuda", "cpu"):
+            raise ValueError(f"device must be auto, npu, cuda or cpu, got {self.device!r}")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+        if self.default_max_tokens < 1:
+            raise ValueError("default_max_tokens must be at least 1")
+        if self.request_timeout_s <= 0 or self.shutdown_timeout_s < 0:
+            raise ValueError("timeouts must be positive")
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """Names listed by /v1/models."""
+        return self.served_model_names or (self.model_path,)
+
+    @property
+    def accepted_model_names(self) -> tuple[str, ...]:
+        """Names a request may use: the served names and, as in the prototype, the model path."""
+        names = self.model_names
+        return names if self.model_path in names else (*names, self.model_path)

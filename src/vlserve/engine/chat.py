@@ -1,0 +1,64 @@
+"""OpenAI chat messages → chat-template messages: every role, every turn, every part, in order."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from vlserve.errors import InvalidRequestError
+
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
+def split_messages(messages: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Return template messages with image placeholders, and the image URLs in prompt order.
+
+    Each placeholder is ``{"type": "image", "index": k}``; ``attach_images`` later puts the k-th
+    decoded image in its place, so images are fetched once, concurrently, outside this pure step.
+    """
+    out: list[dict[str, Any]] = []
+    urls: list[str] = []
+    for i, message in enumerate(messages):
+        role = _ROLES.get(message.get("role", ""))
+        if role is None:
+            raise InvalidRequestError(
+                f"messages[{i}].role {message.get('role')!r} is not supported; use system, "
+                "developer, user or assistant",
+                param=f"messages[{i}].role",
+            )
+        content = message.get("content")
+        parts: list[dict[str, Any]] = []
+        if isinstance(content, str):
+            parts.append({"type": "text", "text": content})
+        else:
+            for j, part in enumerate(content or []):
+                parts.append(_part(part, role, urls, f"messages[{i}].content[{j}]"))
+        out.append({"role": role, "content": parts})
+    return out, urls
+
+
+def _part(part: dict[str, Any], role: str, urls: list[str], where: str) -> dict[str, Any]:
+    kind = part.get("type")
+    if kind == "text":
+        return {"type": "text", "text": part.get("text", "")}
+    if kind == "image_url":
+        if role != "user":
+            raise InvalidRequestError(
+                f"{where}: images are only allowed in user messages, not in {role} messages",
+                param=where,
+            )
+        urls.append(part["image_url"]["url"])
+        return {"type": "image", "index": len(urls) - 1}
+    raise InvalidRequestError(f"{where}.type {kind!r} is not supported", param=f"{where}.type")
+
+
+def attach_images(messages: list[dict[str, Any]], images: Sequence[Any]) -> list[dict[str, Any]]:
+    """Replace each image placeholder by its decoded image (a new structure; input untouched)."""
+    result = []
+    for message in messages:
+        parts = [
+            {"type": "image", "image": images[p["index"]]} if p["type"] == "image" else p
+            for p in message["content"]
+        ]
+        result.append({"role": message["role"], "content": parts})
+    return result

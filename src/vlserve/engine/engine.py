@@ -1,0 +1,327 @@
+"""AsyncEngine: submit() → async iterator of TokenEvents; owns the inference thread."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import enum
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from vlserve.engine.detokenizer import IncrementalDetokenizer
+from vlserve.engine.device import DeviceInfo, empty_cache, is_out_of_memory
+from vlserve.engine.request import FinishReason, GenerationRequest, TokenEvent
+from vlserve.engine.runner import DecodeBatch, ModelRunner
+from vlserve.engine.sampling import RowSampler, sample_batch
+from vlserve.engine.scheduler import Scheduler, SchedulerConfig
+from vlserve.errors import (
+    EngineError,
+    EngineUnavailableError,
+    RequestTimeoutError,
+    VLServeError,
+)
+
+log = logging.getLogger(__name__)
+
+
+class EngineState(str, enum.Enum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_path: str
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    request_timeout_s: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.request_timeout_s <= 0:
+            raise ValueError("request_timeout_s must be > 0")
+
+
+@dataclass(eq=False)
+class _Sequence:
+    """A request's life inside the engine (identity equality: the scheduler removes by object)."""
+
+    request: GenerationRequest
+    emit: Callable[[TokenEvent], None]
+    deadline: float
+    request_id: str = ""
+    detok: IncrementalDetokenizer | None = None
+    sampler: RowSampler | None = None
+    output_ids: list[int] = field(default_factory=list)
+    aborted: bool = False
+    done: bool = False
+
+    def __post_init__(self) -> None:
+        self.request_id = self.request.request_id
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return self.request.num_prompt_tokens
+
+    @property
+    def max_tokens(self) -> int:
+        return self.request.sampling.max_tokens
+
+
+class AsyncEngine:
+    """All model work happens on one inference thread; results return through asyncio queues."""
+
+    def __init__(self, config: EngineConfig, device: DeviceInfo) -> None:
+        self.config = config
+        self.device = device
+        self.state = EngineState.LOADING
+        self.failure: BaseException | None = None
+        self.runner: ModelRunner | None = None
+        self._scheduler: Scheduler[_Sequence] = Scheduler(config.scheduler)
+        self._lock = threading.Condition()
+        self._stop = False
+        self._prep = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vlserve-prep")
+        self._thread = threading.Thread(target=self._main, name="vlserve-engine", daemon=True)
+        self._ready = threading.Event()
+        self.on_fatal: Callable[[BaseException], None] | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    async def wait_ready(self) -> None:
+        await asyncio.to_thread(self._ready.wait)
+        if self.state is not EngineState.READY:
+            raise EngineUnavailableError(f"engine failed to start: {self.failure}")
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+        self._prep.shutdown(wait=False, cancel_futures=True)
+        if self.state is EngineState.READY:
+            self.state = EngineState.STOPPED
+
+    @property
+    def num_running(self) -> int:
+        return self._scheduler.num_running
+
+    @property
+    def num_waiting(self) -> int:
+        return self._scheduler.num_waiting
+
+    # -- API ---------------------------------------------------------------------------------------
+    def _require_ready(self) -> ModelRunner:
+        if self.state is EngineState.LOADING:
+            raise EngineUnavailableError("the model is still loading; retry shortly")
+        if self.state is not EngineState.READY or self.runner is None:
+            raise EngineUnavailableError("the engine is not running", retry_after_s=30)
+        return self.runner
+
+    async def prepare(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
+        """Render and preprocess a chat off the event loop (one preprocessing thread)."""
+        runner = self._require_ready()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._prep, runner.prepare, messages)
+
+    def submit(self, request: GenerationRequest) -> RequestStream:
+        """Queue ``request`` now (raising 400/429/503 at once) and return its event stream."""
+        self._require_ready()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        seq = _Sequence(
+            request=request,
+            emit=lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev),
+            deadline=time.monotonic() + self.config.request_timeout_s,
+        )
+        with self._lock:
+            self._scheduler.add(seq)  # raises 400 (never fits) or 429 (queue full)
+            self._lock.notify_all()
+        return RequestStream(self, seq, queue)
+
+    def _abort(self, seq: _Sequence) -> None:
+        with self._lock:
+            if not seq.done:
+                seq.aborted = True
+                self._lock.notify_all()
+
+    # -- inference thread --------------------------------------------------------------------------
+    def _main(self) -> None:
+        try:
+            self.runner = ModelRunner(self.config.model_path, self.device)
+            self._warm_up(self.runner)
+            self.state = EngineState.READY
+            log.info("engine ready: %s on %s (%s)", self.config.model_path, self.device.type,
+                     self.device.dtype_name)
+        except BaseException as exc:
+            self._die(exc, "failed to load the model")
+            return
+        finally:
+            self._ready.set()
+        batch = DecodeBatch(self.device.torch_device)
+        rows: list[_Sequence] = []
+        try:
+            while True:
+                with self._lock:
+                    while not self._stop and not self._scheduler.has_work():
+                        self._lock.wait()
+                    if self._stop:
+                        break
+                    self._drop_cancelled(batch, rows)
+                    plan = self._scheduler.schedule()
+                for seq in plan.admitted:
+                    self._prefill(seq, batch, rows)
+                if rows:
+                    self._decode(batch, rows)
+        except BaseException as exc:
+            self._die(exc, "the inference thread died")
+            for seq in rows + list(self._scheduler.waiting):
+                self._finish(seq, FinishReason.ERROR, EngineError("the engine failed"))
+
+    def _die(self, exc: BaseException, what: str) -> None:
+        log.exception("%s: %s", what, exc)
+        self.failure = exc
+        self.state = EngineState.FAILED
+        if self.on_fatal is not None:
+            self.on_fatal(exc)
+
+    def _warm_up(self, runner: ModelRunner) -> None:
+        """One short generation with an image, so the first user does not pay for it."""
+        from PIL import Image
+
+        image = Image.new("RGB", (64, 64), (127, 127, 127))
+        messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                                 {"type": "text", "text": "warm up"}]}]
+        result = runner.prefill(runner.prepare(messages))
+        batch = DecodeBatch(self.device.torch_device)
+        batch.add(result, result.kv[0][0].shape[-2])
+        runner.decode(batch, [int(result.logits.argmax())])
+
+    def _drop_cancelled(self, batch: DecodeBatch, rows: list[_Sequence]) -> None:
+        """Under the lock: remove aborted and expired requests before the next step."""
+        now = time.monotonic()
+        for seq in list(self._scheduler.waiting) + rows:
+            if seq.aborted:
+                self._finish(seq, FinishReason.ABORT)
+            elif now > seq.deadline:
+                self._finish(seq, FinishReason.ERROR, RequestTimeoutError(
+                    f"request exceeded the server's {self.config.request_timeout_s:g} s timeout"))
+        self._compact(batch, rows)
+
+    def _prefill(self, seq: _Sequence, batch: DecodeBatch, rows: list[_Sequence]) -> None:
+        runner = self.runner
+        assert runner is not None
+        req = seq.request
+        try:
+            result = runner.prefill(req.inputs)
+            seq.sampler = RowSampler(req.sampling, req.prompt_token_ids, self.device.torch_device)
+            seq.detok = IncrementalDetokenizer(runner.tokenizer, req.sampling.stop)
+            token = sample_batch(result.logits.view(1, -1), [seq.sampler])[0]
+        except Exception as exc:
+            self._fail(exc, [seq])
+            return
+        req.inputs = {}  # free pixel tensors early
+        batch.add(result, req.num_prompt_tokens)
+        rows.append(seq)
+        self._on_token(seq, token)
+        self._compact(batch, rows)
+
+    def _decode(self, batch: DecodeBatch, rows: list[_Sequence]) -> None:
+        runner = self.runner
+        assert runner is not None
+        try:
+            logits = runner.decode(batch, [seq.output_ids[-1] for seq in rows])
+            tokens = sample_batch(logits, [seq.sampler for seq in rows])  # type: ignore[misc]
+        except Exception as exc:
+            self._fail(exc, list(rows))
+            batch.keep([])
+            rows.clear()
+            return
+        for seq, token in zip(rows, tokens, strict=True):
+            self._on_token(seq, token)
+        self._compact(batch, rows)
+
+    def _compact(self, batch: DecodeBatch, rows: list[_Sequence]) -> None:
+        keep = [i for i, seq in enumerate(rows) if not seq.done]
+        if len(keep) != len(rows):
+            batch.keep(keep)
+            rows[:] = [rows[i] for i in keep]
+
+    def _on_token(self, seq: _Sequence, token: int) -> None:
+        runner = self.runner
+        assert runner is not None and seq.detok is not None
+        sp = seq.request.sampling
+        seq.output_ids.append(token)
+        finish: FinishReason | None = None
+        text = ""
+        if token in sp.stop_token_ids or (not sp.ignore_eos and token in runner.eos_token_ids):
+            finish = FinishReason.STOP
+        else:
+            text = seq.detok.add(token)
+            if seq.detok.stopped:
+                finish = FinishReason.STOP
+        total = seq.num_prompt_tokens + len(seq.output_ids)
+        if finish is None and (len(seq.output_ids) >= sp.max_tokens or total >= runner.max_model_len):
+            finish = FinishReason.LENGTH
+        if finish is not None:
+            text += seq.detok.flush()
+        seq.emit(TokenEvent(text, (token,), seq.num_prompt_tokens, len(seq.output_ids), finish))
+        if finish is not None:
+            self._finish(seq, finish, emit=False)
+
+    def _fail(self, exc: Exception, seqs: list[_Sequence]) -> None:
+        if is_out_of_memory(exc):
+            log.error("out of memory in a step of %d request(s); failing them only", len(seqs))
+            empty_cache(self.device)
+            error: VLServeError = EngineError("the device ran out of memory for this request")
+        else:
+            log.exception("engine step failed for %d request(s)", len(seqs))
+            error = EngineError("generation failed inside the engine")
+        for seq in seqs:
+            self._finish(seq, FinishReason.ERROR, error)
+
+    def _finish(self, seq: _Sequence, reason: FinishReason, error: VLServeError | None = None,
+                *, emit: bool = True) -> None:
+        if seq.done:
+            return
+        seq.done = True
+        with self._lock:
+            self._scheduler.finish([seq])
+        if emit:
+            seq.emit(TokenEvent("", (), seq.num_prompt_tokens, len(seq.output_ids), reason, error))
+
+
+class RequestStream:
+    """Async iterator over one request's TokenEvents; ``aclose()`` (or leaving early) aborts it."""
+
+    def __init__(self, engine: AsyncEngine, seq: _Sequence, queue: asyncio.Queue[TokenEvent]):
+        self._engine = engine
+        self._seq = seq
+        self._queue = queue
+        self._finished = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        if self._finished:
+            raise StopAsyncIteration
+        try:
+            event = await self._queue.get()
+        except BaseException:
+            self._engine._abort(self._seq)
+            raise
+        if event.finished:
+            self._finished = True
+        return event
+
+    async def aclose(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self._engine._abort(self._seq)

@@ -1,0 +1,98 @@
+"""Plain data that crosses the engine boundary: sampling parameters, requests and token events."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from vlserve.errors import VLServeError
+
+
+class FinishReason(str, enum.Enum):
+    STOP = "stop"  # eos, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens (or the context) ran out
+    ABORT = "abort"  # the client went away or the server is shutting down
+    ERROR = "error"  # the engine failed this request
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation settings; ``temperature == 0`` means greedy."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError("min_p must be in [0, 1]")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be > 0")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    @property
+    def needs_history(self) -> bool:
+        """Whether sampling looks at earlier tokens (penalties)."""
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
+
+
+@dataclass
+class GenerationRequest:
+    """One prompt, already rendered and preprocessed, waiting for the engine."""
+
+    request_id: str
+    inputs: dict[str, Any]  # processor output (CPU tensors): input_ids, pixel_values, ...
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """What one engine step produced for one request.
+
+    ``text`` is the newly final text (may be empty while bytes of a character or a possible stop
+    string are held back). The last event of a request has ``finish_reason`` set, and ``error``
+    when it failed.
+    """
+
+    text: str
+    token_ids: tuple[int, ...]
+    num_prompt_tokens: int
+    num_completion_tokens: int
+    finish_reason: FinishReason | None = None
+    error: VLServeError | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None

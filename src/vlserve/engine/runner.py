@@ -1,0 +1,219 @@
+"""ModelRunner: the model and processor, prompt preparation, prefill and batched decode steps."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import AutoProcessor, AutoTokenizer, DynamicCache, GenerationConfig
+
+from vlserve.engine.device import DeviceInfo
+
+log = logging.getLogger(__name__)
+
+_TF5 = int(transformers.__version__.split(".")[0]) >= 5
+# transformers 4.57 reads the cache from `past_key_values=` (and silently ignores `cache=`);
+# 5.x reads `cache=` and deprecates the old name. See FACTS.md.
+_CACHE_KW = "cache" if _TF5 else "past_key_values"
+
+KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (batch, kv_heads, seq, head_dim)
+
+
+@dataclass
+class PrefillResult:
+    logits: torch.Tensor  # (vocab,) float32
+    kv: KV  # one row
+    rope_delta: int  # multimodal position offset, constant for the rest of the request
+
+
+class ModelRunner:
+    """Owns the model; every method but ``prepare`` runs on the engine's inference thread."""
+
+    def __init__(self, model_path: str | Path, device: DeviceInfo) -> None:
+        from transformers import Qwen3VLForConditionalGeneration
+
+        self.device = device
+        self.model_path = str(model_path)
+        self.processor = AutoProcessor.from_pretrained(self.model_path)
+        # A second tokenizer for detokenizing on the inference thread while the processor encodes
+        # prompts on another: Rust tokenizers must not be shared across threads that mutate them.
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.model = Qwen3VLForConditionalGeneration.from_pretrained(
+            self.model_path, dtype=device.dtype, attn_implementation="sdpa"
+        )
+        self.model.to(device.torch_device).eval()
+        self.generation_config = _load_generation_config(self.model_path)
+        self.eos_token_ids = _eos_ids(self.generation_config, self.tokenizer)
+        text_config = getattr(self.model.config, "text_config", self.model.config)
+        self.max_model_len = int(text_config.max_position_embeddings)
+        self.vocab_size = int(text_config.vocab_size)
+        self._rope_params = set(inspect.signature(self.model.model.get_rope_index).parameters)
+
+    # -- prompt preparation (runs on the preprocessing thread) ---------------------------------
+    def prepare(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
+        """Render the chat template and preprocess images; returns CPU tensors."""
+        inputs = self.processor.apply_chat_template(
+            messages,
+            tokenize=True,
+            add_generation_prompt=True,
+            return_dict=True,
+            return_tensors="pt",
+        )
+        return dict(inputs)
+
+    # -- device work (inference thread) --------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, inputs: dict[str, Any]) -> PrefillResult:
+        """Run one prompt alone; returns its last-position logits, its cache and rope delta."""
+        dev = self.device.torch_device
+        batch = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
+        positions, delta = self._positions(batch)
+        cache = DynamicCache()
+        out = self.model(
+            **batch,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{_CACHE_KW: cache},
+        )
+        cache = _output_cache(out, cache)
+        kv = [(layer.keys, layer.values) for layer in cache.layers]
+        return PrefillResult(logits=out.logits[0, -1].float(), kv=kv, rope_delta=delta)
+
+    def _positions(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+        """4-row position ids (text, t, h, w) of one prompt, computed per request.
+
+        The model's own ``rope_deltas`` attribute is shared mutable state (``generate``
+        overwrites it), so it is never read: each request keeps its delta.
+        """
+        input_ids = batch["input_ids"]
+        length = input_ids.shape[1]
+        text = torch.arange(length, device=input_ids.device).view(1, 1, length)
+        if batch.get("image_grid_thw") is None:
+            return text.expand(4, 1, length), 0
+        kwargs = {k: v for k, v in batch.items() if k in self._rope_params and k != "input_ids"}
+        vision, delta = self.model.model.get_rope_index(input_ids, **kwargs)
+        return torch.cat([text, vision.to(text.dtype)], dim=0), int(delta.view(-1)[0])
+
+    @torch.inference_mode()
+    def decode(self, batch: DecodeBatch, last_tokens: list[int]) -> torch.Tensor:
+        """One decode step for every row of ``batch``; returns (rows, vocab) float32 logits."""
+        dev = self.device.torch_device
+        rows = len(batch.positions)
+        input_ids = torch.tensor(last_tokens, dtype=torch.long, device=dev).view(rows, 1)
+        pos = torch.tensor(batch.positions, dtype=torch.long, device=dev)
+        delta = torch.tensor(batch.rope_deltas, dtype=torch.long, device=dev)
+        mrope = (pos + delta).view(1, rows, 1).expand(3, rows, 1)
+        position_ids = torch.cat([pos.view(1, rows, 1), mrope], dim=0)
+        mask = torch.cat([batch.mask, torch.ones(rows, 1, dtype=batch.mask.dtype, device=dev)], 1)
+        cache = DynamicCache(batch.kv)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+            **{_CACHE_KW: cache},
+        )
+        cache = _output_cache(out, cache)
+        batch.kv = [(layer.keys, layer.values) for layer in cache.layers]
+        batch.mask = mask
+        batch.positions = [p + 1 for p in batch.positions]
+        return out.logits[:, -1].float()
+
+
+class DecodeBatch:
+    """The running rows' KV cache, left-padded to a common length, with their positions.
+
+    Rows join after their own prefill and leave when finished; columns that are padding in every
+    row are trimmed so the cache never grows beyond the longest live row.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.kv: KV = []
+        self.mask = torch.zeros(0, 0, dtype=torch.long, device=device)
+        self.positions: list[int] = []  # next position index of each row
+        self.rope_deltas: list[int] = []
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def add(self, prefill: PrefillResult, length: int) -> None:
+        """Append a freshly prefilled row of ``length`` tokens."""
+        row_mask = torch.ones(1, length, dtype=torch.long, device=self.device)
+        if not self.positions:
+            self.kv, self.mask = prefill.kv, row_mask
+        else:
+            width = max(self.mask.shape[1], length)
+            self.kv = [
+                (
+                    torch.cat([_left_pad(k, width), _left_pad(nk, width)], 0),
+                    torch.cat([_left_pad(v, width), _left_pad(nv, width)], 0),
+                )
+                for (k, v), (nk, nv) in zip(self.kv, prefill.kv, strict=True)
+            ]
+            self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(row_mask, width)], 0)
+        self.positions.append(length)
+        self.rope_deltas.append(prefill.rope_delta)
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only ``rows`` (indices, in order), trimming all-padding columns."""
+        if len(rows) == len(self.positions):
+            return
+        if not rows:
+            self.__init__(self.device)  # type: ignore[misc]
+            return
+        index = torch.tensor(rows, dtype=torch.long, device=self.device)
+        mask = self.mask.index_select(0, index)
+        start = int((mask.sum(0) > 0).nonzero()[0])  # first column any remaining row uses
+        self.mask = mask[:, start:]
+        self.kv = [
+            (k.index_select(0, index)[..., start:, :], v.index_select(0, index)[..., start:, :])
+            for k, v in self.kv
+        ]
+        self.positions = [self.positions[i] for i in rows]
+        self.rope_deltas = [self.rope_deltas[i] for i in rows]
+
+
+def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
+    """Left-pad the sequence dimension (-2 for KV, -1 for masks) with zeros to ``width``."""
+    seq_dim = -1 if t.dim() == 2 else -2
+    missing = width - t.shape[seq_dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[seq_dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=seq_dim)
+
+
+def _output_cache(out: Any, fallback: DynamicCache) -> DynamicCache:
+    for name in ("cache", "past_key_values"):
+        cache = getattr(out, name, None)
+        if cache is not None:
+            return cache
+    return fallback
+
+
+def _load_generation_config(path: str) -> GenerationConfig | None:
+    try:
+        return GenerationConfig.from_pretrained(path)
+    except OSError:
+        return None
+
+
+def _eos_ids(gen: GenerationConfig | None, tokenizer: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    eos = getattr(gen, "eos_token_id", None) if gen is not None else None
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif eos:
+        ids.update(int(i) for i in eos)
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return frozenset(ids)
