@@ -48,10 +48,9 @@ def main() -> int:
             length = int(self.headers.get("Content-Length", "0"))
             request = json.loads(self.rfile.read(length) or b"{}")
             if not request.get("stream"):
-                text = f"hello from {os.getpid()}"
-                self._send_json(
-                    200, {"object": "chat.completion", "pid": os.getpid(), "text": text}
-                )
+                message = {"role": "assistant", "content": f"hello from {os.getpid()}"}
+                choice = {"index": 0, "message": message, "finish_reason": "stop"}
+                self._send_json(200, {"object": "chat.completion", "choices": [choice]})
                 return
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream")

@@ -100,7 +100,10 @@ events {{
 
 http {{
     default_type application/octet-stream;
-    access_log {prefix / "access.log"};
+    # Which instance served each request, and how long it took: the first thing to look at.
+    log_format vlserve '$remote_addr [$time_local] "$request" $status $body_bytes_sent '
+                       'rt=$request_time upstream=$upstream_addr urt=$upstream_response_time';
+    access_log {prefix / "access.log"} vlserve;
 {temp_paths}
 
 {http_block}}}

@@ -1,0 +1,209 @@
+"""`vlserve launch`: 2 CPU instances behind a real nginx; traffic survives losing an instance.
+
+Runs twice: with a fake instance (fast; checks the plumbing) and with real `vlserve serve` on the
+tiny model (skipped until the server and the tiny model are available).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from vlserve.launch.nginx import find_nginx
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        find_nginx() is None, reason="nginx is not installed (apt-get install nginx)"
+    ),
+]
+
+FAKE_SERVER = Path(__file__).parents[1] / "unit" / "launch_fake_server.py"
+NUM_INSTANCES = 2
+
+
+@dataclass(frozen=True)
+class Launched:
+    proc: subprocess.Popen[bytes]
+    log_path: Path
+    front: str
+    ports: tuple[int, ...]
+    model: str
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def access_log(self) -> str:
+        return (self.log_path.parent / "state" / "nginx" / "access.log").read_text()
+
+    def instance_pids(self, name: str) -> list[int]:
+        return [int(pid) for pid in re.findall(rf"{name} started \(pid (\d+)", self.log())]
+
+
+def free_port_block(count: int) -> int:
+    """A first port such that ``count`` consecutive ports are free on loopback."""
+    for _ in range(200):
+        base = random.randint(20000, 40000)
+        try:
+            for port in range(base, base + count):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return base
+    raise RuntimeError("no free port block")
+
+
+def real_server_available() -> bool:
+    probe = subprocess.run(
+        [sys.executable, "-m", "vlserve", "serve", "--help"], capture_output=True, timeout=120
+    )
+    return probe.returncode == 0
+
+
+@pytest.fixture(params=["fake", "real"])
+def launched(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Launched]:
+    argv = [sys.executable, "-m", "vlserve", "launch", "--device", "cpu"]
+    if request.param == "fake":
+        model = "fake-model"
+        argv += [
+            "--serve-command",
+            f"{shlex.quote(sys.executable)} {shlex.quote(str(FAKE_SERVER))}",
+        ]
+        ready_timeout_s = 60
+    else:
+        if not real_server_available():
+            pytest.skip("`vlserve serve` is not available yet")
+        from vlserve.testing import ensure_tiny_model
+
+        model = str(ensure_tiny_model())
+        ready_timeout_s = 300
+    base = free_port_block(NUM_INSTANCES + 1)
+    argv += ["--model", model, "--num-instances", str(NUM_INSTANCES), "--host", "127.0.0.1"]
+    argv += ["--port", str(base), "--state-dir", str(tmp_path / "state")]
+    argv += ["--ready-timeout-s", str(ready_timeout_s), "--stop-timeout-s", "20"]
+    if request.param == "real":
+        argv += ["--", "--dtype", "float32"]
+    log_path = tmp_path / "launch.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    ports = tuple(range(base + 1, base + 1 + NUM_INSTANCES))
+    launched = Launched(proc, log_path, f"http://127.0.0.1:{base}", ports, model)
+    try:
+        wait_for(lambda: "ready: 2 instance(s) behind" in launched.log() or proc.poll() is not None,
+                 ready_timeout_s + 30)  # fmt: skip
+        assert proc.poll() is None, f"launch exited early:\n{launched.log()}"
+        yield launched
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def wait_for(condition: object, timeout_s: float, interval_s: float = 0.2) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return
+        time.sleep(interval_s)
+    raise AssertionError(f"condition not met within {timeout_s} s")
+
+
+def chat_body(model: str, stream: bool) -> dict[str, object]:
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "Say hi."}]}],
+        "max_tokens": 8,
+        "temperature": 0.0,
+        "stream": stream,
+    }
+
+
+async def one_request(session: aiohttp.ClientSession, url: str, model: str, stream: bool) -> str:
+    """Returns "ok" or a description of what went wrong (so a failing test lists them all)."""
+    try:
+        async with session.post(
+            f"{url}/v1/chat/completions", json=chat_body(model, stream)
+        ) as resp:
+            text = await resp.text()
+    except aiohttp.ClientError as exc:
+        return f"client error: {exc!r}"
+    if resp.status != 200:
+        return f"HTTP {resp.status}: {text[:200]}"
+    if not stream:
+        message = json.loads(text)["choices"][0]["message"]
+        return "ok" if message["role"] == "assistant" else f"bad body: {text[:200]}"
+    events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+    if len(events) < 2 or events[-1] != "[DONE]":
+        return f"bad stream: {text[:200]}"
+    for event in events[:-1]:
+        json.loads(event)
+    return "ok"
+
+
+def burst(url: str, model: str, num_requests: int) -> list[str]:
+    async def run() -> list[str]:
+        timeout = aiohttp.ClientTimeout(total=120)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            jobs = [
+                one_request(session, url, model, stream=i % 2 == 1) for i in range(num_requests)
+            ]
+            return await asyncio.gather(*jobs)
+
+    return asyncio.run(run())
+
+
+def health_ok(url: str) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=2) as s:
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            return s.recv(64).split()[1:2] == [b"200"]
+    except OSError:
+        return False
+
+
+def test_traffic_through_nginx_survives_losing_an_instance(launched: Launched) -> None:
+    results = burst(launched.front, launched.model, 8)
+    assert results == ["ok"] * 8, results
+    # least_conn spread 8 concurrent requests over both instances.
+    access_log = launched.access_log()
+    assert access_log.count("POST /v1/chat/completions") == 8
+    for port in launched.ports:
+        assert f"upstream=127.0.0.1:{port}" in access_log
+
+    (victim_pid,) = launched.instance_pids("instance-1")
+    os.kill(victim_pid, signal.SIGKILL)
+    wait_for(lambda: "instance-1 exited with code -9" in launched.log(), 30)
+    results = burst(launched.front, launched.model, 8)
+    assert results == ["ok"] * 8, results
+
+    # The supervisor brings it back on the same port.
+    wait_for(lambda: len(launched.instance_pids("instance-1")) == 2, 60)
+    wait_for(lambda: health_ok(f"http://127.0.0.1:{launched.ports[1]}"), 300)
+    results = burst(launched.front, launched.model, 8)
+    assert results == ["ok"] * 8, results
+
+    launched.proc.send_signal(signal.SIGTERM)
+    assert launched.proc.wait(timeout=60) == 0, launched.log()
+    for port in launched.ports:
+        assert not health_ok(f"http://127.0.0.1:{port}")
+    assert "nginx stopped (exit code 0)" in launched.log()
