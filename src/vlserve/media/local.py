@@ -43,9 +43,10 @@ def read_local_file(url: str, root: str | None, max_bytes: int) -> bytes:
         raise MediaError("local image file not found") from None
     except OSError:
         raise MediaError("local image file could not be opened") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):  # a directory, FIFO or device
+        os.close(fd)
+        raise MediaError("local image path is not a regular file")
     with os.fdopen(fd, "rb") as file:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise MediaError("local image path is not a regular file")
         try:
             data = file.read(max_bytes + 1)
         except OSError:

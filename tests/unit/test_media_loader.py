@@ -1,0 +1,236 @@
+"""vlserve.media MediaLoader: routing by scheme, local files, several images, and fuzzing."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from vlserve.errors import MediaError
+from vlserve.media import MediaConfig, MediaLoader
+
+
+def png_url(size: tuple[int, int] = (8, 6)) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (0, 128, 0)).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+async def _with_loader(config: MediaConfig, urls: Sequence[str], many: bool) -> Any:
+    loader = MediaLoader(config)
+    try:
+        return await (loader.load_many(urls) if many else loader.load(urls[0]))
+    finally:
+        await loader.aclose()
+
+
+def load(url: str, config: MediaConfig | None = None) -> Image.Image:
+    return asyncio.run(_with_loader(config or MediaConfig(), [url], many=False))
+
+
+def load_many(urls: Sequence[str], config: MediaConfig | None = None) -> list[Image.Image]:
+    return asyncio.run(_with_loader(config or MediaConfig(), urls, many=True))
+
+
+def message_of(url: str, config: MediaConfig | None = None) -> str:
+    with pytest.raises(MediaError) as info:
+        load(url, config)
+    return info.value.message
+
+
+# --- routing ------------------------------------------------------------------------------------
+
+
+def test_data_url_loads_as_rgb() -> None:
+    image = load(png_url((8, 6)))
+    assert image.mode == "RGB" and image.size == (8, 6) and image.getpixel((0, 0)) == (0, 128, 0)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("", "image URL is empty"),
+        ("ftp://example.com/a.png", "image URL scheme 'ftp' is not supported"),
+        ("gopher://x", "image URL scheme 'gopher' is not supported"),
+        ("javascript:alert(1)", "image URL scheme 'javascript' is not supported"),
+        ("relative/a.png", "not a valid image URL"),
+        ("C:\\images\\a.png", "image URL scheme 'c' is not supported"),
+        ("http://", "not a valid image URL"),
+        ("data:image/png;base64,%%%%", "not a valid base64 data URL"),
+    ],
+)
+def test_unusable_urls_are_refused_clearly(url: str, message: str) -> None:
+    assert message in message_of(url)
+
+
+def test_non_string_url_is_refused() -> None:
+    assert message_of(None) == "image URL must be a string"  # type: ignore[arg-type]
+
+
+# --- several images -----------------------------------------------------------------------------
+
+
+def test_load_many_keeps_order() -> None:
+    sizes = [(30, 10), (5, 5), (12, 40), (7, 3)]
+    images = load_many([png_url(size) for size in sizes])
+    assert [image.size for image in images] == sizes
+    assert load_many([]) == []
+
+
+def test_load_many_names_the_failing_image() -> None:
+    with pytest.raises(MediaError) as info:
+        load_many([png_url(), "data:image/png;base64,!!!!", "data:image/tiff;base64,AAAA"])
+    assert info.value.message.startswith("image 2: not a valid base64 data URL")
+    assert info.value.code == "invalid_image"
+
+
+def test_image_count_is_capped() -> None:
+    config = MediaConfig(max_images_per_request=2)
+    with pytest.raises(MediaError, match="too many images: 3, at most 2 allowed per request"):
+        load_many([png_url()] * 3, config)
+    assert len(load_many([png_url()] * 2, config)) == 2
+
+
+def test_decoding_does_not_block_the_event_loop() -> None:
+    """A ticker keeps running while large images decode: the work is in worker threads."""
+
+    async def scenario() -> int:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0)
+                ticks += 1
+
+        loader = MediaLoader(MediaConfig(max_image_pixels=10_000))
+        task = asyncio.create_task(ticker())
+        await loader.load_many([png_url((2000, 1500))] * 2)
+        task.cancel()
+        await loader.aclose()
+        return ticks
+
+    assert asyncio.run(scenario()) > 0
+
+
+# --- local files --------------------------------------------------------------------------------
+
+
+@pytest.fixture()
+def media_root(tmp_path: Path) -> Path:
+    root = tmp_path / "media"
+    (root / "sub dir").mkdir(parents=True)
+    Image.new("RGB", (9, 4), "red").save(root / "sub dir" / "a b.png")
+    Image.new("RGB", (3, 3), "red").save(tmp_path / "secret.png")
+    return root
+
+
+def local_config(root: Path) -> MediaConfig:
+    return MediaConfig(allowed_local_media_path=str(root))
+
+
+def test_local_files_below_the_root_load(media_root: Path) -> None:
+    config = local_config(media_root)
+    path = media_root / "sub dir" / "a b.png"
+    assert load(str(path), config).size == (9, 4)
+    assert load(path.as_uri(), config).size == (9, 4)  # file:///.../sub%20dir/a%20b.png
+    assert load("file://localhost" + str(path), config).size == (9, 4)
+
+
+def test_local_files_are_refused_without_a_root(media_root: Path) -> None:
+    path = str(media_root / "sub dir" / "a b.png")
+    assert "--allowed-local-media-path" in message_of(path)
+
+
+def test_local_files_outside_the_root_are_refused(media_root: Path) -> None:
+    config = local_config(media_root)
+    outside = "local image file is outside the allowed media directory"
+    secret = media_root.parent / "secret.png"
+    assert message_of(str(secret), config) == outside
+    assert message_of(f"{media_root}/../secret.png", config) == outside
+    assert message_of(f"{media_root}/sub%20dir/../../secret.png", config) != ""  # %-escapes literal
+    assert message_of("file://" + str(media_root) + "/%2e%2e/secret.png", config) == outside
+    assert message_of("/etc/passwd", config) == outside
+    assert message_of(str(media_root), config) == outside
+    # A sibling whose name starts with the root's name is not below the root.
+    sibling = media_root.parent / (media_root.name + "-other")
+    sibling.mkdir()
+    Image.new("RGB", (2, 2)).save(sibling / "x.png")
+    assert message_of(str(sibling / "x.png"), config) == outside
+
+
+def test_symlinks_out_of_the_root_are_refused(media_root: Path) -> None:
+    config = local_config(media_root)
+    (media_root / "link.png").symlink_to(media_root.parent / "secret.png")
+    (media_root / "linkdir").symlink_to(media_root.parent)
+    outside = "local image file is outside the allowed media directory"
+    assert message_of(str(media_root / "link.png"), config) == outside
+    assert message_of(str(media_root / "linkdir" / "secret.png"), config) == outside
+    (media_root / "inner.png").symlink_to(media_root / "sub dir" / "a b.png")
+    assert load(str(media_root / "inner.png"), config).size == (9, 4)
+
+
+def test_odd_local_paths_are_refused(media_root: Path) -> None:
+    config = local_config(media_root)
+    os.mkfifo(media_root / "fifo.png")
+    assert message_of(str(media_root / "fifo.png"), config) == (
+        "local image path is not a regular file"
+    )
+    assert message_of(str(media_root / "sub dir"), config) in (
+        "local image path is not a regular file",
+        "local image file could not be opened",
+    )
+    assert message_of(str(media_root / "missing.png"), config) == "local image file not found"
+    assert "must name a local path" in message_of("file://otherhost/x.png", config)
+    assert "query or fragment" in message_of(f"file://{media_root}/a.png?x=1", config)
+    assert message_of(f"{media_root}/\x00.png", config) == "not a valid local file path"
+    assert message_of(f"file://{media_root}/%ff.png", config) == "not a valid file URL"
+
+
+def test_local_file_byte_cap(media_root: Path) -> None:
+    big = media_root / "noise.png"
+    Image.effect_noise((64, 64), 80).save(big)
+    config = MediaConfig(allowed_local_media_path=str(media_root), max_image_bytes=1000)
+    assert message_of(str(big), config) == "image is larger than the 1000 bytes allowed"
+
+
+# --- fuzzing: the loader raises only MediaError, and never touches the network ------------------
+
+
+async def _no_dns(host: str, port: int) -> list[str]:
+    raise OSError("fuzzing: no lookups")
+
+
+_PREFIXES = ["", "data:", "data:image/png;base64,", "http://", "https://", "file://", "/", "ftp:"]
+
+
+def test_loader_fuzz_only_media_errors() -> None:
+    # One loop and one loader for every example: the loader is long-lived in the server too.
+    loop = asyncio.new_event_loop()
+    loader = MediaLoader(MediaConfig(fetch_timeout_s=2.0), resolver=_no_dns)
+
+    async def attempt(url: str) -> None:
+        try:
+            await loader.load(url)
+        except MediaError as error:
+            assert error.message and "Traceback" not in error.message
+
+    @settings(max_examples=300, deadline=None)
+    @given(prefix=st.sampled_from(_PREFIXES), text=st.text(max_size=80))
+    def check(prefix: str, text: str) -> None:
+        loop.run_until_complete(attempt(prefix + text))
+
+    try:
+        check()
+    finally:
+        loop.run_until_complete(loader.aclose())
+        loop.close()
