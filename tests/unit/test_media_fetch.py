@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 import io
 import ipaddress
+import shutil
+import ssl
+import subprocess
 from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,15 +34,21 @@ def png(size: tuple[int, int] = (8, 6)) -> bytes:
 class Listener:
     """A raw HTTP/1.1 listener: routes by path, counts every TCP connection it accepts."""
 
-    def __init__(self, routes: dict[str, Handler], host: str = "127.0.0.1") -> None:
+    def __init__(
+        self,
+        routes: dict[str, Handler],
+        host: str = "127.0.0.1",
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self.routes = routes
         self.host = host
+        self.tls = tls
         self.connections = 0
         self.requests: list[tuple[str, dict[str, str]]] = []
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def __aenter__(self) -> Listener:
-        self._server = await asyncio.start_server(self._serve, self.host, 0)
+        self._server = await asyncio.start_server(self._serve, self.host, 0, ssl=self.tls)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
@@ -49,7 +59,8 @@ class Listener:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def url(self, path: str, host: str | None = None) -> str:
-        return f"http://{host or self.host}:{self.port}{path}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{host or self.host}:{self.port}{path}"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -62,7 +73,7 @@ class Listener:
             headers = dict(line.split(": ", 1) for line in head[1:] if ": " in line)
             self.requests.append((path, {k.lower(): v for k, v in headers.items()}))
             await self.routes.get(path, reply(404, b"nope"))(writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
+        except (ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
             pass
         finally:
             writer.close()
@@ -436,5 +447,54 @@ def test_fetches_are_bounded_and_run_concurrently() -> None:
             finally:
                 await loader.aclose()
         assert len(images) == 4 and peak == 2
+
+    run(scenario())
+
+
+# --- https: the socket goes to the checked address, the certificate is checked against the name --
+
+
+def make_certificates(directory: Path, name: str) -> tuple[Path, ssl.SSLContext]:
+    """A throwaway CA (returned as a PEM path) and a server context for ``name`` signed by it."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "1",
+            "-subj", "/CN=vlserve test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+            "-addext", "keyUsage=critical,keyCertSign")  # fmt: skip
+    openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", f"/CN={name}")
+    (directory / "ext.cnf").write_text(
+        f"subjectAltName=DNS:{name}\nbasicConstraints=CA:FALSE\n"
+        "keyUsage=digitalSignature\nextendedKeyUsage=serverAuth\n"
+        "authorityKeyIdentifier=keyid,issuer\nsubjectKeyIdentifier=hash\n"
+    )
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "server.pem", "-days", "1", "-extfile", "ext.cnf")  # fmt: skip
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(directory / "server.pem", directory / "server.key")
+    return directory / "ca.pem", server
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_https_verifies_the_host_name_while_connecting_to_the_checked_address(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ca, server_tls = make_certificates(tmp_path, "images.test")
+    monkeypatch.setenv("SSL_CERT_FILE", str(ca))  # honoured by httpx.create_ssl_context
+
+    async def resolver(host: str, port: int) -> list[str]:
+        return ["127.0.0.1"] if host.endswith(".test") else []
+
+    async def scenario() -> None:
+        async with Listener({"/a.png": reply(200, png())}, tls=server_tls) as listener:
+            image = await load(TRUSTED, listener.url("/a.png", "images.test"), resolver=resolver)
+            assert image.size == (8, 6)
+            # Same address, same certificate, another name: verification must fail.
+            message = await refused(
+                TRUSTED, listener.url("/a.png", "other.test"), resolver=resolver
+            )
+            assert message.endswith("connection failed")
 
     run(scenario())

@@ -234,3 +234,17 @@ def test_loader_fuzz_only_media_errors() -> None:
     finally:
         loop.run_until_complete(loader.aclose())
         loop.close()
+
+
+def test_a_cancelled_load_frees_its_decode_slot_when_the_decode_ends() -> None:
+    async def scenario() -> Image.Image:
+        loader = MediaLoader(MediaConfig(max_concurrent_decodes=1, max_image_pixels=10_000))
+        try:
+            abandoned = asyncio.create_task(loader.load(png_url((2000, 1500))))
+            await asyncio.sleep(0.01)
+            abandoned.cancel()  # the client went away mid-decode
+            return await asyncio.wait_for(loader.load(png_url((4, 4))), 30)
+        finally:
+            await loader.aclose()
+
+    assert asyncio.run(scenario()).size == (4, 4)

@@ -89,8 +89,17 @@ class MediaLoader:
         await self._fetcher.aclose()
 
     async def _in_worker(self, function: Callable[..., T], *args: object) -> T:
-        async with self._decode_slots:
-            return await asyncio.to_thread(function, *args)
+        await self._decode_slots.acquire()
+        task = asyncio.ensure_future(asyncio.to_thread(function, *args))
+        # A thread cannot be stopped: when our caller gives up (client gone), the decode runs on,
+        # so its slot is released when the thread ends, not when the caller is cancelled.
+        task.add_done_callback(self._release_decode_slot)
+        return await asyncio.shield(task)
+
+    def _release_decode_slot(self, task: asyncio.Future[object]) -> None:
+        self._decode_slots.release()
+        if not task.cancelled():
+            task.exception()  # mark an abandoned task's error as seen: no "never retrieved" log
 
     def _decode_data_url(self, url: str) -> Image.Image:
         _, data = parse_data_url(url, max_bytes=self.config.max_image_bytes)
