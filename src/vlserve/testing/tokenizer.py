@@ -130,6 +130,11 @@ def bpe_vocab_and_merges(
 
 def build_tokenizer_json(path: Path | None = None) -> str:
     """The ``tokenizer.json`` text of the Qwen3-VL fast tokenizer (vocab, merges, added tokens)."""
+    return _build_tokenizer_json(path or qwen_tiktoken_path())
+
+
+@lru_cache(maxsize=2)  # a few seconds each; tests build several checkpoints in one process
+def _build_tokenizer_json(path: Path) -> str:
     from tokenizers import (
         AddedToken,
         Regex,
@@ -141,7 +146,7 @@ def build_tokenizer_json(path: Path | None = None) -> str:
         processors,
     )
 
-    ranks = load_ranks(path or qwen_tiktoken_path())
+    ranks = load_ranks(path)
     if len(ranks) != NUM_BPE_TOKENS or sorted(ranks.values()) != list(range(NUM_BPE_TOKENS)):
         raise ValueError(f"expected ranks 0..{NUM_BPE_TOKENS - 1}, the Qwen2 vocabulary")
     vocab, merges = bpe_vocab_and_merges(ranks)
