@@ -250,7 +250,7 @@ def test_animated_images_give_their_first_frame() -> None:
     frames = [Image.new("RGB", (16, 16), color) for color in ("red", "lime", "blue")]
     for fmt in ("GIF", "WEBP", "PNG"):
         data = encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=50)
-        assert Image.open(io.BytesIO(data)).n_frames == 3
+        assert Image.open(io.BytesIO(data)).n_frames == 3  # type: ignore[attr-defined]
         red, green, blue = decode_image(data, CONFIG).getpixel((8, 8))  # type: ignore[misc]
         assert red > 200 and green < 60 and blue < 60, fmt
 

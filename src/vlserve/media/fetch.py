@@ -202,14 +202,14 @@ class _GuardedTransport(httpx.AsyncBaseTransport):
                 target=request.url.raw_path,
             ),
             headers=request.headers.raw,
-            content=request.stream,  # type: ignore[arg-type]
+            content=request.stream,
             extensions=request.extensions,
         )
         core_response = await self._pool.handle_async_request(core_request)
         return httpx.Response(
             status_code=core_response.status,
             headers=core_response.headers,
-            stream=_ResponseStream(core_response.stream),  # type: ignore[arg-type]
+            stream=_ResponseStream(core_response.stream),
             extensions=core_response.extensions,
         )
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from PIL import Image
 
@@ -96,7 +96,7 @@ class MediaLoader:
         task.add_done_callback(self._release_decode_slot)
         return await asyncio.shield(task)
 
-    def _release_decode_slot(self, task: asyncio.Future[object]) -> None:
+    def _release_decode_slot(self, task: asyncio.Future[Any]) -> None:
         self._decode_slots.release()
         if not task.cancelled():
             task.exception()  # mark an abandoned task's error as seen: no "never retrieved" log
