@@ -1,0 +1,347 @@
+"""deploy/run_server_container.sh in --dry-run mode, against fake docker, npu-smi and nvidia-smi."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "deploy" / "run_server_container.sh"
+DOCKERFILES = sorted(
+    p for p in (REPO / "deploy").glob("Dockerfile.*") if p.suffix != ".dockerignore"
+)
+
+# A docker stand-in driven by a JSON state file; it logs every call so tests can check that a
+# dry run changed nothing.
+FAKE_DOCKER = """\
+import json, os, sys
+state = json.load(open(os.environ["FAKE_DOCKER_STATE"]))
+with open(os.environ["FAKE_DOCKER_LOG"], "a") as log:
+    log.write(json.dumps(sys.argv[1:]) + "\\n")
+args = sys.argv[1:]
+cmd = args[0]
+if args[:2] == ["image", "inspect"]:
+    sys.exit(0 if args[2] in state["images"] else 1)
+if cmd == "images":
+    repo = args[-1]
+    print("\\n".join(i for i in state["images"] if i.rsplit(":", 1)[0] == repo))
+elif cmd == "ps" and "-a" in args:
+    name = args[args.index("--filter") + 1].removeprefix("name=^/").removesuffix("$")
+    if name in state["existing"]:
+        print(state["existing"][name])
+elif cmd == "ps":
+    print("\\n".join(state["running"]))
+elif cmd == "top":
+    print("PID")
+    print("\\n".join(str(p) for p in state["pids"].get(args[1], [])))
+elif cmd == "inspect":
+    print(" ".join(state["devices"].get(args[-1], [])))
+elif cmd in ("run", "rm"):
+    print("fake-container-id")
+else:
+    sys.exit(f"fake docker: unexpected {args}")
+"""
+
+NPU_SMI_PROCESS_TABLE = """\
++---------------------------+---------------+----------------------------------------------------+
+| NPU     Chip              | Process id    | Process name             | Process memory(MB)      |
++===========================+===============+====================================================+
+{rows}
++===========================+===============+====================================================+
+| No running processes found in NPU 7                                                            |
++===========================+===============+====================================================+
+"""
+NPU_SMI_HEADER = """\
++------------------------------------------------------------------------------------------------+
+| npu-smi 23.0.6                   Version: 23.0.6                                               |
++---------------------------+---------------+----------------------------------------------------+
+| NPU   Name                | Health        | Power(W)    Temp(C)           Hugepages-Usage(page)|
+| Chip                      | Bus-Id        | AICore(%)   Memory-Usage(MB)  HBM-Usage(MB)        |
++===========================+===============+====================================================+
+| 0     910B3               | OK            | 93.5        40                0    / 0             |
+| 0                         | 0000:C1:00.0  | 0           0    / 0          3380 / 65536         |
+"""
+
+
+@dataclass
+class Host:
+    """A fake host: its /dev, its tools on PATH and docker's state."""
+
+    root: Path
+    images: list[str] = field(
+        default_factory=lambda: ["vlserve:npu", "vlserve:cuda", "vlserve:cpu"]
+    )
+    existing: dict[str, str] = field(default_factory=dict)
+    running: list[str] = field(default_factory=list)
+    pids: dict[str, list[int]] = field(default_factory=dict)
+    devices: dict[str, list[str]] = field(default_factory=dict)
+    npu_processes: list[tuple[int, int, str]] = field(default_factory=list)
+    gpus: int = 0
+
+    @property
+    def dev(self) -> Path:
+        return self.root / "dev"
+
+    def add_npus(self, count: int) -> None:
+        self.dev.mkdir(exist_ok=True)
+        for name in [f"davinci{i}" for i in range(count)] + [
+            "davinci_manager",
+            "devmm_svm",
+            "hisi_hdc",
+        ]:
+            (self.dev / name).touch()
+
+    def run(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        bin_dir = self.root / "bin"
+        bin_dir.mkdir(exist_ok=True)
+        self.dev.mkdir(exist_ok=True)
+        write_exe(bin_dir / "docker", f"#!{sys.executable}\n{FAKE_DOCKER}")
+        state = {k: getattr(self, k) for k in ("images", "existing", "running", "pids", "devices")}
+        (self.root / "docker.json").write_text(json.dumps(state))
+        if any((self.dev / f"davinci{i}").exists() for i in range(1)):
+            rows = "\n".join(
+                f"| {npu:<7} 0                 | {pid:<13} | {name:<24} | 30000                   |"
+                for npu, pid, name in self.npu_processes
+            )
+            table = NPU_SMI_HEADER + NPU_SMI_PROCESS_TABLE.format(rows=rows)
+            write_exe(bin_dir / "npu-smi", f"#!/bin/sh\ncat <<'EOF'\n{table}EOF\n")
+        if self.gpus:
+            write_exe(bin_dir / "nvidia-smi", fake_nvidia_smi(self.gpus))
+        full_env = {
+            "PATH": f"{bin_dir}:/usr/bin:/bin",
+            "DEV_DIR": str(self.dev),
+            "FAKE_DOCKER_STATE": str(self.root / "docker.json"),
+            "FAKE_DOCKER_LOG": str(self.root / "docker.log"),
+            "HOST_PORT": str(free_port()),
+            **env,
+        }
+        return subprocess.run(
+            ["bash", str(SCRIPT), "--dry-run", *args],
+            env=full_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    def docker_calls(self) -> list[list[str]]:
+        log = self.root / "docker.log"
+        return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def fake_nvidia_smi(count: int) -> str:
+    gpus = "\n".join(f"echo '{i}, GPU-uuid-{i}'" for i in range(count))
+    indexes = "\n".join(f"echo '{i}'" for i in range(count))
+    return f"""#!/bin/sh
+case "$*" in
+  *index,uuid*) {gpus} ;;
+  *query-gpu=index*) {indexes} ;;
+  *compute-apps*) echo 'GPU-uuid-1, 777, /usr/bin/python3' ;;
+  *) echo 'GPU 0: fake' ;;
+esac
+"""
+
+
+def tool(name: str) -> str | None:
+    """A linter on PATH, or installed next to this Python (the PyPI wheels put them there)."""
+    found = shutil.which(name)
+    beside = Path(sys.executable).parent / name
+    return found or (str(beside) if beside.exists() else None)
+
+
+def write_exe(path: Path, text: str) -> None:
+    path.write_text(text)
+    path.chmod(0o755)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def docker_run_argv(stdout: str) -> list[str]:
+    (line,) = [line for line in stdout.splitlines() if line.startswith("+ docker run ")]
+    return shlex.split(line[2:])
+
+
+def vlserve_args(argv: list[str], image: str) -> list[str]:
+    return argv[argv.index(image) + 1 :]
+
+
+@pytest.fixture
+def host(tmp_path: Path) -> Host:
+    return Host(tmp_path)
+
+
+def test_npu_launch_passes_only_the_chosen_devices_and_the_driver(host: Host) -> None:
+    host.add_npus(8)
+    result = host.run("--devices", "2-3", "--model-path", "/mnt/w", "--", "--dtype", "bfloat16")
+    assert result.returncode == 0, result.stderr
+    argv = docker_run_argv(result.stdout)
+    dev = host.dev
+    devices = [a.removeprefix("--device=") for a in argv if a.startswith("--device=")]
+    assert devices == [f"{dev}/davinci{n}" for n in ("2", "3", "_manager")] + [
+        f"{dev}/devmm_svm",
+        f"{dev}/hisi_hdc",
+    ]
+    assert "/usr/local/Ascend/driver:/usr/local/Ascend/driver:ro" in argv
+    assert "/mnt/w:/models/model:ro" in argv
+    assert argv[argv.index("--network") + 1] == "host"
+    args = vlserve_args(argv, "vlserve:npu")
+    assert args[0] == "launch"
+    assert args[args.index("--num-instances") + 1] == "2"
+    assert args[args.index("--device") + 1] == "npu"
+    assert args[-3:] == ["--", "--dtype", "bfloat16"]
+    # A dry run only asked questions.
+    assert not [c for c in host.docker_calls() if c[0] in ("run", "rm", "stop")]
+    assert "would wait up to 1800 s" in result.stdout
+
+
+def test_one_npu_runs_a_single_server(host: Host) -> None:
+    host.add_npus(8)
+    result = host.run(env_devices := "--devices", "5", "--served-model-name", "qwen3-vl")
+    assert env_devices and result.returncode == 0, result.stderr
+    argv = docker_run_argv(result.stdout)
+    args = vlserve_args(argv, "vlserve:npu")
+    assert args[:3] == ["serve", "--model", "/models/model"]
+    assert args[args.index("--served-model-name") + 1] == "qwen3-vl"
+    assert [a for a in argv if "davinci" in a and a[-1].isdigit()] == [
+        f"--device={host.dev}/davinci5"
+    ]
+
+
+def test_cuda_uses_gpus_flag(host: Host) -> None:
+    host.gpus = 4
+    result = host.run("--devices", "0,2", PLATFORM="cuda")
+    assert result.returncode == 0, result.stderr
+    argv = docker_run_argv(result.stdout)
+    assert argv[argv.index("--gpus") + 1] == '"device=0,2"'
+    assert not [a for a in argv if a.startswith("--device=")]
+    args = vlserve_args(argv, "vlserve:cuda")
+    assert args[0] == "launch" and args[args.index("--device") + 1] == "cuda"
+
+
+def test_cpu_in_a_bridge_network_publishes_the_port(host: Host) -> None:
+    port = free_port()
+    result = host.run("--network", "bridge", "--port", str(port), "--test-data", "/mnt/td")
+    assert result.returncode == 0, result.stderr
+    argv = docker_run_argv(result.stdout)
+    assert argv[argv.index("-p") + 1] == f"{port}:{port}"
+    assert "/mnt/td:/data:ro" in argv
+    args = vlserve_args(argv, "vlserve:cpu")
+    assert args[0] == "serve" and args[args.index("--device") + 1] == "cpu"
+    assert args[args.index("--allowed-local-media-path") + 1] == "/data"
+
+
+def test_missing_tag_lists_the_tags_that_exist(host: Host) -> None:
+    host.images = [
+        "swr.example.com/vllm-npu/train:20260115",
+        "swr.example.com/vllm-npu/train:20251201",
+    ]
+    result = host.run("--platform", "cpu", "--image", "swr.example.com/vllm-npu/train:latest")
+    assert result.returncode == 1
+    assert "swr.example.com/vllm-npu/train:20260115" in result.stderr
+    assert "swr.example.com/vllm-npu/train:20251201" in result.stderr
+    untagged = host.run("--platform", "cpu", "--image", "swr.example.com/vllm-npu/train")
+    assert untagged.returncode == 1 and "has no tag" in untagged.stderr
+    assert "20260115" in untagged.stderr
+    nothing = host.run("--platform", "cpu", IMAGE="vlserve-ascend:0.1")
+    assert nothing.returncode == 1 and "build it" in nothing.stderr
+
+
+def test_npus_held_by_another_container_are_named(host: Host) -> None:
+    host.add_npus(8)
+    host.running = ["qwen3_vl_8b", "other"]
+    host.pids = {"qwen3_vl_8b": [4242], "other": [1]}
+    host.npu_processes = [(2, 4242, "python3"), (6, 5151, "train.py")]
+    result = host.run("--devices", "0-3")
+    assert result.returncode == 1
+    assert "NPU 2: pid 4242 (python3) in container qwen3_vl_8b" in result.stderr
+    assert "NPU 6" not in result.stderr  # not requested
+    assert "+ docker run" not in result.stdout
+
+    host_process = host.run("--devices", "6")
+    assert "NPU 6: pid 5151 (train.py) on the host" in host_process.stderr
+
+    assert host.run("--devices", "0,1").returncode == 0
+    forced = host.run("--devices", "0-3", "--ignore-busy")
+    assert forced.returncode == 0 and "+ docker run" in forced.stdout
+
+
+def test_npus_mapped_into_a_running_container_are_named(host: Host) -> None:
+    host.add_npus(8)
+    host.running = ["qwen3_vl_8b"]
+    host.devices = {"qwen3_vl_8b": ["/dev/davinci1", "/dev/davinci_manager"]}
+    result = host.run("--devices", "0-3")
+    assert result.returncode == 1
+    assert "NPU 1: mapped into running container qwen3_vl_8b" in result.stderr
+
+
+def test_gpu_holders_are_named(host: Host) -> None:
+    host.gpus = 2
+    result = host.run("--platform", "cuda")
+    assert result.returncode == 1
+    assert "GPU 1: pid 777 (/usr/bin/python3) on the host" in result.stderr
+
+
+def test_existing_container_needs_replace(host: Host) -> None:
+    host.existing = {"vlserve": "Up 2 hours"}
+    result = host.run("--platform", "cpu")
+    assert result.returncode == 1 and "already exists (Up 2 hours)" in result.stderr
+    replaced = host.run("--platform", "cpu", "--replace")
+    assert replaced.returncode == 0, replaced.stderr
+    assert "+ docker rm -f vlserve" in replaced.stdout
+
+
+def test_busy_port_is_refused(host: Host) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        result = host.run("--platform", "cpu", "--port", str(port))
+    assert result.returncode == 1 and f"port {port} is already in use" in result.stderr
+
+
+def test_bad_arguments_fail_clearly(host: Host) -> None:
+    host.add_npus(2)
+    assert "npu device 5 not found" in host.run("--devices", "5").stderr
+    assert "bad device list" in host.run("--devices", "x").stderr
+    assert "unknown option" in host.run("--bogus").stderr
+    assert "no cuda devices" in host.run("--platform", "cuda").stderr
+
+
+@pytest.mark.skipif(tool("shellcheck") is None, reason="shellcheck not installed")
+def test_shellcheck_clean() -> None:
+    scripts = sorted((REPO / "deploy").rglob("*.sh"))
+    assert SCRIPT in scripts
+    result = subprocess.run(
+        [tool("shellcheck") or "", *map(str, scripts)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout
+
+
+@pytest.mark.skipif(tool("hadolint") is None, reason="hadolint not installed")
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_hadolint_clean(dockerfile: Path) -> None:
+    result = subprocess.run(
+        [tool("hadolint") or "", str(dockerfile)], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stdout
+
+
+def test_dockerfiles_exist_and_ascend_requires_its_base_image() -> None:
+    names = {p.name for p in DOCKERFILES}
+    assert {"Dockerfile.cpu", "Dockerfile.cuda", "Dockerfile.ascend"} <= names
+    ascend = (REPO / "deploy" / "Dockerfile.ascend").read_text()
+    assert "ARG BASE_IMAGE\n" in ascend  # no default, so never a silent :latest
+    assert ":latest" not in ascend
+    assert os.access(SCRIPT, os.X_OK)
