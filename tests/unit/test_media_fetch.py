@@ -281,6 +281,21 @@ def test_redirects_are_followed_up_to_the_limit() -> None:
     run(scenario())
 
 
+def test_cookies_are_never_stored_or_sent() -> None:
+    async def scenario() -> None:
+        routes = {"/a.png": reply(200, png(), "Set-Cookie: session=secret; Path=/\r\n")}
+        async with Listener(routes) as listener:
+            loader = MediaLoader(TRUSTED)
+            try:
+                await loader.load(listener.url("/a.png"))
+                await loader.load(listener.url("/a.png"))
+            finally:
+                await loader.aclose()
+            assert [headers.get("cookie") for _, headers in listener.requests] == [None, None]
+
+    run(scenario())
+
+
 def test_http_errors_are_reported_with_their_status() -> None:
     async def scenario() -> None:
         async with Listener({"/gone": reply(410, b"gone")}) as listener:

@@ -63,6 +63,8 @@ def test_data_url_loads_as_rgb() -> None:
         ("gopher://x", "image URL scheme 'gopher' is not supported"),
         ("javascript:alert(1)", "image URL scheme 'javascript' is not supported"),
         ("relative/a.png", "not a valid image URL"),
+        (" http://example.com/a.png", "not a valid image URL"),
+        ("1http://example.com/a.png", "not a valid image URL"),
         ("C:\\images\\a.png", "image URL scheme 'c' is not supported"),
         ("http://", "not a valid image URL"),
         ("data:image/png;base64,%%%%", "not a valid base64 data URL"),

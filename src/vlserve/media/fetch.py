@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from urllib.parse import urljoin
 
 import httpcore
@@ -89,6 +90,8 @@ class ImageFetcher:
                 trust_env=False,
                 timeout=httpx.Timeout(self._config.fetch_timeout_s),
                 headers=_HEADERS,
+                # The client is shared by every request: never carry one user's cookies to another.
+                cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
             )
         return self._client
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -17,6 +18,8 @@ from vlserve.media.local import is_local_reference, read_local_file
 from vlserve.media.netguard import AddressPolicy, Resolver, system_resolver
 
 T = TypeVar("T")
+# RFC 3986 scheme, kept short: it is echoed in the error message.
+_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]{0,15}):")
 
 
 class MediaLoader:
@@ -45,7 +48,8 @@ class MediaLoader:
             raise MediaError("image URL must be a string")
         if not url:
             raise MediaError("image URL is empty")
-        scheme = url.split(":", 1)[0].lower() if ":" in url[:16] else ""
+        match = _SCHEME.match(url)
+        scheme = match.group(1).lower() if match else ""
         if scheme == "data":
             return await self._in_worker(self._decode_data_url, url)
         if scheme in ("http", "https"):
@@ -53,8 +57,9 @@ class MediaLoader:
             return await self._in_worker(decode_image, data, self.config)
         if is_local_reference(url):
             return await self._in_worker(self._decode_local_file, url)
-        shown = "".join(c for c in scheme[:16] if c.isalnum() or c in "+-.")
-        what = f"image URL scheme '{shown}' is not supported" if shown else "not a valid image URL"
+        what = (
+            f"image URL scheme '{scheme}' is not supported" if scheme else "not a valid image URL"
+        )
         raise MediaError(f"{what} (use a data: URL, http(s): URL or allowed local file)")
 
     async def load_many(self, urls: Sequence[str]) -> list[Image.Image]:
