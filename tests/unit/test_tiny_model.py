@@ -127,6 +127,8 @@ def test_cache_dir_comes_from_the_environment(
 
 
 def test_parallel_callers_share_one_build(tmp_path: Path) -> None:
+    stale = tmp_path / f".{cache_key(tied=False)}.died-mid-build"
+    stale.mkdir()
     results: list[Path] = []
     threads = [
         threading.Thread(target=lambda: results.append(ensure_tiny_model(cache_dir=tmp_path)))
@@ -138,7 +140,7 @@ def test_parallel_callers_share_one_build(tmp_path: Path) -> None:
         t.join()
     assert len(results) == 3 and len(set(results)) == 1
     dirs = [p for p in tmp_path.iterdir() if p.is_dir()]
-    assert dirs == [results[0]]  # one build landed; losers neither rebuilt nor left temp dirs
+    assert dirs == [results[0]]  # one build landed; stale and temp dirs are gone
 
 
 def test_weights_are_deterministic_per_seed(tiny_dir: Path, tmp_path: Path) -> None:

@@ -266,6 +266,9 @@ def ensure_tiny_model(*, tied: bool = False, cache_dir: Path | None = None) -> P
     with _file_lock(root / f"{final.name}.lock"):
         if final.is_dir():  # another process finished while we waited
             return final
+        # Temp dirs are only made under this lock, so any left are from a builder that died.
+        for stale in root.glob(f".{final.name}.*"):
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
         try:
             build_tiny_model(tmp, tied=tied)
