@@ -24,8 +24,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def png_data_url(width: int = 448, height: int = 448, color: tuple[int, int, int] = (200, 30, 30),
-                 fmt: str = "PNG") -> str:
+def png_data_url(
+    width: int = 448,
+    height: int = 448,
+    color: tuple[int, int, int] = (200, 30, 30),
+    fmt: str = "PNG",
+) -> str:
     from PIL import Image
 
     image = Image.new("RGB", (width, height), color)
@@ -49,8 +53,9 @@ class ServerProcess:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
 
-def start_server(model_path: Path, tmp: Path, *extra: str, name: str = "tiny-qwen3-vl",
-                 timeout_s: float = 240.0) -> ServerProcess:
+def start_server(
+    model_path: Path, tmp: Path, *extra: str, name: str = "tiny-qwen3-vl", timeout_s: float = 240.0
+) -> ServerProcess:
     """Start `vlserve serve` on a free port and wait until /health says ready."""
     import httpx
 
@@ -59,10 +64,25 @@ def start_server(model_path: Path, tmp: Path, *extra: str, name: str = "tiny-qwe
     media_dir.mkdir(parents=True, exist_ok=True)
     log_path = tmp / f"server-{port}.log"
     cmd = [
-        sys.executable, "-m", "vlserve", "serve", "--model", str(model_path), "--host",
-        "127.0.0.1", "--port", str(port), "--served-model-name", name, "alias-model",
-        "--device", "cpu", "--allowed-local-media-path", str(media_dir),
-        "--allow-private-media-urls", *extra,
+        sys.executable,
+        "-m",
+        "vlserve",
+        "serve",
+        "--model",
+        str(model_path),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--served-model-name",
+        name,
+        "alias-model",
+        "--device",
+        "cpu",
+        "--allowed-local-media-path",
+        str(media_dir),
+        "--allow-private-media-urls",
+        *extra,
     ]
     log = log_path.open("wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp)
@@ -98,7 +118,16 @@ def tiny_model_path() -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+def tiny_tokenizer(tiny_model_path: Path):  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_path)
+
+
+@pytest.fixture(scope="session")
+def server(
+    tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
     srv = start_server(tiny_model_path, tmp_path_factory.mktemp("server"))
     yield srv
     stop_server(srv)
@@ -108,8 +137,9 @@ def server(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> I
 def client(server: ServerProcess):  # type: ignore[no-untyped-def]
     import openai
 
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="unused", max_retries=0,
-                         timeout=120)
+    return openai.OpenAI(
+        base_url=server.base_url + "/v1", api_key="unused", max_retries=0, timeout=120
+    )
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -15,7 +15,10 @@ from collections.abc import Sequence
 # subcommand -> (module with add_arguments/run, one-line help)
 _COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("vlserve.api.cli", "serve a Qwen3-VL model behind an OpenAI-compatible API"),
-    "bench": ("vlserve.bench.cli", "benchmark OpenAI-compatible chat endpoints with JSONL datasets"),
+    "bench": (
+        "vlserve.bench.cli",
+        "benchmark OpenAI-compatible chat endpoints with JSONL datasets",
+    ),
     "make-tiny-model": ("vlserve.testing.cli", "write a tiny random-weights Qwen3-VL checkpoint"),
     "launch": ("vlserve.launch.cli", "one server per device behind an nginx load balancer"),
 }

@@ -31,7 +31,9 @@ class ServerConfig:
         if self.device not in ("auto", "npu", "cuda", "cpu"):
             raise ValueError(f"device must be auto, npu, cuda or cpu, got {self.device!r}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
-            raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+            raise ValueError(
+                f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}"
+            )
         if self.default_max_tokens < 1:
             raise ValueError("default_max_tokens must be at least 1")
         if self.request_timeout_s <= 0 or self.shutdown_timeout_s < 0:

@@ -18,8 +18,10 @@ def _post(server: ServerProcess, body: object, **kwargs) -> httpx.Response:
 
 
 def _ok_after(server: ServerProcess) -> None:
-    r = _post(server, {"model": server.model, "messages": [{"role": "user", "content": "hi"}],
-                       "max_tokens": 2})
+    r = _post(
+        server,
+        {"model": server.model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+    )
     assert r.status_code == 200, r.text
 
 
@@ -34,37 +36,97 @@ def _image(url: str) -> list[dict]:
 CASES = [
     ("unknown model", {"model": "nope", "messages": _msg("hi")}, 404, "model"),
     ("no messages", {"model": "M", "messages": []}, 400, "messages"),
-    ("bad role", {"model": "M", "messages": [{"role": "tool", "content": "x"}]}, 400,
-     "messages[0].role"),
+    (
+        "bad role",
+        {"model": "M", "messages": [{"role": "tool", "content": "x"}]},
+        400,
+        "messages[0].role",
+    ),
     ("unknown field", {"model": "M", "messages": _msg("hi"), "frobnicate": 1}, 400, "frobnicate"),
     ("n > 1", {"model": "M", "messages": _msg("hi"), "n": 2}, 400, "n"),
     ("logprobs", {"model": "M", "messages": _msg("hi"), "logprobs": True}, 400, "logprobs"),
-    ("tools", {"model": "M", "messages": _msg("hi"), "tools": [{"type": "function"}]}, 400, "tools"),
-    ("negative max_tokens", {"model": "M", "messages": _msg("hi"), "max_tokens": -1}, 400,
-     "max_tokens"),
-    ("temperature too high", {"model": "M", "messages": _msg("hi"), "temperature": 5}, 400,
-     "temperature"),
-    ("max_tokens beyond context", {"model": "M", "messages": _msg("hi"), "max_tokens": 10**7}, 400,
-     "max_tokens"),
-    ("stop token out of vocab", {"model": "M", "messages": _msg("hi"), "stop_token_ids": [10**9]},
-     400, "stop_token_ids"),
+    (
+        "tools",
+        {"model": "M", "messages": _msg("hi"), "tools": [{"type": "function"}]},
+        400,
+        "tools",
+    ),
+    (
+        "negative max_tokens",
+        {"model": "M", "messages": _msg("hi"), "max_tokens": -1},
+        400,
+        "max_tokens",
+    ),
+    (
+        "temperature too high",
+        {"model": "M", "messages": _msg("hi"), "temperature": 5},
+        400,
+        "temperature",
+    ),
+    (
+        "max_tokens beyond context",
+        {"model": "M", "messages": _msg("hi"), "max_tokens": 10**7},
+        400,
+        "max_tokens",
+    ),
+    (
+        "stop token out of vocab",
+        {"model": "M", "messages": _msg("hi"), "stop_token_ids": [10**9]},
+        400,
+        "stop_token_ids",
+    ),
     ("unknown part type", {"model": "M", "messages": _msg([{"type": "input_audio"}])}, 400, None),
-    ("image in system", {"model": "M", "messages": [
-        {"role": "system", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]},
-        {"role": "user", "content": "hi"}]}, 400, "messages[0].content[0]"),
-    ("garbage base64", {"model": "M", "messages": _image("data:image/png;base64,!!!notbase64")},
-     400, None),
-    ("not an image", {"model": "M", "messages": _image(
-        "data:image/png;base64," + base64.b64encode(b"hello world, no png here").decode())}, 400, None),
-    ("unsupported scheme", {"model": "M", "messages": _image("ftp://example.com/a.png")}, 400, None),
-    ("local file outside allowed dir", {"model": "M", "messages": _image("file:///etc/passwd")}, 400,
-     None),
+    (
+        "image in system",
+        {
+            "model": "M",
+            "messages": [
+                {
+                    "role": "system",
+                    "content": [{"type": "image_url", "image_url": {"url": "data:,"}}],
+                },
+                {"role": "user", "content": "hi"},
+            ],
+        },
+        400,
+        "messages[0].content[0]",
+    ),
+    (
+        "garbage base64",
+        {"model": "M", "messages": _image("data:image/png;base64,!!!notbase64")},
+        400,
+        None,
+    ),
+    (
+        "not an image",
+        {
+            "model": "M",
+            "messages": _image(
+                "data:image/png;base64," + base64.b64encode(b"hello world, no png here").decode()
+            ),
+        },
+        400,
+        None,
+    ),
+    (
+        "unsupported scheme",
+        {"model": "M", "messages": _image("ftp://example.com/a.png")},
+        400,
+        None,
+    ),
+    (
+        "local file outside allowed dir",
+        {"model": "M", "messages": _image("file:///etc/passwd")},
+        400,
+        None,
+    ),
 ]
 
 
 @pytest.mark.parametrize(("name", "body", "status", "param"), CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_openai_shaped(server: ServerProcess, name: str, body: dict, status: int,
-                                    param: str | None) -> None:
+def test_bad_input_is_openai_shaped(
+    server: ServerProcess, name: str, body: dict, status: int, param: str | None
+) -> None:
     if body.get("model") == "M":
         body = {**body, "model": server.model}
     r = _post(server, body)
@@ -79,8 +141,11 @@ def test_bad_input_is_openai_shaped(server: ServerProcess, name: str, body: dict
 
 
 def test_malformed_json_body(server: ServerProcess) -> None:
-    r = httpx.post(server.base_url + "/v1/chat/completions", content=b"{not json",
-                   headers={"content-type": "application/json"})
+    r = httpx.post(
+        server.base_url + "/v1/chat/completions",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+    )
     assert r.status_code == 400
     assert r.json()["error"]["type"] == "invalid_request_error"
     _ok_after(server)
@@ -96,7 +161,9 @@ def test_openai_client_raises_typed_errors(client: openai.OpenAI, server: Server
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=_msg("hi"))
     with pytest.raises(openai.BadRequestError) as info:
-        client.chat.completions.create(model=server.model, messages=_image("data:image/png;base64,AAAA"))
+        client.chat.completions.create(
+            model=server.model, messages=_image("data:image/png;base64,AAAA")
+        )
     assert info.value.body["type"] == "invalid_request_error"  # type: ignore[index]
     _ok_after(server)
 
@@ -104,7 +171,9 @@ def test_openai_client_raises_typed_errors(client: openai.OpenAI, server: Server
 def test_local_file_below_allowed_path(server: ServerProcess) -> None:
     path = server.media_dir / "red.png"
     path.write_bytes(base64.b64decode(png_data_url().split(",", 1)[1]))
-    r = _post(server, {"model": server.model, "messages": _image(f"file://{path}"), "max_tokens": 2})
+    r = _post(
+        server, {"model": server.model, "messages": _image(f"file://{path}"), "max_tokens": 2}
+    )
     assert r.status_code == 200, r.text
     assert r.json()["usage"]["prompt_tokens"] > 196
 
@@ -135,8 +204,9 @@ def test_image_over_http(server: ServerProcess) -> None:
         url = f"http://127.0.0.1:{httpd.server_address[1]}/red.png"
         r = _post(server, {"model": server.model, "messages": _image(url), "max_tokens": 2})
         assert r.status_code == 200, r.text
-        missing = _post(server, {"model": server.model, "messages": _image(url + "-gone"),
-                                 "max_tokens": 2})
+        missing = _post(
+            server, {"model": server.model, "messages": _image(url + "-gone"), "max_tokens": 2}
+        )
         assert missing.status_code == 400
         assert "404" in missing.json()["error"]["message"]
     finally:

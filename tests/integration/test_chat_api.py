@@ -50,7 +50,9 @@ def test_text_string_content_and_usage(client: openai.OpenAI, server: ServerProc
     assert r.usage.total_tokens == 40
 
 
-def test_ids_are_unique_and_alias_and_path_accepted(client: openai.OpenAI, server: ServerProcess) -> None:
+def test_ids_are_unique_and_alias_and_path_accepted(
+    client: openai.OpenAI, server: ServerProcess
+) -> None:
     ids = set()
     for name in (server.model, "alias-model", str(server.model_path)):
         r = client.chat.completions.create(
@@ -84,12 +86,19 @@ def test_one_and_several_images(client: openai.OpenAI, server: ServerProcess) ->
     assert two.choices[0].message.content != one.choices[0].message.content
 
 
-def test_multi_turn_with_system_uses_every_turn(client: openai.OpenAI, server: ServerProcess) -> None:
+def test_multi_turn_with_system_uses_every_turn(
+    client: openai.OpenAI, server: ServerProcess
+) -> None:
     base = [{"role": "user", "content": "Hello"}]
     turns = [
         {"role": "system", "content": "You are terse."},
-        {"role": "user", "content": [{"type": "text", "text": "Look"},
-                                     {"type": "image_url", "image_url": {"url": png_data_url()}}]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "Look"},
+                {"type": "image_url", "image_url": {"url": png_data_url()}},
+            ],
+        },
         {"role": "assistant", "content": "A red square."},
         {"role": "user", "content": "And now?"},
     ]
@@ -102,10 +111,15 @@ def test_multi_turn_with_system_uses_every_turn(client: openai.OpenAI, server: S
 
 
 @pytest.mark.parametrize("prompt", ["Hello", "你好，世界", "Emoji 🎉🚀 time", "Describe"])
-def test_stream_deltas_equal_non_streamed_text(client: openai.OpenAI, server: ServerProcess,
-                                               prompt: str) -> None:
-    kwargs = {"model": server.model, "messages": _user(prompt, png_data_url()), "temperature": 0,
-              "max_tokens": 40}
+def test_stream_deltas_equal_non_streamed_text(
+    client: openai.OpenAI, server: ServerProcess, prompt: str
+) -> None:
+    kwargs = {
+        "model": server.model,
+        "messages": _user(prompt, png_data_url()),
+        "temperature": 0,
+        "max_tokens": 40,
+    }
     full = client.chat.completions.create(**kwargs)
     text, chunks, _ = _stream_text(client, **kwargs)
     assert text == full.choices[0].message.content
@@ -116,8 +130,13 @@ def test_stream_deltas_equal_non_streamed_text(client: openai.OpenAI, server: Se
 
 
 def test_stream_include_usage_and_done(server: ServerProcess) -> None:
-    body = {"model": server.model, "messages": [{"role": "user", "content": "Hi"}],
-            "max_tokens": 5, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": server.model,
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 5,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     with httpx.stream("POST", server.base_url + "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
@@ -130,8 +149,12 @@ def test_stream_include_usage_and_done(server: ServerProcess) -> None:
 
 
 def test_stop_string_gives_stop_and_truncates(client: openai.OpenAI, server: ServerProcess) -> None:
-    kwargs = {"model": server.model, "messages": _user("Tell me a story"), "temperature": 0,
-              "max_tokens": 30}
+    kwargs = {
+        "model": server.model,
+        "messages": _user("Tell me a story"),
+        "temperature": 0,
+        "max_tokens": 30,
+    }
     text = client.chat.completions.create(**kwargs).choices[0].message.content
     stop = text[len(text) // 2 : len(text) // 2 + 3]
     cut = text[: text.find(stop)]
@@ -150,23 +173,32 @@ def test_stop_token_ids(client: openai.OpenAI, server: ServerProcess) -> None:
     kwargs = {"model": server.model, "messages": _user("Go"), "temperature": 0}
     first = client.chat.completions.create(max_tokens=1, **kwargs).choices[0].message.content
     ids = tok.encode(first, add_special_tokens=False)
-    r = client.chat.completions.create(max_tokens=10, extra_body={"stop_token_ids": ids[:1]},
-                                       **kwargs)
+    r = client.chat.completions.create(
+        max_tokens=10, extra_body={"stop_token_ids": ids[:1]}, **kwargs
+    )
     assert r.choices[0].finish_reason == "stop"
     assert r.usage.completion_tokens == 1
 
 
 def test_ignore_eos_and_max_completion_tokens(client: openai.OpenAI, server: ServerProcess) -> None:
     r = client.chat.completions.create(
-        model=server.model, messages=_user("Hi"), max_completion_tokens=7, temperature=0,
+        model=server.model,
+        messages=_user("Hi"),
+        max_completion_tokens=7,
+        temperature=0,
         extra_body={"ignore_eos": True},
     )
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 7
 
 
 def test_seeded_sampling_is_reproducible(client: openai.OpenAI, server: ServerProcess) -> None:
-    kwargs = {"model": server.model, "messages": _user("Once upon a time"), "temperature": 1.0,
-              "top_p": 0.95, "max_tokens": 24}
+    kwargs = {
+        "model": server.model,
+        "messages": _user("Once upon a time"),
+        "temperature": 1.0,
+        "top_p": 0.95,
+        "max_tokens": 24,
+    }
     a = client.chat.completions.create(seed=1234, **kwargs).choices[0].message.content
     b = client.chat.completions.create(seed=1234, **kwargs).choices[0].message.content
     c = client.chat.completions.create(seed=999, **kwargs).choices[0].message.content
@@ -178,8 +210,14 @@ def test_seeded_sampling_is_reproducible(client: openai.OpenAI, server: ServerPr
 
 def test_sampling_parameters_accepted(client: openai.OpenAI, server: ServerProcess) -> None:
     r = client.chat.completions.create(
-        model=server.model, messages=_user("Hi"), max_tokens=8, temperature=0.7, top_p=0.9,
-        presence_penalty=0.5, frequency_penalty=0.5, user="someone",
+        model=server.model,
+        messages=_user("Hi"),
+        max_tokens=8,
+        temperature=0.7,
+        top_p=0.9,
+        presence_penalty=0.5,
+        frequency_penalty=0.5,
+        user="someone",
         extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1},
     )
     assert r.usage.completion_tokens == 8

@@ -22,7 +22,23 @@ from vlserve.engine.scheduler import SchedulerConfig
 
 pytestmark = pytest.mark.integration
 
-WORDS = "the quick brown fox jumps over a lazy dog 你好 世界 🎉 image picture scene".split()
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "你好",
+    "世界",
+    "🎉",
+    "image",
+    "picture",
+    "scene",
+]
 SIZES = [(448, 448), (224, 320), (640, 360), (96, 160)]
 
 
@@ -31,8 +47,10 @@ def _image(rng: random.Random, size: tuple[int, int]):  # type: ignore[no-untype
 
     image = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))
     for _ in range(200):
-        image.putpixel((rng.randrange(size[0]), rng.randrange(size[1])),
-                       tuple(rng.randrange(256) for _ in range(3)))
+        image.putpixel(
+            (rng.randrange(size[0]), rng.randrange(size[1])),
+            tuple(rng.randrange(256) for _ in range(3)),
+        )
     return image
 
 
@@ -40,8 +58,10 @@ def _messages(rng: random.Random) -> list[dict]:
     text = " ".join(rng.choice(WORDS) for _ in range(rng.randrange(1, 60)))
     parts: list[dict] = [{"type": "text", "text": text}]
     for _ in range(rng.choice([0, 0, 1, 1, 2])):
-        parts.insert(rng.randrange(len(parts) + 1),
-                     {"type": "image", "image": _image(rng, rng.choice(SIZES))})
+        parts.insert(
+            rng.randrange(len(parts) + 1),
+            {"type": "image", "image": _image(rng, rng.choice(SIZES))},
+        )
     messages = [{"role": "user", "content": parts}]
     if rng.random() < 0.3:
         messages.insert(0, {"role": "system", "content": [{"type": "text", "text": "Be brief."}]})
@@ -51,20 +71,26 @@ def _messages(rng: random.Random) -> list[dict]:
 async def _drive(engine: AsyncEngine, rng: random.Random, count: int):  # type: ignore[no-untyped-def]
     plans = []
     for i in range(count):
-        plans.append({
-            "messages": _messages(rng),
-            "max_tokens": rng.randrange(3, 28),
-            "delay_s": rng.random() * 0.8,
-            "cancel_after": rng.randrange(1, 4) if rng.random() < 0.2 else None,
-            "id": f"r{i}",
-        })
+        plans.append(
+            {
+                "messages": _messages(rng),
+                "max_tokens": rng.randrange(3, 28),
+                "delay_s": rng.random() * 0.8,
+                "cancel_after": rng.randrange(1, 4) if rng.random() < 0.2 else None,
+                "id": f"r{i}",
+            }
+        )
 
     async def one(plan: dict) -> tuple[dict, dict, list[int], bool]:
         await asyncio.sleep(plan["delay_s"])
         inputs = await engine.prepare(plan["messages"])
         reference_inputs = dict(inputs)
-        req = GenerationRequest(plan["id"], inputs, inputs["input_ids"][0].tolist(),
-                                SamplingParams(max_tokens=plan["max_tokens"], temperature=0))
+        req = GenerationRequest(
+            plan["id"],
+            inputs,
+            inputs["input_ids"][0].tolist(),
+            SamplingParams(max_tokens=plan["max_tokens"], temperature=0),
+        )
         tokens: list[int] = []
         stream = engine.submit(req)
         cancelled = False
@@ -103,10 +129,17 @@ def test_batched_greedy_equals_generate(tiny_model_path: Path) -> None:
     assert engine.num_running == 0 and engine.num_waiting == 0
     for plan, inputs, tokens, cancelled in results:
         with torch.inference_mode():
-            out = model.generate(**inputs, max_new_tokens=plan["max_tokens"], do_sample=False,
-                                 eos_token_id=eos, pad_token_id=eos[0], top_k=None, top_p=None,
-                                 temperature=None)
-        expected = out[0, inputs["input_ids"].shape[1]:].tolist()
+            out = model.generate(
+                **inputs,
+                max_new_tokens=plan["max_tokens"],
+                do_sample=False,
+                eos_token_id=eos,
+                pad_token_id=eos[0],
+                top_k=None,
+                top_p=None,
+                temperature=None,
+            )
+        expected = out[0, inputs["input_ids"].shape[1] :].tolist()
         where = f"seed {seed}, request {plan['id']} ({'cancelled' if cancelled else 'complete'})"
         if cancelled:
             assert tokens == expected[: len(tokens)], where

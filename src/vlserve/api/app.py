@@ -61,5 +61,6 @@ async def _when_ready(engine: AsyncEngine, state: ServerState, config: ServerCon
     state.defaults = SamplingDefaults.from_generation_config(
         runner.generation_config, config.default_max_tokens
     )
-    log.info("ready: serving %s on http://%s:%d", ", ".join(config.model_names), config.host,
-             config.port)
+    log.info(
+        "ready: serving %s on http://%s:%d", ", ".join(config.model_names), config.host, config.port
+    )

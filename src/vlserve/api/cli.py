@@ -22,48 +22,98 @@ def _env(name: str, default: str | None = None) -> str | None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     m = p.add_argument_group("model")
-    m.add_argument("--model", default=_env("MODEL_PATH", "/mnt/model_weights"),
-                   help="checkpoint directory (env MODEL_PATH)")
-    m.add_argument("--served-model-name", nargs="+", default=None, metavar="NAME",
-                   help="name(s) clients use; the first is listed first (env MODEL_ID; default: "
-                        "the model path, which is always accepted too)")
-    m.add_argument("--device", default=_env("DEVICE", "auto"),
-                   choices=["auto", "npu", "cuda", "cpu"],
-                   help="auto prefers npu, then cuda, then cpu (env DEVICE)")
-    m.add_argument("--dtype", default=_env("VLSERVE_DTYPE", "auto"),
-                   choices=["auto", "bfloat16", "float16", "float32"],
-                   help="auto: bfloat16 on accelerators, float32 on cpu")
-    m.add_argument("--default-max-tokens", type=int, default=2048,
-                   help="max_tokens when a request gives none (capped by the context)")
+    m.add_argument(
+        "--model",
+        default=_env("MODEL_PATH", "/mnt/model_weights"),
+        help="checkpoint directory (env MODEL_PATH)",
+    )
+    m.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="name(s) clients use; the first is listed first (env MODEL_ID; default: "
+        "the model path, which is always accepted too)",
+    )
+    m.add_argument(
+        "--device",
+        default=_env("DEVICE", "auto"),
+        choices=["auto", "npu", "cuda", "cpu"],
+        help="auto prefers npu, then cuda, then cpu (env DEVICE)",
+    )
+    m.add_argument(
+        "--dtype",
+        default=_env("VLSERVE_DTYPE", "auto"),
+        choices=["auto", "bfloat16", "float16", "float32"],
+        help="auto: bfloat16 on accelerators, float32 on cpu",
+    )
+    m.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=2048,
+        help="max_tokens when a request gives none (capped by the context)",
+    )
     s = p.add_argument_group("server")
     s.add_argument("--host", default=_env("SERVER_HOST", "0.0.0.0"), help="env SERVER_HOST")
-    s.add_argument("--port", type=int, default=int(_env("SERVER_PORT", "9000") or 9000),
-                   help="env SERVER_PORT")
-    s.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
-                   help="a request still unfinished after this fails with 504")
-    s.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="SECONDS",
-                   help="on SIGTERM, how long in-flight requests may finish")
-    s.add_argument("--log-level", default="info",
-                   choices=["critical", "error", "warning", "info", "debug"])
+    s.add_argument(
+        "--port", type=int, default=int(_env("SERVER_PORT", "9000") or 9000), help="env SERVER_PORT"
+    )
+    s.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="a request still unfinished after this fails with 504",
+    )
+    s.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="on SIGTERM, how long in-flight requests may finish",
+    )
+    s.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
     b = p.add_argument_group("batching")
     b.add_argument("--max-num-seqs", type=int, default=16, help="requests decoded together")
-    b.add_argument("--max-num-batched-tokens", type=int, default=65536,
-                   help="KV budget: sum of prompt + max_tokens over running requests")
-    b.add_argument("--max-queue", type=int, default=256,
-                   help="waiting requests beyond which new ones get 429")
+    b.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=65536,
+        help="KV budget: sum of prompt + max_tokens over running requests",
+    )
+    b.add_argument(
+        "--max-queue", type=int, default=256, help="waiting requests beyond which new ones get 429"
+    )
     i = p.add_argument_group("images")
-    i.add_argument("--max-image-pixels", type=int,
-                   default=int(_env("MAX_IMAGE_PIXELS", "2621440") or 2621440),
-                   help="larger images are downsized to this many pixels (env MAX_IMAGE_PIXELS)")
+    i.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=int(_env("MAX_IMAGE_PIXELS", "2621440") or 2621440),
+        help="larger images are downsized to this many pixels (env MAX_IMAGE_PIXELS)",
+    )
     i.add_argument("--max-images-per-request", type=int, default=16)
     i.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024)
     i.add_argument("--image-fetch-timeout", type=float, default=10.0, metavar="SECONDS")
-    i.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
-                   help="serve file:// and absolute-path images from below DIR only (off by default)")
-    i.add_argument("--allowed-media-domains", nargs="+", default=(), metavar="DOMAIN",
-                   help="only fetch image URLs from these hosts (and their subdomains)")
-    i.add_argument("--allow-private-media-urls", action="store_true",
-                   help="let image URLs reach loopback/private addresses (trusted networks only)")
+    i.add_argument(
+        "--allowed-local-media-path",
+        default=None,
+        metavar="DIR",
+        help="serve file:// and absolute-path images from below DIR only (off by default)",
+    )
+    i.add_argument(
+        "--allowed-media-domains",
+        nargs="+",
+        default=(),
+        metavar="DOMAIN",
+        help="only fetch image URLs from these hosts (and their subdomains)",
+    )
+    i.add_argument(
+        "--allow-private-media-urls",
+        action="store_true",
+        help="let image URLs reach loopback/private addresses (trusted networks only)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -133,14 +183,16 @@ def serve(config: ServerConfig) -> int:
     engine = AsyncEngine(
         EngineConfig(config.model_path, config.scheduler, config.request_timeout_s), device
     )
-    server = uvicorn.Server(uvicorn.Config(
-        create_app(config, engine),
-        host=config.host,
-        port=config.port,
-        log_level=config.log_level,
-        timeout_graceful_shutdown=int(config.shutdown_timeout_s),
-        access_log=False,
-    ))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(config, engine),
+            host=config.host,
+            port=config.port,
+            log_level=config.log_level,
+            timeout_graceful_shutdown=int(config.shutdown_timeout_s),
+            access_log=False,
+        )
+    )
     fatal: list[BaseException] = []
 
     def on_fatal(exc: BaseException) -> None:

@@ -54,8 +54,10 @@ def check_supported(req: ChatCompletionRequest) -> None:
         _unsupported("tools", "tool calling is not supported")
     if req.tool_choice not in (None, "none", "auto"):
         _unsupported("tool_choice", "tool calling is not supported")
-    if req.max_tokens is not None and req.max_completion_tokens is not None and (
-        req.max_tokens != req.max_completion_tokens
+    if (
+        req.max_tokens is not None
+        and req.max_completion_tokens is not None
+        and (req.max_tokens != req.max_completion_tokens)
     ):
         raise InvalidRequestError(
             "max_tokens and max_completion_tokens disagree; send only one", param="max_tokens"
@@ -111,7 +113,9 @@ def to_sampling(
         top_k=top_k,
         min_p=defaults.min_p if req.min_p is None else req.min_p,
         repetition_penalty=(
-            defaults.repetition_penalty if req.repetition_penalty is None else req.repetition_penalty
+            defaults.repetition_penalty
+            if req.repetition_penalty is None
+            else req.repetition_penalty
         ),
         presence_penalty=req.presence_penalty or 0.0,
         frequency_penalty=req.frequency_penalty or 0.0,

@@ -42,23 +42,32 @@ def response_for(exc: VLServeError) -> JSONResponse:
     return JSONResponse(body_for(exc), status_code=exc.status, headers=headers)
 
 
+_TYPE_TAGS = {"str", "int", "float", "bool", "none"}
+_PART_TAGS = {"text", "image_url"}  # discriminator values pydantic puts after a list index
+
+
 def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
-    """('body', 'messages', 0, 'content', 1, 'image_url', 'url') → 'messages[0].content[1].image_url.url'."""
-    parts = [p for p in loc if p != "body"]
-    # Pydantic adds the tag of a union member (e.g. 'list[...]', 'text'); keep field names only.
+    """('body', 'messages', 0, 'content', 'list[...]', 1, 'image_url', 'image_url', 'url')
+    → 'messages[0].content[1].image_url.url': field names only, union tags dropped."""
     out = ""
-    for p in parts:
-        if isinstance(p, int):
-            out += f"[{p}]"
-        elif isinstance(p, str) and ("[" in p or p in ("str", "text", "image_url") and out.endswith("]")):
-            continue
-        else:
-            out += f".{p}" if out else str(p)
+    prev: Any = None
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not (
+            part == "body"
+            or "[" in part
+            or part in _TYPE_TAGS
+            or (isinstance(prev, int) and part in _PART_TAGS)
+        ):
+            out += f".{part}" if out else part
+        prev = part
     return out or None
 
 
 def validation_error(exc: RequestValidationError) -> JSONResponse:
-    errors = exc.errors()
+    # Of a union's several failures, the deepest one says what is wrong.
+    errors = sorted(exc.errors(), key=lambda e: len(e.get("loc", ())), reverse=True)
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
     param = _loc_to_param(tuple(first.get("loc", ())))
     if first.get("type") == "extra_forbidden":

@@ -50,14 +50,16 @@ async def health(request: Request) -> Response:
         status = 503
         body = {"status": engine.state.value}
         return JSONResponse(body, status_code=status, headers={"Retry-After": "5"})
-    return JSONResponse({
-        "status": "ok",
-        "model": state.listed_names[0],
-        "device": engine.device.type,
-        "dtype": engine.device.dtype_name,
-        "running": engine.num_running,
-        "waiting": engine.num_waiting,
-    })
+    return JSONResponse(
+        {
+            "status": "ok",
+            "model": state.listed_names[0],
+            "device": engine.device.type,
+            "dtype": engine.device.dtype_name,
+            "running": engine.num_running,
+            "waiting": engine.num_waiting,
+        }
+    )
 
 
 @router.get("/v1/models", response_model=p.ModelList)
@@ -66,8 +68,12 @@ async def list_models(request: Request) -> p.ModelList:
     runner = state.engine.runner
     max_len = runner.max_model_len if runner is not None else None
     cards = [
-        p.ModelCard(id=name, created=state.started, root=state.engine.config.model_path,
-                    max_model_len=max_len)
+        p.ModelCard(
+            id=name,
+            created=state.started,
+            root=state.engine.config.model_path,
+            max_model_len=max_len,
+        )
         for name in state.listed_names
     ]
     return p.ModelList(data=cards)
@@ -76,8 +82,12 @@ async def list_models(request: Request) -> p.ModelList:
 @router.post(
     "/v1/chat/completions",
     response_model=p.ChatCompletion,
-    responses={400: {"model": p.ErrorResponse}, 404: {"model": p.ErrorResponse},
-               429: {"model": p.ErrorResponse}, 503: {"model": p.ErrorResponse}},
+    responses={
+        400: {"model": p.ErrorResponse},
+        404: {"model": p.ErrorResponse},
+        429: {"model": p.ErrorResponse},
+        503: {"model": p.ErrorResponse},
+    },
 )
 async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Response:
     state = _state(request)
@@ -94,8 +104,11 @@ async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> R
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         stream = _sse(events, completion_id, body.model, include_usage)
-        return StreamingResponse(stream, media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            stream,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     return await _complete(events, completion_id, body.model, request)
 
 
@@ -158,8 +171,13 @@ async def _complete(
         id=completion_id,
         created=int(time.time()),
         model=model,
-        choices=[p.Choice(index=0, message=p.AssistantMessage(content=text),
-                          finish_reason=last.finish_reason.value)],  # type: ignore[union-attr, arg-type]
+        choices=[
+            p.Choice(
+                index=0,
+                message=p.AssistantMessage(content=text),
+                finish_reason=last.finish_reason.value,
+            )
+        ],  # type: ignore[union-attr, arg-type]
         usage=_usage(last),
     )
     return Response(completion.model_dump_json(), media_type="application/json")
@@ -181,10 +199,14 @@ async def _sse(
     created = int(time.time())
 
     def chunk(delta: p.Delta, finish: str | None = None) -> bytes:
-        return frame(p.ChatCompletionChunk(
-            id=completion_id, created=created, model=model,
-            choices=[p.ChunkChoice(index=0, delta=delta, finish_reason=finish)],  # type: ignore[arg-type]
-        ))
+        return frame(
+            p.ChatCompletionChunk(
+                id=completion_id,
+                created=created,
+                model=model,
+                choices=[p.ChunkChoice(index=0, delta=delta, finish_reason=finish)],  # type: ignore[arg-type]
+            )
+        )
 
     try:
         yield chunk(p.Delta(role="assistant", content=""))
@@ -196,8 +218,15 @@ async def _sse(
             _raise_if_failed(event)
             yield chunk(p.Delta(), event.finish_reason.value)  # type: ignore[union-attr]
             if include_usage:
-                yield frame(p.ChatCompletionChunk(id=completion_id, created=created, model=model,
-                                                  choices=[], usage=_usage(event)))
+                yield frame(
+                    p.ChatCompletionChunk(
+                        id=completion_id,
+                        created=created,
+                        model=model,
+                        choices=[],
+                        usage=_usage(event),
+                    )
+                )
         yield DONE
     except VLServeError as exc:
         yield frame(body_for(exc))

@@ -83,7 +83,9 @@ def resolve_device(requested: str = "auto", dtype: str = "auto") -> DeviceInfo:
         ok, why = _npu_status() if requested == "npu" else _cuda_status()
         if not ok:
             raise DeviceUnavailableError(f"--device {requested} was requested but {why}")
-    chosen = _DTYPES[dtype] if dtype != "auto" else (torch.float32 if kind == "cpu" else torch.bfloat16)
+    chosen = (
+        _DTYPES[dtype] if dtype != "auto" else (torch.float32 if kind == "cpu" else torch.bfloat16)
+    )
     info = DeviceInfo(type=kind, dtype=chosen)
     if kind != "cpu":
         _probe(info)

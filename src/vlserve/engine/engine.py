@@ -157,8 +157,12 @@ class AsyncEngine:
             self.runner = ModelRunner(self.config.model_path, self.device)
             self._warm_up(self.runner)
             self.state = EngineState.READY
-            log.info("engine ready: %s on %s (%s)", self.config.model_path, self.device.type,
-                     self.device.dtype_name)
+            log.info(
+                "engine ready: %s on %s (%s)",
+                self.config.model_path,
+                self.device.type,
+                self.device.dtype_name,
+            )
         except BaseException as exc:
             self._die(exc, "failed to load the model")
             return
@@ -196,8 +200,12 @@ class AsyncEngine:
         from PIL import Image
 
         image = Image.new("RGB", (64, 64), (127, 127, 127))
-        messages = [{"role": "user", "content": [{"type": "image", "image": image},
-                                                 {"type": "text", "text": "warm up"}]}]
+        messages = [
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": image}, {"type": "text", "text": "warm up"}],
+            }
+        ]
         result = runner.prefill(runner.prepare(messages))
         batch = DecodeBatch(self.device.torch_device)
         batch.add(result, result.kv[0][0].shape[-2])
@@ -210,8 +218,13 @@ class AsyncEngine:
             if seq.aborted:
                 self._finish(seq, FinishReason.ABORT)
             elif now > seq.deadline:
-                self._finish(seq, FinishReason.ERROR, RequestTimeoutError(
-                    f"request exceeded the server's {self.config.request_timeout_s:g} s timeout"))
+                self._finish(
+                    seq,
+                    FinishReason.ERROR,
+                    RequestTimeoutError(
+                        f"request exceeded the server's {self.config.request_timeout_s:g} s timeout"
+                    ),
+                )
         self._compact(batch, rows)
 
     def _prefill(self, seq: _Sequence, batch: DecodeBatch, rows: list[_Sequence]) -> None:
@@ -267,7 +280,9 @@ class AsyncEngine:
             if seq.detok.stopped:
                 finish = FinishReason.STOP
         total = seq.num_prompt_tokens + len(seq.output_ids)
-        if finish is None and (len(seq.output_ids) >= sp.max_tokens or total >= runner.max_model_len):
+        if finish is None and (
+            len(seq.output_ids) >= sp.max_tokens or total >= runner.max_model_len
+        ):
             finish = FinishReason.LENGTH
         if finish is not None:
             text += seq.detok.flush()
@@ -286,8 +301,14 @@ class AsyncEngine:
         for seq in seqs:
             self._finish(seq, FinishReason.ERROR, error)
 
-    def _finish(self, seq: _Sequence, reason: FinishReason, error: VLServeError | None = None,
-                *, emit: bool = True) -> None:
+    def _finish(
+        self,
+        seq: _Sequence,
+        reason: FinishReason,
+        error: VLServeError | None = None,
+        *,
+        emit: bool = True,
+    ) -> None:
         if seq.done:
             return
         seq.done = True

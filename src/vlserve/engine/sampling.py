@@ -12,7 +12,9 @@ from vlserve.engine.request import SamplingParams
 class RowSampler:
     """Sampling state of one request: its parameters, its RNG and the token counts penalties need."""
 
-    def __init__(self, params: SamplingParams, prompt_token_ids: Sequence[int], device: torch.device) -> None:
+    def __init__(
+        self, params: SamplingParams, prompt_token_ids: Sequence[int], device: torch.device
+    ) -> None:
         self.params = params
         self.generator: torch.Generator | None = None
         if not params.greedy:

@@ -1,0 +1,152 @@
+"""Messages → template inputs, and request fields → sampling parameters."""
+
+from __future__ import annotations
+
+import pytest
+
+from vlserve.api.convert import SamplingDefaults, check_supported, stop_strings, to_sampling
+from vlserve.api.protocol import ChatCompletionRequest
+from vlserve.engine.chat import attach_images, split_messages
+from vlserve.errors import ContextLengthError, InvalidRequestError
+
+
+def _img(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def test_every_turn_and_part_kept_in_order() -> None:
+    messages = [
+        {"role": "developer", "content": "rules"},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "a"},
+                _img("u1"),
+                _img("u2"),
+                {"type": "text", "text": "b"},
+            ],
+        },
+        {"role": "assistant", "content": "reply"},
+        {"role": "user", "content": [_img("u3")]},
+    ]
+    template, urls = split_messages(messages)
+    assert urls == ["u1", "u2", "u3"]
+    assert [m["role"] for m in template] == ["system", "user", "assistant", "user"]
+    assert template[1]["content"] == [
+        {"type": "text", "text": "a"},
+        {"type": "image", "index": 0},
+        {"type": "image", "index": 1},
+        {"type": "text", "text": "b"},
+    ]
+    attached = attach_images(template, ["I1", "I2", "I3"])
+    assert attached[1]["content"][2] == {"type": "image", "image": "I2"}
+    assert attached[3]["content"] == [{"type": "image", "image": "I3"}]
+    assert template[3]["content"] == [{"type": "image", "index": 2}]  # input untouched
+
+
+@pytest.mark.parametrize("role", ["system", "assistant"])
+def test_images_only_in_user_messages(role: str) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        split_messages([{"role": role, "content": [_img("u")]}])
+    assert info.value.param == "messages[0].content[0]"
+
+
+def test_unknown_role_and_part_type() -> None:
+    with pytest.raises(InvalidRequestError, match="role"):
+        split_messages([{"role": "tool", "content": "x"}])
+    with pytest.raises(InvalidRequestError) as info:
+        split_messages([{"role": "user", "content": [{"type": "input_audio"}]}])
+    assert info.value.param == "messages[0].content[0].type"
+
+
+def _req(**kw: object) -> ChatCompletionRequest:
+    return ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], **kw)
+
+
+def _sp(
+    req: ChatCompletionRequest,
+    defaults: SamplingDefaults | None = None,
+    prompt: int = 10,
+    max_len: int = 100,
+):  # type: ignore[no-untyped-def]
+    return to_sampling(
+        req,
+        defaults or SamplingDefaults(default_max_tokens=50),
+        num_prompt_tokens=prompt,
+        max_model_len=max_len,
+        vocab_size=1000,
+    )
+
+
+def test_defaults_from_generation_config_apply_only_when_absent() -> None:
+    class Gen:
+        do_sample = True
+        temperature = 0.7
+        top_p = 0.8
+        top_k = 20
+        repetition_penalty = 1.05
+        min_p = None
+
+    d = SamplingDefaults.from_generation_config(Gen(), 64)
+    sp = _sp(_req(), d)
+    assert (sp.temperature, sp.top_p, sp.top_k, sp.repetition_penalty) == (0.7, 0.8, 20, 1.05)
+    assert sp.max_tokens == 64
+    sp = _sp(_req(temperature=0, top_k=-1, max_tokens=5), d)
+    assert sp.temperature == 0 and sp.top_k == 0 and sp.max_tokens == 5
+    assert SamplingDefaults.from_generation_config(None, 8).temperature == 1.0
+
+
+def test_max_tokens_limits() -> None:
+    assert _sp(_req(max_completion_tokens=7)).max_tokens == 7
+    assert _sp(_req(), prompt=90).max_tokens == 10  # default capped by the room left
+    with pytest.raises(ContextLengthError) as info:
+        _sp(_req(max_tokens=91), prompt=10)
+    assert info.value.param == "max_tokens"
+    with pytest.raises(ContextLengthError):
+        _sp(_req(), prompt=100)
+    with pytest.raises(InvalidRequestError):
+        check_supported(_req(max_tokens=3, max_completion_tokens=4))
+
+
+def test_stop_and_stop_token_ids() -> None:
+    assert stop_strings("x") == ("x",)
+    assert stop_strings(["a", "", "b"]) == ("a", "b")
+    with pytest.raises(InvalidRequestError):
+        stop_strings(["s"] * 17)
+    sp = _sp(_req(stop_token_ids=[5, 6], ignore_eos=True, seed=3))
+    assert sp.stop_token_ids == (5, 6) and sp.ignore_eos and sp.seed == 3
+    with pytest.raises(InvalidRequestError) as info:
+        _sp(_req(stop_token_ids=[1000]))
+    assert info.value.param == "stop_token_ids"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("n", 2),
+        ("logprobs", True),
+        ("top_logprobs", 2),
+        ("logit_bias", {"1": 2.0}),
+        ("response_format", {"type": "json_object"}),
+        ("tools", [{"type": "function"}]),
+        ("tool_choice", "required"),
+    ],
+)
+def test_unsupported_values_are_refused_by_name(field: str, value: object) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        check_supported(_req(**{field: value}))
+    assert info.value.param in (field, "logprobs")
+
+
+def test_harmless_values_are_accepted() -> None:
+    check_supported(
+        _req(
+            n=1,
+            logprobs=False,
+            response_format={"type": "text"},
+            tools=[],
+            tool_choice="none",
+            user="u",
+            store=False,
+        )
+    )
