@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Start vlserve in a container on an Ascend, NVIDIA or CPU host and wait until it is ready.
+# With --engine vllm it starts vLLM (vLLM-Ascend on NPUs) instead, with the same checks, so that
+# both can be benchmarked side by side behind the same OpenAI API.
 #
 # Every setting comes from an environment variable or the matching flag (flags win); run with
 # --help for the list. Nothing is installed at container start: build the image first
@@ -7,6 +9,7 @@
 # and every docker command that would change something is printed instead of run.
 set -euo pipefail
 
+ENGINE=${ENGINE:-vlserve}                  # vlserve | vllm
 PLATFORM=${PLATFORM:-auto}                 # npu | cuda | cpu | auto
 IMAGE=${IMAGE:-}                           # repository:tag; default vlserve:<platform>
 CONTAINER_NAME=${CONTAINER_NAME:-vlserve}
@@ -23,6 +26,8 @@ CONTAINER_TEST_DATA=${CONTAINER_TEST_DATA:-/data}
 HOST_CODE_DIR=${HOST_CODE_DIR:-}           # optional, mounted read-only (scripts, prompts)
 CONTAINER_CODE_DIR=${CONTAINER_CODE_DIR:-/workspace/app}
 SERVED_MODEL_NAME=${SERVED_MODEL_NAME:-}
+VLLM_TP=${VLLM_TP:-1}                      # vllm: devices per model copy (tensor parallel)
+VLLM_MAX_MODEL_LEN=${VLLM_MAX_MODEL_LEN:-16384}  # vllm: bounds the KV cache it reserves
 READY_TIMEOUT_S=${READY_TIMEOUT_S:-1800}   # an 8B model takes minutes to load
 PROGRESS_INTERVAL_S=${PROGRESS_INTERVAL_S:-15}
 SHM_SIZE=${SHM_SIZE:-16g}
@@ -39,8 +44,10 @@ usage() {
     cat <<'EOF'
 Usage: run_server_container.sh [options] [-- extra arguments for vlserve serve/launch]
 
+  --engine E           vlserve | vllm (env ENGINE; default vlserve)
   --platform P         npu | cuda | cpu | auto (env PLATFORM; default auto)
-  --image REPO:TAG     image to run (env IMAGE; default vlserve:<platform>); must exist locally
+  --image REPO:TAG     image to run (env IMAGE; default vlserve:<platform>, none for vllm);
+                       must exist locally
   --name NAME          container name (env CONTAINER_NAME; default vlserve)
   --port N             port clients use on the host (env HOST_PORT; default 9000)
   --server-port N      port inside the container (env SERVER_PORT; default = --port)
@@ -55,6 +62,9 @@ Usage: run_server_container.sh [options] [-- extra arguments for vlserve serve/l
   --code-dir DIR       host code dir, mounted read-only (env HOST_CODE_DIR)
   --served-model-name NAME     (env SERVED_MODEL_NAME)
   --ready-timeout S    seconds to wait for /health (env READY_TIMEOUT_S; default 1800)
+  --vllm-tp N          vllm: tensor-parallel size (env VLLM_TP; default 1); the devices
+                       are split into data-parallel replicas of N devices each
+  --vllm-max-model-len N  (env VLLM_MAX_MODEL_LEN; default 16384)
   --replace            remove an existing container with the same name (env REPLACE=1)
   --ignore-busy        start even if the devices are held by others (env IGNORE_BUSY=1)
   --dry-run            print the docker commands instead of running them (env DRY_RUN=1)
@@ -80,6 +90,7 @@ run() {
 parse_args() {
     while (($#)); do
         case "$1" in
+            --engine) ENGINE=$2; shift ;;
             --platform) PLATFORM=$2; shift ;;
             --image) IMAGE=$2; shift ;;
             --name) CONTAINER_NAME=$2; shift ;;
@@ -95,6 +106,8 @@ parse_args() {
             --code-dir) HOST_CODE_DIR=$2; shift ;;
             --served-model-name) SERVED_MODEL_NAME=$2; shift ;;
             --ready-timeout) READY_TIMEOUT_S=$2; shift ;;
+            --vllm-tp) VLLM_TP=$2; shift ;;
+            --vllm-max-model-len) VLLM_MAX_MODEL_LEN=$2; shift ;;
             --replace) REPLACE=1 ;;
             --ignore-busy) IGNORE_BUSY=1 ;;
             --dry-run) DRY_RUN=1 ;;
@@ -104,6 +117,7 @@ parse_args() {
         esac
         shift
     done
+    [[ "${ENGINE}" == vlserve || "${ENGINE}" == vllm ]] || die "--engine must be vlserve or vllm"
     [[ "${NETWORK}" == host || "${NETWORK}" == bridge ]] || die "--network must be host or bridge"
     [[ "${MODE}" =~ ^(serve|launch|auto)$ ]] || die "--mode must be serve, launch or auto"
     [[ "${READY_TIMEOUT_S}" =~ ^[0-9]+$ ]] || die "--ready-timeout must be a number of seconds"
@@ -148,6 +162,10 @@ resolve_platform() {
         log "platform: ${PLATFORM} (detected)"
     fi
     [[ "${PLATFORM}" =~ ^(npu|cuda|cpu)$ ]] || die "--platform must be npu, cuda, cpu or auto"
+    if [[ "${ENGINE}" == vllm ]]; then
+        [[ "${PLATFORM}" != cpu ]] || die "--engine vllm needs npu or cuda devices"
+        [[ -n "${IMAGE}" ]] || die "--engine vllm: pass --image, e.g. quay.io/ascend/vllm-ascend:<tag> or vllm/vllm-openai:<tag>"
+    fi
     IMAGE=${IMAGE:-vlserve:${PLATFORM}}
 }
 
@@ -286,7 +304,7 @@ device_flags() {
             printf '%s\n' "--device=${DEV_DIR}/davinci_manager" "--device=${DEV_DIR}/devmm_svm" "--device=${DEV_DIR}/hisi_hdc"
             printf '%s\n' -v "${ASCEND_DRIVER_DIR}:${ASCEND_DRIVER_DIR}:ro"
             local extra
-            for extra in /usr/local/dcmi /usr/local/sbin/npu-smi /etc/ascend_install.info; do
+            for extra in /usr/local/dcmi /usr/local/sbin/npu-smi /usr/local/bin/npu-smi /etc/ascend_install.info; do
                 [[ -e "${extra}" ]] && printf '%s\n' -v "${extra}:${extra}:ro"
             done
             ;;
@@ -320,6 +338,20 @@ vlserve_args() {
     return 0
 }
 
+# vLLM serves every device it was given: tensor parallel inside a replica, data parallel across.
+vllm_args() {
+    local count=${#DEVICE_IDS[@]} extra=()
+    [[ -n "${SERVED_MODEL_NAME}" ]] && extra+=(--served-model-name "${SERVED_MODEL_NAME}")
+    [[ -n "${HOST_TEST_DATA}" ]] && extra+=(--allowed-local-media-path "${CONTAINER_TEST_DATA}")
+    printf '%s\n' vllm serve "${CONTAINER_MODEL_PATH}" --host 0.0.0.0 --port "${SERVER_PORT}" \
+        --tensor-parallel-size "${VLLM_TP}" --data-parallel-size "$((count / VLLM_TP))" \
+        --max-model-len "${VLLM_MAX_MODEL_LEN}" "${extra[@]}" "${EXTRA_ARGS[@]}"
+}
+
+# vLLM images read the CANN environment from login profiles; load it the same way as ours.
+# shellcheck disable=SC2016  # expanded by the shell inside the container
+readonly VLLM_ENTRY='for f in /usr/local/Ascend/ascend-toolkit/set_env.sh /usr/local/Ascend/nnal/atb/set_env.sh; do if [ -f "$f" ]; then . "$f"; fi; done; exec "$@"'
+
 start_container() {
     [[ -d "${HOST_MODEL_PATH}" || "${DRY_RUN}" == 1 ]] || die "model path ${HOST_MODEL_PATH} does not exist"
     if [[ "${PLATFORM}" == npu && "${DRY_RUN}" != 1 && ! -d "${ASCEND_DRIVER_DIR}" ]]; then
@@ -335,8 +367,16 @@ start_container() {
     # The image's HEALTHCHECK reads SERVER_PORT: it must match the port actually served.
     args+=(-e HF_HUB_OFFLINE=1 -e "SERVER_PORT=${SERVER_PORT}")
     [[ -n "${MAX_IMAGE_PIXELS:-}" ]] && args+=(-e "MAX_IMAGE_PIXELS=${MAX_IMAGE_PIXELS}")
-    args+=("${IMAGE}")
-    mapfile -t -O "${#args[@]}" args < <(vlserve_args)
+    if [[ "${ENGINE}" == vllm ]]; then
+        if [[ ! "${VLLM_TP}" =~ ^[1-9][0-9]*$ ]] || ((${#DEVICE_IDS[@]} % VLLM_TP != 0)); then
+            die "${#DEVICE_IDS[@]} devices cannot be split into tensor-parallel groups of ${VLLM_TP}"
+        fi
+        args+=(--entrypoint bash "${IMAGE}" -c "${VLLM_ENTRY}" vllm-entry)
+        mapfile -t -O "${#args[@]}" args < <(vllm_args)
+    else
+        args+=("${IMAGE}")
+        mapfile -t -O "${#args[@]}" args < <(vlserve_args)
+    fi
     log "starting container ${CONTAINER_NAME} from ${IMAGE}"
     run "${args[@]}"
 }

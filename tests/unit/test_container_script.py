@@ -208,8 +208,8 @@ def test_npu_launch_passes_only_the_chosen_devices_and_the_driver(host: Host) ->
 
 def test_one_npu_runs_a_single_server(host: Host) -> None:
     host.add_npus(8)
-    result = host.run(env_devices := "--devices", "5", "--served-model-name", "qwen3-vl")
-    assert env_devices and result.returncode == 0, result.stderr
+    result = host.run("--served-model-name", "qwen3-vl", DEVICES="5")
+    assert result.returncode == 0, result.stderr
     argv = docker_run_argv(result.stdout)
     args = vlserve_args(argv, "vlserve:npu")
     assert args[:3] == ["serve", "--model", "/models/model"]
@@ -240,6 +240,48 @@ def test_cpu_in_a_bridge_network_publishes_the_port(host: Host) -> None:
     args = vlserve_args(argv, "vlserve:cpu")
     assert args[0] == "serve" and args[args.index("--device") + 1] == "cpu"
     assert args[args.index("--allowed-local-media-path") + 1] == "/data"
+
+
+def test_vllm_engine_serves_all_devices_with_data_parallel_replicas(host: Host) -> None:
+    host.add_npus(8)
+    image = "quay.io/ascend/vllm-ascend:v0.11.0"
+    host.images = [image]
+    result = host.run("--engine", "vllm", "--image", image, "--vllm-tp", "2",
+                      "--served-model-name", "qwen3-vl-8b", "--", "--dtype", "bfloat16")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    argv = docker_run_argv(result.stdout)
+    assert argv[argv.index("--entrypoint") + 1] == "bash"
+    command = argv[argv.index(image) + 1 :]
+    assert command[0] == "-c" and "set_env.sh" in command[1]
+    serve = command[command.index("vllm") :]
+    assert serve[:3] == ["vllm", "serve", "/models/model"]
+    assert serve[serve.index("--tensor-parallel-size") + 1] == "2"
+    assert serve[serve.index("--data-parallel-size") + 1] == "4"
+    assert serve[serve.index("--served-model-name") + 1] == "qwen3-vl-8b"
+    assert serve[-2:] == ["--dtype", "bfloat16"]
+    assert len([a for a in argv if a.startswith("--device=") and a[-1].isdigit()]) == 8
+
+
+def test_vllm_engine_needs_an_image_and_a_fitting_split(host: Host) -> None:
+    host.add_npus(8)
+    assert "pass --image" in host.run("--engine", "vllm").stderr
+    host.images = ["vllm/vllm-openai:v0.11.0"]
+    odd = host.run("--engine", "vllm", "--image", "vllm/vllm-openai:v0.11.0", "--devices", "0-2",
+                   "--vllm-tp", "2")  # fmt: skip
+    assert odd.returncode == 1 and "tensor-parallel groups of 2" in odd.stderr
+
+
+def test_vllm_instance_wrapper_turns_launch_flags_into_vllm_serve(tmp_path: Path) -> None:
+    fake = tmp_path / "vllm"
+    write_exe(fake, '#!/bin/sh\nfor a in "$@"; do echo "$a"; done\n')
+    result = subprocess.run(
+        ["bash", str(REPO / "deploy" / "vllm_instance.sh"), "--model", "/m", "--host", "127.0.0.1",
+         "--port", "9001", "--device", "npu", "--max-model-len", "8192"],
+        env={"PATH": "/usr/bin:/bin", "VLLM": str(fake)}, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert result.stdout.split() == [
+        "serve", "/m", "--host", "127.0.0.1", "--port", "9001", "--max-model-len", "8192",
+    ]  # fmt: skip
 
 
 def test_missing_tag_lists_the_tags_that_exist(host: Host) -> None:
