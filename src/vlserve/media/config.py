@@ -30,7 +30,9 @@ class MediaConfig:
     max_redirects: int = 3
     max_concurrent_fetches: int = 8
     # Images decoded at once, server-wide (one may briefly hold max_decode_pixels * 4 bytes).
-    max_concurrent_decodes: int = 4
+    # Parts of decoding hold the GIL: on 2 cores, 4 threads stalled the event loop ~150 ms,
+    # 2 threads ~60 ms, at the same throughput (benchmarks/media_decode.py).
+    max_concurrent_decodes: int = 2
     # Local files (file:// URLs or absolute paths) are read only from below this directory;
     # None refuses local files altogether.
     allowed_local_media_path: str | None = None
