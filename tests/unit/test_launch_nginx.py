@@ -53,6 +53,8 @@ def test_proxy_settings_suit_long_streaming_requests() -> None:
         assert expected in lines, expected
     retry = next(line for line in lines if line.startswith("proxy_next_upstream "))
     assert "http_503" in retry and "non_idempotent" in retry
+    # A generation that outlived the read timeout must not be run again elsewhere.
+    assert "timeout" not in retry.split()
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,8 @@ class NginxConfig:
     # Base64 images make request bodies large; nginx's default of 1 MB rejects them with 413.
     max_body_mb: int = 100
     keepalive_connections: int = 64
-    worker_processes: str = "auto"
+    # A few hundred requests per second at most: two workers are plenty, even on 192 cores.
+    worker_processes: str = "2"
     worker_connections: int = 4096
 
     def __post_init__(self) -> None:
@@ -72,9 +73,10 @@ server {{
         proxy_connect_timeout {config.connect_timeout_s}s;
         proxy_read_timeout {config.read_timeout_s}s;
         proxy_send_timeout {config.read_timeout_s}s;
-        # A dead or reloading instance sends the request to another one. Chat completions have
-        # no side effects, so retrying a POST that got no answer is safe.
-        proxy_next_upstream error timeout http_502 http_503 non_idempotent;
+        # A dead, loading or draining instance sends the request to another one. Chat
+        # completions have no side effects, so retrying a POST that got no answer is safe.
+        # Not on "timeout": a generation that outlived the read timeout must not run twice.
+        proxy_next_upstream error http_502 http_503 non_idempotent;
         proxy_next_upstream_tries {tries};
     }}
 }}
