@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from vlserve.config import ServerConfig
@@ -200,6 +201,10 @@ def serve(config: ServerConfig) -> int:
         server.should_exit = True
 
     engine.on_fatal = on_fatal
+    # uvicorn drains on SIGINT/SIGTERM, restores the previous handlers, then re-raises the signal:
+    # with Python handlers in place (not SIG_DFL) that re-raise is harmless and we exit 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     server.run()
     if fatal:
         log.error("exiting: the engine failed (%s)", fatal[0])
