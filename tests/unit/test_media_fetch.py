@@ -452,6 +452,6 @@ def test_https_verifies_the_host_name_while_connecting_to_the_checked_address(
             message = await refused(
                 TRUSTED, listener.url("/a.png", "other.test"), resolver=resolver
             )
-            assert message.endswith("connection failed")
+            assert message.endswith("the server's TLS certificate is not valid for this host")
 
     run(scenario())

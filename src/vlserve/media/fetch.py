@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from urllib.parse import urljoin
@@ -170,6 +171,10 @@ def _describe(exc: Exception) -> str:
         return "redirected to an invalid URL"
     if isinstance(exc, (httpx.TimeoutException, httpcore.TimeoutException)):
         return "timed out"
+    if _caused_by(exc, ssl.SSLCertVerificationError):
+        return "the server's TLS certificate is not valid for this host"
+    if _caused_by(exc, ssl.SSLError):
+        return "TLS handshake failed"
     if isinstance(exc, (httpx.ConnectError, httpcore.ConnectError)):
         return "connection failed"
     if isinstance(exc, (httpx.RemoteProtocolError, httpcore.RemoteProtocolError)):
@@ -177,6 +182,17 @@ def _describe(exc: Exception) -> str:
     if isinstance(exc, (httpx.NetworkError, httpcore.NetworkError)):
         return "connection lost"
     return "request failed"
+
+
+def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
+    seen: BaseException | None = exc
+    for _ in range(8):  # httpx wraps httpcore wraps ssl: a short chain
+        if seen is None:
+            return False
+        if isinstance(seen, kind):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 class _GuardedTransport(httpx.AsyncBaseTransport):
