@@ -5,6 +5,8 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from vlserve.media import is_public_address
 from vlserve.media.netguard import host_allowed
@@ -79,3 +81,24 @@ def test_public_addresses_are_allowed(address: str) -> None:
 def test_host_allow_list(host: str, allowed: bool) -> None:
     assert host_allowed(host, ("example.com",)) is allowed
     assert host_allowed(host, ()) is True
+
+
+@given(st.integers(0, 2**32 - 1))
+def test_ipv4_inside_ipv6_gets_the_verdict_of_the_ipv4_address(value: int) -> None:
+    v4 = ipaddress.IPv4Address(value)
+    verdict = is_public_address(v4)
+    mapped = ipaddress.IPv6Address((0xFFFF << 32) | value)
+    nat64 = ipaddress.IPv6Address((0x64FF9B << 96) | value)
+    sixtofour = ipaddress.IPv6Address((0x2002 << 112) | (value << 80) | 1)
+    assert is_public_address(mapped) is verdict
+    assert is_public_address(nat64) is verdict
+    assert is_public_address(sixtofour) is verdict
+    if verdict:
+        assert v4.is_global and not v4.is_multicast
+
+
+@given(st.integers(0, 2**128 - 1))
+def test_public_ipv6_is_always_global_unicast(value: int) -> None:
+    address = ipaddress.IPv6Address(value)
+    if is_public_address(address) and address.ipv4_mapped is None:
+        assert not address.is_multicast and not address.is_link_local and not address.is_private
