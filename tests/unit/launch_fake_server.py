@@ -56,10 +56,10 @@ def main() -> int:
             self.send_header("Content-Type", "text/event-stream")
             self.send_header("Connection", "close")
             self.end_headers()
-            for i in range(5):
+            for i in range(int(request.get("max_tokens", 5))):
                 self.wfile.write(f"data: {json.dumps({'i': i, 'pid': os.getpid()})}\n\n".encode())
                 self.wfile.flush()
-                time.sleep(0.02)
+                time.sleep(float(request.get("delay_s", 0.02)))
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
             self.close_connection = True
