@@ -7,6 +7,7 @@ import email.utils
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,12 @@ from vlserve.bench.dataset import BenchRequest
 from vlserve.bench.sse import DONE, SSEEvent, SSEParser
 
 _MAX_ERROR_CHARS = 300
+
+_loads: Callable[[str | bytes], Any]
+try:  # optional (vlserve[fast]): ~4x faster than json on stream chunks, the client's hottest call
+    from orjson import loads as _loads
+except ImportError:
+    _loads = json.loads
 
 
 @dataclass
@@ -169,10 +176,10 @@ def _on_event(event: SSEEvent, at_s: float, result: RequestResult, pieces: list[
     data = event.data
     if data == DONE:
         return True
-    if not data.strip():
+    if not data or data.isspace():
         return False
     try:
-        obj = json.loads(data)
+        obj = _loads(data)
     except ValueError:
         result.error = result.error or f"stream carried invalid JSON: {data[:100]!r}"
         return False
@@ -206,7 +213,7 @@ def _on_event(event: SSEEvent, at_s: float, result: RequestResult, pieces: list[
 
 def _read_json(raw: bytes, result: RequestResult) -> None:
     try:
-        obj = json.loads(raw)
+        obj = _loads(raw)
     except ValueError:
         result.error = f"response is not JSON: {raw[:100]!r}"
         return

@@ -257,6 +257,10 @@ class StubProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
     def __enter__(self) -> StubProcess:
         args = [sys.executable, "-m", "vlserve.bench.stub", "--port", "0"]
         for name, value in self.settings.items():
