@@ -12,6 +12,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 PINNING_VARS = (
@@ -64,7 +65,7 @@ def main() -> int:
             self.wfile.flush()
             self.close_connection = True
 
-        def _send_json(self, status: int, body: dict[str, object]) -> None:
+        def _send_json(self, status: int, body: Mapping[str, object]) -> None:
             data = json.dumps(body).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")

@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from vlserve.errors import VLServeError
 
@@ -109,12 +110,12 @@ class Supervisor:
         """Return once every named child answers its health check; raise if that cannot happen."""
         names = list(names)
         waits = [asyncio.ensure_future(self._children[n].ready.wait()) for n in names]
-        all_ready = asyncio.ensure_future(asyncio.gather(*waits))
-        stop = asyncio.ensure_future(self._stopping.wait())
-        failed = asyncio.ensure_future(self._failed.wait())
+        all_ready: asyncio.Future[Any] = asyncio.ensure_future(asyncio.gather(*waits))
+        stop: asyncio.Future[Any] = asyncio.ensure_future(self._stopping.wait())
+        failed: asyncio.Future[Any] = asyncio.ensure_future(self._failed.wait())
         try:
             await asyncio.wait(
-                {all_ready, stop, failed}, timeout=timeout_s, return_when="FIRST_COMPLETED"
+                {all_ready, stop, failed}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
             )
         finally:
             for fut in (all_ready, stop, failed):
@@ -131,7 +132,7 @@ class Supervisor:
         """Block until a stop is requested (True) or a child is given up on (False)."""
         stop = asyncio.ensure_future(self._stopping.wait())
         failed = asyncio.ensure_future(self._failed.wait())
-        await asyncio.wait({stop, failed}, return_when="FIRST_COMPLETED")
+        await asyncio.wait({stop, failed}, return_when=asyncio.FIRST_COMPLETED)
         stop.cancel()
         failed.cancel()
         return not self._failed.is_set()
