@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import stat
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from vlserve.launch.devices import (
     detect_device_type,
     parse_device_ids,
 )
+from vlserve.launch.launcher import check_ports_free
 
 
 def npu_config(**overrides: object) -> LaunchConfig:
@@ -162,3 +164,24 @@ def test_cli_errors_are_clear() -> None:
         parse("--device", "cpu")
     with pytest.raises(VLServeError, match="only 2 npu"):
         parse("--model", "/m", "--device", "npu", "--devices", "0,1", "--num-instances", "3")
+
+
+def test_busy_ports_are_refused_before_anything_starts() -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        busy = listener.getsockname()[1]
+        config = npu_config(device="cpu", device_ids=(), num_instances=1, host="127.0.0.1",
+                            port=busy - 1 if busy > 1024 else busy + 1, base_port=busy)  # fmt: skip
+        with pytest.raises(VLServeError, match=f"already in use: {busy}"):
+            check_ports_free(config)
+    check_ports_free(config)  # closed again: free
+
+
+@pytest.mark.parametrize(
+    ("host", "url"),
+    [("0.0.0.0", "http://127.0.0.1:9000"), ("::", "http://[::1]:9000"),
+     ("10.0.0.5", "http://10.0.0.5:9000"), ("::1", "http://[::1]:9000")],
+)  # fmt: skip
+def test_front_url_reaches_wildcards_through_loopback(host: str, url: str) -> None:
+    assert npu_config(host=host).front_url == url

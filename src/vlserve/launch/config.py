@@ -70,16 +70,20 @@ class LaunchConfig:
         return tuple(self.base_port + i for i in range(self.num_instances))
 
     def instance_url(self, index: int) -> str:
-        host = self.instance_host
-        if ":" in host:
-            host = f"[{host}]"
-        return f"http://{host}:{self.instance_ports[index]}"
+        return f"http://{_url_host(self.instance_host)}:{self.instance_ports[index]}"
 
     @property
     def front_url(self) -> str:
-        # A wildcard listen address is reached through loopback from this host.
-        host = "127.0.0.1" if self.host in ("", "0.0.0.0", "*") else self.host
-        return f"http://{host}:{self.port}"
+        return f"http://{_url_host(self.host)}:{self.port}"
+
+
+def _url_host(host: str) -> str:
+    """How this host reaches an address we listen on: wildcards through loopback."""
+    if host in ("", "0.0.0.0", "*"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
 
 
 def instance_name(index: int) -> str:

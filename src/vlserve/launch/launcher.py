@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 from collections.abc import Mapping
 
 from vlserve.errors import VLServeError
@@ -31,6 +32,7 @@ def run_launch(config: LaunchConfig, env: Mapping[str, str] | None = None) -> in
 
 
 async def launch(config: LaunchConfig, env: Mapping[str, str]) -> int:
+    check_ports_free(config)
     nginx_argv = _prepare_nginx(config)
     supervisor = Supervisor(
         RestartPolicy(
@@ -64,6 +66,32 @@ async def launch(config: LaunchConfig, env: Mapping[str, str]) -> int:
         logger.info("stopping: nginx first (finishes open requests), then the instances")
         await supervisor.stop([["nginx"], names])
     return exit_code
+
+
+def check_ports_free(config: LaunchConfig) -> None:
+    """Refuse ports someone already listens on: a stale server there would answer our health
+    checks and pass for a new instance."""
+    wanted = [(config.host, config.port)] + [
+        (config.instance_host, p) for p in config.instance_ports
+    ]
+    busy = [port for host, port in wanted if not _can_listen(host, port)]
+    if busy:
+        raise VLServeError(
+            f"port(s) already in use: {', '.join(map(str, busy))}; stop what listens there "
+            "(an earlier launch?) or choose --port / --base-port"
+        )
+
+
+def _can_listen(host: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # As servers do: connections lingering in TIME_WAIT do not make a port busy.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host if host not in ("", "*") else "0.0.0.0", port))
+        except OSError:
+            return False
+    return True
 
 
 def _prepare_nginx(config: LaunchConfig) -> list[str] | None:
