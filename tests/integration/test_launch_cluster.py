@@ -248,3 +248,19 @@ def test_traffic_through_nginx_survives_losing_an_instance(launched: Launched) -
     for port in launched.ports:
         assert not health_ok(f"http://127.0.0.1:{port}")
     assert "nginx stopped (exit code 0)" in launched.log()
+
+
+def test_launch_gives_up_on_an_instance_that_never_starts(tmp_path: Path) -> None:
+    base = free_port_block(2)
+    serve = f"{shlex.quote(sys.executable)} {shlex.quote(str(FAKE_SERVER))} --exit-code 3"
+    result = subprocess.run(
+        [sys.executable, "-m", "vlserve", "launch", "--model", "m", "--device", "cpu",
+         "--port", str(base), "--host", "127.0.0.1", "--nginx", "off", "--serve-command", serve,
+         "--max-startup-failures", "2", "--state-dir", str(tmp_path / "state")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    # The reason, with the instance's own last words, is in launch's output.
+    assert "2 times in a row before becoming ready; giving up" in result.stderr
+    assert "fake server exiting with 3" in result.stderr
+    assert (tmp_path / "state" / "nginx" / "vlserve-upstream.conf").exists()
