@@ -203,7 +203,7 @@ def _on_event(event: SSEEvent, at_s: float, result: RequestResult, pieces: list[
         result.chunk_times_s.append(at_s)
     elif delta.get("reasoning_content") or delta.get("reasoning") or delta.get("tool_calls"):
         result.chunk_times_s.append(at_s)
-    elif content == "" and "role" not in delta and finish is None:
+    elif content == "" and delta.get("role") is None and finish is None:
         # A token that decodes to "" still took a decode step; a role-only header did not.
         result.chunk_times_s.append(at_s)
     if finish:

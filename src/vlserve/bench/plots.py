@@ -51,7 +51,7 @@ def _latency_cdf(plt: object, ok: Sequence[RequestResult], prefix: Path) -> Path
         ax.set_xlabel("ms")
         ax.set_ylabel("fraction of requests" if name != "ITL" else "fraction of tokens")
         if values:
-            ax.plot(values, [(i + 1) / len(values) for i in range(len(values))])
+            ax.step(values, [(i + 1) / len(values) for i in range(len(values))], where="post")
         ax.grid(True, alpha=0.3)
     fig.tight_layout()
     path = prefix.with_name(prefix.name + ".latency_cdf.png")
@@ -60,16 +60,25 @@ def _latency_cdf(plt: object, ok: Sequence[RequestResult], prefix: Path) -> Path
     return path
 
 
+def _bin_width_s(span_s: float) -> float:
+    """A round bin width giving at least ~20 bins, so short runs are not one bar."""
+    for width in (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0):
+        if span_s / width <= 200 and span_s / width >= 20:
+            return width
+    return 60.0 if span_s > 30 else 0.05
+
+
 def _timeline(plt: object, results: Sequence[RequestResult], prefix: Path) -> Path:
     end_s = max(r.sent_at_s + r.latency_s for r in results)
-    bins = max(1, int(end_s) + 1)
-    done = [0] * bins
-    tokens = [0] * bins
+    width = _bin_width_s(end_s)
+    bins = max(1, int(end_s / width) + 1)
+    done = [0.0] * bins
+    tokens = [0.0] * bins
     for r in results:
         if r.success:
-            b = min(bins - 1, int(r.sent_at_s + r.latency_s))
-            done[b] += 1
-            tokens[b] += r.completion_tokens or 0
+            b = min(bins - 1, int((r.sent_at_s + r.latency_s) / width))
+            done[b] += 1 / width
+            tokens[b] += (r.completion_tokens or 0) / width
     events = sorted(
         [(r.sent_at_s, 1) for r in results] + [(r.sent_at_s + r.latency_s, -1) for r in results]
     )
@@ -79,15 +88,15 @@ def _timeline(plt: object, results: Sequence[RequestResult], prefix: Path) -> Pa
         times.append(t)
         levels.append(level)
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)  # type: ignore[attr-defined]
-    top.bar(range(bins), done, width=1.0, align="edge", label="requests/s")
+    starts = [b * width for b in range(bins)]
+    top.bar(starts, done, width=width, align="edge", label="requests/s")
     if any(tokens):
         twin = top.twinx()
-        twin.plot(
-            [b + 0.5 for b in range(bins)], tokens, color="tab:orange", label="output tokens/s"
-        )
+        middles = [t + width / 2 for t in starts]
+        twin.plot(middles, tokens, color="tab:orange", label="output tokens/s")
         twin.set_ylabel("output tokens/s")
     top.set_ylabel("completed requests/s")
-    top.set_title("Throughput over time")
+    top.set_title(f"Throughput over time ({width:g} s bins; line: output tokens/s)")
     bottom.step(times, levels, where="post")
     bottom.set_ylabel("requests in flight")
     bottom.set_xlabel("seconds since start")
