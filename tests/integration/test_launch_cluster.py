@@ -26,12 +26,10 @@ import pytest
 
 from vlserve.launch.nginx import find_nginx
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(
-        find_nginx() is None, reason="nginx is not installed (apt-get install nginx)"
-    ),
-]
+pytestmark = pytest.mark.integration
+needs_nginx = pytest.mark.skipif(
+    find_nginx() is None, reason="nginx is not installed (apt-get install nginx)"
+)
 
 FAKE_SERVER = Path(__file__).parents[1] / "unit" / "launch_fake_server.py"
 NUM_INSTANCES = 2
@@ -217,6 +215,7 @@ def bench_instances_directly(launched: Launched) -> None:
     }
 
 
+@needs_nginx
 def test_traffic_through_nginx_survives_losing_an_instance(launched: Launched) -> None:
     results = burst(launched.front, launched.model, 8)
     assert results == ["ok"] * 8, results
