@@ -136,3 +136,19 @@ print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout) == []
+
+
+def test_api_key_comes_from_the_env_and_is_never_printed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vlserve.bench.app import build_summary
+    from vlserve.bench.client import request_headers
+    from vlserve.bench.runner import RunOutcome
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret")
+    c = config("--input", "x")
+    assert request_headers(c.request)["Authorization"] == "Bearer sk-secret"
+    assert config("--input", "x", "--api-key", "other").request.api_key == "other"
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    assert "sk-secret" not in parser.format_help()
+    summary = build_summary(c, RunOutcome(), dataset_size=0, skipped_lines=0, resumed=0)
+    assert "sk-secret" not in json.dumps(summary)

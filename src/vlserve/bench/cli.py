@@ -30,7 +30,14 @@ DEFAULT_URL = "http://127.0.0.1:9000/v1/chat/completions"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
-    data = parser.add_argument_group("dataset")
+    _dataset_flags(parser.add_argument_group("dataset"))
+    _target_flags(parser.add_argument_group("target"))
+    _load_flags(parser.add_argument_group("load"))
+    _request_flags(parser.add_argument_group("requests"))
+    _output_flags(parser.add_argument_group("output"))
+
+
+def _dataset_flags(data: argparse._ArgumentGroup) -> None:
     data.add_argument(
         "--input",
         action="append",
@@ -80,7 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="seed for shuffling, synthetic data, arrivals and jitter",
     )
 
-    target = parser.add_argument_group("target")
+
+def _target_flags(target: argparse._ArgumentGroup) -> None:
     target.add_argument(
         "--url", default=DEFAULT_URL, help="endpoint (host:port, base URL or full URL)"
     )
@@ -100,11 +108,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     target.add_argument(
         "--api-key",
-        default=os.environ.get("OPENAI_API_KEY"),
-        help="sent as 'Authorization: Bearer' (default: $OPENAI_API_KEY)",
+        default=None,  # not the env value: --help prints defaults
+        help="sent as 'Authorization: Bearer'; $OPENAI_API_KEY when not given",
     )
 
-    load = parser.add_argument_group("load")
+
+def _load_flags(load: argparse._ArgumentGroup) -> None:
     load.add_argument(
         "--max-concurrency",
         "--max-concurrent",
@@ -163,7 +172,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--warmup", type=int, default=0, help="requests sent first and left out of all results"
     )
 
-    req = parser.add_argument_group("requests")
+
+def _request_flags(req: argparse._ArgumentGroup) -> None:
     req.add_argument(
         "--stream",
         action=argparse.BooleanOptionalAction,
@@ -200,7 +210,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="first backoff in seconds (doubles, with jitter); Retry-After wins",
     )
 
-    out = parser.add_argument_group("output")
+
+def _output_flags(out: argparse._ArgumentGroup) -> None:
     out.add_argument(
         "--output",
         default="test_results.jsonl",
@@ -264,7 +275,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         ignore_eos=args.ignore_eos,
         stream=args.stream,
         extra_body=_parse_extra_body(args.extra_body),
-        api_key=args.api_key or None,
+        api_key=args.api_key or os.environ.get("OPENAI_API_KEY") or None,
         timeout_s=args.timeout,
     )
     urls = [u for u in args.endpoints.split(",") if u.strip()] or [args.url]
