@@ -30,6 +30,7 @@ VLLM_TP=${VLLM_TP:-1}                      # vllm: devices per model copy (tenso
 VLLM_MAX_MODEL_LEN=${VLLM_MAX_MODEL_LEN:-16384}  # vllm: bounds the KV cache it reserves
 READY_TIMEOUT_S=${READY_TIMEOUT_S:-1800}   # an 8B model takes minutes to load
 PROGRESS_INTERVAL_S=${PROGRESS_INTERVAL_S:-15}
+POLL_INTERVAL_S=${POLL_INTERVAL_S:-2}
 SHM_SIZE=${SHM_SIZE:-16g}
 RESTART_POLICY=${RESTART_POLICY:-no}
 STOP_TIMEOUT_S=${STOP_TIMEOUT_S:-120}      # docker stop waits this long for the drain
@@ -404,7 +405,7 @@ wait_ready() {
             log "still loading after $((SECONDS - start)) s: $(docker logs --tail 1 "${CONTAINER_NAME}" 2>&1 | tail -n 1)"
             next_report=$((SECONDS + PROGRESS_INTERVAL_S))
         fi
-        sleep 2
+        sleep "${POLL_INTERVAL_S}"
     done
     warn "not ready after ${READY_TIMEOUT_S} s; last log lines of ${CONTAINER_NAME}:"
     docker logs --tail 50 "${CONTAINER_NAME}" >&2 || true

@@ -43,8 +43,12 @@ elif cmd == "ps":
 elif cmd == "top":
     print("PID")
     print("\\n".join(str(p) for p in state["pids"].get(args[1], [])))
+elif cmd == "inspect" and "{{.State.Running}}" in args:
+    print(state["state_running"])
 elif cmd == "inspect":
     print(" ".join(state["devices"].get(args[-1], [])))
+elif cmd == "logs":
+    print(state["logs"])
 elif cmd in ("run", "rm"):
     print("fake-container-id")
 else:
@@ -86,6 +90,10 @@ class Host:
     devices: dict[str, list[str]] = field(default_factory=dict)
     npu_processes: list[tuple[int, int, str]] = field(default_factory=list)
     gpus: int = 0
+    state_running: str = "true"
+    logs: str = ""
+    # Fake curl: the health check fails this many times, then succeeds (-1: never).
+    curl_failures: int = 0
 
     @property
     def dev(self) -> Path:
@@ -101,11 +109,16 @@ class Host:
             (self.dev / name).touch()
 
     def run(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return self.run_for_real("--dry-run", *args, **env)
+
+    def run_for_real(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
         bin_dir = self.root / "bin"
         bin_dir.mkdir(exist_ok=True)
         self.dev.mkdir(exist_ok=True)
         write_exe(bin_dir / "docker", f"#!{sys.executable}\n{FAKE_DOCKER}")
-        state = {k: getattr(self, k) for k in ("images", "existing", "running", "pids", "devices")}
+        keys = ("images", "existing", "running", "pids", "devices", "state_running", "logs")
+        state = {k: getattr(self, k) for k in keys}
+        write_exe(bin_dir / "curl", fake_curl(self.root / "curl.count", self.curl_failures))
         (self.root / "docker.json").write_text(json.dumps(state))
         if any((self.dev / f"davinci{i}").exists() for i in range(1)):
             rows = "\n".join(
@@ -125,7 +138,7 @@ class Host:
             **env,
         }
         return subprocess.run(
-            ["bash", str(SCRIPT), "--dry-run", *args],
+            ["bash", str(SCRIPT), *args],
             env=full_env,
             capture_output=True,
             text=True,
@@ -135,6 +148,14 @@ class Host:
     def docker_calls(self) -> list[list[str]]:
         log = self.root / "docker.log"
         return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def fake_curl(counter: Path, failures: int) -> str:
+    return f"""#!/bin/sh
+n=$(cat {counter} 2>/dev/null || echo 0); echo $((n + 1)) > {counter}
+[ {failures} -ge 0 ] && [ "$n" -ge {failures} ] && exit 0
+exit 22
+"""
 
 
 def fake_nvidia_smi(count: int) -> str:
@@ -282,6 +303,38 @@ def test_vllm_instance_wrapper_turns_launch_flags_into_vllm_serve(tmp_path: Path
     assert result.stdout.split() == [
         "serve", "/m", "--host", "127.0.0.1", "--port", "9001", "--max-model-len", "8192",
     ]  # fmt: skip
+
+
+def test_waits_for_health_printing_progress(host: Host, tmp_path: Path) -> None:
+    host.curl_failures = 3
+    host.logs = "loading checkpoint shards 3/4"
+    result = host.run_for_real("--platform", "cpu", "--model-path", str(tmp_path),
+                               POLL_INTERVAL_S="0.05", PROGRESS_INTERVAL_S="0")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "still loading after" in result.stdout and "shards 3/4" in result.stdout
+    assert "ready after" in result.stdout
+    assert [c[0] for c in host.docker_calls()].count("run") == 1
+
+
+def test_a_container_that_dies_shows_its_last_log_lines(host: Host, tmp_path: Path) -> None:
+    host.curl_failures = -1
+    host.state_running = "false"
+    host.logs = "DeviceUnavailableError: npu requested but torch_npu failed to load"
+    result = host.run_for_real("--platform", "cpu", "--model-path", str(tmp_path),
+                               POLL_INTERVAL_S="0.05")  # fmt: skip
+    assert result.returncode == 1
+    assert "stopped; its last log lines" in result.stderr
+    assert "torch_npu failed to load" in result.stderr
+
+
+def test_readiness_timeout_shows_last_log_lines(host: Host, tmp_path: Path) -> None:
+    host.curl_failures = -1
+    host.logs = "still compiling"
+    result = host.run_for_real("--platform", "cpu", "--model-path", str(tmp_path),
+                               "--ready-timeout", "1", POLL_INTERVAL_S="0.1")  # fmt: skip
+    assert result.returncode == 1
+    assert "not ready after 1 s" in result.stderr and "still compiling" in result.stderr
+    assert "raise --ready-timeout" in result.stderr
 
 
 def test_missing_tag_lists_the_tags_that_exist(host: Host) -> None:
