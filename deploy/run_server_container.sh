@@ -179,8 +179,10 @@ resolve_devices() {
     if [[ "${DEVICES}" == all ]]; then
         read -ra DEVICE_IDS <<<"${available}"
     else
-        read -ra DEVICE_IDS <<<"$(expand_ids "${DEVICES}")"
-        local id
+        local expanded id
+        # Assigned first, so that set -e stops here if the list is bad.
+        expanded=$(expand_ids "${DEVICES}")
+        read -ra DEVICE_IDS <<<"${expanded}"
         for id in "${DEVICE_IDS[@]}"; do
             [[ " ${available} " == *" ${id} "* ]] || die "${PLATFORM} device ${id} not found (host has: ${available})"
         done

@@ -408,10 +408,16 @@ def test_busy_port_is_refused(host: Host) -> None:
 
 def test_bad_arguments_fail_clearly(host: Host) -> None:
     host.add_npus(2)
-    assert "npu device 5 not found" in host.run("--devices", "5").stderr
-    assert "bad device list" in host.run("--devices", "x").stderr
-    assert "unknown option" in host.run("--bogus").stderr
-    assert "no cuda devices" in host.run("--platform", "cuda").stderr
+    for args, message in [
+        (("--devices", "5"), "npu device 5 not found"),
+        (("--devices", "x"), "bad device list"),
+        (("--bogus",), "unknown option"),
+        (("--platform", "cuda"), "no cuda devices"),
+        (("--engine", "tgi"), "--engine must be"),
+    ]:
+        result = host.run(*args)
+        assert result.returncode == 1 and message in result.stderr, (args, result.stderr)
+        assert "+ docker run" not in result.stdout
 
 
 @pytest.mark.skipif(tool("shellcheck") is None, reason="shellcheck not installed")
