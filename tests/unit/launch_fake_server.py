@@ -48,7 +48,10 @@ def main() -> int:
         def do_POST(self) -> None:  # noqa: N802
             length = int(self.headers.get("Content-Length", "0"))
             request = json.loads(self.rfile.read(length) or b"{}")
+            # A stand-in for generation time.
+            delay_s = float(request.get("delay_s", 0.0))
             if not request.get("stream"):
+                time.sleep(delay_s)
                 message = {"role": "assistant", "content": f"hello from {os.getpid()}"}
                 choice = {"index": 0, "message": message, "finish_reason": "stop"}
                 self._send_json(200, {"object": "chat.completion", "choices": [choice]})
@@ -60,7 +63,7 @@ def main() -> int:
             for i in range(int(request.get("max_tokens", 5))):
                 self.wfile.write(f"data: {json.dumps({'i': i, 'pid': os.getpid()})}\n\n".encode())
                 self.wfile.flush()
-                time.sleep(float(request.get("delay_s", 0.02)))
+                time.sleep(delay_s or 0.02)
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
             self.close_connection = True
