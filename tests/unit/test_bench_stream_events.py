@@ -73,3 +73,22 @@ def test_usage_without_total_is_completed() -> None:
         frames({"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 5}})
     )
     assert result.total_tokens == 7
+
+
+def test_request_body_asks_for_usage_and_extra_body_can_remove_fields() -> None:
+    from vlserve.bench.client import build_body
+    from vlserve.bench.config import RequestOptions
+    from vlserve.bench.dataset import BenchRequest
+
+    request = BenchRequest("a", [{"role": "user", "content": "hi"}], "t", max_tokens=7)
+    body = json.loads(build_body(request, RequestOptions(ignore_eos=True), "m"))
+    assert body == {
+        "model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 7,
+        "temperature": 0.0, "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True,
+    }  # fmt: skip
+    extra = {"stream_options": None, "max_tokens": None, "max_completion_tokens": 9, "top_p": 0.5}
+    body = json.loads(build_body(request, RequestOptions(extra_body=extra), "m"))
+    assert "stream_options" not in body and "max_tokens" not in body
+    assert (body["max_completion_tokens"], body["top_p"]) == (9, 0.5)
+    body = json.loads(build_body(request, RequestOptions(stream=False), "m"))
+    assert body["stream"] is False and "stream_options" not in body

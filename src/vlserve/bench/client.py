@@ -7,7 +7,6 @@ import email.utils
 import json
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,15 +14,10 @@ import aiohttp
 
 from vlserve.bench.config import RequestOptions, RetryPolicy
 from vlserve.bench.dataset import BenchRequest
+from vlserve.bench.fastjson import loads
 from vlserve.bench.sse import DONE, SSEEvent, SSEParser
 
 _MAX_ERROR_CHARS = 300
-
-_loads: Callable[[str | bytes], Any]
-try:  # optional (vlserve[fast]): ~4x faster than json on stream chunks, the client's hottest call
-    from orjson import loads as _loads
-except ImportError:
-    _loads = json.loads
 
 
 @dataclass
@@ -90,7 +84,12 @@ def build_body(request: BenchRequest, options: RequestOptions, model: str) -> by
         body["stream_options"] = {"include_usage": True}
     if options.ignore_eos:
         body["ignore_eos"] = True
-    body.update(options.extra_body)
+    for key, value in options.extra_body.items():
+        # null removes a field, for servers that reject one (e.g. stream_options, max_tokens)
+        if value is None:
+            body.pop(key, None)
+        else:
+            body[key] = value
     return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
@@ -179,7 +178,7 @@ def _on_event(event: SSEEvent, at_s: float, result: RequestResult, pieces: list[
     if not data or data.isspace():
         return False
     try:
-        obj = _loads(data)
+        obj = loads(data)
     except ValueError:
         result.error = result.error or f"stream carried invalid JSON: {data[:100]!r}"
         return False
@@ -213,7 +212,7 @@ def _on_event(event: SSEEvent, at_s: float, result: RequestResult, pieces: list[
 
 def _read_json(raw: bytes, result: RequestResult) -> None:
     try:
-        obj = _loads(raw)
+        obj = loads(raw)
     except ValueError:
         result.error = f"response is not JSON: {raw[:100]!r}"
         return

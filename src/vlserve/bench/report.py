@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from vlserve.bench.client import RequestResult
+from vlserve.bench.fastjson import dumps_line
 
 log = logging.getLogger("vlserve.bench")
 
@@ -49,12 +50,12 @@ class ResultsWriter:
     def __init__(self, path: Path, resume: bool = False) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file: IO[str] = path.open("a" if resume else "w", encoding="utf-8")
+        self._file: IO[bytes] = path.open("ab" if resume else "wb")
         if resume and path.stat().st_size and not _ends_with_newline(path):
-            self._file.write("\n")  # the killed run may have left half a line
+            self._file.write(b"\n")  # the killed run may have left half a line
 
     def write(self, result: RequestResult) -> None:
-        self._file.write(json.dumps(result_record(result), ensure_ascii=False) + "\n")
+        self._file.write(dumps_line(result_record(result)))
         self._file.flush()
 
     def close(self) -> None:
