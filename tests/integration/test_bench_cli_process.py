@@ -75,6 +75,8 @@ def test_resume_after_a_killed_run_sends_only_what_is_missing(
     summary = json.loads((tmp_path / "results.summary.json").read_text())
     assert summary["total_requests"] == 30 - len(before)
     assert summary["run"]["resumed_ids_skipped"] == len(before)
+    again = subprocess.run([*args, "--resume"], capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "nothing to send" in again.stderr
 
 
 def test_exit_code_1_below_90_percent_success(stub: StubProcess, tmp_path: Path) -> None:

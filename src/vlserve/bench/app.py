@@ -60,6 +60,9 @@ def run_config(config: BenchConfig) -> int:
         config.load.max_concurrency,
         ", ".join(config.load.endpoints),
     )
+    if planned == 0:
+        log.info("every request already succeeded in %s: nothing to send", out.results_path)
+        return 0
     progress = Progress(planned, enabled=out.progress)
     outcome = RunOutcome(endpoints=config.load.endpoints)
     started = time.perf_counter()

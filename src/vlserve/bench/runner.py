@@ -134,7 +134,9 @@ class _Phase:
         self.sink = sink
         self.headers = request_headers(config.request)
         self.router = EndpointRouter(len(config.load.endpoints), config.load.routing)
-        self.rng = random.Random(config.load.seed)
+        # Separate streams, so that retries (jitter draws) never shift the arrival schedule.
+        self.arrival_rng = random.Random(config.load.seed)
+        self.jitter_rng = random.Random(config.load.seed + 1)
         self.in_flight = 0
         self.max_in_flight = 0
         self.start = 0.0
@@ -143,7 +145,7 @@ class _Phase:
         self, plan: Iterable[tuple[str, BenchRequest]], duration_s: float | None, paced: bool = True
     ) -> float:
         load = self.config.load
-        offsets = arrival_offsets(load, self.rng) if paced else itertools.repeat(0.0)
+        offsets = arrival_offsets(load, self.arrival_rng) if paced else itertools.repeat(0.0)
         semaphore = asyncio.Semaphore(load.max_concurrency)
         tasks: set[asyncio.Task[None]] = set()
         self.start = time.perf_counter()
@@ -214,7 +216,7 @@ class _Phase:
             if result.success or not result.retryable or attempt >= policy.max_retries:
                 return
             # The slot is free while backing off: only requests on the wire count as concurrency.
-            delay = backoff_delay_s(policy, attempt, result.retry_after_s, self.rng)
+            delay = backoff_delay_s(policy, attempt, result.retry_after_s, self.jitter_rng)
             log.info("retrying %s in %.2fs after: %s", result.request_id, delay, result.error)
             await asyncio.sleep(delay)
             result.retry_count = attempt + 1
