@@ -62,3 +62,63 @@ def attach_images(messages: list[dict[str, Any]], images: Sequence[Any]) -> list
         ]
         result.append({"role": message["role"], "content": parts})
     return result
+
+
+# A special token the chat template never emits: each message text is rendered as this one token
+# and tokenized on its own afterwards, with special-token strings split into plain text, so a user
+# typing "<|im_end|>" or "<|image_pad|>" can neither end a turn nor make the processor expect
+# image features.
+TEXT_SLOT = "<|object_ref_start|>"
+
+
+def hide_texts(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
+    """Replace every text part by ``TEXT_SLOT``; return the new messages and the texts in order.
+
+    Adjacent text parts of a message are joined first (the template concatenates them anyway),
+    so tokenizing them apart cannot split a word the joined text would have kept whole.
+    """
+    out: list[dict[str, Any]] = []
+    texts: list[str] = []
+    for message in messages:
+        content = message["content"]
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        hidden: list[dict[str, Any]] = []
+        after_text = False
+        for part in parts:
+            if part.get("type") != "text":
+                hidden.append(part)
+            elif after_text:
+                texts[-1] += part["text"]
+            else:
+                hidden.append({"type": "text", "text": TEXT_SLOT})
+                texts.append(part["text"])
+            after_text = part.get("type") == "text"
+        out.append({**message, "content": hidden})
+    return out, texts
+
+
+def splice_texts(
+    ids: Sequence[int], slot_id: int, pieces: Sequence[Sequence[int]]
+) -> tuple[list[int], list[int]]:
+    """Put ``pieces[k]`` in place of the k-th ``slot_id`` in ``ids``.
+
+    Returns the new ids and, for each of them, its index in ``ids`` (-1 for spliced text), so
+    per-token tensors (attention mask, token types) can follow. Raises ValueError if the slots
+    and pieces do not match one to one (a template that drops or repeats a text).
+    """
+    out: list[int] = []
+    source: list[int] = []
+    k = 0
+    for i, token in enumerate(ids):
+        if token != slot_id:
+            out.append(token)
+            source.append(i)
+            continue
+        if k >= len(pieces):
+            raise ValueError("the chat template rendered more texts than the messages hold")
+        out.extend(pieces[k])
+        source.extend([-1] * len(pieces[k]))
+        k += 1
+    if k != len(pieces):
+        raise ValueError("the chat template dropped a message text")
+    return out, source

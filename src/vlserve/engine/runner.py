@@ -12,6 +12,7 @@ import torch
 import transformers
 from transformers import AutoProcessor, AutoTokenizer, DynamicCache, GenerationConfig
 
+from vlserve.engine.chat import TEXT_SLOT, hide_texts, splice_texts
 from vlserve.engine.device import DeviceInfo
 
 log = logging.getLogger(__name__)
@@ -53,18 +54,28 @@ class ModelRunner:
         self.max_model_len = int(text_config.max_position_embeddings)
         self.vocab_size = int(text_config.vocab_size)
         self._rope_params = set(inspect.signature(self.model.model.get_rope_index).parameters)
+        self._slot_id = int(self.processor.tokenizer.convert_tokens_to_ids(TEXT_SLOT))
 
     # -- prompt preparation (runs on the preprocessing thread) ---------------------------------
     def prepare(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
-        """Render the chat template and preprocess images; returns CPU tensors."""
+        """Render the chat template and preprocess images; returns CPU tensors.
+
+        Message texts never pass through the template's tokenization: special-token strings in
+        them stay plain text (see ``chat.hide_texts``).
+        """
+        template, texts = hide_texts(messages)
         inputs = self.processor.apply_chat_template(
-            messages,
+            template,
             tokenize=True,
             add_generation_prompt=True,
             return_dict=True,
             return_tensors="pt",
         )
-        return dict(inputs)
+        tokenizer = self.processor.tokenizer
+        pieces = [
+            tokenizer.encode(t, add_special_tokens=False, split_special_tokens=True) for t in texts
+        ]
+        return _splice_inputs(dict(inputs), self._slot_id, pieces)
 
     # -- device work (inference thread) --------------------------------------------------------
     @torch.inference_mode()
@@ -179,6 +190,22 @@ class DecodeBatch:
         ]
         self.positions = [self.positions[i] for i in rows]
         self.rope_deltas = [self.rope_deltas[i] for i in rows]
+
+
+def _splice_inputs(inputs: dict[str, Any], slot_id: int, pieces: list[list[int]]) -> dict[str, Any]:
+    """Put each text's ids in place of its slot token; per-token tensors follow the ids."""
+    ids = inputs["input_ids"]
+    new_ids, source = splice_texts(ids[0].tolist(), slot_id, pieces)
+    index = torch.tensor(source, dtype=torch.long)
+    spliced = index < 0
+    out = dict(inputs)
+    for key, value in inputs.items():
+        if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape == ids.shape:
+            row = value[0].index_select(0, index.clamp(min=0))
+            row[spliced] = 1 if key == "attention_mask" else 0  # text: attended, not an image
+            out[key] = row.view(1, -1)
+    out["input_ids"] = torch.tensor([new_ids], dtype=ids.dtype)
+    return out
 
 
 def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
