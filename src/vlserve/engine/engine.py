@@ -88,6 +88,10 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._main, name="vlserve-engine", daemon=True)
         self._ready = threading.Event()
         self.on_fatal: Callable[[BaseException], None] | None = None
+        # Observation and test hooks, called on the inference thread: before each prefill
+        # (may raise, which fails that request only) and after each decode step (batch size).
+        self.before_prefill: Callable[[GenerationRequest], None] | None = None
+        self.on_decode_step: Callable[[int], None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -231,7 +235,10 @@ class AsyncEngine:
         runner = self.runner
         assert runner is not None
         req = seq.request
+        req.scheduled_time = time.monotonic()
         try:
+            if self.before_prefill is not None:
+                self.before_prefill(req)
             result = runner.prefill(req.inputs)
             seq.sampler = RowSampler(req.sampling, req.prompt_token_ids, self.device.torch_device)
             seq.detok = IncrementalDetokenizer(runner.tokenizer, req.sampling.stop)
@@ -256,6 +263,8 @@ class AsyncEngine:
             batch.keep([])
             rows.clear()
             return
+        if self.on_decode_step is not None:
+            self.on_decode_step(len(rows))
         for seq, token in zip(rows, tokens, strict=True):
             self._on_token(seq, token)
         self._compact(batch, rows)
@@ -341,6 +350,19 @@ class RequestStream:
         if event.finished:
             self._finished = True
         return event
+
+    def fail(self, error: VLServeError) -> None:
+        """End this stream now with ``error`` (e.g. the server is shutting down); the engine
+        drops the request at its next step."""
+        if self._finished:
+            return
+        seq = self._seq
+        self._queue.put_nowait(
+            TokenEvent(
+                "", (), seq.num_prompt_tokens, len(seq.output_ids), FinishReason.ERROR, error
+            )
+        )
+        self._engine._abort(seq)
 
     async def aclose(self) -> None:
         if not self._finished:

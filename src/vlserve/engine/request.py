@@ -71,6 +71,8 @@ class GenerationRequest:
     prompt_token_ids: list[int]
     sampling: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
+    user: str | None = None  # the client's `user` field (fault injection matches on it)
+    scheduled_time: float | None = None  # set by the engine when its prefill starts
 
     @property
     def num_prompt_tokens(self) -> int:
