@@ -53,11 +53,14 @@ def run(
     max_tokens: int = 8,
     retries: int = 3,
     retry_delay: float = 0.01,
+    timeout_s: float = 10.0,
     **load: Any,
 ) -> RunOutcome:
     config = BenchConfig(
         dataset=DatasetConfig(kind="random"),
-        request=RequestOptions(model="m", max_tokens=max_tokens, stream=stream, timeout_s=10),
+        request=RequestOptions(
+            model="m", max_tokens=max_tokens, stream=stream, timeout_s=timeout_s
+        ),
         retry=RetryPolicy(max_retries=retries, retry_delay_s=retry_delay),
         load=LoadConfig(endpoints=tuple(u + "/v1/chat/completions" for u in urls), **load),
     )
@@ -197,3 +200,20 @@ def test_model_name_comes_from_v1_models(stub: StubProcess) -> None:
     )
     outcome = asyncio.run(run_benchmark(config, requests(1)))
     assert outcome.model == "stub-model" and outcome.results[0].success
+
+
+def test_per_request_timeout_is_retried_then_reported(stub: StubProcess) -> None:
+    stub.config(ttft_ms=2000)
+    (r,) = run([stub.url], retries=1, timeout_s=0.3).results
+    assert not r.success and r.retry_count == 1 and "timeout" in (r.error or "")
+    assert 0.3 <= r.latency_s < 1.0
+
+
+def test_unreachable_endpoint_is_a_connection_error_not_a_crash() -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (r,) = run([f"http://127.0.0.1:{port}"], retries=1).results
+    assert not r.success and r.retry_count == 1 and r.error.startswith("connection error")

@@ -142,7 +142,10 @@ async def send_once(
         result.retryable = True
     except aiohttp.ClientError as exc:
         result.error = f"connection error: {type(exc).__name__}: {exc}"[:_MAX_ERROR_CHARS]
-        result.retryable = True
+        # A bad URL or certificate will not get better by retrying.
+        result.retryable = not isinstance(
+            exc, (aiohttp.InvalidURL, aiohttp.ClientConnectorCertificateError)
+        )
     finally:
         result.latency_s = (end if end is not None else time.perf_counter()) - start
     result.success = result.error is None
