@@ -216,4 +216,4 @@ def test_unreachable_endpoint_is_a_connection_error_not_a_crash() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     (r,) = run([f"http://127.0.0.1:{port}"], retries=1).results
-    assert not r.success and r.retry_count == 1 and r.error.startswith("connection error")
+    assert not r.success and r.retry_count == 1 and (r.error or "").startswith("connection error")

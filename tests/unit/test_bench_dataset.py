@@ -8,6 +8,7 @@ import random
 import struct
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -128,7 +129,7 @@ def test_relative_glob_is_relative_to_cwd(data_dir: Path, monkeypatch: pytest.Mo
 def test_shuffle_is_seeded_and_limit_applies_after(data_dir: Path) -> None:
     path = write_jsonl(data_dir / "d.jsonl", [{"id": str(i), "text": "t"} for i in range(20)])
 
-    def ids(**kw: object) -> list[str]:
+    def ids(**kw: Any) -> list[str]:
         return [r.id for r in load_dataset(DatasetConfig(inputs=(str(path),), **kw)).requests]
 
     assert ids(limit=3) == ["0", "1", "2"]
@@ -166,7 +167,7 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 def test_synthetic_requests_text_length_and_images() -> None:
     messages = synthetic_messages(random.Random(0), 50, ((64, 32), (16, 16)), 3)
-    parts = messages[0]["content"]
+    parts: Any = messages[0]["content"]
     sizes = [png_size(decoded(p["image_url"]["url"])[1]) for p in parts[:3]]
     assert sizes == [(64, 32), (16, 16), (64, 32)]
     assert len(parts[3]["text"].split()) == 50

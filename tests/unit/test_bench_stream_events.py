@@ -9,7 +9,7 @@ from vlserve.bench.sse import SSEParser
 
 
 def apply(stream: bytes) -> tuple[RequestResult, str, bool]:
-    result, pieces, done = RequestResult("r", "r"), [], False
+    result, pieces, done = RequestResult("r", "r"), list[str](), False
     parser = SSEParser()
     for n, event in enumerate([*parser.feed(stream), *parser.close()]):
         done = _on_event(event, 0.1 * (n + 1), result, pieces) or done

@@ -16,6 +16,7 @@ from vlserve.bench.config import (
     SLO_METRICS,
     BenchConfig,
     DatasetConfig,
+    DatasetKind,
     LoadConfig,
     OutputConfig,
     RequestOptions,
@@ -252,7 +253,7 @@ def _output_flags(out: argparse._ArgumentGroup) -> None:
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
     """The Namespace stops here: everything below receives this frozen config."""
-    kind = args.dataset or ("image" if args.file else "jsonl")
+    kind: DatasetKind = args.dataset or ("image" if args.file else "jsonl")
     sizes = tuple(_parse_size(s) for s in (args.random_image_size or ["448x448"]))
     dataset = DatasetConfig(
         kind=kind,
