@@ -34,6 +34,7 @@ TARGET_FRACTION = 0.85
 TARGET_CPU_MS_PER_REQUEST = 0.5
 TARGET_CPU_US_PER_CHUNK = 30.0
 _LENGTH = re.compile(rb"(?i)content-length:\s*(\d+)")
+_STREAM = re.compile(rb'"stream"\s*:\s*true')
 
 
 class _StubProtocol(asyncio.Protocol):
@@ -55,7 +56,7 @@ class _StubProtocol(asyncio.Protocol):
             if len(self.buf) < end + 4 + size:
                 return
             body, self.buf = self.buf[end + 4 : end + 4 + size], self.buf[end + 4 + size :]
-            stream = b'"stream":true' in body
+            stream = _STREAM.search(body) is not None
             asyncio.get_running_loop().call_later(self.delay_s, self.answer, stream)
 
     def answer(self, stream: bool) -> None:
