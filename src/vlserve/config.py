@@ -20,6 +20,11 @@ class ServerConfig:
     request_timeout_s: float = 600.0
     shutdown_timeout_s: float = 30.0
     log_level: str = "info"
+    api_keys: tuple[str, ...] = ()  # empty: no authentication
+    cors_origins: tuple[str, ...] = ()  # empty: CORS off
+    max_request_body_bytes: int = 64 * 1024 * 1024
+    max_header_bytes: int = 16 * 1024  # all request headers together (h11's incomplete-event cap)
+    max_headers: int = 100
     media: MediaConfig = field(default_factory=MediaConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -38,6 +43,12 @@ class ServerConfig:
             raise ValueError("default_max_tokens must be at least 1")
         if self.request_timeout_s <= 0 or self.shutdown_timeout_s < 0:
             raise ValueError("timeouts must be positive")
+        if any(not key or key != key.strip() for key in self.api_keys):
+            raise ValueError("API keys must be non-empty and have no surrounding whitespace")
+        if self.max_request_body_bytes < 1024 or self.max_header_bytes < 1024:
+            raise ValueError("max_request_body_bytes and max_header_bytes must be at least 1024")
+        if self.max_headers < 8:
+            raise ValueError("max_headers must be at least 8")
 
     @property
     def model_names(self) -> tuple[str, ...]:

@@ -1,16 +1,22 @@
-"""create_app(): the FastAPI application, its lifespan (load, warm up, ready) and error handlers."""
+"""create_app(): the FastAPI application, its lifespan (load, warm up, ready), middleware, errors."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI
+from starlette.middleware.cors import CORSMiddleware
 
+from vlserve.api.auth import ApiKeys, AuthMiddleware
 from vlserve.api.convert import SamplingDefaults
 from vlserve.api.errors import install_error_handlers
+from vlserve.api.metrics import Metrics
+from vlserve.api.middleware import RequestContextMiddleware
 from vlserve.api.routes import ServerState, router
 from vlserve.config import ServerConfig
 from vlserve.engine.engine import AsyncEngine
@@ -22,6 +28,9 @@ log = logging.getLogger(__name__)
 
 def create_app(config: ServerConfig, engine: AsyncEngine) -> FastAPI:
     """The app serves /health at once; the engine loads on its own thread meanwhile."""
+    metrics = Metrics()
+    metrics.watch_engine(lambda: engine.num_running, lambda: engine.num_waiting)
+    engine.on_decode_step = metrics.batch_size.observe
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -30,14 +39,13 @@ def create_app(config: ServerConfig, engine: AsyncEngine) -> FastAPI:
             media=MediaLoader(config.media),
             model_names=config.accepted_model_names,
             listed_names=config.model_names,
+            metrics=metrics,
             started=int(time.time()),
         )
         app.state.vl = state
+        app.state.loop = asyncio.get_running_loop()
         engine.start()
-        ready = _when_ready(engine, state, config)
-        import asyncio
-
-        task = asyncio.ensure_future(ready)
+        task = asyncio.ensure_future(_when_ready(engine, state, config))
         try:
             yield
         finally:
@@ -48,7 +56,50 @@ def create_app(config: ServerConfig, engine: AsyncEngine) -> FastAPI:
     app = FastAPI(title="vlserve", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(router)
+    # add_middleware puts each new layer outside the previous ones: auth runs innermost, CORS
+    # outermost (so even refusals carry CORS headers a browser can read).
+    if config.api_keys:
+        app.add_middleware(AuthMiddleware, keys=ApiKeys(config.api_keys))
+    app.add_middleware(
+        RequestContextMiddleware,
+        metrics=metrics,
+        max_body_bytes=config.max_request_body_bytes,
+        max_headers=config.max_headers,
+    )
+    if config.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(config.cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["authorization", "content-type", "x-request-id"],
+            expose_headers=["x-request-id", "retry-after"],
+            max_age=600,
+        )
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def begin_drain(app: FastAPI, timeout_s: float) -> None:
+    """From the SIGTERM handler: hand the drain over to the event loop (signal-safe)."""
+    state: ServerState | None = getattr(app.state, "vl", None)
+    loop: asyncio.AbstractEventLoop | None = getattr(app.state, "loop", None)
+    if state is not None and loop is not None:
+        loop.call_soon_threadsafe(state.start_draining, timeout_s)
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, minus the 422 it documents by default: validation errors are 400s."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 async def _when_ready(engine: AsyncEngine, state: ServerState, config: ServerConfig) -> None:

@@ -7,8 +7,14 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
+from types import FrameType
 
+from vlserve.api.auth import parse_keys
+from vlserve.api.faults import ENV_VAR as FAULT_ENV_VAR
+from vlserve.api.faults import fault_hook
 from vlserve.config import ServerConfig
+from vlserve.engine.request import GenerationRequest
 from vlserve.engine.scheduler import SchedulerConfig
 from vlserve.media.config import MediaConfig
 
@@ -76,6 +82,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
+    _add_hardening_arguments(p)
     b = p.add_argument_group("batching")
     b.add_argument("--max-num-seqs", type=int, default=16, help="requests decoded together")
     b.add_argument(
@@ -117,6 +124,42 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_hardening_arguments(p: argparse.ArgumentParser) -> None:
+    h = p.add_argument_group("access and limits (docs/HARDENING.md)")
+    h.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on /v1 routes; repeat for several keys "
+        "(env VLSERVE_API_KEY, comma-separated; default: no authentication)",
+    )
+    h.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="allow browser requests from ORIGIN (repeatable; '*' for any); default: CORS off",
+    )
+    h.add_argument(
+        "--max-request-body-bytes",
+        type=int,
+        default=64 * 1024 * 1024,
+        metavar="N",
+        help="larger request bodies get 413 (counted while reading)",
+    )
+    h.add_argument(
+        "--max-header-bytes",
+        type=int,
+        default=16 * 1024,
+        metavar="N",
+        help="request line and headers together; more gets 431",
+    )
+    h.add_argument(
+        "--max-headers", type=int, default=100, metavar="N", help="more request headers gets 431"
+    )
+
+
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     names = tuple(args.served_model_name or ())
     if not names and _env("MODEL_ID"):
@@ -132,6 +175,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         request_timeout_s=args.request_timeout,
         shutdown_timeout_s=args.shutdown_timeout,
         log_level=args.log_level,
+        api_keys=parse_keys(args.api_key, _env("VLSERVE_API_KEY")),
+        cors_origins=tuple(dict.fromkeys(args.cors_origin)),
+        max_request_body_bytes=args.max_request_body_bytes,
+        max_header_bytes=args.max_header_bytes,
+        max_headers=args.max_headers,
         media=MediaConfig(
             max_image_pixels=args.max_image_pixels,
             max_images_per_request=args.max_images_per_request,
@@ -157,20 +205,24 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         config = config_from_args(args)
+        fault = fault_hook(os.environ.get(FAULT_ENV_VAR))
     except ValueError as exc:
         log.error("invalid configuration: %s", exc)
         return 2
     if not os.path.isdir(config.model_path):
         log.error("model directory %s does not exist (--model or MODEL_PATH)", config.model_path)
         return 2
-    return serve(config)
+    if fault is not None:
+        log.warning("%s is set: requests will fail on purpose (testing only)", FAULT_ENV_VAR)
+    return serve(config, fault)
 
 
-def serve(config: ServerConfig) -> int:
+def serve(config: ServerConfig, fault: Callable[[GenerationRequest], None] | None = None) -> int:
     """Run the server until SIGINT/SIGTERM (exit 0) or a fatal engine error (exit 1)."""
     import uvicorn
 
-    from vlserve.api.app import create_app
+    from vlserve.api.app import begin_drain, create_app
+    from vlserve.api.http11 import OpenAIErrorH11Protocol
     from vlserve.engine.device import resolve_device
     from vlserve.engine.engine import AsyncEngine, EngineConfig
     from vlserve.errors import DeviceUnavailableError
@@ -184,14 +236,27 @@ def serve(config: ServerConfig) -> int:
     engine = AsyncEngine(
         EngineConfig(config.model_path, config.scheduler, config.request_timeout_s), device
     )
-    server = uvicorn.Server(
+    engine.before_prefill = fault
+    app = create_app(config, engine)
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            first = not self.should_exit
+            super().handle_exit(sig, frame)
+            if first:
+                begin_drain(app, config.shutdown_timeout_s)
+
+    server = Server(
         uvicorn.Config(
-            create_app(config, engine),
+            app,
             host=config.host,
             port=config.port,
             log_level=config.log_level,
-            timeout_graceful_shutdown=int(config.shutdown_timeout_s),
-            access_log=False,
+            timeout_graceful_shutdown=config.shutdown_timeout_s,  # type: ignore[arg-type]
+            access_log=False,  # one line per request comes from vlserve.request instead
+            # h11 explicitly: its header-size limit is the one enforced (httptools has none)
+            http=OpenAIErrorH11Protocol,
+            h11_max_incomplete_event_size=config.max_header_bytes,
         )
     )
     fatal: list[BaseException] = []

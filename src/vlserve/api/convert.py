@@ -5,11 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from vlserve.api.protocol import ChatCompletionRequest
+from vlserve.api.protocol import MAX_STOP_STRINGS, ChatCompletionRequest
 from vlserve.engine.request import SamplingParams
 from vlserve.errors import ContextLengthError, InvalidRequestError
-
-MAX_STOP_STRINGS = 16
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -9,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
 
 from vlserve.errors import EngineUnavailableError, OverloadedError, VLServeError
 
@@ -24,6 +26,8 @@ _STATUS_TYPES = {
     415: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
+    431: "invalid_request_error",
+    503: "service_unavailable",
 }
 
 
@@ -33,6 +37,25 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 
 def body_for(exc: VLServeError) -> dict[str, Any]:
     return error_body(exc.message, exc.type, exc.param, exc.code)
+
+
+async def send_error(
+    send: Send,
+    status: int,
+    message: str,
+    code: str,
+    headers: tuple[tuple[bytes, bytes], ...] = (),
+) -> None:
+    """Answer from an ASGI middleware (before any route runs) with an OpenAI error body."""
+    type_ = _STATUS_TYPES.get(status, "internal_error")
+    body = json.dumps(error_body(message, type_, None, code)).encode()
+    start_headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *headers,
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": start_headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def response_for(exc: VLServeError) -> JSONResponse:
@@ -81,19 +104,29 @@ def validation_error(exc: RequestValidationError) -> JSONResponse:
     )
 
 
+def _note(request: Request, code: str) -> None:
+    """Put the error's code on the request's record (for the request log line)."""
+    record = getattr(request.state, "record", None)
+    if record is not None:
+        record.error_code = code
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(VLServeError)
-    async def _vlserve(_: Request, exc: VLServeError) -> JSONResponse:
+    async def _vlserve(request: Request, exc: VLServeError) -> JSONResponse:
         if exc.status >= 500:
             log.warning("request failed: %s", exc.message)
+        _note(request, exc.code or exc.type)
         return response_for(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        _note(request, "invalid_value")
         return validation_error(exc)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        _note(request, f"http_{exc.status_code}")
         type_ = _STATUS_TYPES.get(exc.status_code, "internal_error")
         return JSONResponse(
             error_body(str(exc.detail), type_, None, None),

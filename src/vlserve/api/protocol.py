@@ -6,7 +6,21 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-_STRICT = ConfigDict(extra="forbid")  # an unknown field is a 400 that names it
+# An unknown field is a 400 that names it; NaN and infinities (Python's json accepts them) too.
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+# Bounds on everything a client sizes. The body cap (--max-request-body-bytes) bounds the whole;
+# these keep any one field from costing more than its purpose needs.
+MAX_MESSAGES = 1024
+MAX_PARTS_PER_MESSAGE = 256
+MAX_TEXT_CHARS = 1_000_000  # per text; the context check bounds the tokens
+MAX_NAME_CHARS = 256  # model, message name, user
+MAX_STOP_STRINGS = 16
+MAX_STOP_CHARS = 256
+MAX_STOP_TOKEN_IDS = 64
+MAX_TOKENS = 2**31 - 1  # larger than any context: the context check gives the precise limit
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # int64, as OpenAI's clients send
+MAX_LIST_FIELD = 128  # tools, logit_bias, metadata: refused or ignored, still bounded
 
 
 class ImageURL(BaseModel):
@@ -18,7 +32,7 @@ class ImageURL(BaseModel):
 class TextPart(BaseModel):
     model_config = _STRICT
     type: Literal["text"]
-    text: str
+    text: str = Field(max_length=MAX_TEXT_CHARS)
 
 
 class ImagePart(BaseModel):
@@ -33,8 +47,12 @@ ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 class ChatMessage(BaseModel):
     model_config = _STRICT
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
-    name: str | None = None
+    content: (
+        Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+        | Annotated[list[ContentPart], Field(max_length=MAX_PARTS_PER_MESSAGE)]
+        | None
+    ) = None
+    name: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
 
     @model_validator(mode="after")
     def _content_required(self) -> ChatMessage:
@@ -57,36 +75,45 @@ class ResponseFormat(BaseModel):
 class ChatCompletionRequest(BaseModel):
     model_config = _STRICT
 
-    model: str
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    model: str = Field(max_length=MAX_NAME_CHARS)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = Field(default=None, ge=-1)
+    top_k: int | None = Field(default=None, ge=-1, le=1_000_000)
     min_p: float | None = Field(default=None, ge=0, le=1)
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = Field(default=None, max_length=64)
-    seed: int | None = None
+    stop: (
+        Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+        | Annotated[
+            list[Annotated[str, Field(max_length=MAX_STOP_CHARS)]],
+            Field(max_length=MAX_STOP_STRINGS),
+        ]
+        | None
+    ) = None
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=2**31 - 1)]] | None = Field(
+        default=None, max_length=MAX_STOP_TOKEN_IDS
+    )
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     ignore_eos: bool = False
-    n: int = Field(default=1, ge=1)
-    user: str | None = None
+    n: int = Field(default=1, ge=1, le=128)
+    user: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Accepted only with values that change nothing; anything else is a 400 naming the field.
     logprobs: bool | None = None
-    top_logprobs: int | None = None
-    logit_bias: dict[str, float] | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LIST_FIELD)
     response_format: ResponseFormat | None = None
-    tools: list[Any] | None = None
+    tools: list[Any] | None = Field(default=None, max_length=MAX_LIST_FIELD)
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
     store: bool | None = None
-    metadata: dict[str, str] | None = None
-    service_tier: str | None = None
+    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+    service_tier: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
 
 
 class ModelCard(BaseModel):
@@ -151,6 +178,15 @@ class ChatCompletionChunk(BaseModel):
     choices: list[ChunkChoice]
     usage: Usage | None = None
     system_fingerprint: str | None = None
+
+
+class Health(BaseModel):
+    status: str
+    model: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    running: int | None = None
+    waiting: int | None = None
 
 
 class ErrorBody(BaseModel):

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from vlserve.api import protocol as p
 from vlserve.api.convert import SamplingDefaults, check_supported, to_sampling
 from vlserve.api.errors import body_for
+from vlserve.api.metrics import Metrics, RequestRecord
 from vlserve.api.sse import DONE, frame
 from vlserve.engine.chat import attach_images, split_messages
 from vlserve.engine.engine import AsyncEngine, EngineState, RequestStream
@@ -34,21 +36,62 @@ class ServerState:
     media: MediaLoader
     model_names: tuple[str, ...]  # every name a request may use
     listed_names: tuple[str, ...]  # the names /v1/models reports
+    metrics: Metrics
     defaults: SamplingDefaults | None = None
     started: int = 0
+    draining: bool = False  # SIGTERM received: new requests get 503
+    drain_expired: bool = False  # the drain deadline passed: in-flight requests end with 503
+    streams: set[RequestStream] = field(default_factory=set)  # in-flight generations
+
+    def start_draining(self, timeout_s: float) -> None:
+        """Stop taking requests; end those still running shortly before uvicorn would cut them."""
+        if self.draining:
+            return
+        self.draining = True
+        margin_s = min(1.0, timeout_s / 4)
+        asyncio.get_running_loop().call_later(timeout_s - margin_s, self._expire_drain)
+
+    def _expire_drain(self) -> None:
+        self.drain_expired = True
+        if self.streams:
+            log.warning("shutdown deadline: ending %d request(s) with 503", len(self.streams))
+        for stream in list(self.streams):
+            stream.fail(_shutting_down())
+
+
+def _shutting_down() -> EngineUnavailableError:
+    return EngineUnavailableError("the server is shutting down; retry", retry_after_s=1)
 
 
 def _state(request: Request) -> ServerState:
     return request.app.state.vl
 
 
-@router.get("/health")
+def _record(request: Request) -> RequestRecord:
+    record = getattr(request.state, "record", None)
+    if record is None:  # only when the app runs without its middleware (never in vlserve serve)
+        record = RequestRecord(request_id=uuid.uuid4().hex, method=request.method, path="")
+        request.state.record = record
+    return record
+
+
+_ERRORS = {status: {"model": p.ErrorResponse} for status in (401, 413, 431, 503)}
+_CHAT_ERRORS = {
+    status: {"model": p.ErrorResponse} for status in (400, 401, 404, 413, 429, 431, 500, 503, 504)
+}
+
+
+@router.get(
+    "/health",
+    response_model=p.Health,
+    responses={503: {"model": p.Health, "description": "loading, draining or failed"}},
+)
 async def health(request: Request) -> Response:
     state = _state(request)
     engine = state.engine
-    if engine.state is not EngineState.READY:
+    if engine.state is not EngineState.READY or state.draining:
         status = 503
-        body = {"status": engine.state.value}
+        body = {"status": "draining" if state.draining else engine.state.value}
         return JSONResponse(body, status_code=status, headers={"Retry-After": "5"})
     return JSONResponse(
         {
@@ -62,7 +105,13 @@ async def health(request: Request) -> Response:
     )
 
 
-@router.get("/v1/models", response_model=p.ModelList)
+@router.get("/metrics", response_class=PlainTextResponse)
+async def metrics(request: Request) -> Response:
+    m = _state(request).metrics
+    return Response(m.render(), media_type=m.content_type)
+
+
+@router.get("/v1/models", response_model=p.ModelList, responses=_ERRORS)
 async def list_models(request: Request) -> p.ModelList:
     state = _state(request)
     runner = state.engine.runner
@@ -83,36 +132,71 @@ async def list_models(request: Request) -> p.ModelList:
     "/v1/chat/completions",
     response_model=p.ChatCompletion,
     responses={
-        400: {"model": p.ErrorResponse},
-        404: {"model": p.ErrorResponse},
-        429: {"model": p.ErrorResponse},
-        503: {"model": p.ErrorResponse},
+        200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+        **_CHAT_ERRORS,
     },
 )
 async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> Response:
     state = _state(request)
+    if state.draining:
+        raise _shutting_down()
     if body.model not in state.model_names:
         raise NotFoundError(
             f"the model {body.model!r} does not exist; this server serves "
             f"{', '.join(repr(n) for n in state.listed_names)}",
             param="model",
         )
+    record = _record(request)
+    record.model = body.model
     check_supported(body)
-    gen_request = await _build_request(state, body)
+    gen_request = await _build_request(state, body, record.request_id)
     completion_id = f"chatcmpl-{uuid.uuid4().hex}"
     events = state.engine.submit(gen_request)
+    state.streams.add(events)
+    if state.drain_expired:
+        events.fail(_shutting_down())
+    track = functools.partial(_track, record, gen_request)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        stream = _sse(events, completion_id, body.model, include_usage)
+        stream = _sse(events, completion_id, body.model, include_usage, track)
         return StreamingResponse(
-            stream,
+            _forget_after(state, events, stream),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    return await _complete(events, completion_id, body.model, request)
+    try:
+        return await _complete(events, completion_id, body.model, request, track)
+    finally:
+        state.streams.discard(events)
 
 
-async def _build_request(state: ServerState, body: p.ChatCompletionRequest) -> GenerationRequest:
+async def _forget_after(
+    state: ServerState, events: RequestStream, stream: AsyncIterator[bytes]
+) -> AsyncIterator[bytes]:
+    try:
+        async for frame_bytes in stream:
+            yield frame_bytes
+    finally:
+        state.streams.discard(events)
+
+
+def _track(record: RequestRecord, request: GenerationRequest, event: TokenEvent) -> None:
+    """Fill the request's record from its events (TTFT, queue time, tokens, finish)."""
+    if record.ttft_s is None and event.num_completion_tokens:
+        record.first_token()
+        if request.scheduled_time is not None:
+            record.queue_s = request.scheduled_time - request.arrival_time
+    if event.finished:
+        record.prompt_tokens = event.num_prompt_tokens
+        record.completion_tokens = event.num_completion_tokens
+        record.finish_reason = event.finish_reason.value  # type: ignore[union-attr]
+        if event.error is not None:
+            record.error_code = event.error.code
+
+
+async def _build_request(
+    state: ServerState, body: p.ChatCompletionRequest, request_id: str
+) -> GenerationRequest:
     engine = state.engine
     runner = engine.runner
     if runner is None or engine.state is not EngineState.READY or state.defaults is None:
@@ -130,7 +214,11 @@ async def _build_request(state: ServerState, body: p.ChatCompletionRequest) -> G
         vocab_size=runner.vocab_size,
     )
     return GenerationRequest(
-        request_id=uuid.uuid4().hex, inputs=inputs, prompt_token_ids=prompt_ids, sampling=sampling
+        request_id=request_id,
+        inputs=inputs,
+        prompt_token_ids=prompt_ids,
+        sampling=sampling,
+        user=body.user,
     )
 
 
@@ -150,10 +238,14 @@ def _raise_if_failed(event: TokenEvent) -> None:
 
 
 async def _complete(
-    events: RequestStream, completion_id: str, model: str, request: Request
+    events: RequestStream,
+    completion_id: str,
+    model: str,
+    request: Request,
+    track: Callable[[TokenEvent], None],
 ) -> Response:
     """Collect a whole completion, aborting it if the client goes away meanwhile."""
-    collect = asyncio.ensure_future(_collect(events))
+    collect = asyncio.ensure_future(_collect(events, track))
     try:
         while not collect.done():
             await asyncio.wait({collect}, timeout=_DISCONNECT_POLL_S)
@@ -183,10 +275,13 @@ async def _complete(
     return Response(completion.model_dump_json(), media_type="application/json")
 
 
-async def _collect(events: AsyncIterator[TokenEvent]) -> tuple[str, TokenEvent]:
+async def _collect(
+    events: AsyncIterator[TokenEvent], track: Callable[[TokenEvent], None]
+) -> tuple[str, TokenEvent]:
     pieces: list[str] = []
     last: TokenEvent | None = None
     async for event in events:
+        track(event)
         pieces.append(event.text)
         last = event
     assert last is not None  # the engine always ends a request with a finishing event
@@ -194,7 +289,11 @@ async def _collect(events: AsyncIterator[TokenEvent]) -> tuple[str, TokenEvent]:
 
 
 async def _sse(
-    events: RequestStream, completion_id: str, model: str, include_usage: bool
+    events: RequestStream,
+    completion_id: str,
+    model: str,
+    include_usage: bool,
+    track: Callable[[TokenEvent], None],
 ) -> AsyncIterator[bytes]:
     created = int(time.time())
 
@@ -211,6 +310,7 @@ async def _sse(
     try:
         yield chunk(p.Delta(role="assistant", content=""))
         async for event in events:
+            track(event)
             if event.text:
                 yield chunk(p.Delta(content=event.text))
             if not event.finished:

@@ -1,0 +1,182 @@
+"""Every request's frame: request id, header and body limits, metrics, one log line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from vlserve.api.errors import send_error
+from vlserve.api.metrics import Metrics, RequestRecord
+
+log = logging.getLogger("vlserve.request")
+
+MAX_REQUEST_ID_CHARS = 128
+_UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._:-]")
+_LOGFMT_SAFE = re.compile(r"[A-Za-z0-9._:/@+-]+")
+_QUIET_PATHS = frozenset({"/health", "/metrics"})  # polled every few seconds: logged at DEBUG
+_CLIENT_CLOSED = 499  # nginx's convention for "the client went away before the answer"
+
+
+def request_id_from(value: bytes | None) -> str:
+    """The client's ``x-request-id`` with unsafe characters dropped and capped, or a new one."""
+    if value:
+        cleaned = _UNSAFE_ID_CHARS.sub("", value.decode("latin-1"))[:MAX_REQUEST_ID_CHARS]
+        if cleaned:
+            return cleaned
+    return uuid.uuid4().hex
+
+
+def log_line(record: RequestRecord, e2e_s: float) -> str:
+    """One logfmt line; client-controlled values are quoted so they cannot forge fields or lines."""
+    fields: dict[str, Any] = {
+        "id": record.request_id,
+        "method": record.method,
+        "path": record.path,
+        "status": record.status,
+        "model": record.model,
+        "prompt_tokens": record.prompt_tokens,
+        "completion_tokens": record.completion_tokens,
+        "ttft_ms": None if record.ttft_s is None else round(record.ttft_s * 1000, 1),
+        "queue_ms": None if record.queue_s is None else round(record.queue_s * 1000, 1),
+        "e2e_ms": round(e2e_s * 1000, 1),
+        "finish_reason": record.finish_reason,
+        "error": record.error_code,
+    }
+    return "request " + " ".join(f"{k}={_logfmt(v)}" for k, v in fields.items() if v is not None)
+
+
+def _logfmt(value: object) -> str:
+    text = str(value)
+    return text if _LOGFMT_SAFE.fullmatch(text) else json.dumps(text)
+
+
+class RequestContextMiddleware:
+    """Outermost app layer (inside CORS): gives each request a record and enforces the limits.
+
+    The body is read here, counting bytes as they arrive (Content-Length is not trusted, only
+    used to refuse early), and replayed to the app; reading it all first costs nothing since
+    the JSON parser needs all of it anyway.
+    """
+
+    def __init__(
+        self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int, max_headers: int
+    ) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+        self.max_headers = max_headers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = scope["headers"]
+        record = RequestRecord(
+            request_id=request_id_from(_header(headers, b"x-request-id")),
+            method=scope["method"],
+            path=scope["path"],
+        )
+        scope.setdefault("state", {})["record"] = record
+        id_header = (b"x-request-id", record.request_id.encode())
+        started = completed = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started, completed
+            if message["type"] == "http.response.start":
+                started = True
+                record.status = message["status"]
+                rest = [h for h in message.get("headers", []) if h[0].lower() != b"x-request-id"]
+                message = {**message, "headers": [*rest, id_header]}
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                completed = True
+            await send(message)
+
+        try:
+            replay = await self._admit(headers, receive, send_with_id, record)
+            if replay is not None:
+                await self.app(scope, replay, send_with_id)
+        except Exception:
+            log.exception("unhandled error in request %s", record.request_id)
+            if started:
+                raise  # the response is half sent: only closing the connection tells the client
+            record.error_code = "internal_error"
+            await send_error(send_with_id, 500, "internal server error", "internal_error")
+        finally:
+            if not completed:
+                record.status = _CLIENT_CLOSED  # gone mid-answer, or cancelled at shutdown
+            self._finish(record)
+
+    async def _admit(
+        self,
+        headers: list[tuple[bytes, bytes]],
+        receive: Receive,
+        send: Send,
+        record: RequestRecord,
+    ) -> Receive | None:
+        """Check the header count and read the body under the cap; None if refused."""
+        close = ((b"connection", b"close"),)
+        if len(headers) > self.max_headers:
+            record.error_code = "too_many_headers"
+            await send_error(
+                send, 431, f"more than {self.max_headers} request headers", "too_many_headers"
+            )
+            return None
+        declared = _header(headers, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            record.error_code = "payload_too_large"
+            await send_error(send, 413, self._too_large(), "payload_too_large", close)
+            return None
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                record.error_code = "payload_too_large"
+                await send_error(send, 413, self._too_large(), "payload_too_large", close)
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return _replay(b"".join(chunks), receive)
+
+    def _too_large(self) -> str:
+        return f"request body exceeds the server's limit of {self.max_body_bytes} bytes"
+
+    def _finish(self, record: RequestRecord) -> None:
+        e2e_s = time.perf_counter() - record.start
+        self.metrics.observe(record, e2e_s)
+        level = logging.DEBUG if record.path in _QUIET_PATHS else logging.INFO
+        if log.isEnabledFor(level):
+            log.log(level, "%s", log_line(record, e2e_s))
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive() that first hands out the buffered body, then defers to the real one
+    (which later reports the client's disconnect)."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
