@@ -150,3 +150,25 @@ def test_sample_dataset_and_single_image(stub: StubProcess, tmp_path: Path) -> N
     )
     assert done.returncode == 0, done.stderr
     assert [r["id"] for r in lines(out)] == ["red_circle.png"]
+
+
+def test_ctrl_c_stops_cleanly_with_a_summary_and_no_spurious_failures(
+    stub: StubProcess, tmp_path: Path
+) -> None:
+    stub.config(ttft_ms=200)
+    out = tmp_path / "r.jsonl"
+    args = bench_args(stub, out, "--dataset", "random", "--num-requests", "200", "--max-concurrency", "4", "--max-retries", "0", "--no-plots")  # fmt: skip
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # shells may ignore it
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while (not out.exists() or len(lines(out)) < 4) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 130, stderr
+    rows = lines(out)
+    assert 4 <= len(rows) < 200 and all(r["success"] for r in rows)  # in-flight ones not recorded
+    summary = json.loads((tmp_path / "r.summary.json").read_text())
+    assert summary["successful"] == len(rows) and "Successful requests" in stdout

@@ -150,23 +150,43 @@ class _Phase:
         tasks: set[asyncio.Task[None]] = set()
         self.start = time.perf_counter()
         deadline = math.inf if duration_s is None else self.start + duration_s
+        try:
+            await self._dispatch(plan, offsets, deadline, semaphore, tasks)
+            if tasks:
+                await asyncio.gather(*tasks)
+        except BaseException:
+            # Interrupted (Ctrl-C cancels the run): cancel what is in flight before the session
+            # closes under it, so that no request is recorded as a spurious connection error.
+            pending = list(tasks)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            raise
+        return time.perf_counter() - self.start
+
+    async def _dispatch(
+        self,
+        plan: Iterable[tuple[str, BenchRequest]],
+        offsets: Iterator[float],
+        deadline: float,
+        semaphore: asyncio.Semaphore,
+        tasks: set[asyncio.Task[None]],
+    ) -> None:
+        """Start each request when it is due and a concurrency slot is free."""
         for (request_id, request), offset in zip(plan, offsets, strict=False):
             due = self.start + offset
             if due >= deadline:
-                break
+                return
             delay = due - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
             await semaphore.acquire()
             if time.perf_counter() >= deadline:
                 semaphore.release()
-                break
+                return
             task = asyncio.create_task(self._request(request_id, request, due, semaphore))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
-        if tasks:
-            await asyncio.gather(*tasks)
-        return time.perf_counter() - self.start
 
     async def _request(
         self, request_id: str, request: BenchRequest, due: float, semaphore: asyncio.Semaphore

@@ -114,6 +114,8 @@ class StubServer:
                 action = "500"
             self.actions.append(action)
             return await self._answer(request, body, action)
+        except ConnectionResetError:  # the client went away (e.g. an interrupted benchmark)
+            return web.Response(status=499)
         finally:
             self.in_flight -= 1
 
