@@ -210,7 +210,7 @@ def _content(content: Any, inliner: ImageInliner, here: Path) -> Any:
             url = url.get("url") if isinstance(url, dict) else url
             part = {
                 **part,
-                "image_url": {**_dict(part["image_url"]), "url": _inline(url, inliner, here)},
+                "image_url": {**_dict(part.get("image_url")), "url": _inline(url, inliner, here)},
             }
         elif kind == "image":  # Qwen-style {"type": "image", "image": path}
             part = _image_part(part.get("image"), inliner, here)
