@@ -75,7 +75,7 @@ async def _drive(engine: AsyncEngine, rng: random.Random, count: int):  # type: 
             {
                 "messages": _messages(rng),
                 "max_tokens": rng.randrange(3, 28),
-                "delay_s": rng.random() * 0.8,
+                "delay_s": 0.0 if rng.random() < 0.4 else rng.random() * 0.8,  # bursts and trickles
                 "cancel_after": rng.randrange(1, 4) if rng.random() < 0.2 else None,
                 "id": f"r{i}",
             }

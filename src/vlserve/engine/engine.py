@@ -183,8 +183,8 @@ class AsyncEngine:
                         break
                     self._drop_cancelled(batch, rows)
                     plan = self._scheduler.schedule()
-                for seq in plan.admitted:
-                    self._prefill(seq, batch, rows)
+                if plan.admitted:
+                    self._prefill(plan.admitted, batch, rows)
                 if rows:
                     self._decode(batch, rows)
         except BaseException as exc:
@@ -210,10 +210,11 @@ class AsyncEngine:
                 "content": [{"type": "image", "image": image}, {"type": "text", "text": "warm up"}],
             }
         ]
-        result = runner.prefill(runner.prepare(messages))
+        text_only = [{"role": "user", "content": [{"type": "text", "text": "warm up, twice"}]}]
+        result = runner.prefill([runner.prepare(messages), runner.prepare(text_only)])
         batch = DecodeBatch(self.device.torch_device)
-        batch.add(result, result.kv[0][0].shape[-2])
-        runner.decode(batch, [int(result.logits.argmax())])
+        batch.add(result)
+        runner.decode(batch, result.logits.argmax(-1).tolist())
 
     def _drop_cancelled(self, batch: DecodeBatch, rows: list[_Sequence]) -> None:
         """Under the lock: remove aborted and expired requests before the next step."""
@@ -231,25 +232,27 @@ class AsyncEngine:
                 )
         self._compact(batch, rows)
 
-    def _prefill(self, seq: _Sequence, batch: DecodeBatch, rows: list[_Sequence]) -> None:
+    def _prefill(self, seqs: list[_Sequence], batch: DecodeBatch, rows: list[_Sequence]) -> None:
+        """Prefill the newcomers together, sample their first tokens, join them to the batch."""
         runner = self.runner
         assert runner is not None
-        req = seq.request
-        req.scheduled_time = time.monotonic()
         try:
-            if self.before_prefill is not None:
-                self.before_prefill(req)
-            result = runner.prefill(req.inputs)
-            seq.sampler = RowSampler(req.sampling, req.prompt_token_ids, self.device.torch_device)
-            seq.detok = IncrementalDetokenizer(runner.tokenizer, req.sampling.stop)
-            token = sample_batch(result.logits.view(1, -1), [seq.sampler])[0]
+            result = runner.prefill([seq.request.inputs for seq in seqs])
+            for seq in seqs:
+                req = seq.request
+                seq.sampler = RowSampler(
+                    req.sampling, req.prompt_token_ids, self.device.torch_device
+                )
+                seq.detok = IncrementalDetokenizer(runner.tokenizer, req.sampling.stop)
+            tokens = sample_batch(result.logits, [seq.sampler for seq in seqs])  # type: ignore[misc]
         except Exception as exc:
-            self._fail(exc, [seq])
+            self._fail(exc, seqs)
             return
-        req.inputs = {}  # free pixel tensors early
-        batch.add(result, req.num_prompt_tokens)
-        rows.append(seq)
-        self._on_token(seq, token)
+        batch.add(result)
+        for seq, token in zip(seqs, tokens, strict=True):
+            seq.request.inputs = {}  # free pixel tensors early
+            rows.append(seq)
+            self._on_token(seq, token)
         self._compact(batch, rows)
 
     def _decode(self, batch: DecodeBatch, rows: list[_Sequence]) -> None:

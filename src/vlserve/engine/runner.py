@@ -27,9 +27,13 @@ KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (batch, kv_heads, seq
 
 @dataclass
 class PrefillResult:
-    logits: torch.Tensor  # (vocab,) float32
-    kv: KV  # one row
-    rope_delta: int  # multimodal position offset, constant for the rest of the request
+    """Rows just prefilled together, ready to join the decode batch."""
+
+    logits: torch.Tensor  # (rows, vocab) float32, last position of each row
+    kv: KV  # (rows, kv_heads, width, head_dim) per layer, left-padded
+    mask: torch.Tensor  # (rows, width): 1 on real positions
+    lengths: list[int]  # prompt length of each row
+    rope_deltas: list[int]  # multimodal position offset of each row, constant from now on
 
 
 class ModelRunner:
@@ -53,6 +57,8 @@ class ModelRunner:
         text_config = getattr(self.model.config, "text_config", self.model.config)
         self.max_model_len = int(text_config.max_position_embeddings)
         self.vocab_size = int(text_config.vocab_size)
+        pad = self.tokenizer.pad_token_id
+        self._pad_id = int(pad if pad is not None else min(self.eos_token_ids))
         self._rope_params = set(inspect.signature(self.model.model.get_rope_index).parameters)
         self._slot_id = int(self.processor.tokenizer.convert_tokens_to_ids(TEXT_SLOT))
 
@@ -79,22 +85,50 @@ class ModelRunner:
 
     # -- device work (inference thread) --------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, inputs: dict[str, Any]) -> PrefillResult:
-        """Run one prompt alone; returns its last-position logits, its cache and rope delta."""
+    def prefill(self, prompts: list[dict[str, Any]]) -> PrefillResult:
+        """Run several prompts in one left-padded forward; returns their logits, cache and deltas.
+
+        Images of all prompts go through the vision tower together. Each row keeps its own
+        multimodal positions, computed alone, so a row's numbers do not depend on its neighbours.
+        """
         dev = self.device.torch_device
-        batch = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in inputs.items()}
-        positions, delta = self._positions(batch)
+        rows = [
+            {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in p.items()}
+            for p in prompts
+        ]
+        lengths = [row["input_ids"].shape[1] for row in rows]
+        width = max(lengths)
+        positions, deltas = zip(*(self._positions(row) for row in rows), strict=True)
+        batch: dict[str, Any] = {
+            "input_ids": torch.cat([_left_pad(r["input_ids"], width, self._pad_id) for r in rows]),
+            "attention_mask": torch.cat(
+                [_left_pad(torch.ones_like(r["input_ids"]), width) for r in rows]
+            ),
+        }
+        for key in ("pixel_values", "image_grid_thw"):
+            parts = [r[key] for r in rows if r.get(key) is not None]
+            if parts:
+                batch[key] = torch.cat(parts)
+        if rows[0].get("mm_token_type_ids") is not None:  # transformers 5.x
+            batch["mm_token_type_ids"] = torch.cat(
+                [_left_pad(r["mm_token_type_ids"], width) for r in rows]
+            )
         cache = DynamicCache()
         out = self.model(
             **batch,
-            position_ids=positions,
+            position_ids=torch.cat([_left_pad(p, width) for p in positions], dim=1),
             use_cache=True,
             logits_to_keep=1,
             **{_CACHE_KW: cache},
         )
         cache = _output_cache(out, cache)
-        kv = [(layer.keys, layer.values) for layer in cache.layers]
-        return PrefillResult(logits=out.logits[0, -1].float(), kv=kv, rope_delta=delta)
+        return PrefillResult(
+            logits=out.logits[:, -1].float(),
+            kv=[(layer.keys, layer.values) for layer in cache.layers],
+            mask=batch["attention_mask"],
+            lengths=lengths,
+            rope_deltas=list(deltas),
+        )
 
     def _positions(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
         """4-row position ids (text, t, h, w) of one prompt, computed per request.
@@ -155,13 +189,12 @@ class DecodeBatch:
     def __len__(self) -> int:
         return len(self.positions)
 
-    def add(self, prefill: PrefillResult, length: int) -> None:
-        """Append a freshly prefilled row of ``length`` tokens."""
-        row_mask = torch.ones(1, length, dtype=torch.long, device=self.device)
+    def add(self, prefill: PrefillResult) -> None:
+        """Append freshly prefilled rows, re-padding everyone to the common width."""
         if not self.positions:
-            self.kv, self.mask = prefill.kv, row_mask
+            self.kv, self.mask = prefill.kv, prefill.mask
         else:
-            width = max(self.mask.shape[1], length)
+            width = max(self.mask.shape[1], prefill.mask.shape[1])
             self.kv = [
                 (
                     torch.cat([_left_pad(k, width), _left_pad(nk, width)], 0),
@@ -169,9 +202,9 @@ class DecodeBatch:
                 )
                 for (k, v), (nk, nv) in zip(self.kv, prefill.kv, strict=True)
             ]
-            self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(row_mask, width)], 0)
-        self.positions.append(length)
-        self.rope_deltas.append(prefill.rope_delta)
+            self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(prefill.mask, width)], 0)
+        self.positions.extend(prefill.lengths)
+        self.rope_deltas.extend(prefill.rope_deltas)
 
     def keep(self, rows: list[int]) -> None:
         """Keep only ``rows`` (indices, in order), trimming all-padding columns."""
@@ -208,15 +241,15 @@ def _splice_inputs(inputs: dict[str, Any], slot_id: int, pieces: list[list[int]]
     return out
 
 
-def _left_pad(t: torch.Tensor, width: int) -> torch.Tensor:
-    """Left-pad the sequence dimension (-2 for KV, -1 for masks) with zeros to ``width``."""
-    seq_dim = -1 if t.dim() == 2 else -2
+def _left_pad(t: torch.Tensor, width: int, value: int = 0) -> torch.Tensor:
+    """Left-pad the sequence dimension (-2 for 4-D KV, else the last) with ``value`` to ``width``."""
+    seq_dim = -2 if t.dim() == 4 else -1
     missing = width - t.shape[seq_dim]
     if missing == 0:
         return t
     shape = list(t.shape)
     shape[seq_dim] = missing
-    return torch.cat([t.new_zeros(shape), t], dim=seq_dim)
+    return torch.cat([t.new_full(shape, value), t], dim=seq_dim)
 
 
 def _output_cache(out: Any, fallback: DynamicCache) -> DynamicCache:

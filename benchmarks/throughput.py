@@ -1,0 +1,235 @@
+"""Continuous batching on the tiny model: batched vs unbatched server vs an in-process ceiling.
+
+Closed-loop load (`vlserve bench`, streaming) of requests that each carry a different 448x448
+image, max_tokens 64 with ignore_eos, at several concurrencies, against:
+  - the server with batching (--max-num-seqs 32),
+  - the same server without batching (--max-num-seqs 1),
+  - the in-process ceiling: processor + `model.generate` on left-padded batches of the same size,
+    no HTTP.
+Prints output tokens/s, requests/s, TTFT and end-to-end p50/p99, and the ratios against the
+targets of issue 3. Timings on a shared 2-core machine are noisy: compare ratios within one run.
+
+    .venv/bin/python benchmarks/throughput.py [--concurrency 1 8 32] [--requests N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MAX_TOKENS = 64
+IMAGE = "448x448"
+INPUT_LEN = 16
+
+
+def bench(base_url: str, model: str, concurrency: int, requests: int, out: Path) -> dict:
+    summary = out / f"c{concurrency}.summary.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "vlserve",
+        "bench",
+        "--url",
+        base_url,
+        "--model",
+        model,
+        "--dataset",
+        "random",
+        "--random-images",
+        "1",
+        "--random-image-size",
+        IMAGE,
+        "--random-input-len",
+        str(INPUT_LEN),
+        "--max-concurrency",
+        str(concurrency),
+        "--num-requests",
+        str(requests),
+        "--warmup",
+        str(min(concurrency, 4)),
+        "--max-tokens",
+        str(MAX_TOKENS),
+        "--ignore-eos",
+        "--temperature",
+        "0",
+        "--seed",
+        str(concurrency),
+        "--output",
+        str(out / f"c{concurrency}.jsonl"),
+        "--summary",
+        str(summary),
+        "--no-plots",
+        "--no-progress",
+        "--log-level",
+        "WARNING",
+    ]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return json.loads(summary.read_text())
+
+
+def serve_and_bench(
+    model_path: Path,
+    label: str,
+    extra: list[str],
+    levels: list[int],
+    requests: int | None,
+    workdir: Path,
+) -> dict[int, dict]:
+    from vlserve.testing.server import start_server, stop_server
+
+    server = start_server(model_path, workdir / label, *extra)
+    try:
+        return {
+            c: bench(server.base_url, server.model, c, requests or max(16, 2 * c), workdir / label)
+            for c in levels
+        }
+    finally:
+        stop_server(server)
+
+
+def ceiling(model_path: Path, levels: list[int]) -> dict[int, float]:
+    """Output tokens/s of processor + generate on left-padded batches (fp32, CPU)."""
+    import torch
+    import transformers
+    from PIL import Image
+    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+
+    from vlserve.bench.synthetic import random_text
+
+    processor = AutoProcessor.from_pretrained(model_path)
+    processor.tokenizer.padding_side = "left"
+    model = Qwen3VLForConditionalGeneration.from_pretrained(model_path, dtype=torch.float32).eval()
+    rng = random.Random(0)
+    padding = (
+        {"processor_kwargs": {"padding": True}}
+        if int(transformers.__version__.split(".")[0]) >= 5
+        else {"padding": True}
+    )
+
+    def run(batch: int) -> float:
+        conversations = []
+        for _ in range(batch):
+            image = Image.frombytes("RGB", (448, 448), rng.randbytes(448 * 448 * 3))
+            conversations.append(
+                [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image", "image": image},
+                            {"type": "text", "text": random_text(INPUT_LEN, rng)},
+                        ],
+                    }
+                ]
+            )
+        start = time.perf_counter()
+        inputs = processor.apply_chat_template(
+            conversations,
+            tokenize=True,
+            add_generation_prompt=True,
+            return_dict=True,
+            return_tensors="pt",
+            **padding,
+        )
+        with torch.inference_mode():
+            out = model.generate(
+                **inputs,
+                max_new_tokens=MAX_TOKENS,
+                min_new_tokens=MAX_TOKENS,
+                do_sample=False,
+                top_k=None,
+                top_p=None,
+                temperature=None,
+            )
+        elapsed = time.perf_counter() - start
+        assert out.shape[1] - inputs["input_ids"].shape[1] == MAX_TOKENS
+        return batch * MAX_TOKENS / elapsed
+
+    run(2)  # warm up
+    return {c: max(run(c) for _ in range(2)) for c in levels}
+
+
+def _row(label: str, c: int, s: dict) -> str:
+    return (
+        f"{label:<10} {c:>4} {s['output_token_throughput']:>10.1f} "
+        f"{s['request_throughput']:>8.2f} {s['ttft_ms']['median']:>9.0f} "
+        f"{s['ttft_ms']['p99']:>9.0f} {s['e2el_ms']['median']:>9.0f} "
+        f"{s['e2el_ms']['p99']:>9.0f} {s['failed']:>6}"
+    )
+
+
+def _verdict(name: str, value: float, target: float, higher_is_better: bool = True) -> str:
+    ok = value >= target if higher_is_better else value <= target
+    sign = ">=" if higher_is_better else "<="
+    return f"  {name:<48} {value:6.2f}  (target {sign} {target:g})  {'PASS' if ok else 'MISS'}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=None,
+        help="requests per level (default: max(16, 2 x concurrency))",
+    )
+    parser.add_argument("--max-num-seqs", type=int, default=32)
+    args = parser.parse_args()
+
+    from vlserve.testing import ensure_tiny_model
+
+    model_path = ensure_tiny_model()
+    levels = sorted(args.concurrency)
+    with tempfile.TemporaryDirectory(prefix="vlserve-throughput-") as tmp:
+        work = Path(tmp)
+        batched = serve_and_bench(
+            model_path,
+            "batched",
+            ["--max-num-seqs", str(args.max_num_seqs)],
+            levels,
+            args.requests,
+            work,
+        )
+        unbatched = serve_and_bench(
+            model_path, "unbatched", ["--max-num-seqs", "1"], levels, args.requests, work
+        )
+    ceil = ceiling(model_path, levels)
+
+    print(
+        f"\nrequests: one {IMAGE} image + ~{INPUT_LEN} words, max_tokens {MAX_TOKENS}, "
+        "ignore_eos, greedy, streaming; tiny Qwen3-VL, fp32, CPU"
+    )
+    print(
+        f"{'server':<10} {'conc':>4} {'out tok/s':>10} {'req/s':>8} {'TTFT p50':>9} "
+        f"{'TTFT p99':>9} {'E2E p50':>9} {'E2E p99':>9} {'failed':>6}   (ms)"
+    )
+    for label, table in (("batched", batched), ("unbatched", unbatched)):
+        for c in levels:
+            print(_row(label, c, table[c]))
+    for c in levels:
+        print(f"{'ceiling':<10} {c:>4} {ceil[c]:>10.1f}   (in-process generate, no HTTP)")
+
+    top, low = levels[-1], levels[0]
+    tok = {c: batched[c]["output_token_throughput"] for c in levels}
+    print("\nratios:")
+    print(
+        _verdict(
+            f"c={top}: batched / unbatched output tok/s",
+            tok[top] / unbatched[top]["output_token_throughput"],
+            4.0,
+        )
+    )
+    print(_verdict(f"c={top}: batched / in-process ceiling", tok[top] / ceil[top], 0.70))
+    if 8 in batched and low in batched:
+        ttft = batched[8]["ttft_ms"]["median"] / batched[low]["ttft_ms"]["median"]
+        print(_verdict(f"TTFT p50 c=8 / c={low}", ttft, 2.0, higher_is_better=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
