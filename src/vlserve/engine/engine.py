@@ -75,8 +75,14 @@ class _Sequence:
 class AsyncEngine:
     """All model work happens on one inference thread; results return through asyncio queues."""
 
-    def __init__(self, config: EngineConfig, device: DeviceInfo) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        device: DeviceInfo,
+        runner_factory: Callable[[], ModelRunner] | None = None,
+    ) -> None:
         self.config = config
+        self._runner_factory = runner_factory or (lambda: ModelRunner(config.model_path, device))
         self.device = device
         self.state = EngineState.LOADING
         self.failure: BaseException | None = None
@@ -158,7 +164,7 @@ class AsyncEngine:
     # -- inference thread --------------------------------------------------------------------------
     def _main(self) -> None:
         try:
-            self.runner = ModelRunner(self.config.model_path, self.device)
+            self.runner = self._runner_factory()
             self._warm_up(self.runner)
             self.state = EngineState.READY
             log.info(

@@ -39,7 +39,12 @@ class PrefillResult:
 class ModelRunner:
     """Owns the model; every method but ``prepare`` runs on the engine's inference thread."""
 
-    def __init__(self, model_path: str | Path, device: DeviceInfo) -> None:
+    def __init__(
+        self, model_path: str | Path, device: DeviceInfo, model: torch.nn.Module | None = None
+    ) -> None:
+        """Load from ``model_path``; or, with ``model`` (already on the device), take only the
+        processor, tokenizer and generation config from ``model_path`` (benchmarks build real-size
+        random models in memory this way)."""
         from transformers import Qwen3VLForConditionalGeneration
 
         self.device = device
@@ -48,10 +53,12 @@ class ModelRunner:
         # A second tokenizer for detokenizing on the inference thread while the processor encodes
         # prompts on another: Rust tokenizers must not be shared across threads that mutate them.
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
-        self.model = Qwen3VLForConditionalGeneration.from_pretrained(
-            self.model_path, dtype=device.dtype, attn_implementation="sdpa"
-        )
-        self.model.to(device.torch_device).eval()
+        if model is None:
+            model = Qwen3VLForConditionalGeneration.from_pretrained(
+                self.model_path, dtype=device.dtype, attn_implementation="sdpa"
+            )
+            model.to(device.torch_device)
+        self.model = model.eval()
         self.generation_config = _load_generation_config(self.model_path)
         self.eos_token_ids = _eos_ids(self.generation_config, self.tokenizer)
         text_config = getattr(self.model.config, "text_config", self.model.config)
