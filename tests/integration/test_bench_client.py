@@ -69,15 +69,17 @@ def run(
 
 def test_streaming_ttft_itl_and_tpot_match_the_scripted_delays(stub: StubProcess) -> None:
     stub.config(ttft_ms=150, itl_ms=30)
-    outcome = run([stub.url], 3, max_tokens=8, max_concurrency=1)
+    # One warm-up request: a fresh connection and a cold stub would add to the first TTFT.
+    outcome = run([stub.url], 3, max_tokens=8, max_concurrency=1, warmup=1)
     for r in outcome.results:
         assert r.success, r.error
         assert r.completion_tokens == 8 and r.prompt_tokens == 10 and len(r.chunk_times_s) == 8
         assert r.response == "".join(f"t{i} " for i in range(8))
         assert 0.150 <= r.ttft_s <= 0.150 + 0.15  # type: ignore[operator]
-        assert 0.028 <= statistics.median(r.itl_s) <= 0.08
         assert 0.028 <= r.tpot_s <= 0.08  # type: ignore[operator]
         assert r.latency_s >= 0.150 + 7 * 0.030
+    # Two chunks can share one read on a busy machine: judge ITL over all 21 gaps.
+    assert 0.028 <= statistics.median(x for r in outcome.results for x in r.itl_s) <= 0.08
 
 
 def test_non_streaming_gets_usage_and_no_ttft(stub: StubProcess) -> None:
@@ -217,3 +219,11 @@ def test_unreachable_endpoint_is_a_connection_error_not_a_crash() -> None:
         port = s.getsockname()[1]
     (r,) = run([f"http://127.0.0.1:{port}"], retries=1).results
     assert not r.success and r.retry_count == 1 and (r.error or "").startswith("connection error")
+
+
+def test_each_request_carries_a_unique_x_request_id(stub: StubProcess) -> None:
+    outcome = run([stub.url], 3)
+    ids = sorted(r.x_request_id or "" for r in outcome.results)
+    tag = ids[0].split("-")[0]
+    assert ids == [f"{tag}-q{n}" for n in range(3)]
+    assert sorted(stub.stats()["request_ids"]) == ids

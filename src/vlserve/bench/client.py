@@ -46,6 +46,7 @@ class RequestResult:
     sent_at_s: float = 0.0  # final attempt, seconds since the run started
     queued_s: float = 0.0  # scheduled arrival → first send (client-side queueing)
     retry_count: int = 0
+    x_request_id: str | None = None  # sent as X-Request-Id: find the request in server logs
     retryable: bool = False
     retry_after_s: float | None = None
 

@@ -41,6 +41,7 @@ def result_record(result: RequestResult) -> dict[str, Any]:
         "itl_ms": [round(x * 1000.0, 3) for x in result.itl_s],
         "sent_at_s": round(result.sent_at_s, 6),
         "queued_ms": _ms(result.queued_s),
+        "x_request_id": result.x_request_id,
     }
 
 

@@ -7,6 +7,8 @@ import itertools
 import logging
 import math
 import random
+import re
+import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ from vlserve.bench.dataset import BenchRequest
 log = logging.getLogger("vlserve.bench")
 
 ResultSink = Callable[[RequestResult], None]
+_HEADER_UNSAFE = re.compile(r"[^A-Za-z0-9._:@#-]")
 
 
 @dataclass
@@ -133,6 +136,9 @@ class _Phase:
         self.bodies = bodies
         self.sink = sink
         self.headers = request_headers(config.request)
+        # x-request-id lets server logs (vlserve, vLLM) be matched to results lines; the run tag
+        # keeps ids unique when several clients send the same dataset to one server.
+        self.run_tag = secrets.token_hex(4)
         self.router = EndpointRouter(len(config.load.endpoints), config.load.routing)
         # Separate streams, so that retries (jitter draws) never shift the arrival schedule.
         self.arrival_rng = random.Random(config.load.seed)
@@ -206,6 +212,8 @@ class _Phase:
         self, result: RequestResult, request: BenchRequest, due: float, semaphore: asyncio.Semaphore
     ) -> None:
         body = self.bodies[request.id]
+        result.x_request_id = f"{self.run_tag}-{_HEADER_UNSAFE.sub('_', result.request_id)[:100]}"
+        headers = {**self.headers, "X-Request-Id": result.x_request_id}
         endpoints = self.config.load.endpoints
         policy = self.config.retry
         holding = True  # the dispatcher acquired the first slot
@@ -224,7 +232,7 @@ class _Phase:
                     self.session,
                     endpoints[index],
                     body,
-                    self.headers,
+                    headers,
                     self.config.request.stream,
                     result,
                 )

@@ -54,6 +54,7 @@ class StubServer:
         self.in_flight = 0
         self.max_in_flight = 0
         self.arrivals: list[float] = []
+        self.request_ids: list[str | None] = []
         self.actions: list[str] = []
 
     def app(self) -> web.Application:
@@ -92,6 +93,7 @@ class StubServer:
                 "in_flight": self.in_flight,
                 "max_in_flight": self.max_in_flight,
                 "arrivals": self.arrivals,
+                "request_ids": self.request_ids,
                 "actions": self.actions,
             }
         )
@@ -103,6 +105,7 @@ class StubServer:
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         self.arrivals.append(time.perf_counter())
+        self.request_ids.append(request.headers.get("X-Request-Id"))
         self.num_requests += 1
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
