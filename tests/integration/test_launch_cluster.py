@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +46,10 @@ class Launched:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def tail(self) -> str:
+        """For failure messages: the end of launch's own log."""
+        return "launch log (end):\n" + self.log()[-4000:]
 
     def access_log(self) -> str:
         return (self.log_path.parent / "state" / "nginx" / "access.log").read_text()
@@ -104,8 +108,11 @@ def launched(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Launche
     ports = tuple(range(base + 1, base + 1 + NUM_INSTANCES))
     launched = Launched(proc, log_path, f"http://127.0.0.1:{base}", ports, model, request.param)
     try:
-        wait_for(lambda: "ready: 2 instance(s) behind" in launched.log() or proc.poll() is not None,
-                 ready_timeout_s + 30)  # fmt: skip
+        wait_for(
+            lambda: "ready: 2 instance(s) behind" in launched.log() or proc.poll() is not None,
+            ready_timeout_s + 30,
+            launched.tail,
+        )
         assert proc.poll() is None, f"launch exited early:\n{launched.log()}"
         yield launched
     finally:
@@ -118,13 +125,15 @@ def launched(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Launche
                 proc.wait()
 
 
-def wait_for(condition: object, timeout_s: float, interval_s: float = 0.2) -> None:
+def wait_for(
+    condition: Callable[[], bool], timeout_s: float, context: Callable[[], str] = lambda: ""
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
+        if condition():
             return
-        time.sleep(interval_s)
-    raise AssertionError(f"condition not met within {timeout_s} s")
+        time.sleep(0.2)
+    raise AssertionError(f"condition not met within {timeout_s} s\n{context()}")
 
 
 def chat_body(model: str, stream: bool) -> dict[str, object]:
@@ -218,25 +227,29 @@ def bench_instances_directly(launched: Launched) -> None:
 @needs_nginx
 def test_traffic_through_nginx_survives_losing_an_instance(launched: Launched) -> None:
     results = burst(launched.front, launched.model, 8)
-    assert results == ["ok"] * 8, results
+    assert results == ["ok"] * 8, (results, launched.tail())
     # least_conn spread 8 concurrent requests over both instances.
     # nginx writes a log line just after the response is sent: it may trail the client a little.
-    wait_for(lambda: launched.access_log().count("POST /v1/chat/completions") == 8, 10)
+    wait_for(
+        lambda: launched.access_log().count("POST /v1/chat/completions") == 8,
+        10,
+        launched.access_log,
+    )
     access_log = launched.access_log()
     for port in launched.ports:
         assert f"upstream=127.0.0.1:{port}" in access_log
 
     (victim_pid,) = launched.instance_pids("instance-1")
     os.kill(victim_pid, signal.SIGKILL)
-    wait_for(lambda: "instance-1 exited with code -9" in launched.log(), 30)
+    wait_for(lambda: "instance-1 exited with code -9" in launched.log(), 30, launched.tail)
     results = burst(launched.front, launched.model, 8)
-    assert results == ["ok"] * 8, results
+    assert results == ["ok"] * 8, (results, launched.tail())
 
     # The supervisor brings it back on the same port.
-    wait_for(lambda: len(launched.instance_pids("instance-1")) == 2, 60)
-    wait_for(lambda: health_ok(f"http://127.0.0.1:{launched.ports[1]}"), 300)
+    wait_for(lambda: len(launched.instance_pids("instance-1")) == 2, 60, launched.tail)
+    wait_for(lambda: health_ok(f"http://127.0.0.1:{launched.ports[1]}"), 300, launched.tail)
     results = burst(launched.front, launched.model, 8)
-    assert results == ["ok"] * 8, results
+    assert results == ["ok"] * 8, (results, launched.tail())
 
     if launched.kind == "real":
         bench_instances_directly(launched)
@@ -244,7 +257,7 @@ def test_traffic_through_nginx_survives_losing_an_instance(launched: Launched) -
     # SIGTERM drains: a stream already running through nginx still completes.
     tail = asyncio.run(stream_across_sigterm(launched))
     assert tail.rstrip().endswith("data: [DONE]"), tail
-    assert launched.proc.wait(timeout=90) == 0, launched.log()
+    assert launched.proc.wait(timeout=90) == 0, launched.tail()
     for port in launched.ports:
         assert not health_ok(f"http://127.0.0.1:{port}")
     assert "nginx stopped (exit code 0)" in launched.log()

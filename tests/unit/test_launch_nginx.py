@@ -33,6 +33,7 @@ def directives(text: str) -> list[str]:
 def test_upstream_is_least_conn_with_keepalive_and_every_instance() -> None:
     lines = directives(render_http_block(CONFIG))
     assert "least_conn;" in lines
+    assert "zone vlserve 1m;" in lines  # least_conn across workers, not per worker
     assert "server 127.0.0.1:9001 max_fails=1 fail_timeout=5s;" in lines
     assert "server 127.0.0.1:9002 max_fails=1 fail_timeout=5s;" in lines
     assert "keepalive 64;" in lines

@@ -50,7 +50,10 @@ def render_http_block(config: NginxConfig, *, upstream_name: str = "vlserve") ->
     return f"""\
 upstream {upstream_name} {{
     # An image request can take seconds: send each new request to the least busy instance.
+    # The shared zone makes the count of open requests (and failed instances) common to all
+    # workers; without it each worker balances only its own requests.
     least_conn;
+    zone {upstream_name} 1m;
 {servers}
     keepalive {config.keepalive_connections};
 }}
