@@ -242,6 +242,9 @@ class AsyncEngine:
         """Prefill the newcomers together, sample their first tokens, join them to the batch."""
         runner = self.runner
         assert runner is not None
+        seqs = self._before_prefill(seqs)
+        if not seqs:
+            return
         try:
             result = runner.prefill([seq.request.inputs for seq in seqs])
             for seq in seqs:
@@ -260,6 +263,22 @@ class AsyncEngine:
             rows.append(seq)
             self._on_token(seq, token)
         self._compact(batch, rows)
+
+    def _before_prefill(self, seqs: list[_Sequence]) -> list[_Sequence]:
+        """Stamp the queue exit time and run the test hook one request at a time, so a request
+        it fails never takes its prefill batch-mates down with it."""
+        now = time.monotonic()
+        kept = []
+        for seq in seqs:
+            seq.request.scheduled_time = now
+            try:
+                if self.before_prefill is not None:
+                    self.before_prefill(seq.request)
+            except Exception as exc:
+                self._fail(exc, [seq])
+                continue
+            kept.append(seq)
+        return kept
 
     def _decode(self, batch: DecodeBatch, rows: list[_Sequence]) -> None:
         runner = self.runner
