@@ -81,8 +81,13 @@ def _app(metrics: Metrics, keys: tuple[str, ...] = ()) -> RequestContextMiddlewa
             Route("/health", _echo, methods=["POST", "GET"]),
         ]
     )
-    app = AuthMiddleware(inner, ApiKeys(keys)) if keys else inner
-    return RequestContextMiddleware(app, metrics=metrics, max_body_bytes=1024, max_headers=12)
+    return _limits(AuthMiddleware(inner, ApiKeys(keys)) if keys else inner, metrics)
+
+
+def _limits(app, metrics: Metrics) -> RequestContextMiddleware:  # type: ignore[no-untyped-def]
+    return RequestContextMiddleware(
+        app, metrics=metrics, max_body_bytes=1024, max_headers=12, max_header_bytes=2048
+    )
 
 
 def _run(coro):  # type: ignore[no-untyped-def]
@@ -125,6 +130,11 @@ def test_too_many_headers() -> None:
     assert r.status_code == 431 and r.json()["error"]["code"] == "too_many_headers"
 
 
+def test_headers_too_large() -> None:
+    r = _run(_request(_app(Metrics()), "GET", "/health", headers={"x-big": "b" * 3000}))
+    assert r.status_code == 431 and r.json()["error"]["code"] == "headers_too_large"
+
+
 def test_request_id_echoed_and_passed_to_routes() -> None:
     r = _run(_request(_app(Metrics()), "POST", "/v1/echo", headers={"x-request-id": "abc 1"}))
     assert r.headers["x-request-id"] == "abc1" == r.json()["id"]
@@ -134,7 +144,9 @@ def test_unhandled_error_is_openai_shaped_and_hides_details() -> None:
     async def boom(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
         raise RuntimeError("internal detail that must not leak")
 
-    app = RequestContextMiddleware(boom, metrics=Metrics(), max_body_bytes=1024, max_headers=12)
+    app = RequestContextMiddleware(
+        boom, metrics=Metrics(), max_body_bytes=1024, max_headers=12, max_header_bytes=2048
+    )
     r = _run(_request(app, "GET", "/v1/boom"))
     assert r.status_code == 500
     assert r.json()["error"]["code"] == "internal_error"
@@ -163,12 +175,7 @@ def test_streamed_answer_cut_short_counts_as_client_closed() -> None:
         return StreamingResponse(stream())
 
     metrics = Metrics()
-    app = RequestContextMiddleware(
-        Starlette(routes=[Route("/v1/s", route)]),
-        metrics=metrics,
-        max_body_bytes=1024,
-        max_headers=12,
-    )
+    app = _limits(Starlette(routes=[Route("/v1/s", route)]), metrics)
     with pytest.raises(BaseException):  # noqa: B017 - the cancellation reaches the transport
         _run(_request(app, "GET", "/v1/s"))
     assert b'vlserve_requests_total{route="other",status="499"} 1.0' in metrics.render()
@@ -279,3 +286,23 @@ def test_fault_hook() -> None:
     for bad in ("victim", "explode:victim", "error:"):
         with pytest.raises(ValueError):
             fault_hook(bad)
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"stop": "s" * 257}, "stop"),
+        ({"stop": ["s" * 257]}, "stop[0]"),
+        ({"messages": [{"role": "user", "content": "x" * 1_000_001}]}, "messages[0].content"),
+    ],
+)
+def test_bounded_union_members_name_the_field(extra: dict, param: str) -> None:
+    from fastapi.exceptions import RequestValidationError
+
+    from vlserve.api.errors import validation_error
+
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest.model_validate({**_OK, **extra})
+    errors = [{**e, "loc": ("body", *e["loc"])} for e in info.value.errors()]
+    error = json.loads(validation_error(RequestValidationError(errors)).body)["error"]
+    assert error["param"] == param

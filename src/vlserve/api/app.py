@@ -65,6 +65,7 @@ def create_app(config: ServerConfig, engine: AsyncEngine) -> FastAPI:
         metrics=metrics,
         max_body_bytes=config.max_request_body_bytes,
         max_headers=config.max_headers,
+        max_header_bytes=config.max_header_bytes,
     )
     if config.cors_origins:
         app.add_middleware(

@@ -81,6 +81,7 @@ def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
             part == "body"
             or "[" in part
             or part in _TYPE_TAGS
+            or part.startswith("constrained-")  # a union member with Field bounds
             or (isinstance(prev, int) and part in _PART_TAGS)
         ):
             out += f".{part}" if out else part

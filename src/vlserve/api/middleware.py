@@ -65,12 +65,19 @@ class RequestContextMiddleware:
     """
 
     def __init__(
-        self, app: ASGIApp, *, metrics: Metrics, max_body_bytes: int, max_headers: int
+        self,
+        app: ASGIApp,
+        *,
+        metrics: Metrics,
+        max_body_bytes: int,
+        max_headers: int,
+        max_header_bytes: int,
     ) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.max_headers = max_headers
+        self.max_header_bytes = max_header_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -119,13 +126,19 @@ class RequestContextMiddleware:
         send: Send,
         record: RequestRecord,
     ) -> Receive | None:
-        """Check the header count and read the body under the cap; None if refused."""
+        """Check the headers and read the body under the cap; None if refused."""
         close = ((b"connection", b"close"),)
         if len(headers) > self.max_headers:
             record.error_code = "too_many_headers"
             await send_error(
                 send, 431, f"more than {self.max_headers} request headers", "too_many_headers"
             )
+            return None
+        # h11 caps only headers that arrive in pieces; a block read whole is checked here.
+        if sum(len(k) + len(v) + 4 for k, v in headers) > self.max_header_bytes:
+            record.error_code = "headers_too_large"
+            message = f"request headers exceed the server's limit of {self.max_header_bytes} bytes"
+            await send_error(send, 431, message, "headers_too_large", close)
             return None
         declared = _header(headers, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
