@@ -306,3 +306,21 @@ def test_bounded_union_members_name_the_field(extra: dict, param: str) -> None:
     errors = [{**e, "loc": ("body", *e["loc"])} for e in info.value.errors()]
     error = json.loads(validation_error(RequestValidationError(errors)).body)["error"]
     assert error["param"] == param
+
+
+def test_denormal_sampling_values_become_their_floors() -> None:
+    import torch
+
+    from vlserve.api.convert import SamplingDefaults, to_sampling
+    from vlserve.engine.sampling import RowSampler
+
+    req = ChatCompletionRequest.model_validate({**_OK, "temperature": 5e-324, "top_p": 5e-324})
+    sp = to_sampling(req, SamplingDefaults(), num_prompt_tokens=5, max_model_len=100, vocab_size=50)
+    assert sp.temperature == 0.0 and sp.top_p > 0
+    req = ChatCompletionRequest.model_validate({**_OK, "temperature": 1.0, "top_p": 5e-324})
+    sp = to_sampling(req, SamplingDefaults(), num_prompt_tokens=5, max_model_len=100, vocab_size=50)
+    logits = torch.randn(50)
+    # the sampler must still have a distribution: only the most likely token survives
+    assert RowSampler(sp, [1, 2], torch.device("cpu")).sample(logits) == int(logits.argmax())
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest.model_validate({**_OK, "repetition_penalty": 5e-324})

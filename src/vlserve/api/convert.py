@@ -9,6 +9,9 @@ from vlserve.api.protocol import MAX_STOP_STRINGS, ChatCompletionRequest
 from vlserve.engine.request import SamplingParams
 from vlserve.errors import ContextLengthError, InvalidRequestError
 
+MIN_TEMPERATURE = 1e-5  # below: greedy, as in vLLM
+MIN_TOP_P = 1e-8  # below any top token's probability (>= 1 / vocab): keeps that token only
+
 
 @dataclass(frozen=True)
 class SamplingDefaults:
@@ -104,10 +107,14 @@ def to_sampling(
             param="stop_token_ids",
         )
     top_k = defaults.top_k if req.top_k is None else max(req.top_k, 0)
+    temperature = defaults.temperature if req.temperature is None else req.temperature
+    top_p = defaults.top_p if req.top_p is None else req.top_p
     return SamplingParams(
         max_tokens=asked or min(defaults.default_max_tokens, room),
-        temperature=defaults.temperature if req.temperature is None else req.temperature,
-        top_p=defaults.top_p if req.top_p is None else req.top_p,
+        # Tiny values mean the same as these floors, and below them float32 under/overflows
+        # (logits / 1e-300 is inf, top_p * mass is 0) and the sampler has no distribution left.
+        temperature=0.0 if temperature < MIN_TEMPERATURE else temperature,
+        top_p=max(top_p, MIN_TOP_P),
         top_k=top_k,
         min_p=defaults.min_p if req.min_p is None else req.min_p,
         repetition_penalty=(

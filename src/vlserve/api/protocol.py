@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 # An unknown field is a 400 that names it; NaN and infinities (Python's json accepts them) too.
 _STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -47,18 +47,12 @@ ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 class ChatMessage(BaseModel):
     model_config = _STRICT
     role: Literal["system", "developer", "user", "assistant"]
+    # Required: a null content only comes with tool calls, which are not supported.
     content: (
         Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
         | Annotated[list[ContentPart], Field(max_length=MAX_PARTS_PER_MESSAGE)]
-        | None
-    ) = None
+    )
     name: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
-
-    @model_validator(mode="after")
-    def _content_required(self) -> ChatMessage:
-        if self.content is None:
-            raise ValueError("content is required (tool calls are not supported)")
-        return self
 
 
 class StreamOptions(BaseModel):
@@ -83,7 +77,8 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=-1, le=1_000_000)
     min_p: float | None = Field(default=None, ge=0, le=1)
-    repetition_penalty: float | None = Field(default=None, gt=0, le=10)
+    # Below 0.01 the division of positive logits overflows to inf: no distribution is left.
+    repetition_penalty: float | None = Field(default=None, ge=0.01, le=10)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     stop: (

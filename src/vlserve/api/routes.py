@@ -75,6 +75,18 @@ def _record(request: Request) -> RequestRecord:
     return record
 
 
+# OpenAPI 3.1 reads an event-stream schema as the schema of each event.
+_SSE_EVENT = {
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": "a ChatCompletionChunk or an ErrorResponse as JSON, or [DONE] last",
+        }
+    },
+}
+_LIMITS = {status: {"model": p.ErrorResponse} for status in (413, 431)}  # the middleware's
 _ERRORS = {status: {"model": p.ErrorResponse} for status in (401, 413, 431, 503)}
 _CHAT_ERRORS = {
     status: {"model": p.ErrorResponse} for status in (400, 401, 404, 413, 429, 431, 500, 503, 504)
@@ -84,7 +96,7 @@ _CHAT_ERRORS = {
 @router.get(
     "/health",
     response_model=p.Health,
-    responses={503: {"model": p.Health, "description": "loading, draining or failed"}},
+    responses={503: {"model": p.Health, "description": "loading, draining or failed"}, **_LIMITS},
 )
 async def health(request: Request) -> Response:
     state = _state(request)
@@ -105,7 +117,7 @@ async def health(request: Request) -> Response:
     )
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
+@router.get("/metrics", response_class=PlainTextResponse, responses=_LIMITS)
 async def metrics(request: Request) -> Response:
     m = _state(request).metrics
     return Response(m.render(), media_type=m.content_type)
@@ -132,7 +144,7 @@ async def list_models(request: Request) -> p.ModelList:
     "/v1/chat/completions",
     response_model=p.ChatCompletion,
     responses={
-        200: {"content": {"text/event-stream": {"schema": {"type": "string"}}}},
+        200: {"content": {"text/event-stream": {"schema": _SSE_EVENT}}},
         **_CHAT_ERRORS,
     },
 )
