@@ -28,49 +28,19 @@ IMAGE = "448x448"
 INPUT_LEN = 16
 
 
-def bench(base_url: str, model: str, concurrency: int, requests: int, out: Path) -> dict:
-    summary = out / f"c{concurrency}.summary.json"
+def bench(base_url: str, model: str, concurrency: int, out: Path, *load: str) -> dict:
+    """Run `vlserve bench` (closed loop, random 448x448 images) and return its summary."""
+    name = out / f"c{concurrency}{'-' + load[0].strip('-') if load else ''}"
     cmd = [
-        sys.executable,
-        "-m",
-        "vlserve",
-        "bench",
-        "--url",
-        base_url,
-        "--model",
-        model,
-        "--dataset",
-        "random",
-        "--random-images",
-        "1",
-        "--random-image-size",
-        IMAGE,
-        "--random-input-len",
-        str(INPUT_LEN),
-        "--max-concurrency",
-        str(concurrency),
-        "--num-requests",
-        str(requests),
-        "--warmup",
-        str(min(concurrency, 4)),
-        "--max-tokens",
-        str(MAX_TOKENS),
-        "--ignore-eos",
-        "--temperature",
-        "0",
-        "--seed",
-        str(concurrency),
-        "--output",
-        str(out / f"c{concurrency}.jsonl"),
-        "--summary",
-        str(summary),
-        "--no-plots",
-        "--no-progress",
-        "--log-level",
-        "WARNING",
-    ]
+        sys.executable, "-m", "vlserve", "bench", "--url", base_url, "--model", model,
+        "--dataset", "random", "--random-images", "1", "--random-image-size", IMAGE,
+        "--random-input-len", str(INPUT_LEN), "--max-concurrency", str(concurrency),
+        "--max-tokens", str(MAX_TOKENS), "--ignore-eos", "--temperature", "0",
+        "--seed", str(concurrency), "--output", f"{name}.jsonl", "--summary",
+        f"{name}.summary.json", "--no-plots", "--no-progress", "--log-level", "WARNING", *load,
+    ]  # fmt: skip
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return json.loads(summary.read_text())
+    return json.loads(Path(f"{name}.summary.json").read_text())
 
 
 def serve_and_bench(
@@ -86,7 +56,16 @@ def serve_and_bench(
     server = start_server(model_path, workdir / label, *extra)
     try:
         return {
-            c: bench(server.base_url, server.model, c, requests or max(16, 2 * c), workdir / label)
+            c: bench(
+                server.base_url,
+                server.model,
+                c,
+                workdir / label,
+                "--num-requests",
+                str(requests or max(16, 2 * c)),
+                "--warmup",
+                str(min(c, 4)),
+            )
             for c in levels
         }
     finally:
@@ -122,43 +101,13 @@ def soak(
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
-        cmd = [
-            sys.executable,
-            "-m",
-            "vlserve",
-            "bench",
-            "--url",
-            server.base_url,
-            "--model",
-            server.model,
-            "--dataset",
-            "random",
-            "--random-images",
-            "1",
-            "--random-image-size",
-            IMAGE,
-            "--random-input-len",
-            str(INPUT_LEN),
-            "--max-concurrency",
-            str(concurrency),
-            "--duration",
-            str(seconds),
-            "--max-tokens",
-            str(MAX_TOKENS),
-            "--ignore-eos",
-            "--output",
-            str(workdir / "soak.jsonl"),
-            "--no-plots",
-            "--no-progress",
-            "--log-level",
-            "WARNING",
-        ]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+        summary = bench(
+            server.base_url, server.model, concurrency, workdir, "--duration", str(seconds)
+        )
     finally:
         done.set()
         sampler.join()
         stop_server(server)
-    summary = json.loads((workdir / "soak.summary.json").read_text())
     print(
         f"\nsoak: {seconds:.0f} s at concurrency {concurrency}: "
         f"{summary['successful']} ok, {summary['failed']} failed, "
