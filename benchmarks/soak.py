@@ -1,0 +1,236 @@
+"""Soak: mixed valid and invalid traffic for minutes; error rates, p99 latency and RSS over time.
+
+Starts `vlserve serve` on the tiny model (or targets --url, reading RSS of --pid), sends a seeded
+mix of good requests (text, image, streamed, cut off mid-stream) and bad ones (broken JSON,
+unknown fields, bad images, oversized bodies, special tokens, unknown models), and prints one row
+per window. The verdict line compares RSS in the last third of the run with the middle third
+(the first third is warm-up): a leak shows as a ratio that keeps growing with the duration.
+
+    .venv/bin/python benchmarks/soak.py --duration-s 180
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+
+
+def _png(size: int) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (size % 256, 90, 200)).save(buf, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+@dataclass
+class Window:
+    valid: int = 0
+    valid_failed: int = 0  # a valid request that did not get a 200 (or a full stream)
+    invalid: int = 0
+    invalid_5xx: int = 0  # a bad request must be a 4xx, never a 5xx or a dropped connection
+    latencies_s: list[float] = field(default_factory=list)
+
+
+def _kinds(model: str, body_cap: int) -> list[tuple[str, int, bool, dict | bytes]]:
+    """(name, weight, valid, body): the traffic mix."""
+    user = lambda content: [{"role": "user", "content": content}]  # noqa: E731
+    image = _png(64)
+    return [
+        ("text", 30, True, {"model": model, "messages": user("hello"), "max_tokens": 8}),
+        ("stream", 20, True, {"model": model, "messages": user("hi"), "max_tokens": 8, "stream": True}),
+        ("image", 10, True, {"model": model, "max_tokens": 4, "messages": user(
+            [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": "what?"}])}),
+        ("special", 5, True, {"model": model, "max_tokens": 4,
+                              "messages": user("<|im_end|><|image_pad|><|vision_start|>")}),
+        ("cutoff", 5, True, {"model": model, "messages": user("x"), "max_tokens": 64, "stream": True}),
+        ("bad_json", 5, False, b'{"model": "' + model.encode() + b'", "messages": [}'),
+        ("unknown_field", 5, False, {"model": model, "messages": user("x"), "chat_template": "{{x}}"}),
+        ("bad_image", 5, False, {"model": model, "messages": user(
+            [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}])}),
+        ("too_big", 5, False, {"model": model, "messages": user("z" * (body_cap + 10))}),
+        ("wrong_model", 5, False, {"model": "nope", "messages": user("x")}),
+        ("bad_param", 5, False, {"model": model, "messages": user("x"), "seed": 2**70}),
+    ]  # fmt: skip
+
+
+async def _one(
+    session: aiohttp.ClientSession, url: str, kind: tuple[str, int, bool, dict | bytes]
+) -> tuple[bool, bool, float]:
+    """(valid, ok, latency): ok means 200 for valid requests and a 4xx for invalid ones."""
+    name, _, valid, body = kind
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    headers = {"content-type": "application/json", "x-request-id": f"soak-{name}"}
+    start = time.perf_counter()
+    try:
+        async with session.post(url, data=data, headers=headers) as r:
+            if name == "cutoff":
+                await r.content.readline()  # first event, then hang up mid-stream
+                return valid, r.status == 200, time.perf_counter() - start
+            payload = await r.read()
+            if valid and r.status == 200 and isinstance(body, dict) and body.get("stream"):
+                ok = payload.rstrip().endswith(b"data: [DONE]") and b'"error"' not in payload
+            else:
+                ok = r.status == 200 if valid else 400 <= r.status < 500
+            return valid, ok, time.perf_counter() - start
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return valid, False, time.perf_counter() - start
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def soak(url: str, pid: int, args: argparse.Namespace, model: str) -> int:
+    rng = random.Random(args.seed)
+    kinds = _kinds(model, args.max_request_body_bytes)
+    weights = [k[1] for k in kinds]
+    windows: list[Window] = []
+    rss: list[float] = []
+    deadline = time.monotonic() + args.duration_s
+    timeout = aiohttp.ClientTimeout(total=120)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+
+        async def worker() -> None:
+            while time.monotonic() < deadline:
+                kind = rng.choices(kinds, weights)[0]
+                valid, ok, latency = await _one(session, url + "/v1/chat/completions", kind)
+                w = windows[-1]
+                if valid:
+                    w.valid += 1
+                    w.valid_failed += not ok
+                    if ok and kind[0] != "cutoff":
+                        w.latencies_s.append(latency)
+                else:
+                    w.invalid += 1
+                    w.invalid_5xx += not ok
+
+        windows.append(Window())
+        tasks = [asyncio.create_task(worker()) for _ in range(args.concurrency)]
+        print(f"{'t_s':>5} {'valid':>6} {'v_err%':>7} {'invalid':>7} {'i_5xx%':>7} {'p50_ms':>7} "
+              f"{'p99_ms':>7} {'rss_mib':>8}")  # fmt: skip
+        started = time.monotonic()
+        while time.monotonic() < deadline:
+            await asyncio.sleep(min(args.window_s, max(deadline - time.monotonic(), 0.1)))
+            w = windows[-1]
+            windows.append(Window())
+            rss.append(_rss_mib(pid))
+            _print_row(time.monotonic() - started, w, rss[-1])
+        await asyncio.gather(*tasks)
+    return _verdict(windows, rss)
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _print_row(t: float, w: Window, rss_mib: float) -> None:
+    v_err = 100 * w.valid_failed / max(w.valid, 1)
+    i_err = 100 * w.invalid_5xx / max(w.invalid, 1)
+    p50, p99 = (1000 * _pct(w.latencies_s, q) for q in (0.5, 0.99))
+    print(f"{t:5.0f} {w.valid:6d} {v_err:7.2f} {w.invalid:7d} {i_err:7.2f} {p50:7.0f} {p99:7.0f} "
+          f"{rss_mib:8.1f}", flush=True)  # fmt: skip
+
+
+def _verdict(windows: list[Window], rss: list[float]) -> int:
+    valid = sum(w.valid for w in windows)
+    invalid = sum(w.invalid for w in windows)
+    failed = sum(w.valid_failed for w in windows)
+    bad_5xx = sum(w.invalid_5xx for w in windows)
+    latencies = [x for w in windows for x in w.latencies_s]
+    third = max(len(rss) // 3, 1)
+    middle = statistics.fmean(rss[third : 2 * third] or rss)
+    last = statistics.fmean(rss[-third:])
+    ratio = last / middle
+    print(
+        f"\nrequests: {valid} valid ({failed} failed, {100 * failed / max(valid, 1):.2f}%), "
+        f"{invalid} invalid ({bad_5xx} not a 4xx, {100 * bad_5xx / max(invalid, 1):.2f}%)"
+    )
+    print(
+        f"latency of valid requests: p50 {1000 * _pct(latencies, 0.5):.0f} ms, "
+        f"p99 {1000 * _pct(latencies, 0.99):.0f} ms"
+    )
+    print(
+        f"RSS: first {rss[0]:.1f} MiB, middle third {middle:.1f}, last third {last:.1f}, "
+        f"max {max(rss):.1f}; last/middle ratio {ratio:.3f} "
+        f"({'flat' if ratio < 1.05 else 'GROWING'})"
+    )
+    return 0 if failed == 0 and bad_5xx == 0 and ratio < 1.05 else 1
+
+
+def _start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str, str]:
+    from vlserve.testing import ensure_tiny_model
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    model = "soak-model"
+    cmd = [sys.executable, "-m", "vlserve", "serve", "--model", str(ensure_tiny_model()),
+           "--served-model-name", model, "--host", "127.0.0.1", "--port", str(port),
+           "--device", "cpu", "--log-level", "warning",
+           "--max-request-body-bytes", str(args.max_request_body_bytes)]  # fmt: skip
+    with open(args.server_log, "wb") as log:  # the child keeps its own descriptor
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    import urllib.request
+
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited with {proc.returncode}; see {args.server_log}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return proc, url, model
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("server did not become ready")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--duration-s", type=float, default=180)
+    p.add_argument("--window-s", type=float, default=10)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-request-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--url", help="an already running server (then --pid and --model are needed)")
+    p.add_argument("--pid", type=int, help="its process id, for RSS")
+    p.add_argument("--model", default="soak-model")
+    p.add_argument("--server-log", default="soak-server.log")
+    args = p.parse_args()
+    if args.url:
+        if not args.pid:
+            p.error("--url needs --pid (RSS is read from /proc/PID)")
+        return asyncio.run(soak(args.url, args.pid, args, args.model))
+    proc, url, model = _start_server(args)
+    try:
+        print(f"server pid {proc.pid} at {url}; {args.duration_s:.0f} s, "
+              f"concurrency {args.concurrency}", flush=True)  # fmt: skip
+        return asyncio.run(soak(url, proc.pid, args, model))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
