@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from vlserve.api.auth import ApiKeys, AuthMiddleware, parse_keys
+from vlserve.api.auth import ApiKeys, parse_keys
 from vlserve.api.faults import InjectedFault, fault_hook
 from vlserve.api.metrics import Metrics, RequestRecord
 from vlserve.api.middleware import RequestContextMiddleware, log_line, request_id_from
@@ -81,12 +81,17 @@ def _app(metrics: Metrics, keys: tuple[str, ...] = ()) -> RequestContextMiddlewa
             Route("/health", _echo, methods=["POST", "GET"]),
         ]
     )
-    return _limits(AuthMiddleware(inner, ApiKeys(keys)) if keys else inner, metrics)
+    return _limits(inner, metrics, keys)
 
 
-def _limits(app, metrics: Metrics) -> RequestContextMiddleware:  # type: ignore[no-untyped-def]
+def _limits(app, metrics: Metrics, keys: tuple[str, ...] = ()) -> RequestContextMiddleware:  # type: ignore[no-untyped-def]
     return RequestContextMiddleware(
-        app, metrics=metrics, max_body_bytes=1024, max_headers=12, max_header_bytes=2048
+        app,
+        metrics=metrics,
+        max_body_bytes=1024,
+        max_headers=12,
+        max_header_bytes=2048,
+        keys=ApiKeys(keys) if keys else None,
     )
 
 
@@ -153,7 +158,7 @@ def test_unhandled_error_is_openai_shaped_and_hides_details() -> None:
     assert "internal detail" not in r.text and r.headers["x-request-id"]
 
 
-def test_auth_middleware_guards_v1_only() -> None:
+def test_keys_guard_v1_only_and_come_before_the_body() -> None:
     app = _app(Metrics(), keys=("s3cret",))
     missing = _run(_request(app, "POST", "/v1/echo"))
     assert missing.status_code == 401
@@ -164,6 +169,9 @@ def test_auth_middleware_guards_v1_only() -> None:
     good = _run(_request(app, "POST", "/v1/echo", headers={"authorization": "Bearer s3cret"}))
     assert good.status_code == 200
     assert _run(_request(app, "GET", "/health")).status_code == 200
+    # a body over the cap from a client without a key: refused for the key, body never read
+    unread = _run(_request(app, "POST", "/v1/echo", content=b"x" * 5000))
+    assert unread.status_code == 401
 
 
 def test_streamed_answer_cut_short_counts_as_client_closed() -> None:

@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 
-from vlserve.api.auth import ApiKeys, AuthMiddleware
+from vlserve.api.auth import ApiKeys
 from vlserve.api.convert import SamplingDefaults
 from vlserve.api.errors import install_error_handlers
 from vlserve.api.metrics import Metrics
@@ -56,16 +56,15 @@ def create_app(config: ServerConfig, engine: AsyncEngine) -> FastAPI:
     app = FastAPI(title="vlserve", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(router)
-    # add_middleware puts each new layer outside the previous ones: auth runs innermost, CORS
-    # outermost (so even refusals carry CORS headers a browser can read).
-    if config.api_keys:
-        app.add_middleware(AuthMiddleware, keys=ApiKeys(config.api_keys))
+    # add_middleware puts each new layer outside the previous ones: CORS goes outermost, so
+    # preflights need no key and even refusals carry headers a browser can read.
     app.add_middleware(
         RequestContextMiddleware,
         metrics=metrics,
         max_body_bytes=config.max_request_body_bytes,
         max_headers=config.max_headers,
         max_header_bytes=config.max_header_bytes,
+        keys=ApiKeys(config.api_keys) if config.api_keys else None,
     )
     if config.cors_origins:
         app.add_middleware(

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import hmac
 
-from starlette.types import ASGIApp, Receive, Scope, Send
-
-from vlserve.api.errors import send_error
-
 PROTECTED_PREFIX = "/v1"
 
 
@@ -39,29 +35,6 @@ def parse_keys(values: list[str] | tuple[str, ...], env_value: str | None) -> tu
     return tuple(dict.fromkeys(k.strip() for k in keys if k.strip()))
 
 
-class AuthMiddleware:
-    """Refuses /v1 requests without a valid key (401, OpenAI shape); other paths stay open."""
-
-    def __init__(self, app: ASGIApp, keys: ApiKeys) -> None:
-        self.app = app
-        self.keys = keys
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "") if scope["type"] == "http" else ""
-        if not _protected(path):
-            await self.app(scope, receive, send)
-            return
-        header = dict(scope["headers"]).get(b"authorization")
-        if self.keys.check(header):
-            await self.app(scope, receive, send)
-            return
-        message = (
-            "missing API key: send 'Authorization: Bearer <key>'"
-            if header is None
-            else "invalid API key"
-        )
-        await send_error(send, 401, message, "invalid_api_key", ((b"www-authenticate", b"Bearer"),))
-
-
-def _protected(path: str) -> bool:
+def is_protected(path: str) -> bool:
+    """Every /v1 route needs a key; /health and /metrics stay open for probes and scrapers."""
     return path == PROTECTED_PREFIX or path.startswith(PROTECTED_PREFIX + "/")

@@ -11,6 +11,7 @@ from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from vlserve.api.auth import ApiKeys, is_protected
 from vlserve.api.errors import send_error
 from vlserve.api.metrics import Metrics, RequestRecord
 
@@ -57,7 +58,8 @@ def _logfmt(value: object) -> str:
 
 
 class RequestContextMiddleware:
-    """Outermost app layer (inside CORS): gives each request a record and enforces the limits.
+    """Outermost app layer (inside CORS): gives each request a record, checks its API key and
+    enforces the limits.
 
     The body is read here, counting bytes as they arrive (Content-Length is not trusted, only
     used to refuse early), and replayed to the app; reading it all first costs nothing since
@@ -72,8 +74,10 @@ class RequestContextMiddleware:
         max_body_bytes: int,
         max_headers: int,
         max_header_bytes: int,
+        keys: ApiKeys | None = None,
     ) -> None:
         self.app = app
+        self.keys = keys
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.max_headers = max_headers
@@ -140,6 +144,19 @@ class RequestContextMiddleware:
             message = f"request headers exceed the server's limit of {self.max_header_bytes} bytes"
             await send_error(send, 431, message, "headers_too_large", close)
             return None
+        # Keys before the body: an unauthenticated client never makes the server buffer it.
+        if self.keys and is_protected(record.path):
+            authorization = _header(headers, b"authorization")
+            if not self.keys.check(authorization):
+                record.error_code = "invalid_api_key"
+                message = (
+                    "missing API key: send 'Authorization: Bearer <key>'"
+                    if authorization is None
+                    else "invalid API key"
+                )
+                www = ((b"www-authenticate", b"Bearer"), *close)
+                await send_error(send, 401, message, "invalid_api_key", www)
+                return None
         declared = _header(headers, b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             record.error_code = "payload_too_large"
