@@ -165,17 +165,17 @@ class RequestContextMiddleware:
         chunks: list[bytes] = []
         size = 0
         while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
+            event = await receive()
+            if event["type"] == "http.disconnect":
                 return None
-            chunk = message.get("body", b"")
+            chunk = event.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
                 record.error_code = "payload_too_large"
                 await send_error(send, 413, self._too_large(), "payload_too_large", close)
                 return None
             chunks.append(chunk)
-            if not message.get("more_body", False):
+            if not event.get("more_body", False):
                 break
         return _replay(b"".join(chunks), receive)
 

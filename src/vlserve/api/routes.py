@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -86,11 +87,15 @@ _SSE_EVENT = {
         }
     },
 }
-_LIMITS = {status: {"model": p.ErrorResponse} for status in (413, 431)}  # the middleware's
-_ERRORS = {status: {"model": p.ErrorResponse} for status in (401, 413, 431, 503)}
-_CHAT_ERRORS = {
-    status: {"model": p.ErrorResponse} for status in (400, 401, 404, 413, 429, 431, 500, 503, 504)
-}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {status: {"model": p.ErrorResponse} for status in statuses}
+
+
+_LIMITS = _errors(413, 431)  # the middleware's, on every route
+_ERRORS = _errors(401, 413, 431, 503)
+_CHAT_ERRORS = _errors(400, 401, 404, 413, 429, 431, 500, 503, 504)
 
 
 @router.get(
@@ -279,9 +284,9 @@ async def _complete(
             p.Choice(
                 index=0,
                 message=p.AssistantMessage(content=text),
-                finish_reason=last.finish_reason.value,
+                finish_reason=last.finish_reason.value,  # type: ignore[union-attr, arg-type]
             )
-        ],  # type: ignore[union-attr, arg-type]
+        ],
         usage=_usage(last),
     )
     return Response(completion.model_dump_json(), media_type="application/json")
