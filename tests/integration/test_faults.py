@@ -3,6 +3,7 @@ intact, SIGTERM drains in-flight requests (or ends them clearly at the deadline)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,6 +20,7 @@ from tests.conftest import ServerProcess, start_server, stop_server
 pytestmark = pytest.mark.integration
 
 FAULTY_USER = "fault-me"
+MAX_QUEUE = 6  # room for the concurrent burst of the forced-error test
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +29,11 @@ def faulty(
 ) -> Iterator[ServerProcess]:
     os.environ["VLSERVE_FAULT_INJECT"] = f"error:{FAULTY_USER}"
     try:
-        srv = start_server(tiny_model_path, tmp_path_factory.mktemp("faulty"))
+        srv = start_server(
+            tiny_model_path,
+            tmp_path_factory.mktemp("faulty"),
+            *("--max-num-seqs", "4", "--max-queue", str(MAX_QUEUE)),
+        )
     finally:
         del os.environ["VLSERVE_FAULT_INJECT"]
     yield srv
@@ -83,21 +89,48 @@ def _ok_after(srv: ServerProcess) -> None:
 def test_disconnect_mid_stream_frees_the_slot(faulty: ServerProcess) -> None:
     with (
         httpx.Client(timeout=60) as client,
-        client.stream("POST", _url(faulty), json=_body(faulty, 10_000, stream=True)) as r,
+        client.stream(
+            "POST",
+            _url(faulty),
+            json=_body(faulty, 10_000, stream=True),
+            headers={"x-request-id": "cut-me"},
+        ) as r,
     ):
         lines = r.iter_lines()
         for _ in range(6):  # the role chunk and a few tokens: it is decoding now
             next(lines)
         assert _health(faulty)["running"] == 1
-    # the client is gone; 100k tokens would take minutes, the abort takes a step
+    # the client is gone; 10k tokens would take minutes, the abort takes a step
     assert _wait_for(lambda: _health(faulty)["running"] == 0, 10), _health(faulty)
     _ok_after(faulty)
+    line = next(x for x in faulty.log_path.read_text().splitlines() if "id=cut-me " in x)
+    assert "status=499" in line and "finish_reason=abort" in line, line
 
 
 def test_disconnect_while_waiting_for_a_whole_completion(faulty: ServerProcess) -> None:
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(_url(faulty), json=_body(faulty, 10_000), timeout=2)
     assert _wait_for(lambda: _health(faulty)["running"] == 0, 10), _health(faulty)
+    _ok_after(faulty)
+
+
+def test_full_queue_is_429_with_retry_after(faulty: ServerProcess) -> None:
+    """4 running + MAX_QUEUE waiting fill this server; the next request is told when to retry."""
+    body = _body(faulty, 10_000, stream=True)
+    with httpx.Client(timeout=60) as client, contextlib.ExitStack() as stack:
+        for i in range(4 + MAX_QUEUE):
+            response = stack.enter_context(client.stream("POST", _url(faulty), json=body))
+            assert response.status_code == 200, i
+            # one at a time, each admitted before the next: a burst can find the queue full
+            # before the engine has admitted anyone
+            want = (min(i + 1, 4), max(i + 1 - 4, 0))
+            placed = lambda: tuple(_health(faulty)[k] for k in ("running", "waiting")) == want  # noqa: E731, B023
+            assert _wait_for(placed, 30), (want, _health(faulty))
+        r = client.post(_url(faulty), json=_body(faulty, 2))
+        assert r.status_code == 429, r.text
+        assert int(r.headers["retry-after"]) >= 1
+        assert r.json()["error"]["type"] == "rate_limit_error"
+    assert _wait_for(lambda: _health(faulty)["running"] == 0, 15), _health(faulty)
     _ok_after(faulty)
 
 

@@ -121,6 +121,8 @@ class RequestContextMiddleware:
         finally:
             if not completed:
                 record.status = _CLIENT_CLOSED  # gone mid-answer, or cancelled at shutdown
+            if record.status == _CLIENT_CLOSED and record.model and not record.finish_reason:
+                record.finish_reason = "abort"
             self._finish(record)
 
     async def _admit(

@@ -203,9 +203,10 @@ def _track(record: RequestRecord, request: GenerationRequest, event: TokenEvent)
         record.first_token()
         if request.scheduled_time is not None:
             record.queue_s = request.scheduled_time - request.arrival_time
+    # every event, so a request cut off mid-way still reports what it generated
+    record.prompt_tokens = event.num_prompt_tokens
+    record.completion_tokens = event.num_completion_tokens
     if event.finished:
-        record.prompt_tokens = event.num_prompt_tokens
-        record.completion_tokens = event.num_completion_tokens
         record.finish_reason = event.finish_reason.value  # type: ignore[union-attr]
         if event.error is not None:
             record.error_code = event.error.code
@@ -268,8 +269,7 @@ async def _complete(
             await asyncio.wait({collect}, timeout=_DISCONNECT_POLL_S)
             if not collect.done() and await request.is_disconnected():
                 collect.cancel()
-                log.info("client disconnected; request aborted")
-                return Response(status_code=499)
+                return Response(status_code=499)  # nobody reads it; the request log says 499
         text, last = collect.result()
     finally:
         if not collect.done():
