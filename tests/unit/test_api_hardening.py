@@ -50,6 +50,8 @@ def test_config_refuses_blank_keys_and_tiny_limits() -> None:
 
 def test_request_id_sanitised_capped_or_generated() -> None:
     assert request_id_from(b"abc-123_x.y:z") == "abc-123_x.y:z"
+    assert request_id_from(b"1a2b3c4d-item@7#2") == "1a2b3c4d-item@7#2"  # vlserve bench's form
+    assert request_id_from(b"dGVzdA+/=") == "dGVzdA+/="
     assert request_id_from(b"a\r\nb c<script>") == "abcscript"
     assert len(request_id_from(b"x" * 1000)) == 128
     generated = request_id_from(b"\n\n")

@@ -18,7 +18,9 @@ from vlserve.api.metrics import Metrics, RequestRecord
 log = logging.getLogger("vlserve.request")
 
 MAX_REQUEST_ID_CHARS = 128
-_UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._:-]")
+# Printable, no spaces, quotes, commas or semicolons: safe in headers and log lines, and wide
+# enough for common id styles (UUIDs, base64, `vlserve bench`'s run-tag ids with @ and #).
+_UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._:@#/+=~-]")
 _LOGFMT_SAFE = re.compile(r"[A-Za-z0-9._:/@+-]+")
 _QUIET_PATHS = frozenset({"/health", "/metrics"})  # polled every few seconds: logged at DEBUG
 _CLIENT_CLOSED = 499  # nginx's convention for "the client went away before the answer"
