@@ -102,10 +102,10 @@ def test_image_pad_text_beside_a_real_image(runner) -> None:  # type: ignore[no-
     "messages",
     [
         _user(_text("Describe this image.")),
-        [
-            {"role": "system", "content": "You are a helpful assistant."},
-            {"role": "user", "content": "What is 2 plus 2?"},
-            {"role": "assistant", "content": "4"},
+        [  # parts lists, as engine.chat makes them (4.57's processor needs them)
+            {"role": "system", "content": [_text("You are a helpful assistant.")]},
+            {"role": "user", "content": [_text("What is 2 plus 2?")]},
+            {"role": "assistant", "content": [_text("4")]},
             {"role": "user", "content": [_text("你好 "), _text("again")]},
         ],
     ],
