@@ -6,8 +6,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# An unknown field is a 400 that names it; NaN and infinities (Python's json accepts them) too.
-_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
+# An unknown field is a 400 that names it; so are NaN and infinities (Python's json accepts them)
+# and values of another JSON type (no false → 0.0, no "10" → 10): what the schema says is what
+# is accepted.
+_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
 
 # Bounds on everything a client sizes. The body cap (--max-request-body-bytes) bounds the whole;
 # these keep any one field from costing more than its purpose needs.
