@@ -238,6 +238,7 @@ _OK = {"model": "m", "messages": [{"role": "user", "content": "x"}]}
             "messages",
         ),
         ({"messages": [{"role": "user", "content": "x" * 1_000_001}]}, "messages"),
+        ({"messages": [{"role": "user", "content": "x" * 1_000_000}] * 5}, "messages"),
         ({"stop": ["s"] * 17}, "stop"),
         ({"stop": "s" * 257}, "stop"),
         ({"stop_token_ids": list(range(65))}, "stop_token_ids"),
