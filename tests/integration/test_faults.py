@@ -244,3 +244,20 @@ def test_sigterm_deadline_ends_requests_clearly(tiny_model_path: Path, tmp_path:
     for r in results[3:]:
         assert isinstance(r, httpx.Response) and r.status_code == 503, r
         assert r.headers["retry-after"] and r.json()["error"]["code"] == "engine_unavailable"
+
+
+def test_dead_inference_thread_turns_unhealthy_and_exits_nonzero(
+    tiny_model_path: Path, tmp_path: Path
+) -> None:
+    srv = start_server(tiny_model_path, tmp_path, env={"VLSERVE_FAULT_INJECT": "crash:killer"})
+    try:
+        r = httpx.post(
+            srv.base_url + "/v1/chat/completions", timeout=60, json=_body(srv, 4, user="killer")
+        )
+        assert r.status_code >= 500 and "error" in r.json()
+        code = srv.proc.wait(timeout=60)
+    finally:
+        if srv.proc.poll() is None:
+            stop_server(srv)
+    assert code == 1
+    assert "the inference thread died" in srv.log_path.read_text()

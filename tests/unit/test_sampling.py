@@ -20,6 +20,7 @@ def test_top_p_keeps_smallest_set_reaching_mass() -> None:
     assert kept.nonzero().view(-1).tolist() == [0, 1]
     assert torch.equal(kept[:2], probs[:2])
     assert _top_p_filter(probs, 0.1).nonzero().view(-1).tolist() == [0]
+    assert _top_p_filter(probs, 5e-324).nonzero().view(-1).tolist() == [0]  # never empty
 
 
 def test_top_k_and_min_p_restrict_candidates() -> None:

@@ -8,12 +8,21 @@ from collections.abc import Callable
 from vlserve.engine.request import GenerationRequest
 
 ENV_VAR = "VLSERVE_FAULT_INJECT"
-# error: an ordinary exception in the step; oom: one the engine recognises as device OOM
-_KINDS = {"error": "injected fault", "oom": "injected fault: out of memory"}
+# error: an ordinary exception in the step; oom: one the engine recognises as device OOM;
+# crash: one that kills the inference thread (the server must then turn unhealthy and exit 1)
+_KINDS = {
+    "error": "injected fault",
+    "oom": "injected fault: out of memory",
+    "crash": "injected fault: the inference thread dies",
+}
 
 
 class InjectedFault(RuntimeError):
     pass
+
+
+class InjectedCrash(BaseException):
+    """Not an Exception: nothing in the engine's per-step isolation catches it."""
 
 
 def fault_hook(spec: str | None) -> Callable[[GenerationRequest], None] | None:
@@ -28,8 +37,10 @@ def fault_hook(spec: str | None) -> Callable[[GenerationRequest], None] | None:
         raise ValueError(f"{ENV_VAR} must be KIND:USER with KIND in {sorted(_KINDS)}, got {spec!r}")
     message = _KINDS[kind]
 
+    error = InjectedCrash if kind == "crash" else InjectedFault
+
     def hook(request: GenerationRequest) -> None:
         if request.user == user:
-            raise InjectedFault(message)
+            raise error(message)
 
     return hook

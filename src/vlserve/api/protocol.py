@@ -4,7 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+)
 
 # An unknown field is a 400 that names it; so are NaN and infinities (Python's json accepts them)
 # and values of another JSON type (no false → 0.0, no "10" → 10): what the schema says is what
@@ -176,8 +183,14 @@ class ChatCompletion(BaseModel):
 
 
 class Delta(BaseModel):
+    """As OpenAI sends it: only the keys a chunk carries (role first, then content, then {})."""
+
     role: Literal["assistant"] | None = None
     content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
 
 
 class ChunkChoice(BaseModel):

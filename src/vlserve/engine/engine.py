@@ -194,9 +194,10 @@ class AsyncEngine:
                 if rows:
                     self._decode(batch, rows)
         except BaseException as exc:
-            self._die(exc, "the inference thread died")
-            for seq in rows + list(self._scheduler.waiting):
+            # Everyone admitted (prefilled or not) and waiting gets an answer before the exit.
+            for seq in list(self._scheduler.running) + list(self._scheduler.waiting):
                 self._finish(seq, FinishReason.ERROR, EngineError("the engine failed"))
+            self._die(exc, "the inference thread died")
 
     def _die(self, exc: BaseException, what: str) -> None:
         log.exception("%s: %s", what, exc)

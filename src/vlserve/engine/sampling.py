@@ -74,6 +74,7 @@ def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     cumulative = torch.cumsum(sorted_probs, dim=-1)
     # A token is dropped when the mass before it already reaches top_p; the first always stays.
     drop = (cumulative - sorted_probs) >= top_p * cumulative[-1]
+    drop[0] = False  # even when top_p * total underflows to 0
     sorted_probs = sorted_probs.masked_fill(drop, 0.0)
     return torch.zeros_like(probs).scatter_(0, order, sorted_probs)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -45,11 +46,13 @@ def start_server(
     *extra: str,
     name: str = "tiny-qwen3-vl",
     timeout_s: float = 240.0,
+    env: dict[str, str] | None = None,
 ) -> ServerProcess:
     """Start `vlserve serve` on a free loopback port and wait until /health says ready.
 
     The server runs on CPU with local files allowed from ``workdir/media`` and private image URLs
-    allowed (tests serve images from loopback); ``extra`` flags are appended.
+    allowed (tests serve images from loopback); ``extra`` flags are appended, ``env`` entries
+    are added to the environment.
     """
     port = free_port()
     media_dir = workdir / "media"
@@ -77,7 +80,13 @@ def start_server(
         *extra,
     ]
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=workdir)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
+            env={**os.environ, **(env or {})},
+        )
     server = ServerProcess(f"http://127.0.0.1:{port}", name, model_path, proc, log_path, media_dir)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
