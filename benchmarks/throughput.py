@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -221,6 +222,11 @@ def main() -> int:
         default=0,
         help="then soak at the highest concurrency for this long (e.g. 300)",
     )
+    parser.add_argument(
+        "--server-args",
+        default="",
+        help="extra `vlserve serve` flags for both servers (one string)",
+    )
     args = parser.parse_args()
 
     from vlserve.testing import ensure_tiny_model
@@ -229,10 +235,11 @@ def main() -> int:
     levels = sorted(args.concurrency)
     with tempfile.TemporaryDirectory(prefix="vlserve-throughput-") as tmp:
         work = Path(tmp)
-        seqs = ["--max-num-seqs", str(args.max_num_seqs)]
+        extra = shlex.split(args.server_args)
+        seqs = ["--max-num-seqs", str(args.max_num_seqs), *extra]
         batched = serve_and_bench(model_path, "batched", seqs, levels, args.requests, work)
         unbatched = serve_and_bench(
-            model_path, "unbatched", ["--max-num-seqs", "1"], levels, args.requests, work
+            model_path, "unbatched", ["--max-num-seqs", "1", *extra], levels, args.requests, work
         )
         _report(levels, batched, unbatched, ceiling(model_path, levels))
         if args.soak_s > 0:

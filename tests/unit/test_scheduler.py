@@ -46,6 +46,22 @@ def test_token_budget_is_respected_and_released() -> None:
     assert s.schedule().admitted == [b]
 
 
+def test_budget_counts_the_padded_footprint() -> None:
+    s = _sched(max_num_batched_tokens=100, max_num_seqs=8)
+    long, short = Seq("long", 40, 10), Seq("short", 5, 5)
+    s.add(long)
+    s.add(short)
+    # 60 real tokens, but the cache pads every row to the longest (50): 2 x 50 = 100 fits
+    assert s.schedule().admitted == [long, short]
+    assert s.reserved_tokens == 100
+    third = Seq("third", 1, 1)
+    s.add(third)
+    assert s.schedule().admitted == []  # 3 x 50 > 100 although only 62 tokens are real
+    s.finish([long])
+    assert s.reserved_tokens == 10
+    assert s.schedule().admitted == [third]
+
+
 def test_long_prompt_is_not_starved_by_short_ones() -> None:
     s = _sched(max_num_batched_tokens=100, max_num_seqs=8)
     first = Seq("short0", 10, 10)

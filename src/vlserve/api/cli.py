@@ -84,12 +84,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     _add_hardening_arguments(p)
     b = p.add_argument_group("batching")
-    b.add_argument("--max-num-seqs", type=int, default=16, help="requests decoded together")
+    b.add_argument("--max-num-seqs", type=int, default=32, help="requests decoded together")
     b.add_argument(
         "--max-num-batched-tokens",
         type=int,
         default=65536,
-        help="KV budget: sum of prompt + max_tokens over running requests",
+        help="KV budget in tokens: running rows x the longest row's prompt + max_tokens "
+        "(the decode cache is padded to its longest row)",
+    )
+    b.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        default=8192,
+        help="prompt tokens prefilled together in one step (one request is always admitted); "
+        "lower it to shorten the decode stall newcomers cause",
     )
     b.add_argument(
         "--max-queue", type=int, default=256, help="waiting requests beyond which new ones get 429"
@@ -192,6 +200,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         scheduler=SchedulerConfig(
             max_num_seqs=args.max_num_seqs,
             max_num_batched_tokens=args.max_num_batched_tokens,
+            max_prefill_tokens=args.max_prefill_tokens,
             max_queue=args.max_queue,
         ),
     )

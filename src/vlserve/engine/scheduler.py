@@ -28,8 +28,8 @@ S = TypeVar("S", bound=Schedulable)
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 16  # rows decoded together
-    max_num_batched_tokens: int = 65_536  # KV budget: sum of prompt + max_tokens over running rows
+    max_num_seqs: int = 32  # rows decoded together
+    max_num_batched_tokens: int = 65_536  # KV budget: rows x the longest row's prompt + max_tokens
     max_prefill_tokens: int = 8_192  # prompt tokens admitted per step (at least one request)
     max_queue: int = 256  # waiting requests beyond which submit() answers 429
 
@@ -54,14 +54,17 @@ class Scheduler(Generic[S]):
 
     Strict FIFO: when the oldest waiting request does not fit yet, nobody overtakes it, so a long
     prompt is never starved by a stream of short ones. Capacity is reserved for a request's whole
-    ``prompt + max_tokens`` at admission, so a running request never has to be evicted.
+    ``prompt + max_tokens`` at admission, so a running request never has to be evicted. The decode
+    cache is one tensor left-padded to its longest row, so what a batch can occupy is
+    ``rows x longest row``: that padded footprint, not the sum of the rows, is kept within
+    ``max_num_batched_tokens``.
     """
 
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
         self.waiting: deque[S] = deque()
         self.running: list[S] = []
-        self._reserved_tokens = 0
+        self._longest = 0  # the largest cost among running rows
 
     @staticmethod
     def cost(seq: Schedulable) -> int:
@@ -93,14 +96,16 @@ class Scheduler(Generic[S]):
         prefill_tokens = 0
         while self.waiting and len(self.running) + len(admitted) < cfg.max_num_seqs:
             head = self.waiting[0]
-            if self._reserved_tokens + self.cost(head) > cfg.max_num_batched_tokens:
+            rows = len(self.running) + len(admitted) + 1
+            longest = max(self._longest, self.cost(head))
+            if rows * longest > cfg.max_num_batched_tokens:
                 break
             if admitted and prefill_tokens + head.num_prompt_tokens > cfg.max_prefill_tokens:
                 break
             self.waiting.popleft()
             admitted.append(head)
             prefill_tokens += head.num_prompt_tokens
-            self._reserved_tokens += self.cost(head)
+            self._longest = longest
         self.running.extend(admitted)
         return StepPlan(admitted=admitted, running=list(self.running))
 
@@ -109,9 +114,9 @@ class Scheduler(Generic[S]):
         for seq in seqs:
             if seq in self.running:
                 self.running.remove(seq)
-                self._reserved_tokens -= self.cost(seq)
             elif seq in self.waiting:
                 self.waiting.remove(seq)
+        self._longest = max((self.cost(s) for s in self.running), default=0)
 
     @property
     def num_running(self) -> int:
@@ -123,7 +128,8 @@ class Scheduler(Generic[S]):
 
     @property
     def reserved_tokens(self) -> int:
-        return self._reserved_tokens
+        """The padded footprint the running rows may grow to."""
+        return len(self.running) * self._longest
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
