@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import threading
 import time
@@ -27,15 +26,12 @@ MAX_QUEUE = 6  # room for the concurrent burst of the forced-error test
 def faulty(
     tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
-    os.environ["VLSERVE_FAULT_INJECT"] = f"error:{FAULTY_USER}"
-    try:
-        srv = start_server(
-            tiny_model_path,
-            tmp_path_factory.mktemp("faulty"),
-            *("--max-num-seqs", "4", "--max-queue", str(MAX_QUEUE)),
-        )
-    finally:
-        del os.environ["VLSERVE_FAULT_INJECT"]
+    srv = start_server(
+        tiny_model_path,
+        tmp_path_factory.mktemp("faulty"),
+        *("--max-num-seqs", "4", "--max-queue", str(MAX_QUEUE)),
+        env={"VLSERVE_FAULT_INJECT": f"error:{FAULTY_USER}"},
+    )
     yield srv
     stop_server(srv)
 

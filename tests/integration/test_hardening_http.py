@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import time
 from collections.abc import Iterator
@@ -25,18 +24,15 @@ ORIGIN = "https://app.example"
 def hard(
     tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProcess]:
-    os.environ["VLSERVE_API_KEY"] = ENV_KEY  # the child reads it at start
-    try:
-        srv = start_server(
-            tiny_model_path,
-            tmp_path_factory.mktemp("hard"),
-            *("--api-key", KEYS[0], "--api-key", KEYS[1]),
-            *("--cors-origin", ORIGIN),
-            *("--max-request-body-bytes", "65536", "--max-header-bytes", "4096"),
-            *("--max-headers", "30"),
-        )
-    finally:
-        del os.environ["VLSERVE_API_KEY"]
+    srv = start_server(
+        tiny_model_path,
+        tmp_path_factory.mktemp("hard"),
+        *("--api-key", KEYS[0], "--api-key", KEYS[1]),
+        *("--cors-origin", ORIGIN),
+        *("--max-request-body-bytes", "65536", "--max-header-bytes", "4096"),
+        *("--max-headers", "30"),
+        env={"VLSERVE_API_KEY": ENV_KEY},  # the child reads it at start
+    )
     yield srv
     stop_server(srv)
 

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from vlserve.testing.server import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "deploy" / "run_server_container.sh"
 DOCKERFILES = sorted(
@@ -181,12 +183,6 @@ def tool(name: str) -> str | None:
 def write_exe(path: Path, text: str) -> None:
     path.write_text(text)
     path.chmod(0o755)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def docker_run_argv(stdout: str) -> list[str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from vlserve.launch.supervisor import (
     Supervisor,
     probe_health,
 )
+from vlserve.testing.server import free_port
 
 FAKE_SERVER = Path(__file__).with_name("launch_fake_server.py")
 FAST = RestartPolicy(
@@ -29,12 +29,6 @@ FAST = RestartPolicy(
     health_interval_s=0.05,
     stop_timeout_s=5.0,
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def fake_spec(tmp_path: Path, name: str, *extra: str, port: int | None = None) -> ProcessSpec:
