@@ -368,3 +368,9 @@ def _decode_or_media_error(data: bytes) -> None:
     except MediaError:
         return
     assert image.mode == "RGB" and image.width * image.height <= 256
+
+
+@pytest.mark.parametrize("payload", ["AB==", "AAB=", "0000001="])
+def test_non_canonical_base64_padding_is_refused(payload: str) -> None:
+    with pytest.raises(MediaError):
+        parse_data_url("data:image/gif;base64," + payload, max_bytes=MB)

@@ -54,6 +54,13 @@ def parse_data_url(url: str, *, max_bytes: int) -> tuple[str, bytes]:
         data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
         raise MediaError(not_base64) from None
+    # Only the canonical spelling: nonzero bits before the padding ("AB==" vs "AA==") decode
+    # to the same bytes, so a second spelling of one image is refused rather than normalised.
+    if (
+        payload.endswith("=")
+        and base64.b64encode(data[-(len(data) % 3) :]).decode() != payload[-4:]
+    ):
+        raise MediaError(not_base64)
     if not data:
         raise MediaError("image data is empty")
     if len(data) > max_bytes:
