@@ -108,7 +108,8 @@ async def _when_ready(engine: AsyncEngine, state: ServerState, config: ServerCon
     except VLServeError:
         return  # engine.on_fatal has already asked the server to exit
     runner = engine.runner
-    assert runner is not None
+    if runner is None:
+        return
     state.defaults = SamplingDefaults.from_generation_config(
         runner.generation_config, config.default_max_tokens
     )

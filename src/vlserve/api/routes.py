@@ -301,7 +301,8 @@ async def _collect(
         track(event)
         pieces.append(event.text)
         last = event
-    assert last is not None  # the engine always ends a request with a finishing event
+    if last is None:  # the engine always ends a request with a finishing event
+        raise EngineError("generation ended without a final event")
     return "".join(pieces), last
 
 

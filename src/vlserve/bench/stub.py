@@ -275,7 +275,8 @@ class StubProcess:
             else:
                 args += [flag, str(value)]
         self._proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
-        assert self._proc.stdout is not None
+        if self._proc.stdout is None:
+            raise RuntimeError("the stub's stdout is not a pipe")
         line = self._proc.stdout.readline()
         if not line.startswith("listening on "):
             self.__exit__()

@@ -239,10 +239,14 @@ class AsyncEngine:
                 )
         self._compact(batch, rows)
 
+    def _loaded_runner(self) -> ModelRunner:
+        if self.runner is None:
+            raise EngineError("the model is not loaded")
+        return self.runner
+
     def _prefill(self, seqs: list[_Sequence], batch: DecodeBatch, rows: list[_Sequence]) -> None:
         """Prefill the newcomers together, sample their first tokens, join them to the batch."""
-        runner = self.runner
-        assert runner is not None
+        runner = self._loaded_runner()
         seqs = self._before_prefill(seqs)
         if not seqs:
             return
@@ -282,8 +286,7 @@ class AsyncEngine:
         return kept
 
     def _decode(self, batch: DecodeBatch, rows: list[_Sequence]) -> None:
-        runner = self.runner
-        assert runner is not None
+        runner = self._loaded_runner()
         try:
             logits = runner.decode(batch, [seq.output_ids[-1] for seq in rows])
             tokens = sample_batch(logits, [seq.sampler for seq in rows])  # type: ignore[misc]
@@ -305,8 +308,9 @@ class AsyncEngine:
             rows[:] = [rows[i] for i in keep]
 
     def _on_token(self, seq: _Sequence, token: int) -> None:
-        runner = self.runner
-        assert runner is not None and seq.detok is not None
+        runner = self._loaded_runner()
+        if seq.detok is None:
+            raise EngineError(f"request {seq.request_id} produced a token before its prefill")
         sp = seq.request.sampling
         seq.output_ids.append(token)
         finish: FinishReason | None = None

@@ -165,8 +165,7 @@ class Supervisor:
             failures_in_a_row = 0 if became_ready else failures_in_a_row + 1
             if became_ready and uptime_s >= policy.stable_after_s:
                 backoff_s = policy.initial_backoff_s
-            assert child.proc is not None
-            code = child.proc.returncode
+            code = child.proc.returncode if child.proc is not None else None
             tail = _log_tail(child.spec.log_path)
             if failures_in_a_row >= policy.max_startup_failures:
                 logger.error(
@@ -212,7 +211,8 @@ class Supervisor:
 
     async def _watch(self, child: _Child) -> bool:
         """Wait for the child to exit; meanwhile mark it ready once healthy. True if it was."""
-        assert child.proc is not None
+        if child.proc is None:
+            return False
         exited = asyncio.ensure_future(child.proc.wait())
         while not exited.done():
             if child.spec.health_url is None or await probe_health(child.spec.health_url):
