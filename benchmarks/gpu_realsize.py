@@ -197,10 +197,12 @@ def serve_tokens_per_s(
 
     async def one(i: int, messages) -> int:  # type: ignore[no-untyped-def]
         inputs = await engine.prepare(messages)
+        ids = inputs["input_ids"][0].tolist()
+        inputs = await engine.encode(inputs)  # on the encoder thread, as the server does
         req = GenerationRequest(
             f"r{i}",
             inputs,
-            inputs["input_ids"][0].tolist(),
+            ids,
             SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True),
         )
         count = 0

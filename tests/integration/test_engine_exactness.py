@@ -77,6 +77,7 @@ async def _drive(engine: AsyncEngine, rng: random.Random, count: int):  # type: 
                 "max_tokens": rng.randrange(3, 28),
                 "delay_s": 0.0 if rng.random() < 0.4 else rng.random() * 0.8,  # bursts and trickles
                 "cancel_after": rng.randrange(1, 4) if rng.random() < 0.2 else None,
+                "encode_ahead": rng.random() < 0.7,  # as the server does; else the prefill encodes
                 "id": f"r{i}",
             }
         )
@@ -85,6 +86,8 @@ async def _drive(engine: AsyncEngine, rng: random.Random, count: int):  # type: 
         await asyncio.sleep(plan["delay_s"])
         inputs = await engine.prepare(plan["messages"])
         reference_inputs = dict(inputs)
+        if plan["encode_ahead"]:
+            inputs = await engine.encode(inputs)
         req = GenerationRequest(
             plan["id"],
             inputs,

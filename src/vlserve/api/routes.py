@@ -21,8 +21,9 @@ from vlserve.api.errors import body_for
 from vlserve.api.metrics import Metrics, RequestRecord
 from vlserve.api.sse import DONE, frame
 from vlserve.engine.chat import attach_images, split_messages
-from vlserve.engine.engine import AsyncEngine, EngineState, RequestStream
+from vlserve.engine.engine import AsyncEngine, EngineState
 from vlserve.engine.request import FinishReason, GenerationRequest, TokenEvent
+from vlserve.engine.stream import RequestStream
 from vlserve.errors import EngineError, EngineUnavailableError, NotFoundError, VLServeError
 from vlserve.media import MediaLoader
 
@@ -231,6 +232,8 @@ async def _build_request(
         max_model_len=runner.max_model_len,
         vocab_size=runner.vocab_size,
     )
+    engine.check_admission(len(prompt_ids), sampling.max_tokens)  # 400/429 before the encoder
+    inputs = await engine.encode(inputs)
     return GenerationRequest(
         request_id=request_id,
         inputs=inputs,

@@ -116,6 +116,17 @@ def _probe(info: DeviceInfo) -> None:
         raise DeviceUnavailableError(f"the {info.type} device is not usable: {outcome[0]}")
 
 
+def side_thread_init(info: DeviceInfo) -> None:
+    """Set up a worker thread that runs model work beside the inference thread.
+
+    On CPU it gets half the intra-op threads (the setting is per thread), so the two threads share
+    the cores instead of oversubscribing them. On an accelerator nothing is needed: a new thread's
+    current device is device 0, as on the inference thread, and both queue on the same stream.
+    """
+    if info.type == "cpu":
+        torch.set_num_threads(max(1, torch.get_num_threads() // 2))
+
+
 def empty_cache(info: DeviceInfo) -> None:
     """Return cached device memory after an out-of-memory error."""
     module = getattr(torch, info.type, None) if info.type != "cpu" else None

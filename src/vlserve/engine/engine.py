@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vlserve.engine.detokenizer import IncrementalDetokenizer
-from vlserve.engine.device import DeviceInfo, empty_cache, is_out_of_memory
+from vlserve.engine.device import DeviceInfo, empty_cache, is_out_of_memory, side_thread_init
 from vlserve.engine.request import FinishReason, GenerationRequest, TokenEvent
 from vlserve.engine.runner import DecodeBatch, ModelRunner
 from vlserve.engine.sampling import RowSampler, sample_batch
 from vlserve.engine.scheduler import Scheduler, SchedulerConfig
+from vlserve.engine.stream import RequestStream, Sequence
 from vlserve.errors import (
     EngineError,
     EngineUnavailableError,
@@ -46,32 +47,6 @@ class EngineConfig:
             raise ValueError("request_timeout_s must be > 0")
 
 
-@dataclass(eq=False)
-class _Sequence:
-    """A request's life inside the engine (identity equality: the scheduler removes by object)."""
-
-    request: GenerationRequest
-    emit: Callable[[TokenEvent], None]
-    deadline: float
-    request_id: str = ""
-    detok: IncrementalDetokenizer | None = None
-    sampler: RowSampler | None = None
-    output_ids: list[int] = field(default_factory=list)
-    aborted: bool = False
-    done: bool = False
-
-    def __post_init__(self) -> None:
-        self.request_id = self.request.request_id
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return self.request.num_prompt_tokens
-
-    @property
-    def max_tokens(self) -> int:
-        return self.request.sampling.max_tokens
-
-
 class AsyncEngine:
     """All model work happens on one inference thread; results return through asyncio queues."""
 
@@ -87,10 +62,16 @@ class AsyncEngine:
         self.state = EngineState.LOADING
         self.failure: BaseException | None = None
         self.runner: ModelRunner | None = None
-        self._scheduler: Scheduler[_Sequence] = Scheduler(config.scheduler)
+        self._scheduler: Scheduler[Sequence] = Scheduler(config.scheduler)
         self._lock = threading.Condition()
         self._stop = False
         self._prep = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vlserve-prep")
+        self._encoder = concurrent.futures.ThreadPoolExecutor(
+            1,
+            thread_name_prefix="vlserve-encoder",
+            initializer=side_thread_init,
+            initargs=(device,),
+        )
         self._thread = threading.Thread(target=self._main, name="vlserve-engine", daemon=True)
         self._ready = threading.Event()
         self.on_fatal: Callable[[BaseException], None] | None = None
@@ -115,6 +96,7 @@ class AsyncEngine:
         if self._thread.is_alive():
             self._thread.join(timeout_s)
         self._prep.shutdown(wait=False, cancel_futures=True)
+        self._encoder.shutdown(wait=False, cancel_futures=True)
         if self.state is EngineState.READY:
             self.state = EngineState.STOPPED
 
@@ -140,12 +122,36 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._prep, runner.prepare, messages)
 
+    def check_admission(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Raise now the 400 or 429 that ``submit`` would raise, before any image is encoded."""
+        self._require_ready()
+        with self._lock:
+            self._scheduler.check_admissible(num_prompt_tokens, max_tokens)
+
+    async def encode(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Run the vision tower for prepared inputs on the encoder thread, so that it overlaps
+        the running batch's decode steps instead of stalling them at the next prefill.
+
+        Optional: ``submit`` also takes inputs that were not encoded (the prefill encodes them).
+        """
+        runner = self._require_ready()
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._encoder, runner.encode, inputs)
+        except Exception as exc:
+            if is_out_of_memory(exc):
+                log.error("out of memory while encoding a request's images")
+                empty_cache(self.device)
+                raise EngineError("the device ran out of memory for this request's images") from exc
+            log.exception("encoding a request's images failed")
+            raise EngineError("encoding the images failed inside the engine") from exc
+
     def submit(self, request: GenerationRequest) -> RequestStream:
         """Queue ``request`` now (raising 400/429/503 at once) and return its event stream."""
         self._require_ready()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        seq = _Sequence(
+        seq = Sequence(
             request=request,
             emit=lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev),
             deadline=time.monotonic() + self.config.request_timeout_s,
@@ -153,9 +159,9 @@ class AsyncEngine:
         with self._lock:
             self._scheduler.add(seq)  # raises 400 (never fits) or 429 (queue full)
             self._lock.notify_all()
-        return RequestStream(self, seq, queue)
+        return RequestStream(seq, queue, self._abort)
 
-    def _abort(self, seq: _Sequence) -> None:
+    def _abort(self, seq: Sequence) -> None:
         with self._lock:
             if not seq.done:
                 seq.aborted = True
@@ -179,7 +185,7 @@ class AsyncEngine:
         finally:
             self._ready.set()
         batch = DecodeBatch(self.device.torch_device)
-        rows: list[_Sequence] = []
+        rows: list[Sequence] = []
         try:
             while True:
                 with self._lock:
@@ -223,7 +229,7 @@ class AsyncEngine:
         batch.add(result)
         runner.decode(batch, result.logits.argmax(-1).tolist())
 
-    def _drop_cancelled(self, batch: DecodeBatch, rows: list[_Sequence]) -> None:
+    def _drop_cancelled(self, batch: DecodeBatch, rows: list[Sequence]) -> None:
         """Under the lock: remove aborted and expired requests before the next step."""
         now = time.monotonic()
         for seq in list(self._scheduler.waiting) + rows:
@@ -244,7 +250,7 @@ class AsyncEngine:
             raise EngineError("the model is not loaded")
         return self.runner
 
-    def _prefill(self, seqs: list[_Sequence], batch: DecodeBatch, rows: list[_Sequence]) -> None:
+    def _prefill(self, seqs: list[Sequence], batch: DecodeBatch, rows: list[Sequence]) -> None:
         """Prefill the newcomers together, sample their first tokens, join them to the batch."""
         runner = self._loaded_runner()
         seqs = self._before_prefill(seqs)
@@ -269,7 +275,7 @@ class AsyncEngine:
             self._on_token(seq, token)
         self._compact(batch, rows)
 
-    def _before_prefill(self, seqs: list[_Sequence]) -> list[_Sequence]:
+    def _before_prefill(self, seqs: list[Sequence]) -> list[Sequence]:
         """Stamp the queue exit time and run the test hook one request at a time, so a request
         it fails never takes its prefill batch-mates down with it."""
         now = time.monotonic()
@@ -285,7 +291,7 @@ class AsyncEngine:
             kept.append(seq)
         return kept
 
-    def _decode(self, batch: DecodeBatch, rows: list[_Sequence]) -> None:
+    def _decode(self, batch: DecodeBatch, rows: list[Sequence]) -> None:
         runner = self._loaded_runner()
         try:
             logits = runner.decode(batch, [seq.output_ids[-1] for seq in rows])
@@ -301,13 +307,13 @@ class AsyncEngine:
             self._on_token(seq, token)
         self._compact(batch, rows)
 
-    def _compact(self, batch: DecodeBatch, rows: list[_Sequence]) -> None:
+    def _compact(self, batch: DecodeBatch, rows: list[Sequence]) -> None:
         keep = [i for i, seq in enumerate(rows) if not seq.done]
         if len(keep) != len(rows):
             batch.keep(keep)
             rows[:] = [rows[i] for i in keep]
 
-    def _on_token(self, seq: _Sequence, token: int) -> None:
+    def _on_token(self, seq: Sequence, token: int) -> None:
         runner = self._loaded_runner()
         if seq.detok is None:
             raise EngineError(f"request {seq.request_id} produced a token before its prefill")
@@ -332,7 +338,7 @@ class AsyncEngine:
         if finish is not None:
             self._finish(seq, finish, emit=False)
 
-    def _fail(self, exc: Exception, seqs: list[_Sequence]) -> None:
+    def _fail(self, exc: Exception, seqs: list[Sequence]) -> None:
         if is_out_of_memory(exc):
             log.error("out of memory in a step of %d request(s); failing them only", len(seqs))
             empty_cache(self.device)
@@ -345,7 +351,7 @@ class AsyncEngine:
 
     def _finish(
         self,
-        seq: _Sequence,
+        seq: Sequence,
         reason: FinishReason,
         error: VLServeError | None = None,
         *,
@@ -358,46 +364,3 @@ class AsyncEngine:
             self._scheduler.finish([seq])
         if emit:
             seq.emit(TokenEvent("", (), seq.num_prompt_tokens, len(seq.output_ids), reason, error))
-
-
-class RequestStream:
-    """Async iterator over one request's TokenEvents; ``aclose()`` (or leaving early) aborts it."""
-
-    def __init__(self, engine: AsyncEngine, seq: _Sequence, queue: asyncio.Queue[TokenEvent]):
-        self._engine = engine
-        self._seq = seq
-        self._queue = queue
-        self._finished = False
-
-    def __aiter__(self) -> RequestStream:
-        return self
-
-    async def __anext__(self) -> TokenEvent:
-        if self._finished:
-            raise StopAsyncIteration
-        try:
-            event = await self._queue.get()
-        except BaseException:
-            self._engine._abort(self._seq)
-            raise
-        if event.finished:
-            self._finished = True
-        return event
-
-    def fail(self, error: VLServeError) -> None:
-        """End this stream now with ``error`` (e.g. the server is shutting down); the engine
-        drops the request at its next step."""
-        if self._finished:
-            return
-        seq = self._seq
-        self._queue.put_nowait(
-            TokenEvent(
-                "", (), seq.num_prompt_tokens, len(seq.output_ids), FinishReason.ERROR, error
-            )
-        )
-        self._engine._abort(seq)
-
-    async def aclose(self) -> None:
-        if not self._finished:
-            self._finished = True
-            self._engine._abort(self._seq)

@@ -23,6 +23,7 @@ _TF5 = int(transformers.__version__.split(".")[0]) >= 5
 _CACHE_KW = "cache" if _TF5 else "past_key_values"
 
 KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (batch, kv_heads, seq, head_dim)
+_ENCODED = "vlserve_encoded"  # marks inputs that went through ModelRunner.encode
 
 
 @dataclass
@@ -68,6 +69,7 @@ class ModelRunner:
         self._pad_id = int(pad if pad is not None else min(self.eos_token_ids))
         self._rope_params = set(inspect.signature(self.model.model.get_rope_index).parameters)
         self._slot_id = int(self.processor.tokenizer.convert_tokens_to_ids(TEXT_SLOT))
+        self._image_token_id = int(self.model.config.image_token_id)
 
     # -- prompt preparation (runs on the preprocessing thread) ---------------------------------
     def prepare(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
@@ -90,65 +92,98 @@ class ModelRunner:
         ]
         return _splice_inputs(dict(inputs), self._slot_id, pieces)
 
+    @torch.inference_mode()
+    def encode(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """What a prompt needs before its prefill that does not depend on its batch-mates: the
+        vision tower's outputs and the multimodal position ids.
+
+        The engine runs this on its encoder thread, ahead of the inference thread, so image
+        encoding overlaps the running batch's decode steps; ``prefill`` then runs only the
+        language model. Idempotent: encoded inputs are returned as they are.
+        """
+        if _ENCODED in inputs:
+            return inputs
+        positions, delta = self._positions(inputs)
+        encoded: dict[str, Any] = {
+            _ENCODED: True,
+            "input_ids": inputs["input_ids"],
+            "position_ids": positions,
+            "rope_delta": delta,
+        }
+        pixels = inputs.get("pixel_values")
+        if pixels is not None:
+            dev = self.device.torch_device
+            visual = self.model.model.visual
+            out = visual(pixels.to(dev, visual.dtype), grid_thw=inputs["image_grid_thw"].to(dev))
+            # transformers 4.57 returns (embeds, deepstack); 5.x a ModelOutput
+            embeds, deepstack = (
+                out if isinstance(out, tuple) else (out.pooler_output, out.deepstack_features)
+            )
+            encoded["image_embeds"] = embeds
+            encoded["deepstack"] = list(deepstack)
+        return encoded
+
     # -- device work (inference thread) --------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, prompts: list[dict[str, Any]]) -> PrefillResult:
-        """Run several prompts in one left-padded forward; returns their logits, cache and deltas.
+        """Run several prompts through the language model in one left-padded forward; returns
+        their last logits, cache and rope deltas.
 
-        Images of all prompts go through the vision tower together. Each row keeps its own
-        multimodal positions, computed alone, so a row's numbers do not depend on its neighbours.
+        Prompts not yet encoded are encoded here. Each row's image features and positions were
+        computed alone, so a row's numbers do not depend on its neighbours.
         """
         dev = self.device.torch_device
-        rows = [
-            {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in p.items()}
-            for p in prompts
-        ]
+        rows = [self.encode(p) for p in prompts]
         lengths = [row["input_ids"].shape[1] for row in rows]
         width = max(lengths)
-        positions, deltas = zip(*(self._positions(row) for row in rows), strict=True)
-        batch: dict[str, Any] = {
-            "input_ids": torch.cat([_left_pad(r["input_ids"], width, self._pad_id) for r in rows]),
-            "attention_mask": torch.cat(
-                [_left_pad(torch.ones_like(r["input_ids"]), width) for r in rows]
-            ),
-        }
-        for key in ("pixel_values", "image_grid_thw"):
-            parts = [r[key] for r in rows if r.get(key) is not None]
-            if parts:
-                batch[key] = torch.cat(parts)
-        if rows[0].get("mm_token_type_ids") is not None:  # transformers 5.x
-            batch["mm_token_type_ids"] = torch.cat(
-                [_left_pad(r["mm_token_type_ids"], width) for r in rows]
+        ids = [row["input_ids"] for row in rows]
+        input_ids = torch.cat([_left_pad(i, width, self._pad_id) for i in ids]).to(dev)
+        mask = torch.cat([_left_pad(torch.ones_like(i), width) for i in ids]).to(dev)
+        positions = torch.cat([_left_pad(r["position_ids"], width) for r in rows], dim=1)
+        embeds = self.model.get_input_embeddings()(input_ids)
+        visual_mask, deepstack = None, None
+        with_images = [row for row in rows if "image_embeds" in row]
+        if with_images:
+            visual_mask = input_ids == self._image_token_id
+            features = torch.cat([row["image_embeds"] for row in with_images])
+            if features.shape[0] != int(visual_mask.sum()):
+                raise ValueError("image features do not match the prompts' image tokens")
+            embeds = embeds.masked_scatter(
+                visual_mask.unsqueeze(-1).expand_as(embeds), features.to(dev, embeds.dtype)
             )
+            layers = zip(*(row["deepstack"] for row in with_images), strict=True)
+            deepstack = [torch.cat(layer).to(dev) for layer in layers]
         cache = DynamicCache()
-        out = self.model(
-            **batch,
-            position_ids=torch.cat([_left_pad(p, width) for p in positions], dim=1),
+        out = self.model.model.language_model(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=positions.to(dev),
             use_cache=True,
-            logits_to_keep=1,
+            visual_pos_masks=visual_mask,
+            deepstack_visual_embeds=deepstack,
             **{_CACHE_KW: cache},
         )
         cache = _output_cache(out, cache)
         return PrefillResult(
-            logits=out.logits[:, -1].float(),
+            logits=self.model.lm_head(out.last_hidden_state[:, -1]).float(),
             kv=[(layer.keys, layer.values) for layer in cache.layers],
-            mask=batch["attention_mask"],
+            mask=mask,
             lengths=lengths,
-            rope_deltas=list(deltas),
+            rope_deltas=[row["rope_delta"] for row in rows],
         )
 
-    def _positions(self, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
+    def _positions(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, int]:
         """4-row position ids (text, t, h, w) of one prompt, computed per request.
 
         The model's own ``rope_deltas`` attribute is shared mutable state (``generate``
         overwrites it), so it is never read: each request keeps its delta.
         """
-        input_ids = batch["input_ids"]
+        input_ids = inputs["input_ids"]
         length = input_ids.shape[1]
         text = torch.arange(length, device=input_ids.device).view(1, 1, length)
-        if batch.get("image_grid_thw") is None:
+        if inputs.get("image_grid_thw") is None:
             return text.expand(4, 1, length), 0
-        kwargs = {k: v for k, v in batch.items() if k in self._rope_params and k != "input_ids"}
+        kwargs = {k: v for k, v in inputs.items() if k in self._rope_params and k != "input_ids"}
         vision, delta = self.model.model.get_rope_index(input_ids, **kwargs)
         return torch.cat([text, vision.to(text.dtype)], dim=0), int(delta.view(-1)[0])
 

@@ -70,23 +70,24 @@ class Scheduler(Generic[S]):
     def cost(seq: Schedulable) -> int:
         return seq.num_prompt_tokens + seq.max_tokens
 
-    def check_fits(self, seq: Schedulable) -> None:
-        """Raise if ``seq`` could never be admitted, whatever else is running."""
-        if self.cost(seq) > self.config.max_num_batched_tokens:
+    def check_admissible(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Raise now what ``add`` would raise for such a request: 400 if it could never be
+        admitted whatever else runs, 429 if the waiting queue is full."""
+        if num_prompt_tokens + max_tokens > self.config.max_num_batched_tokens:
             raise ContextLengthError(
-                f"this request needs {seq.num_prompt_tokens} prompt + {seq.max_tokens} completion "
+                f"this request needs {num_prompt_tokens} prompt + {max_tokens} completion "
                 f"tokens, more than the server's budget of {self.config.max_num_batched_tokens} "
                 "(--max-num-batched-tokens); shorten the prompt or lower max_tokens",
                 param="max_tokens",
             )
-
-    def add(self, seq: S) -> None:
-        self.check_fits(seq)
         if len(self.waiting) >= self.config.max_queue:
             raise OverloadedError(
                 f"server is at capacity ({len(self.running)} running, {len(self.waiting)} "
                 "waiting); retry later"
             )
+
+    def add(self, seq: S) -> None:
+        self.check_admissible(seq.num_prompt_tokens, seq.max_tokens)
         self.waiting.append(seq)
 
     def schedule(self) -> StepPlan[S]:

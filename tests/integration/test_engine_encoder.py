@@ -1,0 +1,84 @@
+"""The encoder stage: image features computed ahead of the prefill, on their own thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from vlserve.engine.device import DeviceInfo, side_thread_init
+from vlserve.engine.engine import AsyncEngine, EngineConfig
+from vlserve.engine.request import GenerationRequest, SamplingParams
+from vlserve.errors import EngineError
+
+pytestmark = pytest.mark.integration
+
+IMAGE_PAD = 151655
+
+
+def test_a_side_thread_takes_half_the_cpu_threads_and_only_for_itself() -> None:
+    before = torch.get_num_threads()
+    seen: list[int] = []
+
+    def work() -> None:
+        side_thread_init(DeviceInfo("cpu", torch.float32))
+        seen.append(torch.get_num_threads())
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert seen == [max(1, before // 2)]
+    assert torch.get_num_threads() == before
+
+
+def test_a_failed_encode_fails_only_its_request(tiny_model_path: Path) -> None:
+    engine = AsyncEngine(EngineConfig(str(tiny_model_path)), DeviceInfo("cpu", torch.float32))
+    engine.start()
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": Image.new("RGB", (64, 96), (30, 200, 90))},
+                {"type": "text", "text": "what colour?"},
+            ],
+        }
+    ]
+
+    async def main() -> tuple[dict, list[int], int]:
+        await engine.wait_ready()
+        runner = engine.runner
+        assert runner is not None
+        real = runner.encode
+        failures = [RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"), KeyError("x")]
+
+        def flaky(inputs: dict) -> dict:
+            if failures:
+                raise failures.pop(0)
+            return real(inputs)
+
+        runner.encode = flaky  # type: ignore[method-assign]
+        inputs = await engine.prepare(messages)
+        with pytest.raises(EngineError, match="ran out of memory"):
+            await engine.encode(inputs)
+        with pytest.raises(EngineError, match="encoding the images failed"):
+            await engine.encode(inputs)
+        encoded = await engine.encode(inputs)
+        ids = inputs["input_ids"][0].tolist()
+        request = GenerationRequest(
+            "ok", encoded, ids, SamplingParams(max_tokens=5, ignore_eos=True)
+        )
+        tokens = [t async for event in engine.submit(request) for t in event.token_ids]
+        return encoded, tokens, ids.count(IMAGE_PAD)
+
+    try:
+        encoded, tokens, image_tokens = asyncio.run(main())
+    finally:
+        engine.shutdown()
+    assert "pixel_values" not in encoded
+    assert encoded["image_embeds"].shape[0] == image_tokens
+    assert len(encoded["deepstack"]) == 2  # the tiny model's deepstack_visual_indexes
+    assert len(tokens) == 5
