@@ -7,6 +7,8 @@ import math
 import random
 import statistics
 
+import pytest
+
 from vlserve.bench.config import LoadConfig
 from vlserve.bench.dataset import BenchRequest
 from vlserve.bench.runner import EndpointRouter, arrival_offsets, plan_requests
@@ -55,6 +57,17 @@ def test_burstiness_changes_the_cv_not_the_rate() -> None:
 def test_constant_and_unlimited_arrivals() -> None:
     assert gaps(LoadConfig(request_rate=4.0, arrival="constant"), 3) == [0.25] * 3
     assert gaps(LoadConfig(), 3) == [0.0] * 3
+
+
+def test_ramp_up_spreads_the_first_users_then_keeps_the_arrival_process() -> None:
+    closed = LoadConfig(max_concurrency=4, ramp_up_s=2.0)
+    assert list(itertools.islice(arrival_offsets(closed, random.Random(0)), 6)) == [
+        0.0, 0.5, 1.0, 1.5, 0.0, 0.0  # then each request goes as soon as a slot frees
+    ]  # fmt: skip
+    paced = LoadConfig(max_concurrency=2, ramp_up_s=1.0, request_rate=1.0, arrival="constant")
+    assert list(itertools.islice(arrival_offsets(paced, random.Random(0)), 4)) == [0, 1, 2, 3]
+    with pytest.raises(ValueError, match="--ramp-up"):
+        LoadConfig(ramp_up_s=-1)
 
 
 def requests(n: int) -> list[BenchRequest]:

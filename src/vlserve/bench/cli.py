@@ -170,6 +170,13 @@ def _load_flags(load: argparse._ArgumentGroup) -> None:
         help="keep sending (cycling the dataset) for this long",
     )
     load.add_argument(
+        "--ramp-up",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="start the first --max-concurrency requests evenly over this long, not all at once",
+    )
+    load.add_argument(
         "--warmup", type=int, default=0, help="requests sent first and left out of all results"
     )
 
@@ -290,6 +297,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         arrival="constant" if args.rate_limit else "poisson",
         num_requests=None if kind == "random" else args.num_requests,
         duration_s=args.duration,
+        ramp_up_s=args.ramp_up,
         warmup=args.warmup,
         seed=args.seed,
     )

@@ -105,6 +105,7 @@ class LoadConfig:
     arrival: Arrival = "poisson"
     num_requests: int | None = None  # None: each dataset request once
     duration_s: float | None = None
+    ramp_up_s: float = 0.0  # the first max_concurrency requests start evenly over this long
     warmup: int = 0
     seed: int = 0
 
@@ -121,6 +122,8 @@ class LoadConfig:
             raise ValueError("--num-requests must be > 0")
         if self.duration_s is not None and not self.duration_s > 0:
             raise ValueError("--duration must be > 0")
+        if not 0 <= self.ramp_up_s < math.inf:
+            raise ValueError("--ramp-up must be >= 0 seconds")
         if self.warmup < 0:
             raise ValueError("--warmup must be >= 0")
 

@@ -72,11 +72,14 @@ def arrival_offsets(load: LoadConfig, rng: random.Random) -> Iterator[float]:
     """Seconds after the start at which each request is due.
 
     Gamma-distributed gaps with shape ``burstiness`` and mean ``1/rate`` (shape 1 is a Poisson
-    process; smaller is burstier, larger is more regular); ``constant`` spaces them evenly.
+    process; smaller is burstier, larger is more regular); ``constant`` spaces them evenly. With a
+    ramp-up, the first ``max_concurrency`` requests are due no earlier than evenly over it: in a
+    closed loop, users that all start in the same instant stay in step for the whole run.
     """
     t = 0.0
-    while True:
-        yield t
+    ramp_step = load.ramp_up_s / load.max_concurrency
+    for i in itertools.count():
+        yield max(t, i * ramp_step) if i < load.max_concurrency else t
         if math.isinf(load.request_rate):
             continue
         if load.arrival == "constant":
