@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
-from vlserve.engine.device import DeviceInfo, side_thread_init
+from vlserve.engine.device import DeviceInfo, bind_thread
 from vlserve.engine.engine import AsyncEngine, EngineConfig
 from vlserve.engine.request import GenerationRequest, SamplingParams
 from vlserve.errors import EngineError
@@ -20,19 +21,35 @@ pytestmark = pytest.mark.integration
 IMAGE_PAD = 151655
 
 
-def test_a_side_thread_takes_half_the_cpu_threads_and_only_for_itself() -> None:
-    before = torch.get_num_threads()
-    seen: list[int] = []
-
-    def work() -> None:
-        side_thread_init(DeviceInfo("cpu", torch.float32))
-        seen.append(torch.get_num_threads())
-
-    thread = threading.Thread(target=work)
+def _in_thread(work: Callable[[], object]) -> object:
+    out: list[object] = []
+    thread = threading.Thread(target=lambda: out.append(work()))
     thread.start()
     thread.join()
-    assert seen == [max(1, before // 2)]
+    return out[0]
+
+
+def test_a_cpu_side_thread_takes_half_the_threads_and_only_for_itself() -> None:
+    before = torch.get_num_threads()
+    cpu = DeviceInfo("cpu", torch.float32)
+    assert _in_thread(lambda: (bind_thread(cpu), torch.get_num_threads())[1]) == before
+    side = _in_thread(lambda: (bind_thread(cpu, side=True), torch.get_num_threads())[1])
+    assert side == max(1, before // 2)
     assert torch.get_num_threads() == before
+
+
+def test_accelerator_threads_select_the_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch_npu needs set_device in every new thread; the index is the process's device."""
+    selected: list[tuple[str, int]] = []
+
+    class FakeBackend:
+        def set_device(self, index: int) -> None:
+            selected.append((threading.current_thread().name, index))
+
+    monkeypatch.setattr(torch, "npu", FakeBackend(), raising=False)
+    _in_thread(lambda: bind_thread(DeviceInfo("npu", torch.bfloat16, index=3), side=True))
+    assert len(selected) == 1 and selected[0][1] == 3
+    assert selected[0][0] != threading.current_thread().name
 
 
 def test_a_failed_encode_fails_only_its_request(tiny_model_path: Path) -> None:

@@ -19,6 +19,7 @@ _PROBE_TIMEOUT_S = 60.0
 class DeviceInfo:
     type: str  # "npu" | "cuda" | "cpu"
     dtype: torch.dtype
+    index: int = 0  # the device this process uses (ASCEND_RT_VISIBLE_DEVICES / CUDA_... pick it)
 
     @property
     def torch_device(self) -> torch.device:
@@ -98,6 +99,7 @@ def _probe(info: DeviceInfo) -> None:
 
     def work() -> None:
         try:
+            bind_thread(info)
             x = torch.ones(16, 16, device=info.torch_device, dtype=info.dtype)
             float((x @ x).sum().item())
             outcome.append(None)
@@ -116,15 +118,20 @@ def _probe(info: DeviceInfo) -> None:
         raise DeviceUnavailableError(f"the {info.type} device is not usable: {outcome[0]}")
 
 
-def side_thread_init(info: DeviceInfo) -> None:
-    """Set up a worker thread that runs model work beside the inference thread.
+def bind_thread(info: DeviceInfo, *, side: bool = False) -> None:
+    """Prepare the calling thread for model work on ``info``'s device; every thread that touches
+    the device calls it first (the probe, the inference thread, the encoder thread).
 
-    On CPU it gets half the intra-op threads (the setting is per thread), so the two threads share
-    the cores instead of oversubscribing them. On an accelerator nothing is needed: a new thread's
-    current device is device 0, as on the inference thread, and both queue on the same stream.
+    On an accelerator it selects the device in this thread: torch_npu requires that in every new
+    thread (Ascend/pytorch#13), and on CUDA it is harmless. On CPU a ``side`` thread (the encoder,
+    beside the inference thread) gets half the intra-op threads, a per-thread setting, so the two
+    share the cores instead of oversubscribing them.
     """
     if info.type == "cpu":
-        torch.set_num_threads(max(1, torch.get_num_threads() // 2))
+        if side:
+            torch.set_num_threads(max(1, torch.get_num_threads() // 2))
+        return
+    getattr(torch, info.type).set_device(info.index)
 
 
 def empty_cache(info: DeviceInfo) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import enum
+import functools
 import logging
 import threading
 import time
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vlserve.engine.detokenizer import IncrementalDetokenizer
-from vlserve.engine.device import DeviceInfo, empty_cache, is_out_of_memory, side_thread_init
+from vlserve.engine.device import DeviceInfo, bind_thread, empty_cache, is_out_of_memory
 from vlserve.engine.request import FinishReason, GenerationRequest, TokenEvent
 from vlserve.engine.runner import DecodeBatch, ModelRunner
 from vlserve.engine.sampling import RowSampler, sample_batch
@@ -69,8 +70,7 @@ class AsyncEngine:
         self._encoder = concurrent.futures.ThreadPoolExecutor(
             1,
             thread_name_prefix="vlserve-encoder",
-            initializer=side_thread_init,
-            initargs=(device,),
+            initializer=functools.partial(bind_thread, device, side=True),
         )
         self._thread = threading.Thread(target=self._main, name="vlserve-engine", daemon=True)
         self._ready = threading.Event()
@@ -170,6 +170,7 @@ class AsyncEngine:
     # -- inference thread --------------------------------------------------------------------------
     def _main(self) -> None:
         try:
+            bind_thread(self.device)
             self.runner = self._runner_factory()
             self._warm_up(self.runner)
             self.state = EngineState.READY
