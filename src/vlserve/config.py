@@ -18,6 +18,7 @@ class ServerConfig:
     dtype: str = "auto"
     default_max_tokens: int = 2048
     request_timeout_s: float = 600.0
+    encoder_thread: bool = True
     shutdown_timeout_s: float = 30.0
     log_level: str = "info"
     api_keys: tuple[str, ...] = ()  # empty: no authentication

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -52,21 +53,34 @@ def test_accelerator_threads_select_the_device(monkeypatch: pytest.MonkeyPatch) 
     assert selected[0][0] != threading.current_thread().name
 
 
+MESSAGES = [
+    {
+        "role": "user",
+        "content": [
+            {"type": "image", "image": Image.new("RGB", (64, 96), (30, 200, 90))},
+            {"type": "text", "text": "what colour?"},
+        ],
+    }
+]
+
+
+def _run(engine: AsyncEngine, scenario: Callable[[], Awaitable[Any]]) -> Any:
+    engine.start()
+
+    async def main() -> Any:
+        await engine.wait_ready()
+        return await scenario()
+
+    try:
+        return asyncio.run(main())
+    finally:
+        engine.shutdown()
+
+
 def test_a_failed_encode_fails_only_its_request(tiny_model_path: Path) -> None:
     engine = AsyncEngine(EngineConfig(str(tiny_model_path)), DeviceInfo("cpu", torch.float32))
-    engine.start()
-    messages = [
-        {
-            "role": "user",
-            "content": [
-                {"type": "image", "image": Image.new("RGB", (64, 96), (30, 200, 90))},
-                {"type": "text", "text": "what colour?"},
-            ],
-        }
-    ]
 
-    async def main() -> tuple[dict, list[int], int]:
-        await engine.wait_ready()
+    async def scenario() -> tuple[dict, list[int], int]:
         runner = engine.runner
         assert runner is not None
         real = runner.encode
@@ -78,24 +92,40 @@ def test_a_failed_encode_fails_only_its_request(tiny_model_path: Path) -> None:
             return real(inputs)
 
         runner.encode = flaky  # type: ignore[method-assign]
-        inputs = await engine.prepare(messages)
+        inputs = await engine.prepare(MESSAGES)
         with pytest.raises(EngineError, match="ran out of memory"):
             await engine.encode(inputs)
         with pytest.raises(EngineError, match="encoding the images failed"):
             await engine.encode(inputs)
-        encoded = await engine.encode(inputs)
         ids = inputs["input_ids"][0].tolist()
+        encoded = await engine.encode(inputs)
         request = GenerationRequest(
-            "ok", encoded, ids, SamplingParams(max_tokens=5, ignore_eos=True)
+            "ok", encoded, ids, SamplingParams(max_tokens=5, ignore_eos=True, temperature=0)
         )
         tokens = [t async for event in engine.submit(request) for t in event.token_ids]
         return encoded, tokens, ids.count(IMAGE_PAD)
 
-    try:
-        encoded, tokens, image_tokens = asyncio.run(main())
-    finally:
-        engine.shutdown()
+    encoded, tokens, image_tokens = _run(engine, scenario)
     assert "pixel_values" not in encoded
     assert encoded["image_embeds"].shape[0] == image_tokens
     assert len(encoded["deepstack"]) == 2  # the tiny model's deepstack_visual_indexes
     assert len(tokens) == 5
+
+    # --no-encoder-thread: encode() hands the inputs back and the prefill encodes them, same tokens
+    inline = AsyncEngine(
+        EngineConfig(str(tiny_model_path), encoder_thread=False), DeviceInfo("cpu", torch.float32)
+    )
+
+    async def without_thread() -> tuple[bool, list[int]]:
+        inputs = await inline.prepare(MESSAGES)
+        ids = inputs["input_ids"][0].tolist()
+        same = await inline.encode(inputs)
+        request = GenerationRequest(
+            "inline", same, ids, SamplingParams(max_tokens=5, ignore_eos=True, temperature=0)
+        )
+        return same is inputs, [
+            t async for event in inline.submit(request) for t in event.token_ids
+        ]
+
+    handed_back, inline_tokens = _run(inline, without_thread)
+    assert handed_back and inline_tokens == tokens

@@ -70,3 +70,4 @@ def test_defaults_match_the_prototype(monkeypatch: pytest.MonkeyPatch) -> None:
         "auto",
     )
     assert c.media.max_image_pixels == 2_621_440
+    assert c.encoder_thread and not _config(["--no-encoder-thread"]).encoder_thread

@@ -102,6 +102,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument(
         "--max-queue", type=int, default=256, help="waiting requests beyond which new ones get 429"
     )
+    b.add_argument(
+        "--encoder-thread",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the vision tower on its own thread, ahead of the prefill (off: inside the "
+        "prefill, on the inference thread)",
+    )
     i = p.add_argument_group("images")
     i.add_argument(
         "--max-image-pixels",
@@ -181,6 +188,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         dtype=args.dtype,
         default_max_tokens=args.default_max_tokens,
         request_timeout_s=args.request_timeout,
+        encoder_thread=args.encoder_thread,
         shutdown_timeout_s=args.shutdown_timeout,
         log_level=args.log_level,
         api_keys=parse_keys(args.api_key, _env("VLSERVE_API_KEY")),
@@ -243,7 +251,10 @@ def serve(config: ServerConfig, fault: Callable[[GenerationRequest], None] | Non
         return 3
     log.info("device %s, dtype %s", device.type, device.dtype_name)
     engine = AsyncEngine(
-        EngineConfig(config.model_path, config.scheduler, config.request_timeout_s), device
+        EngineConfig(
+            config.model_path, config.scheduler, config.request_timeout_s, config.encoder_thread
+        ),
+        device,
     )
     engine.before_prefill = fault
     app = create_app(config, engine)

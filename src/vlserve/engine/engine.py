@@ -42,6 +42,7 @@ class EngineConfig:
     model_path: str
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     request_timeout_s: float = 600.0
+    encoder_thread: bool = True  # off: images are encoded inside the prefill
 
     def __post_init__(self) -> None:
         if self.request_timeout_s <= 0:
@@ -132,9 +133,12 @@ class AsyncEngine:
         """Run the vision tower for prepared inputs on the encoder thread, so that it overlaps
         the running batch's decode steps instead of stalling them at the next prefill.
 
-        Optional: ``submit`` also takes inputs that were not encoded (the prefill encodes them).
+        Optional: ``submit`` also takes inputs that were not encoded (the prefill encodes them),
+        which is what this returns when the encoder thread is off.
         """
         runner = self._require_ready()
+        if not self.config.encoder_thread:
+            return inputs
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._encoder, runner.encode, inputs)
