@@ -86,10 +86,10 @@ def test_a_failed_encode_fails_only_its_request(tiny_model_path: Path) -> None:
         real = runner.encode
         failures = [RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"), KeyError("x")]
 
-        def flaky(inputs: dict) -> dict:
+        def flaky(prompts: list[dict]) -> list[dict]:
             if failures:
                 raise failures.pop(0)
-            return real(inputs)
+            return real(prompts)
 
         runner.encode = flaky  # type: ignore[method-assign]
         inputs = await engine.prepare(MESSAGES)

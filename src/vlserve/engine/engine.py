@@ -15,6 +15,7 @@ from typing import Any
 
 from vlserve.engine.detokenizer import IncrementalDetokenizer
 from vlserve.engine.device import DeviceInfo, bind_thread, empty_cache, is_out_of_memory
+from vlserve.engine.encoder import Encoder
 from vlserve.engine.request import FinishReason, GenerationRequest, TokenEvent
 from vlserve.engine.runner import DecodeBatch, ModelRunner
 from vlserve.engine.sampling import RowSampler, sample_batch
@@ -68,10 +69,13 @@ class AsyncEngine:
         self._lock = threading.Condition()
         self._stop = False
         self._prep = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vlserve-prep")
-        self._encoder = concurrent.futures.ThreadPoolExecutor(
-            1,
-            thread_name_prefix="vlserve-encoder",
-            initializer=functools.partial(bind_thread, device, side=True),
+        self._encoder = (
+            Encoder(
+                lambda prompts: self._loaded_runner().encode(prompts),
+                functools.partial(bind_thread, device, side=True),
+            )
+            if config.encoder_thread
+            else None
         )
         self._thread = threading.Thread(target=self._main, name="vlserve-engine", daemon=True)
         self._ready = threading.Event()
@@ -97,7 +101,8 @@ class AsyncEngine:
         if self._thread.is_alive():
             self._thread.join(timeout_s)
         self._prep.shutdown(wait=False, cancel_futures=True)
-        self._encoder.shutdown(wait=False, cancel_futures=True)
+        if self._encoder is not None:
+            self._encoder.shutdown()
         if self.state is EngineState.READY:
             self.state = EngineState.STOPPED
 
@@ -130,24 +135,24 @@ class AsyncEngine:
             self._scheduler.check_admissible(num_prompt_tokens, max_tokens)
 
     async def encode(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        """Run the vision tower for prepared inputs on the encoder thread, so that it overlaps
-        the running batch's decode steps instead of stalling them at the next prefill.
+        """Run the vision tower for prepared inputs on the encoder thread (batched with whatever
+        else is waiting for it), so that it overlaps the running batch's decode steps instead of
+        stalling them at the next prefill.
 
         Optional: ``submit`` also takes inputs that were not encoded (the prefill encodes them),
         which is what this returns when the encoder thread is off.
         """
-        runner = self._require_ready()
-        if not self.config.encoder_thread:
+        self._require_ready()
+        if self._encoder is None:
             return inputs
-        loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._encoder, runner.encode, inputs)
+            return await self._encoder.encode(inputs)
         except Exception as exc:
             if is_out_of_memory(exc):
-                log.error("out of memory while encoding a request's images")
+                log.error("out of memory while encoding images")
                 empty_cache(self.device)
                 raise EngineError("the device ran out of memory for this request's images") from exc
-            log.exception("encoding a request's images failed")
+            log.exception("encoding images failed")
             raise EngineError("encoding the images failed inside the engine") from exc
 
     def submit(self, request: GenerationRequest) -> RequestStream:

@@ -93,35 +93,53 @@ class ModelRunner:
         return _splice_inputs(dict(inputs), self._slot_id, pieces)
 
     @torch.inference_mode()
-    def encode(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        """What a prompt needs before its prefill that does not depend on its batch-mates: the
-        vision tower's outputs and the multimodal position ids.
+    def encode(self, prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """What each prompt needs before its prefill: the vision tower's outputs and the
+        multimodal position ids. All images of all ``prompts`` go through the vision tower in one
+        forward (its attention stays within each image); positions are computed per prompt.
 
         The engine runs this on its encoder thread, ahead of the inference thread, so image
         encoding overlaps the running batch's decode steps; ``prefill`` then runs only the
-        language model. Idempotent: encoded inputs are returned as they are.
+        language model. Prompts already encoded are returned as they are.
         """
-        if _ENCODED in inputs:
-            return inputs
-        positions, delta = self._positions(inputs)
-        encoded: dict[str, Any] = {
-            _ENCODED: True,
-            "input_ids": inputs["input_ids"],
-            "position_ids": positions,
-            "rope_delta": delta,
+        todo = [p for p in prompts if _ENCODED not in p]
+        features = self._image_features([p for p in todo if p.get("pixel_values") is not None])
+        encoded: dict[int, dict[str, Any]] = {}
+        for prompt in todo:
+            positions, delta = self._positions(prompt)
+            row = {
+                _ENCODED: True,
+                "input_ids": prompt["input_ids"],
+                "position_ids": positions,
+                "rope_delta": delta,
+            }
+            if id(prompt) in features:
+                row["image_embeds"], row["deepstack"] = features[id(prompt)]
+            encoded[id(prompt)] = row
+        return [encoded.get(id(p), p) for p in prompts]
+
+    def _image_features(
+        self, prompts: list[dict[str, Any]]
+    ) -> dict[int, tuple[torch.Tensor, list[torch.Tensor]]]:
+        """One vision forward for the images of ``prompts``; id(prompt) → (embeds, deepstack)."""
+        if not prompts:
+            return {}
+        dev = self.device.torch_device
+        visual = self.model.model.visual
+        grids = [p["image_grid_thw"] for p in prompts]
+        pixels = torch.cat([p["pixel_values"] for p in prompts]).to(dev, visual.dtype)
+        out = visual(pixels, grid_thw=torch.cat(grids).to(dev))
+        # transformers 4.57 returns (embeds, deepstack); 5.x a ModelOutput
+        embeds, deepstack = (
+            out if isinstance(out, tuple) else (out.pooler_output, out.deepstack_features)
+        )
+        merge = int(visual.spatial_merge_size) ** 2
+        sizes = [int(g.prod(-1).sum()) // merge for g in grids]  # image tokens of each prompt
+        split_deep = [torch.split(layer, sizes) for layer in deepstack]
+        return {
+            id(p): (e, [layer[k] for layer in split_deep])
+            for k, (p, e) in enumerate(zip(prompts, torch.split(embeds, sizes), strict=True))
         }
-        pixels = inputs.get("pixel_values")
-        if pixels is not None:
-            dev = self.device.torch_device
-            visual = self.model.model.visual
-            out = visual(pixels.to(dev, visual.dtype), grid_thw=inputs["image_grid_thw"].to(dev))
-            # transformers 4.57 returns (embeds, deepstack); 5.x a ModelOutput
-            embeds, deepstack = (
-                out if isinstance(out, tuple) else (out.pooler_output, out.deepstack_features)
-            )
-            encoded["image_embeds"] = embeds
-            encoded["deepstack"] = list(deepstack)
-        return encoded
 
     # -- device work (inference thread) --------------------------------------------------------
     @torch.inference_mode()
@@ -129,11 +147,11 @@ class ModelRunner:
         """Run several prompts through the language model in one left-padded forward; returns
         their last logits, cache and rope deltas.
 
-        Prompts not yet encoded are encoded here. Each row's image features and positions were
-        computed alone, so a row's numbers do not depend on its neighbours.
+        Prompts not yet encoded are encoded here. Each row's positions are its own and its image
+        features come from attention within each image, so a row does not depend on its neighbours.
         """
         dev = self.device.torch_device
-        rows = [self.encode(p) for p in prompts]
+        rows = self.encode(prompts)
         lengths = [row["input_ids"].shape[1] for row in rows]
         width = max(lengths)
         ids = [row["input_ids"] for row in rows]

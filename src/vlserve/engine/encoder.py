@@ -1,0 +1,113 @@
+"""The encoder stage: one thread that runs the vision tower ahead of the prefill, in micro-batches.
+
+Requests that reach it while it is busy are encoded together in its next forward (up to a patch
+budget), as a burst of newcomers was when images were encoded inside the batched prefill: on an
+accelerator one forward of many images costs little more than one of a single image.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+Inputs = dict[str, Any]
+
+
+@dataclass
+class _Job:
+    inputs: Inputs
+    future: asyncio.Future[Inputs]
+    loop: asyncio.AbstractEventLoop
+
+    @property
+    def patches(self) -> int:
+        pixels = self.inputs.get("pixel_values")
+        return 0 if pixels is None else int(pixels.shape[0])
+
+    def settle(self, result: Inputs | None, error: BaseException | None) -> None:
+        """Resolve the caller's future on its own loop, unless the caller is gone."""
+
+        def resolve() -> None:
+            if self.future.done():  # cancelled: the client went away
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)  # type: ignore[arg-type]
+
+        self.loop.call_soon_threadsafe(resolve)
+
+
+class Encoder:
+    """``await encoder.encode(inputs)`` → encoded inputs, computed on the encoder thread."""
+
+    def __init__(
+        self,
+        encode_many: Callable[[list[Inputs]], list[Inputs]],
+        thread_init: Callable[[], None],
+        max_batch_patches: int = 32_768,
+    ) -> None:
+        self._encode_many = encode_many
+        self._thread_init = thread_init
+        self.max_batch_patches = max_batch_patches
+        self._jobs: deque[_Job] = deque()
+        self._lock = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, name="vlserve-encoder", daemon=True)
+        self._thread.start()
+
+    async def encode(self, inputs: Inputs) -> Inputs:
+        loop = asyncio.get_running_loop()
+        job = _Job(inputs, loop.create_future(), loop)
+        with self._lock:
+            if self._stop:
+                raise RuntimeError("the encoder is shut down")
+            self._jobs.append(job)
+            self._lock.notify()
+        return await job.future
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify()
+
+    def _next_batch(self) -> list[_Job]:
+        """Wait for work; take the oldest job and whoever else fits the patch budget, in order."""
+        with self._lock:
+            while not self._jobs and not self._stop:
+                self._lock.wait()
+            batch: list[_Job] = []
+            patches = 0
+            while self._jobs and (
+                not batch or patches + self._jobs[0].patches <= self.max_batch_patches
+            ):
+                job = self._jobs.popleft()
+                if job.future.done():  # cancelled while waiting
+                    continue
+                batch.append(job)
+                patches += job.patches
+            return batch
+
+    def _run(self) -> None:
+        self._thread_init()
+        while True:
+            batch = self._next_batch()
+            if not batch:
+                if self._stop:
+                    return
+                continue
+            try:
+                results = self._encode_many([job.inputs for job in batch])
+            except Exception as exc:
+                for job in batch:
+                    job.settle(None, exc)
+                continue
+            for job, result in zip(batch, results, strict=True):
+                job.settle(result, None)
