@@ -114,7 +114,13 @@ def test_batched_greedy_equals_generate(tiny_model_path: Path) -> None:
     print(f"VLSERVE_TEST_SEED={seed}")
     rng = random.Random(seed)
     engine = AsyncEngine(
-        EngineConfig(str(tiny_model_path), SchedulerConfig(max_num_seqs=4, max_prefill_tokens=600)),
+        EngineConfig(
+            str(tiny_model_path),
+            SchedulerConfig(max_num_seqs=4, max_prefill_tokens=600),
+            # as on an accelerator, requests waiting for the encoder share its forward (on CPU the
+            # server encodes one at a time: the same computation as generate's)
+            encoder_batch_patches=32_768,
+        ),
         DeviceInfo("cpu", torch.float32),
     )
     engine.start()

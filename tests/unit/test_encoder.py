@@ -60,6 +60,14 @@ def test_a_burst_is_encoded_together_in_order_within_the_patch_budget() -> None:
     assert model.batches == [["a"], ["b", "c"], ["d"], ["text-only"]]
 
 
+def test_a_zero_budget_encodes_one_request_at_a_time() -> None:
+    model = FakeModel()
+    encoder = Encoder(model.encode_many, lambda: None, max_batch_patches=0)
+    jobs = [_inputs("a", 784), _inputs("b", 784), _inputs("c", 784)]
+    assert _burst(model, encoder, jobs) == [{"encoded": j["name"]} for j in jobs]
+    assert model.batches == [["a"], ["b"], ["c"]]
+
+
 def test_a_failed_batch_fails_its_jobs_and_the_next_batch_runs() -> None:
     model = FakeModel(fail_on="b")
     encoder = Encoder(model.encode_many, lambda: None)

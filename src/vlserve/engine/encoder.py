@@ -2,7 +2,9 @@
 
 Requests that reach it while it is busy are encoded together in its next forward (up to a patch
 budget), as a burst of newcomers was when images were encoded inside the batched prefill: on an
-accelerator one forward of many images costs little more than one of a single image.
+accelerator, where small forwards are bound by kernel launches, one forward of many images costs
+far less than one per image. A budget of 0 encodes one request at a time (the engine's choice on
+CPU, where the cost grows with the images and batching only makes the first wait for the last).
 """
 
 from __future__ import annotations

@@ -44,10 +44,20 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     request_timeout_s: float = 600.0
     encoder_thread: bool = True  # off: images are encoded inside the prefill
+    encoder_batch_patches: int | None = None  # None: 0 (one request at a time) on CPU, else 32768
 
     def __post_init__(self) -> None:
         if self.request_timeout_s <= 0:
             raise ValueError("request_timeout_s must be > 0")
+
+
+def _encoder_batch_patches(config: EngineConfig, device: DeviceInfo) -> int:
+    """CPU compute grows with the images, so batching there only makes the first wait for the
+    last (measured: c=8 TTFT p50 338 ms instead of 178-207); accelerators amortize kernel
+    launches over a batch."""
+    if config.encoder_batch_patches is not None:
+        return config.encoder_batch_patches
+    return 0 if device.type == "cpu" else 32_768
 
 
 class AsyncEngine:
@@ -73,6 +83,7 @@ class AsyncEngine:
             Encoder(
                 lambda prompts: self._loaded_runner().encode(prompts),
                 functools.partial(bind_thread, device, side=True),
+                _encoder_batch_patches(config, device),
             )
             if config.encoder_thread
             else None
