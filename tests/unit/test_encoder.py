@@ -100,3 +100,37 @@ def test_a_caller_gone_before_its_turn_is_not_encoded() -> None:
     finally:
         encoder.shutdown()
     assert model.batches == [["a"], ["kept"]]
+
+
+def test_a_thread_that_cannot_be_set_up_fails_every_encode_instead_of_hanging() -> None:
+    def broken_init() -> None:
+        raise RuntimeError("set_device failed")
+
+    encoder = Encoder(FakeModel().encode_many, broken_init)
+
+    async def main() -> list[Any]:
+        jobs = [encoder.encode(_inputs(name, 1)) for name in ("a", "b")]
+        return await asyncio.wait_for(asyncio.gather(*jobs, return_exceptions=True), 5)
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        encoder.shutdown()
+    assert [str(r) for r in results] == ["set_device failed"] * 2
+
+
+def test_a_caller_whose_loop_closed_does_not_kill_the_thread() -> None:
+    model = FakeModel()
+    encoder = Encoder(model.encode_many, lambda: None)
+
+    async def give_up() -> None:
+        await asyncio.wait_for(encoder.encode(_inputs("abandoned", 1)), 0.1)
+
+    try:
+        with pytest.raises(TimeoutError):
+            asyncio.run(give_up())  # its loop is closed while the encoder still works on it
+        model.release.set()
+        assert asyncio.run(encoder.encode(_inputs("next", 1))) == {"encoded": "next"}
+    finally:
+        encoder.shutdown()
+    assert model.batches == [["abandoned"], ["next"]]

@@ -10,6 +10,7 @@ CPU, where the cost grows with the images and batching only makes the first wait
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections import deque
@@ -44,7 +45,8 @@ class _Job:
             else:
                 self.future.set_result(result)  # type: ignore[arg-type]
 
-        self.loop.call_soon_threadsafe(resolve)
+        with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is waiting
+            self.loop.call_soon_threadsafe(resolve)
 
 
 class Encoder:
@@ -98,18 +100,30 @@ class Encoder:
             return batch
 
     def _run(self) -> None:
-        self._thread_init()
+        """Never dies on an error: a thread that cannot be set up, or a batch that fails, fails
+        its callers, and the thread goes on (a dead thread would leave every later caller
+        waiting forever)."""
+        try:
+            self._thread_init()
+            broken: Exception | None = None
+        except Exception as exc:
+            log.exception("the encoder thread could not be set up; every encode will fail")
+            broken = exc
         while True:
             batch = self._next_batch()
             if not batch:
                 if self._stop:
                     return
                 continue
-            try:
-                results = self._encode_many([job.inputs for job in batch])
-            except Exception as exc:
-                for job in batch:
-                    job.settle(None, exc)
-                continue
-            for job, result in zip(batch, results, strict=True):
-                job.settle(result, None)
+            results, error = self._encode(batch) if broken is None else (None, broken)
+            for k, job in enumerate(batch):
+                job.settle(None if results is None else results[k], error)
+
+    def _encode(self, batch: list[_Job]) -> tuple[list[Inputs] | None, Exception | None]:
+        try:
+            results = self._encode_many([job.inputs for job in batch])
+        except Exception as exc:
+            return None, exc
+        if len(results) != len(batch):
+            return None, RuntimeError(f"{len(results)} encodings for {len(batch)} requests")
+        return results, None
