@@ -11,7 +11,7 @@ from vlserve.bench.config import (
     RequestOptions,
     RetryPolicy,
 )
-from vlserve.bench.dataset import BenchRequest, Dataset, DatasetIssue, load_dataset
+from vlserve.bench.dataset import BenchRequest, Dataset, DatasetIssue, Turn, load_dataset
 from vlserve.bench.metrics import percentile, summarize
 from vlserve.bench.runner import RunOutcome, run_benchmark
 from vlserve.bench.sse import SSEEvent, SSEParser
@@ -30,6 +30,7 @@ __all__ = [
     "RunOutcome",
     "SSEEvent",
     "SSEParser",
+    "Turn",
     "load_dataset",
     "percentile",
     "run_benchmark",

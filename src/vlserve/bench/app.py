@@ -18,7 +18,7 @@ from vlserve.bench.dataset import load_dataset
 from vlserve.bench.metrics import endpoint_breakdown, summarize
 from vlserve.bench.progress import Progress
 from vlserve.bench.report import ResultsWriter, completed_ids, format_table, write_summary
-from vlserve.bench.runner import RunOutcome, plan_requests, run_benchmark
+from vlserve.bench.runner import RunOutcome, pending_plan, run_benchmark
 
 log = logging.getLogger("vlserve.bench")
 
@@ -47,14 +47,16 @@ def run_config(config: BenchConfig) -> int:
         return 1
     out = config.output
     skip = completed_ids(out.results_path) if out.resume else set()
-    planned = (
+    planned = (  # requests to send: every turn of a conversation is one
         None
         if config.load.duration_s
-        else sum(rid not in skip for rid, _ in plan_requests(dataset.requests, config.load))
+        else sum(r.num_turns for _, r in pending_plan(dataset.requests, config.load, skip))
     )
+    turns = sum(r.num_turns for r in dataset.requests)
     log.info(
-        "%d requests from the dataset (%d lines skipped), %d already done, concurrency %d, endpoints %s",
+        "%d %s from the dataset (%d lines skipped), %d already done, concurrency %d, endpoints %s",
         len(dataset.requests),
+        "requests" if turns == len(dataset.requests) else f"conversations ({turns} turns)",
         len(dataset.issues),
         len(skip),
         config.load.max_concurrency,

@@ -76,7 +76,24 @@ def _dataset_flags(data: argparse._ArgumentGroup) -> None:
         help="synthetic: image size; repeat to cycle sizes (default 448x448)",
     )
     data.add_argument(
-        "--limit", type=int, default=0, help="use only the first N dataset requests (0 = all)"
+        "--random-turns",
+        type=int,
+        default=1,
+        metavar="N",
+        help="synthetic: user turns per conversation; later turns carry the earlier ones and the answers",
+    )
+    data.add_argument(
+        "--random-followup-len",
+        type=int,
+        default=32,
+        metavar="N",
+        help="synthetic: tokens of each turn after the first (a short new question)",
+    )
+    data.add_argument(
+        "--limit",
+        type=int,
+        default=0,
+        help="use only the first N dataset requests or conversations (0 = all)",
     )
     data.add_argument(
         "--shuffle", action="store_true", help="shuffle the dataset (with --seed) before --limit"
@@ -271,6 +288,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         random_input_len=args.random_input_len,
         random_images=args.random_images,
         random_image_sizes=sizes,
+        random_turns=args.random_turns,
+        random_followup_len=args.random_followup_len,
         num_random=args.num_requests or 100,
         limit=args.limit,
         shuffle=args.shuffle,

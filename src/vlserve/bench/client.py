@@ -49,6 +49,9 @@ class RequestResult:
     x_request_id: str | None = None  # sent as X-Request-Id: find the request in server logs
     retryable: bool = False
     retry_after_s: float | None = None
+    conversation_id: str | None = None  # multi-turn runs only: the conversation's plan id
+    turn: int | None = None  # multi-turn runs only: 0-based index of the turn
+    skipped: bool = False  # never sent, because an earlier turn of its conversation failed
 
     @property
     def itl_s(self) -> list[float]:
@@ -74,10 +77,18 @@ class RequestResult:
 
 def build_body(request: BenchRequest, options: RequestOptions, model: str) -> bytes:
     """Serialize once, before timing: the client then only moves bytes."""
+    body = body_fields(options, model, request.max_tokens, request.messages)
+    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def body_fields(
+    options: RequestOptions, model: str, max_tokens: int | None, messages: list[Any]
+) -> dict[str, Any]:
+    """The request body as a dict, ``--extra-body`` applied."""
     body: dict[str, Any] = {
         "model": model,
-        "messages": request.messages,
-        "max_tokens": request.max_tokens or options.max_tokens,
+        "messages": messages,
+        "max_tokens": max_tokens or options.max_tokens,
         "temperature": options.temperature,
         "stream": options.stream,
     }
@@ -91,7 +102,7 @@ def build_body(request: BenchRequest, options: RequestOptions, model: str) -> by
             body.pop(key, None)
         else:
             body[key] = value
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    return body
 
 
 def request_headers(options: RequestOptions) -> dict[str, str]:

@@ -41,6 +41,8 @@ class DatasetConfig:
     random_input_len: int = 128
     random_images: int = 0
     random_image_sizes: tuple[tuple[int, int], ...] = ((448, 448),)
+    random_turns: int = 1  # user turns per synthetic conversation; 1: single requests
+    random_followup_len: int = 32  # tokens of each synthetic turn after the first
     num_random: int = 100
     limit: int = 0
     shuffle: bool = False
@@ -53,6 +55,8 @@ class DatasetConfig:
             raise ValueError("dataset kind 'image' needs an image file")
         if self.random_input_len < 0 or self.random_images < 0 or self.limit < 0:
             raise ValueError("--random-input-len, --random-images and --limit must be >= 0")
+        if self.random_turns < 1 or self.random_followup_len < 1:
+            raise ValueError("--random-turns and --random-followup-len must be >= 1")
         if self.num_random <= 0:
             raise ValueError("the number of synthetic requests must be > 0")
         if not self.random_image_sizes:

@@ -1,4 +1,5 @@
-"""Benchmark datasets: JSONL files in the prototype's formats, one image, or synthetic → BenchRequest."""
+"""Benchmark datasets: JSONL files in the prototype's formats, conversations, one image, or
+synthetic → BenchRequest."""
 
 from __future__ import annotations
 
@@ -7,12 +8,12 @@ import glob
 import json
 import logging
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from vlserve.bench.config import DatasetConfig
-from vlserve.bench.synthetic import synthetic_messages
+from vlserve.bench.synthetic import random_text, synthetic_messages
 
 log = logging.getLogger("vlserve.bench")
 
@@ -28,13 +29,30 @@ _SUFFIX_MIME = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"
 
 
 @dataclass(frozen=True)
+class Turn:
+    """A later user turn of a conversation: its content (images inlined) and max_tokens."""
+
+    content: str | list[Message]
+    max_tokens: int | None = None  # None: --max-tokens
+
+
+@dataclass(frozen=True)
 class BenchRequest:
-    """One request to send: messages with every local image already inlined as a data URL."""
+    """One request to send: messages with every local image already inlined as a data URL.
+
+    A conversation is a request whose ``messages`` are its first turn (with the system message)
+    and whose ``followups`` are the user turns sent after it, each with the answers so far.
+    """
 
     id: str
     messages: list[Message]
     source: str  # "file:line", the image path, or "random"
-    max_tokens: int | None = None  # a per-line override of --max-tokens
+    max_tokens: int | None = None  # a per-line override of --max-tokens (first turn)
+    followups: tuple[Turn, ...] = ()
+
+    @property
+    def num_turns(self) -> int:
+        return 1 + len(self.followups)
 
 
 @dataclass(frozen=True)
@@ -59,22 +77,7 @@ def sample_dir() -> Path:
 def load_dataset(config: DatasetConfig) -> Dataset:
     """Build the requests ``config`` describes; shuffled (seeded) and limited."""
     if config.kind == "random":
-        rng = random.Random(config.seed)
-        dataset = Dataset(
-            [
-                BenchRequest(
-                    f"random-{i}",
-                    synthetic_messages(
-                        rng,
-                        config.random_input_len,
-                        config.random_image_sizes,
-                        config.random_images,
-                    ),
-                    "random",
-                )
-                for i in range(config.num_random)
-            ]
-        )
+        dataset = random_dataset(config)
     elif config.kind == "image":
         dataset = image_dataset(config.image_file or "", config.prompt)
     elif config.kind == "sample":
@@ -87,6 +90,24 @@ def load_dataset(config: DatasetConfig) -> Dataset:
     if config.limit:
         del dataset.requests[config.limit :]
     return dataset
+
+
+def random_dataset(config: DatasetConfig) -> Dataset:
+    """Synthetic conversations: the first turn has the images and the long text, later turns are
+    short new questions. One turn draws exactly what a single request always drew (same seed,
+    same data)."""
+    rng = random.Random(config.seed)
+    requests = []
+    for i in range(config.num_random):
+        messages = synthetic_messages(
+            rng, config.random_input_len, config.random_image_sizes, config.random_images
+        )
+        followups = tuple(
+            Turn(random_text(config.random_followup_len, rng))
+            for _ in range(config.random_turns - 1)
+        )
+        requests.append(BenchRequest(f"random-{i}", messages, "random", followups=followups))
+    return Dataset(requests)
 
 
 def image_dataset(path: str, prompt: str) -> Dataset:
@@ -137,17 +158,24 @@ def _load_file(path: Path, inliner: ImageInliner, dataset: Dataset, seen: dict[s
             continue
         where = f"{path}:{number}"
         try:
-            record = json.loads(line)
-            record_id, messages, max_tokens = parse_record(record, inliner, path.parent)
+            request = _parse_line(json.loads(line), inliner, path.parent, where)
         except (ValueError, TypeError, KeyError) as exc:
             dataset.issues.append(DatasetIssue(where, str(exc)))
             continue
-        record_id = record_id or f"{path.name}:{number}"  # stable across runs, for --resume
+        record_id = request.id or f"{path.name}:{number}"  # stable across runs, for --resume
         count = seen.get(record_id, 0) + 1
         seen[record_id] = count
         if count > 1:
             record_id = f"{record_id}#{count}"
-        dataset.requests.append(BenchRequest(record_id, messages, where, max_tokens))
+        dataset.requests.append(replace(request, id=record_id))
+
+
+def _parse_line(record: Any, inliner: ImageInliner, here: Path, where: str) -> BenchRequest:
+    """A request (id "" when the line has none) from one JSONL value."""
+    if isinstance(record, dict) and "turns" in record:
+        return parse_conversation(record, inliner, here, where)
+    record_id, messages, max_tokens = parse_record(record, inliner, here)
+    return BenchRequest(record_id or "", messages, where, max_tokens)
 
 
 def parse_record(
@@ -160,9 +188,7 @@ def parse_record(
         return _str_or_none(record_id), _messages(record, inliner, here), None
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object or list, got {type(record).__name__}")
-    max_tokens = record.get("max_tokens")
-    if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens <= 0):
-        raise ValueError("max_tokens must be a positive integer")
+    max_tokens = _max_tokens(record.get("max_tokens"))
     record_id = _str_or_none(record.get("id"))
     if "messages" in record:
         return record_id, _messages(record["messages"], inliner, here), max_tokens
@@ -178,6 +204,55 @@ def parse_record(
         parts.append({"type": "text", "text": text})
     content: Any = parts if images else text
     return record_id, [{"role": "user", "content": content}], max_tokens
+
+
+_NOT_WITH_TURNS = ("messages", "prompt", "text", "image_url", "image_path")
+
+
+def parse_conversation(
+    record: dict[str, Any], inliner: ImageInliner, here: Path, where: str
+) -> BenchRequest:
+    """``{"id", "turns": [turn, …], "system"?, "max_tokens"?}`` → a request with followups.
+
+    A turn is a string, a list of content parts, or ``{"content": …, "max_tokens": N}``; the
+    line's ``max_tokens`` applies to every turn that does not set its own.
+    """
+    turns = record["turns"]
+    if not isinstance(turns, list) or not turns:
+        raise ValueError("'turns' must be a non-empty list")
+    mixed = [key for key in _NOT_WITH_TURNS if key in record]
+    if mixed:
+        raise ValueError(f"'turns' cannot be combined with {mixed}")
+    default = _max_tokens(record.get("max_tokens"))
+    parsed = [_turn(turn, index, default, inliner, here) for index, turn in enumerate(turns)]
+    system = record.get("system")
+    if system is not None and not isinstance(system, str):
+        raise ValueError("'system' must be a string")
+    messages: list[Message] = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": parsed[0].content})
+    record_id = _str_or_none(record.get("id")) or ""
+    return BenchRequest(record_id, messages, where, parsed[0].max_tokens, tuple(parsed[1:]))
+
+
+def _turn(value: Any, index: int, default: int | None, inliner: ImageInliner, here: Path) -> Turn:
+    try:
+        max_tokens = default
+        if isinstance(value, dict):
+            if "content" not in value:
+                raise ValueError("an object turn needs 'content'")
+            max_tokens = _max_tokens(value.get("max_tokens")) or default
+            value = value["content"]
+        if not isinstance(value, (str, list)) or not value:
+            raise ValueError("content must be a non-empty string or list of parts")
+        return Turn(_content(value, inliner, here), max_tokens)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"turn {index}: {exc}") from None
+
+
+def _max_tokens(value: Any) -> int | None:
+    if value is not None and (not isinstance(value, int) or value <= 0):
+        raise ValueError("max_tokens must be a positive integer")
+    return value
 
 
 def _messages(value: Any, inliner: ImageInliner, here: Path) -> list[Message]:

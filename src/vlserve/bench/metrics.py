@@ -120,7 +120,9 @@ def summarize(
     )
     summary["itl_ms"] = distribution_ms((x for r in successful for x in r.itl_s), percentiles)
     summary["e2el_ms"] = distribution_ms((r.latency_s for r in successful), percentiles)
-    summary["queued_ms"] = distribution_ms((r.queued_s for r in results), percentiles)
+    summary["queued_ms"] = distribution_ms(
+        (r.queued_s for r in results if not r.skipped), percentiles
+    )
     if goodput_slo_ms:
         good = sum(meets_slo(r, goodput_slo_ms) for r in successful)
         summary["goodput"] = {
@@ -131,7 +133,55 @@ def summarize(
     summary["errors"] = dict(
         Counter(_error_kind(r.error) for r in results if not r.success).most_common(10)
     )
+    if any(r.conversation_id is not None for r in results):
+        summary["conversations"] = conversation_summary(results)
+        summary["turns"] = turn_breakdown(results, percentiles)
     return summary
+
+
+def conversation_summary(results: Sequence[RequestResult]) -> dict[str, int]:
+    """Conversations whose recorded turns all succeeded, those with a failed turn, and the turns
+    never sent after a failure (recorded as failed results, so counted in ``failed`` too)."""
+    all_ok: dict[str, bool] = {}
+    for r in results:
+        if r.conversation_id is not None:
+            all_ok[r.conversation_id] = all_ok.get(r.conversation_id, True) and r.success
+    completed = sum(all_ok.values())
+    return {
+        "total": len(all_ok),
+        "completed": completed,
+        "failed": len(all_ok) - completed,
+        "turns_skipped": sum(r.skipped for r in results),
+    }
+
+
+def turn_breakdown(
+    results: Sequence[RequestResult], percentiles: Sequence[float]
+) -> list[dict[str, Any]]:
+    """Per turn index: later turns send longer histories, which a prefix cache should absorb."""
+    by_turn: dict[int, list[RequestResult]] = {}
+    for r in results:
+        if r.turn is not None:
+            by_turn.setdefault(r.turn, []).append(r)
+    rows = []
+    for turn, group in sorted(by_turn.items()):
+        ok = [r for r in group if r.success]
+        prompt = [r.prompt_tokens for r in ok if r.prompt_tokens is not None]
+        rows.append(
+            {
+                "turn": turn,
+                "requests": len(group),
+                "successful": len(ok),
+                "failed": len(group) - len(ok),
+                "skipped": sum(r.skipped for r in group),
+                "ttft_ms": distribution_ms(
+                    (r.ttft_s for r in ok if r.ttft_s is not None), percentiles
+                ),
+                "e2el_ms": distribution_ms((r.latency_s for r in ok), percentiles),
+                "prompt_tokens_mean": round(sum(prompt) / len(prompt), 1) if prompt else None,
+            }
+        )
+    return rows
 
 
 def endpoint_breakdown(
@@ -140,7 +190,8 @@ def endpoint_breakdown(
     """Per endpoint (where each request's last attempt went): counts, rates and latencies."""
     by_endpoint: dict[str, list[RequestResult]] = {}
     for result in results:
-        by_endpoint.setdefault(result.endpoint, []).append(result)
+        if not result.skipped:  # never sent anywhere
+            by_endpoint.setdefault(result.endpoint, []).append(result)
     breakdown = {}
     for endpoint, group in sorted(by_endpoint.items()):
         successful = [r for r in group if r.success]

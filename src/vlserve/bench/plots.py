@@ -33,7 +33,8 @@ def write_plots(results: Sequence[RequestResult], prefix: Path) -> list[Path]:
     if not ok:
         return []
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    paths = [_latency_cdf(plt, ok, prefix), _timeline(plt, results, prefix)]
+    sent = [r for r in results if not r.skipped]  # turns never sent have no timeline
+    paths = [_latency_cdf(plt, ok, prefix), _timeline(plt, sent, prefix)]
     return paths
 
 

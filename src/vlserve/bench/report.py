@@ -19,8 +19,9 @@ def _ms(seconds: float | None) -> float | None:
 
 
 def result_record(result: RequestResult) -> dict[str, Any]:
-    """One results line: the prototype's fields first (same names and meaning), then timings."""
-    return {
+    """One results line: the prototype's fields first (same names and meaning), then timings;
+    in multi-turn runs, the conversation, the turn and whether it was skipped."""
+    record = {
         "id": result.id,
         "request_id": result.request_id,
         "success": result.success,
@@ -43,6 +44,11 @@ def result_record(result: RequestResult) -> dict[str, Any]:
         "queued_ms": _ms(result.queued_s),
         "x_request_id": result.x_request_id,
     }
+    if result.conversation_id is not None:
+        record["conversation_id"] = result.conversation_id
+        record["turn"] = result.turn
+        record["skipped"] = result.skipped
+    return record
 
 
 class ResultsWriter:
@@ -124,6 +130,11 @@ def format_table(summary: dict[str, Any]) -> str:
     ]
     if "goodput" in summary:
         rows.append(("Goodput (req/s)", summary["goodput"]["request_throughput"]))
+    conversations = summary.get("conversations")
+    if conversations:
+        done = f"{conversations['completed']:,}/{conversations['total']:,}"
+        rows.append(("Conversations completed", done))
+        rows.append(("Turns skipped (earlier turn failed)", conversations["turns_skipped"]))
     lines = ["", " vlserve bench ".center(width, "="), *(_row(k, v, width) for k, v in rows)]
     if summary.get("usage_note"):
         lines.append(f"Note: {summary['usage_note']}")
@@ -146,6 +157,8 @@ def format_table(summary: dict[str, Any]) -> str:
                         width,
                     )
                 )
+    if len(summary.get("turns") or ()) > 1:
+        lines += _turn_lines(summary["turns"], width)
     endpoints = summary.get("endpoints") or {}
     if len(endpoints) > 1:
         lines.append(" Per endpoint ".center(width, "-"))
@@ -160,6 +173,32 @@ def format_table(summary: dict[str, Any]) -> str:
         lines += [f"{count:>6}  {kind}" for kind, count in summary["errors"].items()]
     lines.append("=" * width)
     return "\n".join(lines)
+
+
+def _turn_lines(turns: list[dict[str, Any]], width: int) -> list[str]:
+    """A small table: TTFT percentiles (the first three reported), median E2E latency and mean
+    prompt tokens per turn index."""
+    keys = next(
+        ([k for k in row["e2el_ms"] if k.startswith("p")] for row in turns if row["successful"]),
+        [],
+    )[:3]
+    labels = [f"TTFT {k}" if i == 0 else k for i, k in enumerate(keys)]
+    lines = [
+        " TTFT by turn (ms) ".center(width, "-"),
+        f"{'Turn':>4}{'ok':>5}{'failed':>7}"
+        + "".join(f"{label:>9}" for label in labels)
+        + f"{'E2E p50':>9}{'Prompt':>8}",
+    ]
+    for row in turns:
+        ttft = row["ttft_ms"]
+        cells = [_fmt(ttft.get(k), 1) for k in keys]
+        lines.append(
+            f"{row['turn']:>4}{row['successful']:>5}{row['failed']:>7}"
+            + "".join(f"{cell:>9}" for cell in cells)
+            + f"{_fmt(row['e2el_ms'].get('median'), 1):>9}"
+            + f"{_fmt(row['prompt_tokens_mean'], 0):>8}"
+        )
+    return lines
 
 
 def _row(label: str, value: Any, width: int) -> str:

@@ -1,4 +1,5 @@
-"""Drive a run: arrivals (Poisson, gamma, constant or all at once), true concurrency, retries, endpoints."""
+"""Drive a run: arrivals (Poisson, gamma, constant or all at once), true concurrency, retries,
+endpoints; single requests or multi-turn conversations (conversation.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import random
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -24,6 +25,12 @@ from vlserve.bench.client import (
     send_once,
 )
 from vlserve.bench.config import BenchConfig, LoadConfig, Routing
+from vlserve.bench.conversation import (
+    TurnEncoder,
+    conversation_done,
+    is_multi_turn,
+    run_conversation,
+)
 from vlserve.bench.dataset import BenchRequest
 
 log = logging.getLogger("vlserve.bench")
@@ -109,6 +116,21 @@ def plan_requests(
     return itertools.islice(planned, load.num_requests)
 
 
+def pending_plan(
+    requests: Sequence[BenchRequest], load: LoadConfig, done_ids: Container[str]
+) -> Iterator[tuple[str, BenchRequest]]:
+    """The plan less what ``--resume`` found done: a request id, or a conversation all of whose
+    turns are done (a partly done one is sent again from its start)."""
+    multi_turn = is_multi_turn(requests)
+    for request_id, request in plan_requests(requests, load):
+        if multi_turn:
+            done = conversation_done(request_id, request, done_ids)
+        else:
+            done = request_id in done_ids
+        if not done:
+            yield request_id, request
+
+
 async def discover_model(
     session: aiohttp.ClientSession, endpoint: str, headers: dict[str, str]
 ) -> str:
@@ -125,7 +147,8 @@ async def discover_model(
 
 
 class _Phase:
-    """One pass of requests under the configured arrival process and concurrency limit."""
+    """One pass of requests (or, with ``turns``, conversations) under the configured arrival
+    process and concurrency limit."""
 
     def __init__(
         self,
@@ -133,11 +156,13 @@ class _Phase:
         session: aiohttp.ClientSession,
         bodies: dict[str, bytes],
         sink: ResultSink,
+        turns: TurnEncoder | None = None,
     ) -> None:
         self.config = config
         self.session = session
         self.bodies = bodies
         self.sink = sink
+        self.turns = turns
         self.headers = request_headers(config.request)
         # x-request-id lets server logs (vlserve, vLLM) be matched to results lines; the run tag
         # keeps ids unique when several clients send the same dataset to one server.
@@ -200,29 +225,53 @@ class _Phase:
     async def _request(
         self, request_id: str, request: BenchRequest, due: float, semaphore: asyncio.Semaphore
     ) -> None:
+        if self.turns is not None:
+            try:
+                # A conversation is one user: it holds its slot from its first turn to its last,
+                # so --max-concurrency counts users, as a chat service sees them.
+                await run_conversation(
+                    request_id, request, due, self.turns, self._send, self._record
+                )
+            finally:
+                semaphore.release()
+            return
         result = RequestResult(request_id, request.id)
+        await self._send(result, self.bodies[request.id], due, semaphore)
+        self._record(result)
+
+    async def _send(
+        self,
+        result: RequestResult,
+        body: bytes,
+        due: float,
+        slot: asyncio.Semaphore | None = None,
+    ) -> None:
+        """Every attempt of one request; never raises but for cancellation."""
         try:
-            await self._attempts(result, request, due, semaphore)
+            await self._attempts(result, body, due, slot)
         except Exception as exc:  # a client bug must cost one result, not the run
-            log.exception("request %s failed inside the client", request_id)
+            log.exception("request %s failed inside the client", result.request_id)
             result.success, result.error = False, f"client error: {exc!r}"
+
+    def _record(self, result: RequestResult) -> None:
         try:
             self.sink(result)
         except Exception:
-            log.exception("recording the result of %s failed", request_id)
+            log.exception("recording the result of %s failed", result.request_id)
 
     async def _attempts(
-        self, result: RequestResult, request: BenchRequest, due: float, semaphore: asyncio.Semaphore
+        self, result: RequestResult, body: bytes, due: float, slot: asyncio.Semaphore | None
     ) -> None:
-        body = self.bodies[request.id]
+        """``slot``: the dispatcher's, held for the first attempt and free while backing off;
+        None when the caller holds one throughout (a conversation)."""
         result.x_request_id = f"{self.run_tag}-{_HEADER_UNSAFE.sub('_', result.request_id)[:100]}"
         headers = {**self.headers, "X-Request-Id": result.x_request_id}
         endpoints = self.config.load.endpoints
         policy = self.config.retry
         holding = True  # the dispatcher acquired the first slot
         for attempt in itertools.count():
-            if not holding:
-                await semaphore.acquire()
+            if not holding and slot is not None:
+                await slot.acquire()
             index = self.router.acquire()
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -242,8 +291,9 @@ class _Phase:
             finally:
                 self.in_flight -= 1
                 self.router.release(index)
-                semaphore.release()
-                holding = False
+                if slot is not None:
+                    slot.release()
+                    holding = False
             if result.success or not result.retryable or attempt >= policy.max_retries:
                 return
             # The slot is free while backing off: only requests on the wire count as concurrency.
@@ -263,6 +313,7 @@ async def run_benchmark(
     """Warm up, then send ``requests`` as the config says; ``sink`` sees each result as it ends.
 
     ``skip_ids`` are request ids already done (``--resume``): they are neither sent nor counted.
+    When any request is a conversation (has followups), every request is run as one.
     """
     outcome = RunOutcome(endpoints=config.load.endpoints)
 
@@ -280,17 +331,18 @@ async def run_benchmark(
             )
         outcome.model = model
         # Serialized once, before timing (images included): sending then only moves bytes.
-        bodies = {r.id: build_body(r, config.request, model) for r in requests}
+        turns = TurnEncoder(config.request, model, requests) if is_multi_turn(requests) else None
+        bodies = {} if turns else {r.id: build_body(r, config.request, model) for r in requests}
         if config.load.warmup:
             warm = itertools.islice(itertools.cycle(requests), config.load.warmup)
             warm_plan = ((f"warmup-{i}", r) for i, r in enumerate(warm))
             warm_results: list[RequestResult] = []
-            warm_phase = _Phase(config, session, bodies, warm_results.append)
+            warm_phase = _Phase(config, session, bodies, warm_results.append, turns)
             await warm_phase.run(warm_plan, None, paced=False)
             failed = sum(not r.success for r in warm_results)
             log.info("warm-up: %d requests, %d failed", len(warm_results), failed)
-        phase = _Phase(config, session, bodies, record)
-        plan = ((rid, r) for rid, r in plan_requests(requests, config.load) if rid not in skip_ids)
+        phase = _Phase(config, session, bodies, record, turns)
+        plan = pending_plan(requests, config.load, skip_ids)
         outcome.started_at = time.time()
         outcome.duration_s = await phase.run(plan, config.load.duration_s)
         outcome.max_in_flight = phase.max_in_flight

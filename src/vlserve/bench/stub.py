@@ -5,6 +5,9 @@ Run ``python -m vlserve.bench.stub --port 9000 --ttft-ms 50 --itl-ms 10`` to che
 ``POST /stub/config`` merges settings, ``POST /stub/script`` queues actions for the next requests
 (``400``, ``429``, ``500``, ``503``, ``drop``, ``drop-mid``, ``error-chunk``, ``ok``), ``GET /stub/stats``
 reports counts, the most requests ever in flight and arrival times, ``POST /stub/reset`` clears them.
+With ``--record``, ``GET /stub/requests`` returns every request body with the answer it got; with
+``--distinct``, every answer is tagged with its request's number (``r3·"t0"`` …), so that a
+client that sends answers back (multi-turn conversations) can be checked.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ class StubSettings:
     fail_every: int = 0  # every Nth request answers 500 (0: never)
     model: str = "stub-model"
     prompt_tokens: int = 10
+    record: bool = False  # keep every request body and its answer for GET /stub/requests
+    distinct: bool = False  # answers tagged with the request's number instead of "t0 t1 …"
 
 
 class StubServer:
@@ -56,6 +61,7 @@ class StubServer:
         self.arrivals: list[float] = []
         self.request_ids: list[str | None] = []
         self.actions: list[str] = []
+        self.records: list[dict[str, Any]] = []
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -64,6 +70,7 @@ class StubServer:
         app.router.add_post("/stub/config", self.set_config)
         app.router.add_post("/stub/script", self.set_script)
         app.router.add_get("/stub/stats", self.stats)
+        app.router.add_get("/stub/requests", self.requests)
         app.router.add_post("/stub/reset", self.do_reset)
         return app
 
@@ -98,6 +105,9 @@ class StubServer:
             }
         )
 
+    async def requests(self, request: web.Request) -> web.Response:
+        return web.json_response({"requests": self.records})
+
     async def do_reset(self, request: web.Request) -> web.Response:
         self.reset()
         self.script.clear()
@@ -107,6 +117,7 @@ class StubServer:
         self.arrivals.append(time.perf_counter())
         self.request_ids.append(request.headers.get("X-Request-Id"))
         self.num_requests += 1
+        number = self.num_requests
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -116,14 +127,25 @@ class StubServer:
             if action == "ok" and s.fail_every and self.num_requests % s.fail_every == 0:
                 action = "500"
             self.actions.append(action)
-            return await self._answer(request, body, action)
+            n = s.num_tokens if s.num_tokens is not None else int(body.get("max_tokens") or 16)
+            tokens = [f'r{number}·"t{i}" ' if s.distinct else f"t{i} " for i in range(n)]
+            if s.record:
+                self.records.append(
+                    {
+                        "x_request_id": request.headers.get("X-Request-Id"),
+                        "body": body,
+                        "action": action,
+                        "answer": "".join(tokens) if action == "ok" else None,
+                    }
+                )
+            return await self._answer(request, body, action, tokens)
         except ConnectionResetError:  # the client went away (e.g. an interrupted benchmark)
             return web.Response(status=499)
         finally:
             self.in_flight -= 1
 
     async def _answer(
-        self, request: web.Request, body: dict[str, Any], action: str
+        self, request: web.Request, body: dict[str, Any], action: str, tokens: list[str]
     ) -> web.StreamResponse:
         s = self.settings
         if action in ("400", "429", "500", "503"):
@@ -133,14 +155,13 @@ class StubServer:
         if action == "drop":
             _drop(request)
             return web.Response()
-        n = s.num_tokens if s.num_tokens is not None else int(body.get("max_tokens") or 16)
         await asyncio.sleep(s.ttft_ms / 1000.0)
         if not body.get("stream"):
-            return web.json_response(self._completion(n))
-        return await self._stream(request, body, action, n)
+            return web.json_response(self._completion(tokens))
+        return await self._stream(request, body, action, tokens)
 
     async def _stream(
-        self, request: web.Request, body: dict[str, Any], action: str, n: int
+        self, request: web.Request, body: dict[str, Any], action: str, tokens: list[str]
     ) -> web.StreamResponse:
         s = self.settings
         resp = web.StreamResponse(
@@ -173,6 +194,7 @@ class StubServer:
                 }
             )
         )
+        n = len(tokens)
         for i in range(n):
             if i and s.itl_ms:
                 await asyncio.sleep(s.itl_ms / 1000.0)
@@ -187,7 +209,7 @@ class StubServer:
             if s.keepalive:
                 await resp.write(f": keep-alive{eol}{eol}".encode())
             finish = ("length" if body.get("max_tokens") == n else "stop") if i == n - 1 else None
-            delta = {"content": f"t{i} "}
+            delta = {"content": tokens[i]}
             await resp.write(
                 frame({**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
             )
@@ -199,7 +221,7 @@ class StubServer:
         await resp.write_eof()
         return resp
 
-    def _completion(self, n: int) -> dict[str, Any]:
+    def _completion(self, tokens: list[str]) -> dict[str, Any]:
         s = self.settings
         result: dict[str, Any] = {
             "id": "chatcmpl-stub",
@@ -211,14 +233,14 @@ class StubServer:
                     "index": 0,
                     "message": {
                         "role": "assistant",
-                        "content": "".join(f"t{i} " for i in range(n)),
+                        "content": "".join(tokens),
                     },
                     "finish_reason": "length",
                 }
             ],
         }
         if s.usage:
-            result["usage"] = self._usage(n)
+            result["usage"] = self._usage(len(tokens))
         return result
 
     def _usage(self, n: int) -> dict[str, int]:
@@ -310,6 +332,10 @@ class StubProcess:
 
     def stats(self) -> dict[str, Any]:
         return self._call("/stub/stats")
+
+    def requests(self) -> list[dict[str, Any]]:
+        """Bodies received and answers given, in arrival order (needs ``record=True``)."""
+        return self._call("/stub/requests")["requests"]
 
     def reset(self, **settings: Any) -> None:
         """Clear counters and script, and restore the start-up settings plus ``settings``."""
