@@ -28,6 +28,10 @@ class ServerConfig:
     max_headers: int = 100
     media: MediaConfig = field(default_factory=MediaConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    kv_cache_tokens: int | None = None  # None: sized from free memory (EngineConfig)
+    kv_cache_memory_fraction: float = 0.8
+    prefix_caching: bool = True
+    encoder_cache_mb: int = 256
 
     def __post_init__(self) -> None:
         if not self.model_path:
@@ -48,6 +52,12 @@ class ServerConfig:
             raise ValueError("API keys must be non-empty and have no surrounding whitespace")
         if self.max_request_body_bytes < 1024 or self.max_header_bytes < 1024:
             raise ValueError("max_request_body_bytes and max_header_bytes must be at least 1024")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < 64:
+            raise ValueError("kv_cache_tokens must be at least 64")
+        if not 0 < self.kv_cache_memory_fraction <= 1:
+            raise ValueError("kv_cache_memory_fraction must be in (0, 1]")
+        if self.encoder_cache_mb < 0:
+            raise ValueError("encoder_cache_mb must be >= 0")
         if self.max_headers < 8:
             raise ValueError("max_headers must be at least 8")
 

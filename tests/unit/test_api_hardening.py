@@ -15,12 +15,11 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from vlserve.api.auth import ApiKeys, parse_keys
-from vlserve.api.faults import InjectedFault, fault_hook
+from vlserve.api.faults import FaultInjector, InjectedFault
 from vlserve.api.metrics import Metrics, RequestRecord
 from vlserve.api.middleware import RequestContextMiddleware, log_line, request_id_from
 from vlserve.api.protocol import ChatCompletionRequest
 from vlserve.config import ServerConfig
-from vlserve.engine.request import GenerationRequest, SamplingParams
 
 # -- API keys ----------------------------------------------------------------------------------
 
@@ -282,21 +281,21 @@ def test_openapi_documents_nan_refusal_consistently() -> None:
 # -- fault injection ------------------------------------------------------------------------------
 
 
-def _gen(user: str | None) -> GenerationRequest:
-    return GenerationRequest("r", {}, [1], SamplingParams(max_tokens=1), user=user)
-
-
-def test_fault_hook() -> None:
-    assert fault_hook(None) is None and fault_hook("") is None
-    hook = fault_hook("oom:victim")
-    assert hook is not None
-    hook(_gen("someone else"))
-    hook(_gen(None))
+def test_fault_injector_fails_only_the_tracked_users_requests() -> None:
+    assert FaultInjector.from_spec(None) is None and FaultInjector.from_spec("") is None
+    faults = FaultInjector.from_spec("oom:victim")
+    assert faults is not None
+    faults.track("a", "someone else")
+    faults.track("b", None)
+    faults.track("c", "victim")
+    faults.before_prefill("a")
+    faults.before_prefill("b")
     with pytest.raises(InjectedFault, match="out of memory"):
-        hook(_gen("victim"))
+        faults.before_prefill("c")
+    faults.before_prefill("c")  # once per request: a recomputed request is not failed twice
     for bad in ("victim", "explode:victim", "error:"):
         with pytest.raises(ValueError):
-            fault_hook(bad)
+            FaultInjector.from_spec(bad)
 
 
 @pytest.mark.parametrize(
@@ -323,15 +322,16 @@ def test_denormal_sampling_values_become_their_floors() -> None:
     import torch
 
     from vlserve.api.convert import SamplingDefaults, to_sampling
-    from vlserve.engine.sampling import RowSampler
+    from vlserve.engine.sampling import SamplerState, sample
 
     req = ChatCompletionRequest.model_validate({**_OK, "temperature": 5e-324, "top_p": 5e-324})
-    sp = to_sampling(req, SamplingDefaults(), num_prompt_tokens=5, max_model_len=100, vocab_size=50)
+    sp = to_sampling(req, SamplingDefaults(), vocab_size=50)
     assert sp.temperature == 0.0 and sp.top_p > 0
     req = ChatCompletionRequest.model_validate({**_OK, "temperature": 1.0, "top_p": 5e-324})
-    sp = to_sampling(req, SamplingDefaults(), num_prompt_tokens=5, max_model_len=100, vocab_size=50)
-    logits = torch.randn(50)
+    sp = to_sampling(req, SamplingDefaults(), vocab_size=50)
+    logits = torch.randn(1, 50)
     # the sampler must still have a distribution: only the most likely token survives
-    assert RowSampler(sp, [1, 2], torch.device("cpu")).sample(logits) == int(logits.argmax())
+    state = SamplerState(sp, [1, 2], 50, torch.device("cpu"))
+    assert sample(logits, [state]) == [int(logits.argmax())]
     with pytest.raises(ValidationError):
         ChatCompletionRequest.model_validate({**_OK, "repetition_penalty": 5e-324})

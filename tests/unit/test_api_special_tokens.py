@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from vlserve.engine.chat import TEXT_SLOT, hide_texts, splice_texts
+from vlserve.engine.preprocess import TEXT_SLOT, hide_texts, splice_texts
 
 IM_END, IMAGE_PAD, VISION_START = 151645, 151655, 151652
 
@@ -61,8 +61,14 @@ def _text(text: str) -> dict:
     return {"type": "text", "text": text}
 
 
+def _prepare(runner, messages: list[dict]):  # type: ignore[no-untyped-def]
+    from vlserve.engine.prompt import ChatPrompt
+
+    return runner.preprocess(ChatPrompt(messages))
+
+
 def _ids(runner, messages: list[dict]) -> list[int]:  # type: ignore[no-untyped-def]
-    return runner.prepare(messages)["input_ids"][0].tolist()
+    return _prepare(runner, messages).token_ids
 
 
 def test_im_end_in_user_text_is_plain_text(runner, tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
@@ -75,9 +81,9 @@ def test_im_end_in_user_text_is_plain_text(runner, tiny_tokenizer) -> None:  # t
 
 
 def test_image_pad_typed_by_a_user_expects_no_image(runner) -> None:  # type: ignore[no-untyped-def]
-    inputs = runner.prepare(_user(_text("look: <|vision_start|><|image_pad|><|vision_end|>")))
-    assert "pixel_values" not in inputs
-    ids = inputs["input_ids"][0].tolist()
+    prepared = _prepare(runner, _user(_text("look: <|vision_start|><|image_pad|><|vision_end|>")))
+    assert prepared.images == ()
+    ids = prepared.token_ids
     assert IMAGE_PAD not in ids and VISION_START not in ids
 
 
@@ -85,17 +91,21 @@ def test_image_pad_text_beside_a_real_image(runner) -> None:  # type: ignore[no-
     from PIL import Image
 
     image = {"type": "image", "image": Image.new("RGB", (64, 64), (10, 200, 30))}
-    plain = runner.prepare(_user(image, _text("what is this?")))
-    tricky = runner.prepare(_user(image, _text("<|image_pad|>" * 5)))
-    pads = plain["input_ids"][0].tolist().count(IMAGE_PAD)
-    assert pads > 0
-    assert tricky["input_ids"][0].tolist().count(IMAGE_PAD) == pads
-    length = tricky["input_ids"].shape[1]
+    plain = _prepare(runner, _user(image, _text("what is this?")))
+    tricky = _prepare(runner, _user(image, _text("<|image_pad|>" * 5)))
+    pads = plain.token_ids.count(IMAGE_PAD)
+    assert pads > 0 and plain.num_image_tokens == pads
+    assert tricky.token_ids.count(IMAGE_PAD) == pads
+    assert tricky.images[0].key == plain.images[0].key  # same pixels, same content key
+    length = tricky.num_tokens
+    inputs = tricky.rope_inputs
     for key in ("attention_mask", "mm_token_type_ids"):
-        if key in tricky:
-            assert tricky[key].shape == (1, length)
-    if "mm_token_type_ids" in tricky:
-        assert int(tricky["mm_token_type_ids"].sum()) == int(plain["mm_token_type_ids"].sum())
+        if key in inputs:
+            assert inputs[key].shape == (1, length)
+    if "mm_token_type_ids" in inputs:
+        assert int(inputs["mm_token_type_ids"].sum()) == int(
+            plain.rope_inputs["mm_token_type_ids"].sum()
+        )
 
 
 @pytest.mark.parametrize(
@@ -111,7 +121,7 @@ def test_image_pad_text_beside_a_real_image(runner) -> None:  # type: ignore[no-
     ],
 )
 def test_ordinary_prompts_are_unchanged(runner, messages: list[dict]) -> None:  # type: ignore[no-untyped-def]
-    reference = runner.processor.apply_chat_template(
+    reference = runner.preprocess.processor.apply_chat_template(
         messages, tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt"
     )
     assert _ids(runner, messages) == reference["input_ids"][0].tolist()

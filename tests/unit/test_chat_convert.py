@@ -6,8 +6,8 @@ import pytest
 
 from vlserve.api.convert import SamplingDefaults, check_supported, stop_strings, to_sampling
 from vlserve.api.protocol import ChatCompletionRequest
-from vlserve.engine.chat import attach_images, split_messages
-from vlserve.errors import ContextLengthError, InvalidRequestError
+from vlserve.api.chat import attach_images, split_messages
+from vlserve.errors import InvalidRequestError
 
 
 def _img(url: str) -> dict:
@@ -63,19 +63,8 @@ def _req(**kw: object) -> ChatCompletionRequest:
     return ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "hi"}], **kw)
 
 
-def _sp(
-    req: ChatCompletionRequest,
-    defaults: SamplingDefaults | None = None,
-    prompt: int = 10,
-    max_len: int = 100,
-):  # type: ignore[no-untyped-def]
-    return to_sampling(
-        req,
-        defaults or SamplingDefaults(default_max_tokens=50),
-        num_prompt_tokens=prompt,
-        max_model_len=max_len,
-        vocab_size=1000,
-    )
+def _sp(req: ChatCompletionRequest, defaults: SamplingDefaults | None = None):  # type: ignore[no-untyped-def]
+    return to_sampling(req, defaults or SamplingDefaults(), vocab_size=1000)
 
 
 def test_defaults_from_generation_config_apply_only_when_absent() -> None:
@@ -87,23 +76,18 @@ def test_defaults_from_generation_config_apply_only_when_absent() -> None:
         repetition_penalty = 1.05
         min_p = None
 
-    d = SamplingDefaults.from_generation_config(Gen(), 64)
+    d = SamplingDefaults.from_generation_config(Gen())
     sp = _sp(_req(), d)
     assert (sp.temperature, sp.top_p, sp.top_k, sp.repetition_penalty) == (0.7, 0.8, 20, 1.05)
-    assert sp.max_tokens == 64
+    assert sp.max_tokens is None  # the engine fits it to the prompt and the server's default
     sp = _sp(_req(temperature=0, top_k=-1, max_tokens=5), d)
     assert sp.temperature == 0 and sp.top_k == 0 and sp.max_tokens == 5
-    assert SamplingDefaults.from_generation_config(None, 8).temperature == 1.0
+    assert SamplingDefaults.from_generation_config(None).temperature == 1.0
 
 
 def test_max_tokens_limits() -> None:
     assert _sp(_req(max_completion_tokens=7)).max_tokens == 7
-    assert _sp(_req(), prompt=90).max_tokens == 10  # default capped by the room left
-    with pytest.raises(ContextLengthError) as info:
-        _sp(_req(max_tokens=91), prompt=10)
-    assert info.value.param == "max_tokens"
-    with pytest.raises(ContextLengthError):
-        _sp(_req(), prompt=100)
+    assert _sp(_req(max_tokens=9)).max_tokens == 9
     with pytest.raises(InvalidRequestError):
         check_supported(_req(max_tokens=3, max_completion_tokens=4))
 

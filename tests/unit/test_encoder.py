@@ -16,6 +16,11 @@ def _inputs(name: str, patches: int) -> dict[str, Any]:
     return {"name": name, "pixel_values": SimpleNamespace(shape=(patches, 1536))}
 
 
+def _patches(inputs: dict[str, Any]) -> int:
+    pixels = inputs.get("pixel_values")
+    return 0 if pixels is None else int(pixels.shape[0])
+
+
 class FakeModel:
     """Records each batch; the first call blocks until released, so a burst can queue behind it."""
 
@@ -51,7 +56,7 @@ def _burst(model: FakeModel, encoder: Encoder, jobs: list[dict[str, Any]]) -> li
 
 def test_a_burst_is_encoded_together_in_order_within_the_patch_budget() -> None:
     model = FakeModel()
-    encoder = Encoder(model.encode_many, lambda: None, max_batch_patches=2000)
+    encoder = Encoder(model.encode_many, lambda: None, max_batch_patches=2000, patches=_patches)
     jobs = [_inputs("a", 784), _inputs("b", 784), _inputs("c", 784), _inputs("d", 3000)]
     jobs.append({"name": "text-only"})  # no pixels: costs nothing against the budget
     results = _burst(model, encoder, jobs)
@@ -62,7 +67,7 @@ def test_a_burst_is_encoded_together_in_order_within_the_patch_budget() -> None:
 
 def test_a_zero_budget_encodes_one_request_at_a_time() -> None:
     model = FakeModel()
-    encoder = Encoder(model.encode_many, lambda: None, max_batch_patches=0)
+    encoder = Encoder(model.encode_many, lambda: None, max_batch_patches=0, patches=_patches)
     jobs = [_inputs("a", 784), _inputs("b", 784), _inputs("c", 784)]
     assert _burst(model, encoder, jobs) == [{"encoded": j["name"]} for j in jobs]
     assert model.batches == [["a"], ["b"], ["c"]]

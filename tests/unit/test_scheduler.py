@@ -1,121 +1,222 @@
-"""Scheduler policy: FIFO, limits respected, no starvation of long prompts, backpressure."""
+"""Scheduling and KV blocks, torch-free: admission, used-token budget, preemption, prefix reuse."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
+from vlserve.engine.block_manager import BlockManager
 from vlserve.engine.scheduler import Scheduler, SchedulerConfig
+from vlserve.engine.sequence import SequenceStatus
 from vlserve.errors import ContextLengthError, OverloadedError
+
+BS = 4  # tokens per block in these tests
 
 
 @dataclass(eq=False)
 class Seq:
     request_id: str
-    num_prompt_tokens: int
-    max_tokens: int = 10
+    token_ids: list[int]
+    max_new: int = 10
+    images: list[tuple[int, int, bytes]] = field(default_factory=list)
+    cache_salt: str | None = None
+    status: SequenceStatus = SequenceStatus.WAITING
+    block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)
+    num_cached_tokens: int = 0
+    num_prompt_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        self.num_prompt_tokens = len(self.token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def max_tokens(self) -> int:
+        return self.max_new
+
+    def image_keys(self, start: int, end: int) -> list[bytes]:
+        return [k for s, e, k in self.images if s < end and e > start]
 
 
-def _sched(**kw: int) -> Scheduler[Seq]:
-    return Scheduler(SchedulerConfig(**kw))
+def _sched(blocks: int = 64, **kw: object) -> Scheduler[Seq]:
+    kw.setdefault("reserve_fraction", 0.0)
+    return Scheduler(SchedulerConfig(**kw), BlockManager(blocks + 1, BS))  # type: ignore[arg-type]
+
+
+def _seq(name: str, n: int, first: int = 0, **kw: object) -> Seq:
+    return Seq(name, list(range(first, first + n)), **kw)  # type: ignore[arg-type]
+
+
+def _run_prefill(s: Scheduler[Seq]) -> list[str]:
+    plan = s.schedule()
+    assert plan.is_prefill
+    for seq in plan.seqs:
+        s.blocks.commit(seq, seq.num_tokens)
+    return [q.request_id for q in plan.seqs]
+
+
+def _decode(s: Scheduler[Seq], token: int = 7) -> list[str]:
+    """One decode step: every scheduled sequence's last token is computed, then one is added."""
+    plan = s.schedule()
+    assert not plan.is_prefill
+    for seq in plan.seqs:
+        s.blocks.commit(seq, seq.num_tokens)
+        seq.token_ids.append(token)
+    return [q.request_id for q in plan.seqs]
 
 
 def test_fifo_admission_up_to_max_num_seqs() -> None:
     s = _sched(max_num_seqs=2)
-    seqs = [Seq(f"r{i}", 5) for i in range(4)]
-    for q in seqs:
-        s.add(q)
-    plan = s.schedule()
-    assert plan.admitted == seqs[:2] and plan.running == seqs[:2]
-    assert s.schedule().admitted == []  # full
-    s.finish([seqs[0]])
-    assert s.schedule().admitted == [seqs[2]]
-    assert s.running == [seqs[1], seqs[2]]
+    for name in "abc":
+        s.add(_seq(name, 5))
+    assert _run_prefill(s) == ["a", "b"]
+    assert [q.request_id for q in s.waiting] == ["c"]
+    assert all(q.status is SequenceStatus.RUNNING for q in s.running)
 
 
-def test_token_budget_is_respected_and_released() -> None:
-    s = _sched(max_num_batched_tokens=100)
-    a, b = Seq("a", 40, 20), Seq("b", 30, 20)
+def test_budget_counts_used_blocks_not_max_tokens() -> None:
+    # 8 blocks of 4 tokens; each request may ask for 30 tokens, but holds only what it uses
+    s = _sched(blocks=8)
+    long = _seq("long", 6, max_new=20)
+    short = _seq("short", 5, first=100, max_new=1)
+    s.add(long)
+    assert _run_prefill(s) == ["long"]
+    s.add(short)
+    assert _run_prefill(s) == ["short"]  # admitted although long may still grow to 26 tokens
+    assert s.blocks.num_used_blocks == 2 + 2
+
+
+def test_preemption_takes_the_newest_and_recomputes_it_first() -> None:
+    s = _sched(blocks=4)  # 16 tokens
+    a, b = _seq("a", 7, max_new=8), _seq("b", 7, first=100, max_new=8)
     s.add(a)
     s.add(b)
-    assert s.schedule().admitted == [a]  # 60 reserved; b needs 50 more
-    assert s.reserved_tokens == 60
-    s.finish([a])
-    assert s.reserved_tokens == 0
-    assert s.schedule().admitted == [b]
+    assert _run_prefill(s) == ["a", "b"]
+    for seq in (a, b):
+        seq.token_ids.append(1)  # each got its first token: 8 tokens = 2 blocks each, all used
+    assert _decode(s) == ["a", "b"]  # the 8th tokens fit their second blocks
+    plan = s.schedule()
+    # a needs a third block for its 9th token: b (newest) is preempted, a decodes
+    assert ([q.request_id for q in plan.seqs], plan.preempted) == (["a"], [b])
+    assert b.status is SequenceStatus.WAITING and b.block_table == [] and s.waiting[0] is b
+    assert s.num_preemptions == 1
 
 
-def test_budget_counts_the_padded_footprint() -> None:
-    s = _sched(max_num_batched_tokens=100, max_num_seqs=8)
-    long, short = Seq("long", 40, 10), Seq("short", 5, 5)
-    s.add(long)
-    s.add(short)
-    # 60 real tokens, but the cache pads every row to the longest (50): 2 x 50 = 100 fits
-    assert s.schedule().admitted == [long, short]
-    assert s.reserved_tokens == 100
-    third = Seq("third", 1, 1)
-    s.add(third)
-    assert s.schedule().admitted == []  # 3 x 50 > 100 although only 62 tokens are real
-    s.finish([long])
-    assert s.reserved_tokens == 10
-    assert s.schedule().admitted == [third]
+def test_a_lone_sequence_that_needs_a_block_preempts_itself_only_when_nothing_frees() -> None:
+    s = _sched(blocks=2)
+    a = _seq("a", 8, max_new=0)
+    s.add(a)
+    assert _run_prefill(s) == ["a"]
+    a.token_ids.append(1)
+    plan = s.schedule()
+    assert plan.seqs == [] and plan.preempted == [a]
 
 
 def test_long_prompt_is_not_starved_by_short_ones() -> None:
-    s = _sched(max_num_batched_tokens=100, max_num_seqs=8)
-    first = Seq("short0", 10, 10)
-    s.add(first)
-    s.schedule()
-    long = Seq("long", 80, 10)  # does not fit next to `first` (20 + 90 > 100)
-    s.add(long)
-    shorts = [Seq(f"short{i}", 10, 10) for i in range(1, 4)]
-    for q in shorts:
-        s.add(q)
-    assert s.schedule().admitted == []  # nobody overtakes the long prompt
-    s.finish([first])
-    assert s.schedule().admitted == [long]
+    s = _sched(blocks=10)
+    s.add(_seq("a", 20))
+    assert _run_prefill(s) == ["a"]
+    s.add(_seq("big", 30, first=500))  # does not fit while a runs
+    s.add(_seq("small", 2, first=900))
+    assert s.schedule().seqs[0].request_id == "a"  # a decode step: nobody overtakes big
+    assert [q.request_id for q in s.waiting] == ["big", "small"]
 
 
 def test_prefill_tokens_per_step_but_always_one() -> None:
-    s = _sched(max_prefill_tokens=50)
-    big, small = Seq("big", 500, 1), Seq("small", 10, 1)
-    s.add(big)
-    s.add(small)
-    assert s.schedule().admitted == [big]  # alone over the cap, but admitted
-    assert s.schedule().admitted == [small]
+    s = _sched(max_prefill_tokens=10)
+    s.add(_seq("huge", 40))
+    s.add(_seq("a", 6, first=100))
+    s.add(_seq("b", 6, first=200))
+    assert _run_prefill(s) == ["huge"]
+    assert _run_prefill(s) == ["a"]
+    assert _run_prefill(s) == ["b"]
 
 
 def test_queue_limit_gives_overloaded() -> None:
-    s = _sched(max_queue=2)
-    s.add(Seq("a", 1))
-    s.add(Seq("b", 1))
-    with pytest.raises(OverloadedError) as info:
-        s.add(Seq("c", 1))
-    assert info.value.status == 429 and info.value.retry_after_s >= 1
+    s = _sched(max_queue=1)
+    s.add(_seq("a", 3))
+    with pytest.raises(OverloadedError):
+        s.add(_seq("b", 3))
 
 
 def test_request_that_can_never_fit_is_refused_at_once() -> None:
-    s = _sched(max_num_batched_tokens=100)
-    with pytest.raises(ContextLengthError):
-        s.add(Seq("huge", 95, 10))
-    assert s.num_waiting == 0
+    s = _sched(blocks=4)
+    with pytest.raises(ContextLengthError) as info:
+        s.add(_seq("a", 10, max_new=7))  # 17 > 16 tokens
+    assert info.value.param == "max_tokens" and "--kv-cache-tokens" in info.value.message
+    s.add(_seq("b", 10, max_new=6))
 
 
-def test_finish_removes_waiting_requests_too() -> None:
+def test_finish_releases_blocks_and_removes_waiting_requests_too() -> None:
     s = _sched(max_num_seqs=1)
-    a, b = Seq("a", 1), Seq("b", 1)
+    a, b = _seq("a", 5), _seq("b", 5)
     s.add(a)
     s.add(b)
-    s.schedule()
-    s.finish([b])  # cancelled while waiting
-    assert s.num_waiting == 0 and s.running == [a]
-    assert s.has_work()
-    s.finish([a])
-    assert not s.has_work()
+    _run_prefill(s)
+    s.finish(b)
+    s.finish(a)
+    assert not s.has_work() and s.blocks.num_used_blocks == 0
+    assert a.status is SequenceStatus.FINISHED
 
 
-@pytest.mark.parametrize("field", ["max_num_seqs", "max_num_batched_tokens", "max_prefill_tokens"])
-def test_config_validation(field: str) -> None:
-    with pytest.raises(ValueError, match=field):
-        SchedulerConfig(**{field: 0})
+def test_prefix_hits_share_blocks_and_leave_the_last_token() -> None:
+    s = _sched()
+    first = _seq("first", 10)
+    s.add(first)
+    _run_prefill(s)
+    shared = first.block_table[:2]
+    s.finish(first)  # its blocks stay cached while free
+    again = _seq("again", 10)
+    s.add(again)
+    plan = s.schedule()
+    assert plan.seqs == [again] and again.num_cached_tokens == 8  # two full blocks hit
+    assert again.block_table[:2] == shared
+    follow = _seq("follow", 8)  # a prefix of the same tokens: full blocks hit, last token computed
+    assert s.blocks.lookup(follow) == 4  # (8 - 1) // 4 blocks
+    s.finish(again)
+
+
+def test_different_image_content_or_salt_never_hits() -> None:
+    s = _sched()
+    base = _seq("base", 12, images=[(2, 10, b"cat")])
+    s.add(base)
+    _run_prefill(s)
+    same = _seq("same", 13, images=[(2, 10, b"cat")])
+    other = _seq("other", 13, images=[(2, 10, b"dog")])
+    salted = _seq("salted", 13, images=[(2, 10, b"cat")], cache_salt="tenant-b")
+    assert s.blocks.lookup(same) == 12
+    assert s.blocks.lookup(other) == 0  # same placeholder ids, different image: block 0 differs
+    assert s.blocks.lookup(salted) == 0
+
+
+def test_cached_free_blocks_are_evicted_lru_under_pressure() -> None:
+    s = _sched(blocks=4)
+    old = _seq("old", 8, max_new=0)
+    s.add(old)
+    _run_prefill(s)
+    s.finish(old)
+    assert s.blocks.lookup(_seq("probe", 9)) == 8
+    big = _seq("big", 16, first=500, max_new=0)  # needs all 4 blocks: evicts the cached ones
+    s.add(big)
+    assert _run_prefill(s) == ["big"]
+    assert s.blocks.lookup(_seq("probe", 9)) == 0
+
+
+def test_disabled_prefix_cache_never_hits() -> None:
+    blocks = BlockManager(9, BS, prefix_caching=False)
+    s: Scheduler[Seq] = Scheduler(SchedulerConfig(reserve_fraction=0.0), blocks)
+    a = _seq("a", 9)
+    s.add(a)
+    _run_prefill(s)
+    s.finish(a)
+    assert blocks.lookup(_seq("b", 9)) == 0
+
+
+@pytest.mark.parametrize("field_name", ["max_num_seqs", "max_prefill_tokens"])
+def test_config_validation(field_name: str) -> None:
+    with pytest.raises(ValueError, match=field_name):
+        SchedulerConfig(**{field_name: 0})

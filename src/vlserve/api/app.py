@@ -15,22 +15,31 @@ from starlette.middleware.cors import CORSMiddleware
 from vlserve.api.auth import ApiKeys
 from vlserve.api.convert import SamplingDefaults
 from vlserve.api.errors import install_error_handlers
+from vlserve.api.faults import FaultInjector
 from vlserve.api.metrics import Metrics
 from vlserve.api.middleware import RequestContextMiddleware
 from vlserve.api.routes import ServerState, router
 from vlserve.config import ServerConfig
-from vlserve.engine.engine import AsyncEngine
+from vlserve.engine.client import EngineClient
 from vlserve.errors import VLServeError
 from vlserve.media import MediaLoader
 
 log = logging.getLogger(__name__)
 
 
-def create_app(config: ServerConfig, engine: AsyncEngine) -> FastAPI:
-    """The app serves /health at once; the engine loads on its own thread meanwhile."""
-    metrics = Metrics()
+def create_app(
+    config: ServerConfig,
+    engine: EngineClient,
+    metrics: Metrics | None = None,
+    faults: FaultInjector | None = None,
+) -> FastAPI:
+    """The app serves /health at once; the engine loads on its own thread meanwhile.
+
+    ``metrics`` is the registry the engine's hooks already report to (a new one otherwise);
+    ``faults`` the test-only fault injector whose hook the engine was built with.
+    """
+    metrics = metrics or Metrics()
     metrics.watch_engine(lambda: engine.num_running, lambda: engine.num_waiting)
-    engine.on_decode_step = metrics.batch_size.observe
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -41,6 +50,7 @@ def create_app(config: ServerConfig, engine: AsyncEngine) -> FastAPI:
             listed_names=config.model_names,
             metrics=metrics,
             started=int(time.time()),
+            faults=faults,
         )
         app.state.vl = state
         app.state.loop = asyncio.get_running_loop()
@@ -102,17 +112,15 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
-async def _when_ready(engine: AsyncEngine, state: ServerState, config: ServerConfig) -> None:
+async def _when_ready(engine: EngineClient, state: ServerState, config: ServerConfig) -> None:
     try:
         await engine.wait_ready()
     except VLServeError:
         return  # engine.on_fatal has already asked the server to exit
-    runner = engine.runner
-    if runner is None:
+    info = engine.model_info
+    if info is None:
         return
-    state.defaults = SamplingDefaults.from_generation_config(
-        runner.generation_config, config.default_max_tokens
-    )
+    state.defaults = SamplingDefaults.from_generation_config(info.generation_config)
     log.info(
         "ready: serving %s on http://%s:%d", ", ".join(config.model_names), config.host, config.port
     )

@@ -7,14 +7,12 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
 from types import FrameType
 
 from vlserve.api.auth import parse_keys
 from vlserve.api.faults import ENV_VAR as FAULT_ENV_VAR
-from vlserve.api.faults import fault_hook
+from vlserve.api.faults import FaultInjector
 from vlserve.config import ServerConfig
-from vlserve.engine.request import GenerationRequest
 from vlserve.engine.scheduler import SchedulerConfig
 from vlserve.media.config import MediaConfig
 
@@ -86,11 +84,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b = p.add_argument_group("batching")
     b.add_argument("--max-num-seqs", type=int, default=32, help="requests decoded together")
     b.add_argument(
-        "--max-num-batched-tokens",
+        "--kv-cache-tokens",
+        "--max-num-batched-tokens",  # its name before the paged cache, kept for old scripts
+        dest="kv_cache_tokens",
         type=int,
-        default=65536,
-        help="KV budget in tokens: running rows x the longest row's prompt + max_tokens "
-        "(the decode cache is padded to its longest row)",
+        default=None,
+        help="KV cache size in tokens, preallocated; requests hold what they use (prompt plus "
+        "tokens generated so far). Default: --kv-cache-memory-fraction of the free device "
+        "memory after loading; on CPU 65536 tokens (at most a quarter of the available RAM)",
+    )
+    b.add_argument(
+        "--kv-cache-memory-fraction",
+        type=float,
+        default=0.8,
+        help="on accelerators, the share of free device memory (after loading the model) the KV "
+        "cache takes when --kv-cache-tokens is not given",
+    )
+    b.add_argument(
+        "--prefix-cache",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse the KV of an earlier prompt's longest matching prefix (images included, by "
+        "content; isolated per cache_salt)",
+    )
+    b.add_argument(
+        "--encoder-cache-mb",
+        type=int,
+        default=256,
+        help="vision-tower outputs kept by image content, LRU, in MiB (0 = off)",
     )
     b.add_argument(
         "--max-prefill-tokens",
@@ -207,10 +228,13 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         ),
         scheduler=SchedulerConfig(
             max_num_seqs=args.max_num_seqs,
-            max_num_batched_tokens=args.max_num_batched_tokens,
             max_prefill_tokens=args.max_prefill_tokens,
             max_queue=args.max_queue,
         ),
+        kv_cache_tokens=args.kv_cache_tokens,
+        kv_cache_memory_fraction=args.kv_cache_memory_fraction,
+        prefix_caching=args.prefix_cache,
+        encoder_cache_mb=args.encoder_cache_mb,
     )
 
 
@@ -222,26 +246,27 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         config = config_from_args(args)
-        fault = fault_hook(os.environ.get(FAULT_ENV_VAR))
+        faults = FaultInjector.from_spec(os.environ.get(FAULT_ENV_VAR))
     except ValueError as exc:
         log.error("invalid configuration: %s", exc)
         return 2
     if not os.path.isdir(config.model_path):
         log.error("model directory %s does not exist (--model or MODEL_PATH)", config.model_path)
         return 2
-    if fault is not None:
+    if faults is not None:
         log.warning("%s is set: requests will fail on purpose (testing only)", FAULT_ENV_VAR)
-    return serve(config, fault)
+    return serve(config, faults)
 
 
-def serve(config: ServerConfig, fault: Callable[[GenerationRequest], None] | None = None) -> int:
+def serve(config: ServerConfig, faults: FaultInjector | None = None) -> int:
     """Run the server until SIGINT/SIGTERM (exit 0) or a fatal engine error (exit 1)."""
     import uvicorn
 
     from vlserve.api.app import begin_drain, create_app
     from vlserve.api.http11 import OpenAIErrorH11Protocol
+    from vlserve.api.metrics import Metrics
     from vlserve.engine.device import resolve_device
-    from vlserve.engine.engine import AsyncEngine, EngineConfig
+    from vlserve.engine.engine import AsyncEngine, EngineConfig, EngineHooks
     from vlserve.errors import DeviceUnavailableError
 
     try:
@@ -250,14 +275,28 @@ def serve(config: ServerConfig, fault: Callable[[GenerationRequest], None] | Non
         log.error("%s", exc.message)
         return 3
     log.info("device %s, dtype %s", device.type, device.dtype_name)
+    fatal: list[BaseException] = []
+    metrics = Metrics()
     engine = AsyncEngine(
         EngineConfig(
-            config.model_path, config.scheduler, config.request_timeout_s, config.encoder_thread
+            config.model_path,
+            config.scheduler,
+            config.request_timeout_s,
+            config.encoder_thread,
+            default_max_tokens=config.default_max_tokens,
+            kv_cache_tokens=config.kv_cache_tokens,
+            kv_cache_memory_fraction=config.kv_cache_memory_fraction,
+            prefix_caching=config.prefix_caching,
+            encoder_cache_mb=config.encoder_cache_mb,
         ),
         device,
+        hooks=EngineHooks(
+            before_prefill=faults.before_prefill if faults is not None else None,
+            on_step=metrics.observe_step,
+            on_fatal=lambda exc: on_fatal(exc),
+        ),
     )
-    engine.before_prefill = fault
-    app = create_app(config, engine)
+    app = create_app(config, engine, metrics, faults)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
@@ -279,13 +318,11 @@ def serve(config: ServerConfig, fault: Callable[[GenerationRequest], None] | Non
             h11_max_incomplete_event_size=config.max_header_bytes,
         )
     )
-    fatal: list[BaseException] = []
 
     def on_fatal(exc: BaseException) -> None:
         fatal.append(exc)
         server.should_exit = True
 
-    engine.on_fatal = on_fatal
     # uvicorn drains on SIGINT/SIGTERM, restores the previous handlers, then re-raises the signal:
     # with Python handlers in place (not SIG_DFL) that re-raise is harmless and we exit 0.
     for sig in (signal.SIGINT, signal.SIGTERM):

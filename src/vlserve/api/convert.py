@@ -7,7 +7,7 @@ from typing import Any
 
 from vlserve.api.protocol import MAX_STOP_STRINGS, ChatCompletionRequest
 from vlserve.engine.request import SamplingParams
-from vlserve.errors import ContextLengthError, InvalidRequestError
+from vlserve.errors import InvalidRequestError
 
 MIN_TEMPERATURE = 1e-5  # below: greedy, as in vLLM
 MIN_TOP_P = 1e-8  # below any top token's probability (>= 1 / vocab): keeps that token only
@@ -22,10 +22,9 @@ class SamplingDefaults:
     top_k: int = 0
     min_p: float = 0.0
     repetition_penalty: float = 1.0
-    default_max_tokens: int = 2048
 
     @classmethod
-    def from_generation_config(cls, gen: Any, default_max_tokens: int) -> SamplingDefaults:
+    def from_generation_config(cls, gen: Any) -> SamplingDefaults:
         def get(name: str, fallback: Any) -> Any:
             value = getattr(gen, name, None) if gen is not None else None
             return fallback if value is None else value
@@ -37,7 +36,6 @@ class SamplingDefaults:
             top_k=max(int(get("top_k", 0)), 0),
             min_p=float(get("min_p", 0.0)),
             repetition_penalty=float(get("repetition_penalty", 1.0)),
-            default_max_tokens=default_max_tokens,
         )
 
 
@@ -79,27 +77,10 @@ def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
 
 
 def to_sampling(
-    req: ChatCompletionRequest,
-    defaults: SamplingDefaults,
-    *,
-    num_prompt_tokens: int,
-    max_model_len: int,
-    vocab_size: int,
+    req: ChatCompletionRequest, defaults: SamplingDefaults, *, vocab_size: int
 ) -> SamplingParams:
-    room = max_model_len - num_prompt_tokens
-    if room < 1:
-        raise ContextLengthError(
-            f"the prompt is {num_prompt_tokens} tokens, which leaves no room in the model's "
-            f"context of {max_model_len} tokens",
-            param="messages",
-        )
-    asked = req.max_completion_tokens or req.max_tokens
-    if asked is not None and asked > room:
-        raise ContextLengthError(
-            f"this model's context is {max_model_len} tokens; the prompt uses "
-            f"{num_prompt_tokens}, so max_tokens can be at most {room} (got {asked})",
-            param="max_completion_tokens" if req.max_completion_tokens else "max_tokens",
-        )
+    """The request's sampling parameters over the defaults; ``max_tokens`` stays None when the
+    request gives none (the engine fits it to the prompt)."""
     bad_ids = [t for t in req.stop_token_ids or () if not 0 <= t < vocab_size]
     if bad_ids:
         raise InvalidRequestError(
@@ -110,7 +91,7 @@ def to_sampling(
     temperature = defaults.temperature if req.temperature is None else req.temperature
     top_p = defaults.top_p if req.top_p is None else req.top_p
     return SamplingParams(
-        max_tokens=asked or min(defaults.default_max_tokens, room),
+        max_tokens=req.max_completion_tokens or req.max_tokens,
         # Tiny values mean the same as these floors, and below them float32 under/overflows
         # (logits / 1e-300 is inf, top_p * mass is 0) and the sampler has no distribution left.
         temperature=0.0 if temperature < MIN_TEMPERATURE else temperature,

@@ -3,10 +3,6 @@ inside the engine's inference step, so tests can prove one failure leaves the ot
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from vlserve.engine.request import GenerationRequest
-
 ENV_VAR = "VLSERVE_FAULT_INJECT"
 # error: an ordinary exception in the step; oom: one the engine recognises as device OOM;
 # crash: one that kills the inference thread (the server must then turn unhealthy and exit 1)
@@ -25,22 +21,35 @@ class InjectedCrash(BaseException):
     """Not an Exception: nothing in the engine's per-step isolation catches it."""
 
 
-def fault_hook(spec: str | None) -> Callable[[GenerationRequest], None] | None:
-    """``KIND:USER`` → a hook raising in the prefill of every request whose ``user`` is USER.
+class FaultInjector:
+    """``KIND:USER``: the engine's ``before_prefill`` hook raises for every request whose
+    ``user`` is USER. The route tells it which request ids those are (``track``), so no
+    test-only field travels through the engine."""
 
-    Returns None for an empty spec; raises ValueError for a malformed one.
-    """
-    if not spec:
-        return None
-    kind, sep, user = spec.partition(":")
-    if not sep or kind not in _KINDS or not user:
-        raise ValueError(f"{ENV_VAR} must be KIND:USER with KIND in {sorted(_KINDS)}, got {spec!r}")
-    message = _KINDS[kind]
+    def __init__(self, kind: str, user: str) -> None:
+        self.user = user
+        self._error = InjectedCrash if kind == "crash" else InjectedFault
+        self._message = _KINDS[kind]
+        self._ids: set[str] = set()
 
-    error = InjectedCrash if kind == "crash" else InjectedFault
+    @classmethod
+    def from_spec(cls, spec: str | None) -> FaultInjector | None:
+        """None for an empty spec; raises ValueError for a malformed one."""
+        if not spec:
+            return None
+        kind, sep, user = spec.partition(":")
+        if not sep or kind not in _KINDS or not user:
+            raise ValueError(
+                f"{ENV_VAR} must be KIND:USER with KIND in {sorted(_KINDS)}, got {spec!r}"
+            )
+        return cls(kind, user)
 
-    def hook(request: GenerationRequest) -> None:
-        if request.user == user:
-            raise error(message)
+    def track(self, request_id: str, user: str | None) -> None:
+        if user == self.user:
+            self._ids.add(request_id)
 
-    return hook
+    def before_prefill(self, request_id: str) -> None:
+        """The engine hook (inference thread)."""
+        if request_id in self._ids:
+            self._ids.discard(request_id)
+            raise self._error(self._message)

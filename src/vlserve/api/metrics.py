@@ -38,6 +38,7 @@ class RequestRecord:
     model: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0  # of the prompt, from the prefix cache
     ttft_s: float | None = None
     queue_s: float | None = None
     finish_reason: str | None = None
@@ -87,6 +88,9 @@ class Metrics:
         self.batch_size = Histogram(
             "vlserve_batch_size", "rows in each decode step", buckets=_BATCH_BUCKETS, registry=r
         )
+        self.cached_tokens = Counter(
+            "vlserve_prompt_cached_tokens", "prompt tokens served from the prefix cache", registry=r
+        )
         self.running = Gauge("vlserve_num_requests_running", "requests decoding", registry=r)
         self.waiting = Gauge("vlserve_num_requests_waiting", "requests queued", registry=r)
 
@@ -94,6 +98,11 @@ class Metrics:
         """Read the engine's gauges at scrape time (never stale, no bookkeeping)."""
         self.running.set_function(lambda: float(running()))
         self.waiting.set_function(lambda: float(waiting()))
+
+    def observe_step(self, rows: int, is_prefill: bool) -> None:
+        """The engine's ``on_step`` hook (inference thread): decode batch sizes."""
+        if not is_prefill:
+            self.batch_size.observe(rows)
 
     def observe(self, record: RequestRecord, duration_s: float) -> None:
         route = record.path if record.path in KNOWN_ROUTES else "other"
@@ -110,6 +119,8 @@ class Metrics:
             self.prompt_tokens.inc(record.prompt_tokens)
         if record.completion_tokens:
             self.completion_tokens.inc(record.completion_tokens)
+        if record.cached_tokens:
+            self.cached_tokens.inc(record.cached_tokens)
         if record.finish_reason is not None:
             self.finished.labels(record.finish_reason).inc()
 

@@ -107,6 +107,8 @@ class ChatCompletionRequest(BaseModel):
     )
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     ignore_eos: bool = False
+    # vLLM's extension: requests with different salts never share prefix-cache blocks
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_NAME_CHARS)
     n: int = Field(default=1, ge=1, le=128)
     user: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
     stream: bool = False
@@ -154,10 +156,15 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class AssistantMessage(BaseModel):

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
-import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,15 +14,16 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from vlserve.api import protocol as p
+from vlserve.api.chat import attach_images, split_messages
 from vlserve.api.convert import SamplingDefaults, check_supported, to_sampling
-from vlserve.api.errors import body_for
+from vlserve.api.faults import FaultInjector
 from vlserve.api.metrics import Metrics, RequestRecord
-from vlserve.api.sse import DONE, frame
-from vlserve.engine.chat import attach_images, split_messages
-from vlserve.engine.engine import AsyncEngine, EngineState
-from vlserve.engine.request import FinishReason, GenerationRequest, TokenEvent
+from vlserve.api.serving import Completion, collect, stream_chunks
+from vlserve.engine.client import EngineClient, EngineState
+from vlserve.engine.prompt import ChatPrompt
+from vlserve.engine.request import SamplingParams, TokenEvent
 from vlserve.engine.stream import RequestStream
-from vlserve.errors import EngineError, EngineUnavailableError, NotFoundError, VLServeError
+from vlserve.errors import ContextLengthError, EngineUnavailableError, NotFoundError
 from vlserve.media import MediaLoader
 
 log = logging.getLogger(__name__)
@@ -34,12 +33,13 @@ _DISCONNECT_POLL_S = 0.25
 
 @dataclass
 class ServerState:
-    engine: AsyncEngine
+    engine: EngineClient
     media: MediaLoader
     model_names: tuple[str, ...]  # every name a request may use
     listed_names: tuple[str, ...]  # the names /v1/models reports
     metrics: Metrics
     defaults: SamplingDefaults | None = None
+    faults: FaultInjector | None = None  # testing only (VLSERVE_FAULT_INJECT)
     started: int = 0
     draining: bool = False  # SIGTERM received: new requests get 503
     drain_expired: bool = False  # the drain deadline passed: in-flight requests end with 503
@@ -107,7 +107,8 @@ _CHAT_ERRORS = _errors(400, 401, 404, 413, 429, 431, 500, 503, 504)
 async def health(request: Request) -> Response:
     state = _state(request)
     engine = state.engine
-    if engine.state is not EngineState.READY or state.draining:
+    info = engine.model_info
+    if engine.state is not EngineState.READY or state.draining or info is None:
         status = 503
         body = {"status": "draining" if state.draining else engine.state.value}
         return JSONResponse(body, status_code=status, headers={"Retry-After": "5"})
@@ -115,8 +116,8 @@ async def health(request: Request) -> Response:
         {
             "status": "ok",
             "model": state.listed_names[0],
-            "device": engine.device.type,
-            "dtype": engine.device.dtype_name,
+            "device": info.device,
+            "dtype": info.dtype,
             "running": engine.num_running,
             "waiting": engine.num_waiting,
         }
@@ -132,14 +133,13 @@ async def metrics(request: Request) -> Response:
 @router.get("/v1/models", response_model=p.ModelList, responses=_ERRORS)
 async def list_models(request: Request) -> p.ModelList:
     state = _state(request)
-    runner = state.engine.runner
-    max_len = runner.max_model_len if runner is not None else None
+    info = state.engine.model_info
     cards = [
         p.ModelCard(
             id=name,
             created=state.started,
-            root=state.engine.config.model_path,
-            max_model_len=max_len,
+            root=info.model_path if info else None,
+            max_model_len=info.max_model_len if info else None,
         )
         for name in state.listed_names
     ]
@@ -167,23 +167,28 @@ async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> R
     record = _record(request)
     record.model = body.model
     check_supported(body)
-    gen_request = await _build_request(state, body, record.request_id)
-    completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-    events = state.engine.submit(gen_request)
+    prompt, params = await _convert(state, body)
+    if state.faults is not None:
+        state.faults.track(record.request_id, body.user)
+    try:
+        events = await state.engine.generate(prompt, params, record.request_id)
+    except ContextLengthError as exc:
+        if exc.param == "max_tokens" and body.max_completion_tokens is not None:
+            exc.param = "max_completion_tokens"
+        raise
     state.streams.add(events)
     if state.drain_expired:
         events.fail(_shutting_down())
-    track = functools.partial(_track, record, gen_request)
+    out = Completion(f"chatcmpl-{uuid.uuid4().hex}", body.model, functools.partial(_track, record))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        stream = _sse(events, completion_id, body.model, include_usage, track)
         return StreamingResponse(
-            _forget_after(state, events, stream),
+            _forget_after(state, events, stream_chunks(events, out, include_usage)),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
     try:
-        return await _complete(events, completion_id, body.model, request, track)
+        return await _complete(events, out, request)
     finally:
         state.streams.discard(events)
 
@@ -198,160 +203,48 @@ async def _forget_after(
         state.streams.discard(events)
 
 
-def _track(record: RequestRecord, request: GenerationRequest, event: TokenEvent) -> None:
+def _track(record: RequestRecord, event: TokenEvent) -> None:
     """Fill the request's record from its events (TTFT, queue time, tokens, finish)."""
     if record.ttft_s is None and event.num_completion_tokens:
         record.first_token()
-        if request.scheduled_time is not None:
-            record.queue_s = request.scheduled_time - request.arrival_time
+        record.queue_s = event.queue_s
     # every event, so a request cut off mid-way still reports what it generated
     record.prompt_tokens = event.num_prompt_tokens
     record.completion_tokens = event.num_completion_tokens
+    record.cached_tokens = event.num_cached_tokens
     if event.finished:
         record.finish_reason = event.finish_reason.value  # type: ignore[union-attr]
         if event.error is not None:
             record.error_code = event.error.code
 
 
-async def _build_request(
-    state: ServerState, body: p.ChatCompletionRequest, request_id: str
-) -> GenerationRequest:
-    engine = state.engine
-    runner = engine.runner
-    if runner is None or engine.state is not EngineState.READY or state.defaults is None:
+async def _convert(
+    state: ServerState, body: p.ChatCompletionRequest
+) -> tuple[ChatPrompt, SamplingParams]:
+    """The request as the engine takes it: template messages with decoded images, and its
+    sampling parameters."""
+    info = state.engine.model_info
+    if info is None or state.engine.state is not EngineState.READY or state.defaults is None:
         raise EngineUnavailableError("the model is still loading; retry shortly")
+    params = to_sampling(body, state.defaults, vocab_size=info.vocab_size)
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
     template, urls = split_messages(messages)
     images = await state.media.load_many(urls)
-    inputs = await engine.prepare(attach_images(template, images))
-    prompt_ids = inputs["input_ids"][0].tolist()
-    sampling = to_sampling(
-        body,
-        state.defaults,
-        num_prompt_tokens=len(prompt_ids),
-        max_model_len=runner.max_model_len,
-        vocab_size=runner.vocab_size,
-    )
-    engine.check_admission(len(prompt_ids), sampling.max_tokens)  # 400/429 before the encoder
-    inputs = await engine.encode(inputs)
-    return GenerationRequest(
-        request_id=request_id,
-        inputs=inputs,
-        prompt_token_ids=prompt_ids,
-        sampling=sampling,
-        user=body.user,
-    )
+    return ChatPrompt(attach_images(template, images), cache_salt=body.cache_salt), params
 
 
-def _usage(event: TokenEvent) -> p.Usage:
-    return p.Usage(
-        prompt_tokens=event.num_prompt_tokens,
-        completion_tokens=event.num_completion_tokens,
-        total_tokens=event.num_prompt_tokens + event.num_completion_tokens,
-    )
-
-
-def _raise_if_failed(event: TokenEvent) -> None:
-    if event.error is not None:
-        raise event.error
-    if event.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
-        raise EngineError(f"generation ended early ({event.finish_reason.value})")
-
-
-async def _complete(
-    events: RequestStream,
-    completion_id: str,
-    model: str,
-    request: Request,
-    track: Callable[[TokenEvent], None],
-) -> Response:
+async def _complete(events: RequestStream, out: Completion, request: Request) -> Response:
     """Collect a whole completion, aborting it if the client goes away meanwhile."""
-    collect = asyncio.ensure_future(_collect(events, track))
+    task = asyncio.ensure_future(collect(events, out))
     try:
-        while not collect.done():
-            await asyncio.wait({collect}, timeout=_DISCONNECT_POLL_S)
-            if not collect.done() and await request.is_disconnected():
-                collect.cancel()
+        while not task.done():
+            await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+            if not task.done() and await request.is_disconnected():
+                task.cancel()
                 return Response(status_code=499)  # nobody reads it; the request log says 499
-        text, last = collect.result()
+        completion = task.result()
     finally:
-        if not collect.done():
-            collect.cancel()
+        if not task.done():
+            task.cancel()
         await events.aclose()
-    _raise_if_failed(last)
-    completion = p.ChatCompletion(
-        id=completion_id,
-        created=int(time.time()),
-        model=model,
-        choices=[
-            p.Choice(
-                index=0,
-                message=p.AssistantMessage(content=text),
-                finish_reason=last.finish_reason.value,  # type: ignore[union-attr, arg-type]
-            )
-        ],
-        usage=_usage(last),
-    )
     return Response(completion.model_dump_json(), media_type="application/json")
-
-
-async def _collect(
-    events: AsyncIterator[TokenEvent], track: Callable[[TokenEvent], None]
-) -> tuple[str, TokenEvent]:
-    pieces: list[str] = []
-    last: TokenEvent | None = None
-    async for event in events:
-        track(event)
-        pieces.append(event.text)
-        last = event
-    if last is None:  # the engine always ends a request with a finishing event
-        raise EngineError("generation ended without a final event")
-    return "".join(pieces), last
-
-
-async def _sse(
-    events: RequestStream,
-    completion_id: str,
-    model: str,
-    include_usage: bool,
-    track: Callable[[TokenEvent], None],
-) -> AsyncIterator[bytes]:
-    created = int(time.time())
-
-    def chunk(delta: p.Delta, finish: str | None = None) -> bytes:
-        return frame(
-            p.ChatCompletionChunk(
-                id=completion_id,
-                created=created,
-                model=model,
-                choices=[p.ChunkChoice(index=0, delta=delta, finish_reason=finish)],  # type: ignore[arg-type]
-            )
-        )
-
-    try:
-        yield chunk(p.Delta(role="assistant", content=""))
-        async for event in events:
-            track(event)
-            if event.text:
-                yield chunk(p.Delta(content=event.text))
-            if not event.finished:
-                continue
-            _raise_if_failed(event)
-            yield chunk(p.Delta(), event.finish_reason.value)  # type: ignore[union-attr]
-            if include_usage:
-                yield frame(
-                    p.ChatCompletionChunk(
-                        id=completion_id,
-                        created=created,
-                        model=model,
-                        choices=[],
-                        usage=_usage(event),
-                    )
-                )
-        yield DONE
-    except VLServeError as exc:
-        yield frame(body_for(exc))
-        yield DONE
-    finally:
-        with contextlib.suppress(Exception):
-            await events.aclose()

@@ -143,3 +143,19 @@ def empty_cache(info: DeviceInfo) -> None:
 
 def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def free_memory_bytes(info: DeviceInfo) -> int:
+    """Memory free for the KV cache now: the device's free memory on an accelerator, the host's
+    available memory on CPU."""
+    if info.type != "cpu":
+        free, _total = getattr(torch, info.type).mem_get_info(info.index)
+        return int(free)
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))

@@ -16,25 +16,22 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Generic, TypeVar
 
 log = logging.getLogger(__name__)
 
-Inputs = dict[str, Any]
+Inputs = TypeVar("Inputs")
+Output = TypeVar("Output")
 
 
 @dataclass
-class _Job:
+class _Job(Generic[Inputs, Output]):
     inputs: Inputs
-    future: asyncio.Future[Inputs]
+    future: asyncio.Future[Output]
     loop: asyncio.AbstractEventLoop
+    patches: int
 
-    @property
-    def patches(self) -> int:
-        pixels = self.inputs.get("pixel_values")
-        return 0 if pixels is None else int(pixels.shape[0])
-
-    def settle(self, result: Inputs | None, error: BaseException | None) -> None:
+    def settle(self, result: Output | None, error: BaseException | None) -> None:
         """Resolve the caller's future on its own loop, unless the caller is gone."""
 
         def resolve() -> None:
@@ -49,27 +46,32 @@ class _Job:
             self.loop.call_soon_threadsafe(resolve)
 
 
-class Encoder:
-    """``await encoder.encode(inputs)`` → encoded inputs, computed on the encoder thread."""
+class Encoder(Generic[Inputs, Output]):
+    """``await encoder.encode(inputs)`` → encoded inputs, computed on the encoder thread.
+
+    ``patches(inputs)`` is what a job costs against the batch budget.
+    """
 
     def __init__(
         self,
-        encode_many: Callable[[list[Inputs]], list[Inputs]],
+        encode_many: Callable[[list[Inputs]], list[Output]],
         thread_init: Callable[[], None],
         max_batch_patches: int = 32_768,
+        patches: Callable[[Inputs], int] = lambda _: 0,
     ) -> None:
         self._encode_many = encode_many
         self._thread_init = thread_init
+        self._patches = patches
         self.max_batch_patches = max_batch_patches
-        self._jobs: deque[_Job] = deque()
+        self._jobs: deque[_Job[Inputs, Output]] = deque()
         self._lock = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._run, name="vlserve-encoder", daemon=True)
         self._thread.start()
 
-    async def encode(self, inputs: Inputs) -> Inputs:
+    async def encode(self, inputs: Inputs) -> Output:
         loop = asyncio.get_running_loop()
-        job = _Job(inputs, loop.create_future(), loop)
+        job: _Job[Inputs, Output] = _Job(inputs, loop.create_future(), loop, self._patches(inputs))
         with self._lock:
             if self._stop:
                 raise RuntimeError("the encoder is shut down")
@@ -82,12 +84,12 @@ class Encoder:
             self._stop = True
             self._lock.notify()
 
-    def _next_batch(self) -> list[_Job]:
+    def _next_batch(self) -> list[_Job[Inputs, Output]]:
         """Wait for work; take the oldest job and whoever else fits the patch budget, in order."""
         with self._lock:
             while not self._jobs and not self._stop:
                 self._lock.wait()
-            batch: list[_Job] = []
+            batch: list[_Job[Inputs, Output]] = []
             patches = 0
             while self._jobs and (
                 not batch or patches + self._jobs[0].patches <= self.max_batch_patches
@@ -119,7 +121,9 @@ class Encoder:
             for k, job in enumerate(batch):
                 job.settle(None if results is None else results[k], error)
 
-    def _encode(self, batch: list[_Job]) -> tuple[list[Inputs] | None, Exception | None]:
+    def _encode(
+        self, batch: list[_Job[Inputs, Output]]
+    ) -> tuple[list[Output] | None, Exception | None]:
         try:
             results = self._encode_many([job.inputs for job in batch])
         except Exception as exc:

@@ -1,11 +1,9 @@
-"""Plain data that crosses the engine boundary: sampling parameters, requests and token events."""
+"""Plain data that crosses the engine boundary: sampling parameters and token events."""
 
 from __future__ import annotations
 
 import enum
-import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from vlserve.errors import VLServeError
 
@@ -19,9 +17,13 @@ class FinishReason(str, enum.Enum):
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request generation settings; ``temperature == 0`` means greedy."""
+    """Per-request generation settings; ``temperature == 0`` means greedy.
 
-    max_tokens: int
+    ``max_tokens=None`` lets the engine choose: the server's default, capped by what is left of
+    the context and of the KV cache.
+    """
+
+    max_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
@@ -35,7 +37,7 @@ class SamplingParams:
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if self.max_tokens < 1:
+        if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0")
@@ -62,23 +64,6 @@ class SamplingParams:
         )
 
 
-@dataclass
-class GenerationRequest:
-    """One prompt, already rendered and preprocessed, waiting for the engine."""
-
-    request_id: str
-    inputs: dict[str, Any]  # processor output (CPU tensors): input_ids, pixel_values, ...
-    prompt_token_ids: list[int]
-    sampling: SamplingParams
-    arrival_time: float = field(default_factory=time.monotonic)
-    user: str | None = None  # the client's `user` field (fault injection matches on it)
-    scheduled_time: float | None = None  # set by the engine when its prefill starts
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
-
-
 @dataclass(frozen=True)
 class TokenEvent:
     """What one engine step produced for one request.
@@ -94,6 +79,8 @@ class TokenEvent:
     num_completion_tokens: int
     finish_reason: FinishReason | None = None
     error: VLServeError | None = None
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    queue_s: float | None = None  # time from arrival to the first prefill, once scheduled
 
     @property
     def finished(self) -> bool:

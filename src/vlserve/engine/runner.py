@@ -1,19 +1,23 @@
-"""ModelRunner: the model and processor, prompt preparation, prefill and batched decode steps."""
+"""ModelRunner: the model, the encoder stage (vision tower + positions) and the forward of a step."""
 
 from __future__ import annotations
 
 import inspect
 import logging
-from dataclasses import dataclass
+from collections.abc import Sequence as Seq
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
-from transformers import AutoProcessor, AutoTokenizer, DynamicCache, GenerationConfig
+from transformers import AutoProcessor, AutoTokenizer, GenerationConfig
 
-from vlserve.engine.chat import TEXT_SLOT, hide_texts, splice_texts
 from vlserve.engine.device import DeviceInfo
+from vlserve.engine.encoder_cache import EncoderCache
+from vlserve.engine.kv_cache import KVPool, PagedCache, RowSpan, build_layout
+from vlserve.engine.preprocess import Preprocessor
+from vlserve.engine.prompt import EncodedPrompt, ImageFeatures, ImageInput, PreparedPrompt
+from vlserve.engine.sequence import Sequence
 
 log = logging.getLogger(__name__)
 
@@ -21,27 +25,19 @@ _TF5 = int(transformers.__version__.split(".")[0]) >= 5
 # transformers 4.57 reads the cache from `past_key_values=` (and silently ignores `cache=`);
 # 5.x reads `cache=` and deprecates the old name. See FACTS.md.
 _CACHE_KW = "cache" if _TF5 else "past_key_values"
-
-KV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: (batch, kv_heads, seq, head_dim)
-_ENCODED = "vlserve_encoded"  # marks inputs that went through ModelRunner.encode
-
-
-@dataclass
-class PrefillResult:
-    """Rows just prefilled together, ready to join the decode batch."""
-
-    logits: torch.Tensor  # (rows, vocab) float32, last position of each row
-    kv: KV  # (rows, kv_heads, width, head_dim) per layer, left-padded
-    mask: torch.Tensor  # (rows, width): 1 on real positions
-    lengths: list[int]  # prompt length of each row
-    rope_deltas: list[int]  # multimodal position offset of each row, constant from now on
+DECODE_KV_BUCKET = 128  # decode reads are padded to a multiple of this many positions
 
 
 class ModelRunner:
-    """Owns the model; every method but ``prepare`` runs on the engine's inference thread."""
+    """Owns the model. ``preprocess`` runs on the preprocessing thread, ``encode`` on the encoder
+    thread (or the inference thread), everything else on the inference thread."""
 
     def __init__(
-        self, model_path: str | Path, device: DeviceInfo, model: torch.nn.Module | None = None
+        self,
+        model_path: str | Path,
+        device: DeviceInfo,
+        model: torch.nn.Module | None = None,
+        encoder_cache: EncoderCache | None = None,
     ) -> None:
         """Load from ``model_path``; or, with ``model`` (already on the device), take only the
         processor, tokenizer and generation config from ``model_path`` (benchmarks build real-size
@@ -50,7 +46,7 @@ class ModelRunner:
 
         self.device = device
         self.model_path = str(model_path)
-        self.processor = AutoProcessor.from_pretrained(self.model_path)
+        processor = AutoProcessor.from_pretrained(self.model_path)
         # A second tokenizer for detokenizing on the inference thread while the processor encodes
         # prompts on another: Rust tokenizers must not be shared across threads that mutate them.
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
@@ -62,262 +58,176 @@ class ModelRunner:
         self.model = model.eval()
         self.generation_config = _load_generation_config(self.model_path)
         self.eos_token_ids = _eos_ids(self.generation_config, self.tokenizer)
-        text_config = getattr(self.model.config, "text_config", self.model.config)
-        self.max_model_len = int(text_config.max_position_embeddings)
-        self.vocab_size = int(text_config.vocab_size)
-        pad = self.tokenizer.pad_token_id
-        self._pad_id = int(pad if pad is not None else min(self.eos_token_ids))
+        self.text_config = getattr(self.model.config, "text_config", self.model.config)
+        self.max_model_len = int(self.text_config.max_position_embeddings)
+        self.vocab_size = int(self.text_config.vocab_size)
         self._rope_params = set(inspect.signature(self.model.model.get_rope_index).parameters)
-        self._slot_id = int(self.processor.tokenizer.convert_tokens_to_ids(TEXT_SLOT))
-        self._image_token_id = int(self.model.config.image_token_id)
-
-    # -- prompt preparation (runs on the preprocessing thread) ---------------------------------
-    def prepare(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
-        """Render the chat template and preprocess images; returns CPU tensors.
-
-        Message texts never pass through the template's tokenization: special-token strings in
-        them stay plain text (see ``chat.hide_texts``).
-        """
-        template, texts = hide_texts(messages)
-        inputs = self.processor.apply_chat_template(
-            template,
-            tokenize=True,
-            add_generation_prompt=True,
-            return_dict=True,
-            return_tensors="pt",
+        visual = self.model.model.visual
+        self.preprocess = Preprocessor(
+            processor, int(self.model.config.image_token_id), int(visual.spatial_merge_size)
         )
-        tokenizer = self.processor.tokenizer
-        pieces = [
-            tokenizer.encode(t, add_special_tokens=False, split_special_tokens=True) for t in texts
-        ]
-        return _splice_inputs(dict(inputs), self._slot_id, pieces)
+        self.encoder_cache = encoder_cache or EncoderCache(0)
+        self.pool: KVPool | None = None
 
+    # -- KV cache ------------------------------------------------------------------------------
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return KVPool.bytes_per_token(*self._kv_shape(), self.device.dtype)
+
+    def _kv_shape(self) -> tuple[int, int, int]:
+        cfg = self.text_config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return int(cfg.num_hidden_layers), int(cfg.num_key_value_heads), int(head_dim)
+
+    def allocate_kv(self, num_blocks: int, block_size: int) -> KVPool:
+        layers, heads, dim = self._kv_shape()
+        self.pool = KVPool(
+            layers, num_blocks, block_size, heads, dim, self.device.dtype, self.device.torch_device
+        )
+        return self.pool
+
+    # -- encoder stage -------------------------------------------------------------------------
     @torch.inference_mode()
-    def encode(self, prompts: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """What each prompt needs before its prefill: the vision tower's outputs and the
-        multimodal position ids. All images of all ``prompts`` go through the vision tower in one
-        forward (its attention stays within each image); positions are computed per prompt.
-
-        The engine runs this on its encoder thread, ahead of the inference thread, so image
-        encoding overlaps the running batch's decode steps; ``prefill`` then runs only the
-        language model. Prompts already encoded are returned as they are.
-        """
-        todo = [p for p in prompts if _ENCODED not in p]
-        features = self._image_features([p for p in todo if p.get("pixel_values") is not None])
-        encoded: dict[int, dict[str, Any]] = {}
-        for prompt in todo:
+    def encode(
+        self, prompts: Seq[PreparedPrompt], *, with_features: bool = True
+    ) -> list[EncodedPrompt]:
+        """What each prompt needs before its prefill: the vision tower's outputs for its images
+        (from the encoder cache when it has them; the rest of all ``prompts`` in one forward,
+        whose attention stays within each image) and its multimodal positions. Without
+        ``with_features`` the prefill computes the features."""
+        images = [image for p in prompts for image in p.images] if with_features else []
+        features = self.image_features(images)
+        encoded = []
+        for prompt in prompts:
             positions, delta = self._positions(prompt)
-            row = {
-                _ENCODED: True,
-                "input_ids": prompt["input_ids"],
-                "position_ids": positions,
-                "rope_delta": delta,
-            }
-            if id(prompt) in features:
-                row["image_embeds"], row["deepstack"] = features[id(prompt)]
-            encoded[id(prompt)] = row
-        return [encoded.get(id(p), p) for p in prompts]
+            mine = tuple(features[i.key] for i in prompt.images) if with_features else ()
+            encoded.append(EncodedPrompt(prompt, positions, delta, mine))
+        return encoded
 
-    def _image_features(
-        self, prompts: list[dict[str, Any]]
-    ) -> dict[int, tuple[torch.Tensor, list[torch.Tensor]]]:
-        """One vision forward for the images of ``prompts``; id(prompt) → (embeds, deepstack)."""
-        if not prompts:
-            return {}
+    def image_features(self, images: Seq[ImageInput]) -> dict[bytes, ImageFeatures]:
+        """Features of ``images`` by key: cached ones reused, the others computed and cached."""
+        found: dict[bytes, ImageFeatures] = {}
+        todo: list[ImageInput] = []
+        for image in images:
+            if image.key in found or any(t.key == image.key for t in todo):
+                continue
+            cached = self.encoder_cache.get(image.key)
+            if cached is not None:
+                found[image.key] = cached
+            else:
+                todo.append(image)
+        if todo:
+            for image, feats in zip(todo, self._vision(todo), strict=True):
+                self.encoder_cache.put(image.key, feats)
+                found[image.key] = feats
+        return found
+
+    def _vision(self, images: list[ImageInput]) -> list[ImageFeatures]:
         dev = self.device.torch_device
         visual = self.model.model.visual
-        grids = [p["image_grid_thw"] for p in prompts]
-        pixels = torch.cat([p["pixel_values"] for p in prompts]).to(dev, visual.dtype)
-        out = visual(pixels, grid_thw=torch.cat(grids).to(dev))
+        pixels = torch.cat([i.pixel_values for i in images]).to(dev, visual.dtype)
+        grids = torch.cat([i.grid_thw for i in images]).to(dev)
+        out = visual(pixels, grid_thw=grids)
         # transformers 4.57 returns (embeds, deepstack); 5.x a ModelOutput
         embeds, deepstack = (
             out if isinstance(out, tuple) else (out.pooler_output, out.deepstack_features)
         )
-        merge = int(visual.spatial_merge_size) ** 2
-        sizes = [int(g.prod(-1).sum()) // merge for g in grids]  # image tokens of each prompt
+        sizes = [i.num_tokens for i in images]
+        if embeds.shape[0] != sum(sizes):
+            raise ValueError("image features do not match the images' placeholder tokens")
         split_deep = [torch.split(layer, sizes) for layer in deepstack]
-        return {
-            id(p): (e, [layer[k] for layer in split_deep])
-            for k, (p, e) in enumerate(zip(prompts, torch.split(embeds, sizes), strict=True))
-        }
+        return [
+            ImageFeatures(e, tuple(layer[k] for layer in split_deep))
+            for k, e in enumerate(torch.split(embeds, sizes))
+        ]
 
-    # -- device work (inference thread) --------------------------------------------------------
-    @torch.inference_mode()
-    def prefill(self, prompts: list[dict[str, Any]]) -> PrefillResult:
-        """Run several prompts through the language model in one left-padded forward; returns
-        their last logits, cache and rope deltas.
-
-        Prompts not yet encoded are encoded here. Each row's positions are its own and its image
-        features come from attention within each image, so a row does not depend on its neighbours.
-        """
-        dev = self.device.torch_device
-        rows = self.encode(prompts)
-        lengths = [row["input_ids"].shape[1] for row in rows]
-        width = max(lengths)
-        ids = [row["input_ids"] for row in rows]
-        input_ids = torch.cat([_left_pad(i, width, self._pad_id) for i in ids]).to(dev)
-        mask = torch.cat([_left_pad(torch.ones_like(i), width) for i in ids]).to(dev)
-        positions = torch.cat([_left_pad(r["position_ids"], width) for r in rows], dim=1)
-        embeds = self.model.get_input_embeddings()(input_ids)
-        visual_mask, deepstack = None, None
-        with_images = [row for row in rows if "image_embeds" in row]
-        if with_images:
-            visual_mask = input_ids == self._image_token_id
-            features = torch.cat([row["image_embeds"] for row in with_images])
-            if features.shape[0] != int(visual_mask.sum()):
-                raise ValueError("image features do not match the prompts' image tokens")
-            embeds = embeds.masked_scatter(
-                visual_mask.unsqueeze(-1).expand_as(embeds), features.to(dev, embeds.dtype)
-            )
-            layers = zip(*(row["deepstack"] for row in with_images), strict=True)
-            deepstack = [torch.cat(layer).to(dev) for layer in layers]
-        cache = DynamicCache()
-        out = self.model.model.language_model(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            position_ids=positions.to(dev),
-            use_cache=True,
-            visual_pos_masks=visual_mask,
-            deepstack_visual_embeds=deepstack,
-            **{_CACHE_KW: cache},
-        )
-        cache = _output_cache(out, cache)
-        return PrefillResult(
-            logits=self.model.lm_head(out.last_hidden_state[:, -1]).float(),
-            kv=[(layer.keys, layer.values) for layer in cache.layers],
-            mask=mask,
-            lengths=lengths,
-            rope_deltas=[row["rope_delta"] for row in rows],
-        )
-
-    def _positions(self, inputs: dict[str, Any]) -> tuple[torch.Tensor, int]:
+    def _positions(self, prompt: PreparedPrompt) -> tuple[torch.Tensor, int]:
         """4-row position ids (text, t, h, w) of one prompt, computed per request.
 
         The model's own ``rope_deltas`` attribute is shared mutable state (``generate``
         overwrites it), so it is never read: each request keeps its delta.
         """
-        input_ids = inputs["input_ids"]
-        length = input_ids.shape[1]
-        text = torch.arange(length, device=input_ids.device).view(1, 1, length)
-        if inputs.get("image_grid_thw") is None:
-            return text.expand(4, 1, length), 0
+        length = prompt.num_tokens
+        text = torch.arange(length).view(1, length)
+        if not prompt.images:
+            return text.expand(4, length).clone(), 0
+        inputs = prompt.rope_inputs
         kwargs = {k: v for k, v in inputs.items() if k in self._rope_params and k != "input_ids"}
-        vision, delta = self.model.model.get_rope_index(input_ids, **kwargs)
-        return torch.cat([text, vision.to(text.dtype)], dim=0), int(delta.view(-1)[0])
+        vision, delta = self.model.model.get_rope_index(inputs["input_ids"], **kwargs)
+        return torch.cat([text, vision.view(3, length).to(text.dtype)]), int(delta.view(-1)[0])
 
+    # -- one step (inference thread) -----------------------------------------------------------
     @torch.inference_mode()
-    def decode(self, batch: DecodeBatch, last_tokens: list[int]) -> torch.Tensor:
-        """One decode step for every row of ``batch``; returns (rows, vocab) float32 logits."""
+    def run(self, seqs: Seq[Sequence], is_prefill: bool) -> torch.Tensor:
+        """One forward over ``seqs``: each computes its tokens past ``num_cached_tokens`` (a
+        prefill) or its last token (a decode step), writing their K/V into the pool. Returns
+        the next-token logits of each row, (rows, vocab) float32."""
+        if self.pool is None:
+            raise RuntimeError("the KV cache is not allocated")
         dev = self.device.torch_device
-        rows = len(batch.positions)
-        input_ids = torch.tensor(last_tokens, dtype=torch.long, device=dev).view(rows, 1)
-        pos = torch.tensor(batch.positions, dtype=torch.long, device=dev)
-        delta = torch.tensor(batch.rope_deltas, dtype=torch.long, device=dev)
-        mrope = (pos + delta).view(1, rows, 1).expand(3, rows, 1)
-        position_ids = torch.cat([pos.view(1, rows, 1), mrope], dim=0)
-        mask = torch.cat([batch.mask, torch.ones(rows, 1, dtype=batch.mask.dtype, device=dev)], 1)
-        cache = DynamicCache(batch.kv)
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=position_ids,
-            use_cache=True,
-            logits_to_keep=1,
-            **{_CACHE_KW: cache},
+        spans = [RowSpan(s.block_table, s.num_cached_tokens, s.num_tokens) for s in seqs]
+        layout = build_layout(
+            spans, self.pool.block_size, dev, 1 if is_prefill else DECODE_KV_BUCKET
         )
-        cache = _output_cache(out, cache)
-        batch.kv = [(layer.keys, layer.values) for layer in cache.layers]
-        batch.mask = mask
-        batch.positions = [p + 1 for p in batch.positions]
-        return out.logits[:, -1].float()
+        q_len = layout.q_len
+        ids = torch.zeros(len(seqs), q_len, dtype=torch.long)
+        positions = torch.zeros(4, len(seqs), q_len, dtype=torch.long)
+        for b, (seq, span) in enumerate(zip(seqs, spans, strict=True)):
+            ids[b, : span.end - span.start] = torch.tensor(seq.token_ids[span.start : span.end])
+            positions[:, b, : span.end - span.start] = seq.prompt.positions_for(
+                span.start, span.end
+            )
+        embeds = self.model.get_input_embeddings()(ids.to(dev))
+        visual_mask, deepstack = None, None
+        if is_prefill:
+            embeds, visual_mask, deepstack = self._scatter_images(seqs, spans, embeds)
+        out = self.model.model.language_model(
+            inputs_embeds=embeds,
+            attention_mask=layout.mask,
+            position_ids=positions.to(dev),
+            use_cache=True,
+            visual_pos_masks=visual_mask,
+            deepstack_visual_embeds=deepstack,
+            **{_CACHE_KW: PagedCache(self.pool, layout)},
+        )
+        rows = torch.arange(len(seqs), device=dev)
+        last = out.last_hidden_state[rows, layout.last_index]
+        return self.model.lm_head(last).float()
 
-
-class DecodeBatch:
-    """The running rows' KV cache, left-padded to a common length, with their positions.
-
-    Rows join after their own prefill and leave when finished; columns that are padding in every
-    row are trimmed so the cache never grows beyond the longest live row.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.kv: KV = []
-        self.mask = torch.zeros(0, 0, dtype=torch.long, device=device)
-        self.positions: list[int] = []  # next position index of each row
-        self.rope_deltas: list[int] = []
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def add(self, prefill: PrefillResult) -> None:
-        """Append freshly prefilled rows, re-padding everyone to the common width."""
-        if not self.positions:
-            self.kv, self.mask = prefill.kv, prefill.mask
-        else:
-            width = max(self.mask.shape[1], prefill.mask.shape[1])
-            self.kv = [
-                (
-                    torch.cat([_left_pad(k, width), _left_pad(nk, width)], 0),
-                    torch.cat([_left_pad(v, width), _left_pad(nv, width)], 0),
-                )
-                for (k, v), (nk, nv) in zip(self.kv, prefill.kv, strict=True)
-            ]
-            self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(prefill.mask, width)], 0)
-        self.positions.extend(prefill.lengths)
-        self.rope_deltas.extend(prefill.rope_deltas)
-
-    def keep(self, rows: list[int]) -> None:
-        """Keep only ``rows`` (indices, in order), trimming all-padding columns."""
-        if len(rows) == len(self.positions):
-            return
-        if not rows:
-            self.__init__(self.device)  # type: ignore[misc]
-            return
-        index = torch.tensor(rows, dtype=torch.long, device=self.device)
-        mask = self.mask.index_select(0, index)
-        start = int((mask.sum(0) > 0).nonzero()[0])  # first column any remaining row uses
-        self.mask = mask[:, start:]
-        self.kv = [
-            (k.index_select(0, index)[..., start:, :], v.index_select(0, index)[..., start:, :])
-            for k, v in self.kv
+    def _scatter_images(
+        self, seqs: Seq[Sequence], spans: list[RowSpan], embeds: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor] | None]:
+        """Put the image features of the tokens being computed in place of their placeholders."""
+        mask = torch.zeros(embeds.shape[:2], dtype=torch.bool)
+        pieces: list[tuple[ImageFeatures, int, int]] = []
+        for b, (seq, span) in enumerate(zip(seqs, spans, strict=True)):
+            prompt: EncodedPrompt = seq.prompt
+            images = prompt.prepared.images
+            needed = [i for i in images if i.span.start < span.end and i.span.end > span.start]
+            if not needed:
+                continue
+            features = prompt.features
+            if len(features) != len(images):  # not encoded ahead (no encoder thread)
+                by_key = self.image_features(needed)
+                features = tuple(by_key.get(i.key) for i in images)  # type: ignore[misc]
+            for image, feats in zip(images, features, strict=True):
+                lo, hi = max(image.span.start, span.start), min(image.span.end, span.end)
+                if lo >= hi:
+                    continue
+                mask[b, lo - span.start : hi - span.start] = True
+                pieces.append((feats, lo - image.span.start, hi - image.span.start))
+        if not pieces:
+            return embeds, None, None
+        dev = embeds.device
+        flat = torch.cat([f.embeds[lo:hi] for f, lo, hi in pieces]).to(dev, embeds.dtype)
+        mask = mask.to(dev)
+        embeds = embeds.masked_scatter(mask.unsqueeze(-1).expand_as(embeds), flat)
+        layers = len(pieces[0][0].deepstack)
+        deepstack = [
+            torch.cat([f.deepstack[k][lo:hi] for f, lo, hi in pieces]).to(dev)
+            for k in range(layers)
         ]
-        self.positions = [self.positions[i] for i in rows]
-        self.rope_deltas = [self.rope_deltas[i] for i in rows]
-
-
-def _splice_inputs(inputs: dict[str, Any], slot_id: int, pieces: list[list[int]]) -> dict[str, Any]:
-    """Put each text's ids in place of its slot token; per-token tensors follow the ids."""
-    ids = inputs["input_ids"]
-    new_ids, source = splice_texts(ids[0].tolist(), slot_id, pieces)
-    index = torch.tensor(source, dtype=torch.long)
-    spliced = index < 0
-    out = dict(inputs)
-    for key, value in inputs.items():
-        if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape == ids.shape:
-            row = value[0].index_select(0, index.clamp(min=0))
-            row[spliced] = 1 if key == "attention_mask" else 0  # text: attended, not an image
-            out[key] = row.view(1, -1)
-    out["input_ids"] = torch.tensor([new_ids], dtype=ids.dtype)
-    return out
-
-
-def _left_pad(t: torch.Tensor, width: int, value: int = 0) -> torch.Tensor:
-    """Left-pad the sequence dimension (-2 for 4-D KV, else the last) with ``value`` to ``width``."""
-    seq_dim = -2 if t.dim() == 4 else -1
-    missing = width - t.shape[seq_dim]
-    if missing == 0:
-        return t
-    shape = list(t.shape)
-    shape[seq_dim] = missing
-    return torch.cat([t.new_full(shape, value), t], dim=seq_dim)
-
-
-def _output_cache(out: Any, fallback: DynamicCache) -> DynamicCache:
-    for name in ("cache", "past_key_values"):
-        cache = getattr(out, name, None)
-        if cache is not None:
-            return cache
-    return fallback
+        return embeds, mask, deepstack
 
 
 def _load_generation_config(path: str) -> GenerationConfig | None:

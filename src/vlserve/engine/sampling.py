@@ -1,4 +1,10 @@
-"""Turn one step's logits into next tokens, each row with its own sampling parameters and seed."""
+"""Next tokens for a batch: penalties, temperature, top-k/top-p/min-p, each row with its own seed.
+
+Every row's filters are applied to the whole batch at once (rows that do not use a filter get a
+neutral value). Penalty state is kept per request and updated with each token
+(``SamplerState.append``), never rebuilt from the history. The one random draw of a row comes
+from its own generator, so seeded sampling is reproducible whatever else is batched.
+"""
 
 from __future__ import annotations
 
@@ -9,84 +15,131 @@ import torch
 from vlserve.engine.request import SamplingParams
 
 
-class RowSampler:
-    """Sampling state of one request: its parameters, its RNG and the token counts penalties need."""
+class SamplerState:
+    """One request's sampling parameters, generator and penalty counts."""
 
     def __init__(
-        self, params: SamplingParams, prompt_token_ids: Sequence[int], device: torch.device
+        self,
+        params: SamplingParams,
+        prompt_token_ids: Sequence[int],
+        vocab_size: int,
+        device: torch.device,
     ) -> None:
         self.params = params
         self.generator: torch.Generator | None = None
         if not params.greedy:
-            # A generator per request keeps seeded sampling reproducible whatever else is batched.
             self.generator = torch.Generator(device=device)
             if params.seed is not None:
                 self.generator.manual_seed(params.seed)
             else:
                 self.generator.seed()
-        self._device = device
-        self._prompt_ids = torch.tensor(list(prompt_token_ids), dtype=torch.long, device=device)
-        self._output_ids: list[int] = []
+        self.seen: torch.Tensor | None = None  # tokens of prompt and output (repetition penalty)
+        self.counts: torch.Tensor | None = None  # output token counts (presence, frequency)
+        if params.repetition_penalty != 1.0:
+            self.seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+            ids = torch.tensor(list(prompt_token_ids), dtype=torch.long, device=device)
+            self.seen[ids[(ids >= 0) & (ids < vocab_size)]] = True
+        if params.presence_penalty or params.frequency_penalty:
+            self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+
+    @property
+    def plain_greedy(self) -> bool:
+        return self.params.greedy and not self.params.needs_history
 
     def append(self, token_id: int) -> None:
-        self._output_ids.append(token_id)
+        if self.seen is not None and 0 <= token_id < self.seen.numel():
+            self.seen[token_id] = True
+        if self.counts is not None and 0 <= token_id < self.counts.numel():
+            self.counts[token_id] += 1
 
-    def adjust(self, logits: torch.Tensor) -> torch.Tensor:
-        """Apply penalties to a (vocab,) float32 row; returns a new tensor when it changes."""
-        p = self.params
-        if not p.needs_history:
-            return logits
-        logits = logits.clone()
-        out = torch.tensor(self._output_ids, dtype=torch.long, device=logits.device)
-        if p.repetition_penalty != 1.0:
-            # Hugging Face semantics: every token seen in prompt or output, sign-aware.
-            seen = torch.unique(torch.cat([self._prompt_ids, out]))
-            vals = logits[seen]
-            logits[seen] = torch.where(
-                vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty
-            )
-        if (p.presence_penalty or p.frequency_penalty) and out.numel():
-            # OpenAI semantics: output tokens only.
-            ids, counts = torch.unique(out, return_counts=True)
-            logits[ids] -= p.frequency_penalty * counts.to(logits.dtype) + p.presence_penalty
+
+def apply_penalties(logits: torch.Tensor, states: Sequence[SamplerState]) -> torch.Tensor:
+    """Repetition (Hugging Face: prompt and output, sign-aware), presence and frequency (OpenAI:
+    output only) penalties on (rows, vocab) logits; a new tensor when any applies."""
+    rep = [i for i, s in enumerate(states) if s.seen is not None]
+    cnt = [i for i, s in enumerate(states) if s.counts is not None]
+    if not rep and not cnt:
         return logits
+    logits = logits.clone()
+    dev = logits.device
+    if rep:
+        index = torch.tensor(rep, device=dev)
+        seen = torch.stack([states[i].seen for i in rep])  # type: ignore[misc]
+        penalty = torch.tensor([states[i].params.repetition_penalty for i in rep], device=dev)
+        rows = logits[index]
+        scaled = torch.where(rows > 0, rows / penalty[:, None], rows * penalty[:, None])
+        logits[index] = torch.where(seen, scaled, rows)
+    if cnt:
+        index = torch.tensor(cnt, device=dev)
+        counts = torch.stack([states[i].counts for i in cnt])  # type: ignore[misc]
+        freq = torch.tensor([states[i].params.frequency_penalty for i in cnt], device=dev)
+        pres = torch.tensor([states[i].params.presence_penalty for i in cnt], device=dev)
+        logits[index] -= counts * freq[:, None] + (counts > 0).float() * pres[:, None]
+    return logits
 
-    def sample(self, logits: torch.Tensor) -> int:
-        """Pick the next token from a (vocab,) float32 row of already adjusted logits."""
-        p = self.params
-        if p.greedy:
-            return int(torch.argmax(logits))
-        logits = logits / p.temperature
-        if p.top_k and p.top_k < logits.numel():
-            kth = torch.topk(logits, p.top_k).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        if p.min_p > 0:
-            probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-        if p.top_p < 1.0:
-            probs = _top_p_filter(probs, p.top_p)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+def sample(logits: torch.Tensor, states: Sequence[SamplerState]) -> list[int]:
+    """Next token of each row of (rows, vocab) float32 logits; updates each state."""
+    logits = apply_penalties(logits.float(), states)
+    tokens = torch.argmax(logits, dim=-1)
+    random_rows = [i for i, s in enumerate(states) if not s.params.greedy]
+    if random_rows:
+        index = torch.tensor(random_rows, device=logits.device)
+        picked = _sample_rows(logits[index], [states[i] for i in random_rows])
+        tokens[index] = picked
+    out = tokens.tolist()
+    for state, token in zip(states, out, strict=True):
+        state.append(token)
+    return out
 
 
-def _top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of most likely tokens whose mass reaches ``top_p``."""
-    sorted_probs, order = torch.sort(probs, descending=True)
+def probabilities(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """The distribution each row samples from: temperature, then top-k, min-p and top-p."""
+    dev = logits.device
+    temperature = torch.tensor([p.temperature for p in params], device=dev).unsqueeze(1)
+    logits = logits / temperature
+    vocab = logits.shape[-1]
+    top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+    if any(top_k):
+        k_max = max(top_k)
+        kth = torch.topk(logits, k_max, dim=-1).values  # (rows, k_max), descending
+        index = torch.tensor([max(k, 1) - 1 if k else k_max - 1 for k in top_k], device=dev)
+        threshold = kth.gather(1, index.unsqueeze(1))
+        use = torch.tensor([bool(k) for k in top_k], device=dev).unsqueeze(1)
+        logits = logits.masked_fill(use & (logits < threshold), float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    min_p = torch.tensor([p.min_p for p in params], device=dev).unsqueeze(1)
+    if bool((min_p > 0).any()):
+        probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+    top_p = [p.top_p for p in params]
+    if any(p < 1.0 for p in top_p):
+        probs = top_p_filter(probs, torch.tensor(top_p, device=dev, dtype=probs.dtype))
+    return probs
+
+
+def top_p_filter(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep, per row, the smallest set of most likely tokens whose mass reaches ``top_p``."""
+    sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
     cumulative = torch.cumsum(sorted_probs, dim=-1)
     # A token is dropped when the mass before it already reaches top_p; the first always stays.
-    drop = (cumulative - sorted_probs) >= top_p * cumulative[-1]
-    drop[0] = False  # even when top_p * total underflows to 0
+    drop = (cumulative - sorted_probs) >= top_p.unsqueeze(-1) * cumulative[..., -1:]
+    drop[..., 0] = False  # even when top_p * total underflows to 0
     sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-    return torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
 
 
-def sample_batch(logits: torch.Tensor, samplers: Sequence[RowSampler]) -> list[int]:
-    """Next token of each row of (batch, vocab) logits; greedy rows without penalties share one argmax."""
-    logits = logits.float()
-    plain_greedy = [s.params.greedy and not s.params.needs_history for s in samplers]
-    argmax = torch.argmax(logits, dim=-1).tolist() if any(plain_greedy) else []
-    tokens: list[int] = []
-    for i, sampler in enumerate(samplers):
-        token = argmax[i] if plain_greedy[i] else sampler.sample(sampler.adjust(logits[i]))
-        sampler.append(token)
-        tokens.append(token)
-    return tokens
+def _sample_rows(logits: torch.Tensor, states: Sequence[SamplerState]) -> torch.Tensor:
+    """Inverse-CDF sampling: one uniform draw per row from that row's own generator."""
+    probs = probabilities(logits, [s.params for s in states]).double()
+    draws = torch.cat(
+        [torch.rand(1, generator=s.generator, device=s.generator.device) for s in states]  # type: ignore[union-attr]
+    ).to(probs.device, probs.dtype)
+    cdf = torch.cumsum(probs, dim=-1)
+    target = draws.unsqueeze(1) * cdf[:, -1:]
+    picked = torch.searchsorted(cdf, target, right=True).clamp(max=probs.shape[-1] - 1)
+    # never a zero-probability token, even where float rounding lands on one
+    chosen = picked.view(-1)
+    zero = probs.gather(1, picked).view(-1) <= 0
+    if bool(zero.any()):
+        chosen = torch.where(zero, probs.argmax(dim=-1), chosen)
+    return chosen

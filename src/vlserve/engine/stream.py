@@ -1,53 +1,30 @@
-"""One request's life in the engine (Sequence) and its event stream to the caller."""
+"""RequestStream: one request's TokenEvents, as an async iterator; closing it aborts the request."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-from vlserve.engine.detokenizer import IncrementalDetokenizer
-from vlserve.engine.request import FinishReason, GenerationRequest, TokenEvent
-from vlserve.engine.sampling import RowSampler
+from vlserve.engine.request import FinishReason, TokenEvent
 from vlserve.errors import VLServeError
-
-
-@dataclass(eq=False)
-class Sequence:
-    """A request's life inside the engine (identity equality: the scheduler removes by object)."""
-
-    request: GenerationRequest
-    emit: Callable[[TokenEvent], None]
-    deadline: float
-    request_id: str = ""
-    detok: IncrementalDetokenizer | None = None
-    sampler: RowSampler | None = None
-    output_ids: list[int] = field(default_factory=list)
-    aborted: bool = False
-    done: bool = False
-
-    def __post_init__(self) -> None:
-        self.request_id = self.request.request_id
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return self.request.num_prompt_tokens
-
-    @property
-    def max_tokens(self) -> int:
-        return self.request.sampling.max_tokens
 
 
 class RequestStream:
     """Async iterator over one request's TokenEvents; ``aclose()`` (or leaving early) aborts it."""
 
     def __init__(
-        self, seq: Sequence, queue: asyncio.Queue[TokenEvent], abort: Callable[[Sequence], None]
+        self,
+        request_id: str,
+        queue: asyncio.Queue[TokenEvent],
+        abort: Callable[[], None],
+        counts: Callable[[], tuple[int, int]],
     ) -> None:
+        self.request_id = request_id
         self._abort = abort
-        self._seq = seq
+        self._counts = counts  # (prompt tokens, completion tokens so far)
         self._queue = queue
         self._finished = False
+        self.queue_s: float | None = None  # set by the engine when its first prefill starts
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -58,7 +35,7 @@ class RequestStream:
         try:
             event = await self._queue.get()
         except BaseException:
-            self._abort(self._seq)
+            self._abort()
             raise
         if event.finished:
             self._finished = True
@@ -69,15 +46,11 @@ class RequestStream:
         drops the request at its next step."""
         if self._finished:
             return
-        seq = self._seq
-        self._queue.put_nowait(
-            TokenEvent(
-                "", (), seq.num_prompt_tokens, len(seq.output_ids), FinishReason.ERROR, error
-            )
-        )
-        self._abort(seq)
+        prompt, completion = self._counts()
+        self._queue.put_nowait(TokenEvent("", (), prompt, completion, FinishReason.ERROR, error))
+        self._abort()
 
     async def aclose(self) -> None:
         if not self._finished:
             self._finished = True
-            self._abort(self._seq)
+            self._abort()

@@ -1,0 +1,236 @@
+"""EngineLoop: the inference thread's loop; ``step()`` = schedule → run → sample → emit."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from vlserve.engine.block_manager import BlockManager
+from vlserve.engine.detokenizer import IncrementalDetokenizer
+from vlserve.engine.device import empty_cache, free_memory_bytes, is_out_of_memory
+from vlserve.engine.prompt import ChatPrompt, EncodedPrompt
+from vlserve.engine.request import FinishReason, SamplingParams, TokenEvent
+from vlserve.engine.runner import ModelRunner
+from vlserve.engine.sampling import SamplerState, sample
+from vlserve.engine.scheduler import Scheduler, StepPlan
+from vlserve.engine.sequence import Sequence
+from vlserve.errors import EngineError, RequestTimeoutError, VLServeError
+
+if TYPE_CHECKING:
+    from vlserve.engine.engine import EngineConfig, EngineHooks
+
+log = logging.getLogger(__name__)
+
+CPU_DEFAULT_KV_TOKENS = 65_536
+CPU_KV_MEMORY_FRACTION = 0.25  # of the host's available memory, at most
+
+
+def kv_cache_tokens(config: EngineConfig, runner: ModelRunner) -> int:
+    """The KV budget: ``--kv-cache-tokens``; else a fraction of the free device memory after
+    loading (accelerators), or 65536 tokens within a quarter of the available RAM (CPU)."""
+    if config.kv_cache_tokens is not None:
+        return config.kv_cache_tokens
+    per_token = runner.kv_bytes_per_token
+    free = free_memory_bytes(runner.device)
+    if runner.device.type == "cpu":
+        return max(min(CPU_DEFAULT_KV_TOKENS, int(free * CPU_KV_MEMORY_FRACTION) // per_token), 1)
+    return max(int(free * config.kv_cache_memory_fraction) // per_token, 1)
+
+
+class EngineLoop:
+    """Owns the scheduler and the KV cache; everything here runs on the inference thread, except
+    ``new_sequence`` and what the caller does under ``lock``."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        runner: ModelRunner,
+        lock: threading.Condition,
+        hooks: EngineHooks,
+    ) -> None:
+        self.config = config
+        self.runner = runner
+        self.lock = lock
+        self.hooks = hooks
+        blocks = max(kv_cache_tokens(config, runner) // config.block_size, 1)
+        runner.allocate_kv(blocks + 1, config.block_size)  # + the null block
+        self.blocks = BlockManager(blocks + 1, config.block_size, config.prefix_caching)
+        self.scheduler: Scheduler[Sequence] = Scheduler(config.scheduler, self.blocks)
+
+    def new_sequence(
+        self,
+        prompt: EncodedPrompt,
+        params: SamplingParams,
+        request_id: str,
+        emit: Callable[[TokenEvent], None],
+        timeout_s: float,
+    ) -> Sequence:
+        prepared = prompt.prepared
+        now = time.monotonic()
+        runner = self.runner
+        return Sequence(
+            request_id=request_id,
+            token_ids=list(prepared.token_ids),
+            num_prompt_tokens=prepared.num_tokens,
+            params=params,
+            emit=emit,
+            deadline=now + timeout_s,
+            arrival_time=now,
+            prompt=prompt,
+            image_spans=tuple(image.span for image in prepared.images),
+            cache_salt=prepared.cache_salt,
+            detok=IncrementalDetokenizer(runner.tokenizer, params.stop),
+            sampler=SamplerState(
+                params, prepared.token_ids, runner.vocab_size, runner.device.torch_device
+            ),
+        )
+
+    # -- the loop -----------------------------------------------------------------------------
+    def run(self, stopped: Callable[[], bool]) -> None:
+        while True:
+            with self.lock:
+                while not stopped() and not self.scheduler.has_work():
+                    self.lock.wait()
+                if stopped():
+                    return
+                self._drop_cancelled()
+                plan = self.scheduler.schedule()
+            if plan.seqs:
+                self.step(plan)
+
+    def step(self, plan: StepPlan[Sequence]) -> None:
+        seqs = self._before_prefill(plan.seqs) if plan.is_prefill else plan.seqs
+        if not seqs:
+            return
+        try:
+            logits = self.runner.run(seqs, plan.is_prefill)
+            tokens = sample(logits, [seq.sampler for seq in seqs])
+        except Exception as exc:
+            self._fail(exc, seqs)
+            return
+        for seq in seqs:
+            self.blocks.commit(seq, seq.num_tokens)
+        if self.hooks.on_step is not None:
+            self.hooks.on_step(len(seqs), plan.is_prefill)
+        for seq, token in zip(seqs, tokens, strict=True):
+            self._on_token(seq, token)
+
+    def warm_up(self) -> None:
+        """Two short generations (one with an image) through the real path, so the first user
+        does not pay for it; the caches are emptied afterwards."""
+        from PIL import Image
+
+        image = Image.new("RGB", (64, 64), (127, 127, 127))
+        prompts = [
+            ChatPrompt([{"role": "user", "content": [{"type": "image", "image": image}]}]),
+            ChatPrompt([{"role": "user", "content": [{"type": "text", "text": "warm up"}]}]),
+        ]
+        encoded = self.runner.encode([self.runner.preprocess(p) for p in prompts])
+        params = SamplingParams(max_tokens=2, temperature=0.0)
+        seqs = [
+            self.new_sequence(e, params, f"warm-up-{i}", lambda ev: None, 600.0)
+            for i, e in enumerate(encoded)
+        ]
+        for seq in seqs:
+            self.scheduler.add(seq)
+        while self.scheduler.has_work():
+            plan = self.scheduler.schedule()
+            if not plan.seqs:
+                raise EngineError("the KV cache is too small for the warm-up requests")
+            self.step(plan)
+        if any(seq.num_output_tokens == 0 for seq in seqs):
+            raise EngineError("the warm-up generation failed")
+        self.blocks.reset_prefix_cache()
+
+    # -- per-token bookkeeping ------------------------------------------------------------------
+    def _before_prefill(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Stamp first schedules and run the test hook one request at a time, so a request it
+        fails never takes its prefill batch-mates down with it."""
+        now = time.monotonic()
+        kept = []
+        for seq in seqs:
+            if seq.scheduled_time is None:
+                seq.scheduled_time = now
+                seq.num_prefix_hit_tokens = min(seq.num_cached_tokens, seq.num_prompt_tokens)
+            try:
+                if self.hooks.before_prefill is not None:
+                    self.hooks.before_prefill(seq.request_id)
+            except Exception as exc:
+                self._fail(exc, [seq])
+                continue
+            kept.append(seq)
+        return kept
+
+    def _on_token(self, seq: Sequence, token: int) -> None:
+        if seq.detok is None:
+            raise EngineError(f"request {seq.request_id} has no detokenizer")
+        params = seq.params
+        seq.token_ids.append(token)
+        finish: FinishReason | None = None
+        text = ""
+        if token in params.stop_token_ids or (
+            not params.ignore_eos and token in self.runner.eos_token_ids
+        ):
+            finish = FinishReason.STOP
+        else:
+            text = seq.detok.add(token)
+            if seq.detok.stopped:
+                finish = FinishReason.STOP
+        if finish is None and (
+            seq.num_output_tokens >= seq.max_tokens or seq.num_tokens >= self.runner.max_model_len
+        ):
+            finish = FinishReason.LENGTH
+        if finish is not None:
+            text += seq.detok.flush()
+        seq.emit(seq.event(text, (token,), finish))
+        if finish is not None:
+            self._finish(seq, finish, emit=False)
+
+    def _drop_cancelled(self) -> None:
+        """Under the lock: remove aborted and expired requests before the next step."""
+        now = time.monotonic()
+        for seq in self.scheduler:
+            if seq.aborted:
+                self._finish(seq, FinishReason.ABORT)
+            elif now > seq.deadline:
+                self._finish(
+                    seq,
+                    FinishReason.ERROR,
+                    RequestTimeoutError(
+                        f"request exceeded the server's {self.config.request_timeout_s:g} s timeout"
+                    ),
+                )
+
+    def _fail(self, exc: Exception, seqs: list[Sequence]) -> None:
+        if is_out_of_memory(exc):
+            log.error("out of memory in a step of %d request(s); failing them only", len(seqs))
+            empty_cache(self.runner.device)
+            error: VLServeError = EngineError("the device ran out of memory for this request")
+        else:
+            log.exception("engine step failed for %d request(s)", len(seqs))
+            error = EngineError("generation failed inside the engine")
+        for seq in seqs:
+            self._finish(seq, FinishReason.ERROR, error)
+
+    def fail_all(self) -> None:
+        """The thread is dying: everyone admitted or waiting gets an answer first."""
+        for seq in self.scheduler:
+            self._finish(seq, FinishReason.ERROR, EngineError("the engine failed"))
+
+    def _finish(
+        self,
+        seq: Sequence,
+        reason: FinishReason,
+        error: VLServeError | None = None,
+        *,
+        emit: bool = True,
+    ) -> None:
+        if seq.done:
+            return
+        with self.lock:
+            self.scheduler.finish(seq)
+        if emit:
+            seq.emit(seq.event("", (), reason, error))
