@@ -16,24 +16,35 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def tight_server(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     srv = start_server(
-        tiny_model_path, tmp_path_factory.mktemp("tight"),
-        "--max-num-seqs", "1", "--max-queue", "1", "--request-timeout", "20",
+        tiny_model_path,
+        tmp_path_factory.mktemp("tight"),
+        "--max-num-seqs",
+        "1",
+        "--max-queue",
+        "1",
+        "--request-timeout",
+        "20",
     )
     yield srv
     stop_server(srv)
 
 
 def _body(server: ServerProcess, max_tokens: int) -> dict:
-    return {"model": server.model, "messages": [{"role": "user", "content": "count"}],
-            "max_tokens": max_tokens, "ignore_eos": True}
+    return {
+        "model": server.model,
+        "messages": [{"role": "user", "content": "count"}],
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+    }
 
 
 def test_full_queue_answers_429_with_retry_after(tight_server: ServerProcess) -> None:
     async def main() -> list[httpx.Response]:
         async with httpx.AsyncClient(base_url=tight_server.base_url, timeout=60) as client:
             # one running, one waiting, the rest over the limit
-            tasks = [client.post("/v1/chat/completions", json=_body(tight_server, 24))
-                     for _ in range(5)]
+            tasks = [
+                client.post("/v1/chat/completions", json=_body(tight_server, 24)) for _ in range(5)
+            ]
             return await asyncio.gather(*tasks)
 
     responses = asyncio.run(main())
@@ -44,18 +55,21 @@ def test_full_queue_answers_429_with_retry_after(tight_server: ServerProcess) ->
     for r in rejected:
         assert int(r.headers["retry-after"]) >= 1
         assert r.json()["error"]["type"] == "rate_limit_error"
-    ok = httpx.post(tight_server.base_url + "/v1/chat/completions",
-                    json=_body(tight_server, 2), timeout=60)
+    ok = httpx.post(
+        tight_server.base_url + "/v1/chat/completions", json=_body(tight_server, 2), timeout=60
+    )
     assert ok.status_code == 200
 
 
 def test_request_timeout_gives_504_and_frees_the_slot(tight_server: ServerProcess) -> None:
-    r = httpx.post(tight_server.base_url + "/v1/chat/completions",
-                   json=_body(tight_server, 50_000), timeout=60)
+    r = httpx.post(
+        tight_server.base_url + "/v1/chat/completions", json=_body(tight_server, 50_000), timeout=60
+    )
     assert r.status_code == 504, r.text
     assert r.json()["error"]["code"] == "request_timeout"
     health = httpx.get(tight_server.base_url + "/health").json()
     assert health["running"] == 0 and health["waiting"] == 0
-    ok = httpx.post(tight_server.base_url + "/v1/chat/completions",
-                    json=_body(tight_server, 2), timeout=60)
+    ok = httpx.post(
+        tight_server.base_url + "/v1/chat/completions", json=_body(tight_server, 2), timeout=60
+    )
     assert ok.status_code == 200

@@ -14,7 +14,8 @@ from PIL import Image
 
 from vlserve.engine.device import DeviceInfo, bind_thread
 from vlserve.engine.engine import AsyncEngine, EngineConfig
-from vlserve.engine.request import GenerationRequest, SamplingParams
+from vlserve.engine.prompt import ChatPrompt
+from vlserve.engine.request import SamplingParams
 from vlserve.errors import EngineError
 
 pytestmark = pytest.mark.integration
@@ -77,55 +78,74 @@ def _run(engine: AsyncEngine, scenario: Callable[[], Awaitable[Any]]) -> Any:
         engine.shutdown()
 
 
+GREEDY5 = SamplingParams(max_tokens=5, ignore_eos=True, temperature=0)
+
+
+async def _tokens(engine: AsyncEngine, request_id: str, salt: str | None = None) -> list[int]:
+    stream = await engine.generate(ChatPrompt(MESSAGES, cache_salt=salt), GREEDY5, request_id)
+    return [t async for event in stream for t in event.token_ids]
+
+
 def test_a_failed_encode_fails_only_its_request(tiny_model_path: Path) -> None:
     engine = AsyncEngine(EngineConfig(str(tiny_model_path)), DeviceInfo("cpu", torch.float32))
 
-    async def scenario() -> tuple[dict, list[int], int]:
+    async def scenario() -> list[int]:
         runner = engine.runner
         assert runner is not None
         real = runner.encode
         failures = [RuntimeError("CUDA out of memory. Tried to allocate 2 GiB"), KeyError("x")]
 
-        def flaky(prompts: list[dict]) -> list[dict]:
+        def flaky(prompts: list[Any], **kw: Any) -> list[Any]:
             if failures:
                 raise failures.pop(0)
-            return real(prompts)
+            return real(prompts, **kw)
 
         runner.encode = flaky  # type: ignore[method-assign]
-        inputs = await engine.prepare(MESSAGES)
         with pytest.raises(EngineError, match="ran out of memory"):
-            await engine.encode(inputs)
+            await _tokens(engine, "oom")
         with pytest.raises(EngineError, match="encoding the images failed"):
-            await engine.encode(inputs)
-        ids = inputs["input_ids"][0].tolist()
-        encoded = await engine.encode(inputs)
-        request = GenerationRequest(
-            "ok", encoded, ids, SamplingParams(max_tokens=5, ignore_eos=True, temperature=0)
-        )
-        tokens = [t async for event in engine.submit(request) for t in event.token_ids]
-        return encoded, tokens, ids.count(IMAGE_PAD)
+            await _tokens(engine, "broken")
+        return await _tokens(engine, "ok")
 
-    encoded, tokens, image_tokens = _run(engine, scenario)
-    assert "pixel_values" not in encoded
-    assert encoded["image_embeds"].shape[0] == image_tokens
-    assert len(encoded["deepstack"]) == 2  # the tiny model's deepstack_visual_indexes
+    tokens = _run(engine, scenario)
     assert len(tokens) == 5
+    assert engine.num_running == 0 and engine.num_waiting == 0
 
-    # --no-encoder-thread: encode() hands the inputs back and the prefill encodes them, same tokens
+    # --no-encoder-thread: the prefill computes the image features, same tokens
     inline = AsyncEngine(
         EngineConfig(str(tiny_model_path), encoder_thread=False), DeviceInfo("cpu", torch.float32)
     )
+    assert _run(inline, lambda: _tokens(inline, "inline")) == tokens
 
-    async def without_thread() -> tuple[bool, list[int]]:
-        inputs = await inline.prepare(MESSAGES)
-        ids = inputs["input_ids"][0].tolist()
-        same = await inline.encode(inputs)
-        request = GenerationRequest(
-            "inline", same, ids, SamplingParams(max_tokens=5, ignore_eos=True, temperature=0)
+
+def test_encoder_cache_runs_the_vision_tower_once_per_image(tiny_model_path: Path) -> None:
+    """The two identical images of MESSAGES and every later request reuse one encoding; a cache
+    of 0 bytes encodes every time. Different salts skip the prefix cache, not the encoder cache."""
+    counts: dict[str, int] = {}
+
+    def engine_with(name: str, mb: int) -> AsyncEngine:
+        engine = AsyncEngine(
+            EngineConfig(str(tiny_model_path), encoder_cache_mb=mb),
+            DeviceInfo("cpu", torch.float32),
         )
-        return same is inputs, [
-            t async for event in inline.submit(request) for t in event.token_ids
-        ]
 
-    handed_back, inline_tokens = _run(inline, without_thread)
-    assert handed_back and inline_tokens == tokens
+        async def scenario() -> list[list[int]]:
+            runner = engine.runner
+            assert runner is not None
+            real = runner._vision
+            counts[name] = 0
+
+            def counting(images: list[Any]) -> Any:
+                counts[name] += len(images)
+                return real(images)
+
+            runner._vision = counting  # type: ignore[method-assign]
+            return [await _tokens(engine, f"r{i}", salt=f"s{i}") for i in range(3)]
+
+        results = _run(engine, scenario)
+        assert results[0] == results[1] == results[2]
+        return engine
+
+    engine_with("cached", 64)
+    engine_with("off", 0)
+    assert counts == {"cached": 1, "off": 3}  # an image repeated in one request: once

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from vlserve.engine.device import DeviceInfo
-from vlserve.engine.engine import AsyncEngine, EngineConfig
-from vlserve.engine.request import GenerationRequest, SamplingParams
+from vlserve.engine.engine import AsyncEngine, EngineConfig, EngineHooks
+from vlserve.engine.prompt import ChatPrompt
+from vlserve.engine.request import SamplingParams
 from vlserve.engine.scheduler import SchedulerConfig
 
 pytestmark = pytest.mark.integration
@@ -54,10 +55,10 @@ def _image(rng: random.Random, size: tuple[int, int]):  # type: ignore[no-untype
     return image
 
 
-def _messages(rng: random.Random) -> list[dict]:
+def _messages(rng: random.Random, min_images: int = 0) -> list[dict]:
     text = " ".join(rng.choice(WORDS) for _ in range(rng.randrange(1, 60)))
     parts: list[dict] = [{"type": "text", "text": text}]
-    for _ in range(rng.choice([0, 0, 1, 1, 2])):
+    for _ in range(max(min_images, rng.choice([0, 0, 1, 1, 2]))):
         parts.insert(
             rng.randrange(len(parts) + 1),
             {"type": "image", "image": _image(rng, rng.choice(SIZES))},
@@ -68,51 +69,104 @@ def _messages(rng: random.Random) -> list[dict]:
     return messages
 
 
-async def _drive(engine: AsyncEngine, rng: random.Random, count: int):  # type: ignore[no-untyped-def]
-    plans = []
-    for i in range(count):
-        plans.append(
-            {
-                "messages": _messages(rng),
-                "max_tokens": rng.randrange(3, 28),
-                "delay_s": 0.0 if rng.random() < 0.4 else rng.random() * 0.8,  # bursts and trickles
-                "cancel_after": rng.randrange(1, 4) if rng.random() < 0.2 else None,
-                "encode_ahead": rng.random() < 0.7,  # as the server does; else the prefill encodes
-                "id": f"r{i}",
-            }
-        )
+def _follow_up(rng: random.Random, messages: list[dict]) -> list[dict]:
+    """The next turn of a conversation: the same history (same images), an answer, a question."""
+    answer = " ".join(rng.choice(WORDS) for _ in range(rng.randrange(1, 12)))
+    question = " ".join(rng.choice(WORDS) for _ in range(rng.randrange(1, 12)))
+    return [
+        *messages,
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        {"role": "user", "content": [{"type": "text", "text": question}]},
+    ]
 
-    async def one(plan: dict) -> tuple[dict, dict, list[int], bool]:
+
+def _swap_images(rng: random.Random, messages: list[dict]) -> list[dict]:
+    """Identical text, different image content of the same sizes: must never hit the cache."""
+    out = []
+    for message in messages:
+        parts = [
+            {"type": "image", "image": _image(rng, part["image"].size)}
+            if part["type"] == "image"
+            else part
+            for part in message["content"]
+        ]
+        out.append({**message, "content": parts})
+    return out
+
+
+def _plans(rng: random.Random, count: int) -> list[dict]:
+    """Fresh requests, then requests that reuse an earlier one's prefix: its follow-up turn, its
+    exact prompt (the same image in a new conversation) or its text with other images. Each of
+    these waits for its source to finish, so the source's blocks are in the prefix cache."""
+    plans: list[dict] = []
+    for i in range(count):
+        kind = "fresh" if i < 4 or rng.random() < 0.4 else rng.choice(["follow", "same", "swap"])
+        kind = "follow" if i == 4 else kind  # at least one follow-up of an image conversation
+        plan = {
+            "id": f"r{i}",
+            "kind": kind,
+            "max_tokens": rng.randrange(3, 28),
+            "delay_s": 0.0 if rng.random() < 0.4 else rng.random() * 0.8,  # bursts and trickles
+            "cancel_after": rng.randrange(1, 4) if rng.random() < 0.2 else None,
+            "after": None,
+        }
+        if kind == "fresh":
+            plan["messages"] = _messages(rng, min_images=1 if i == 0 else 0)
+        else:
+            source = plans[0] if i == 4 else rng.choice([p for p in plans if p["kind"] == "fresh"])
+            plan["after"] = source["id"]
+            plan["messages"] = {
+                "follow": _follow_up,
+                "same": lambda _rng, m: m,
+                "swap": _swap_images,
+            }[kind](rng, source["messages"])
+        plans.append(plan)
+    return plans
+
+
+async def _drive(engine: AsyncEngine, plans: list[dict]):  # type: ignore[no-untyped-def]
+    done = {p["id"]: asyncio.Event() for p in plans}
+
+    async def one(plan: dict) -> tuple[dict, list[int], bool, int]:
+        if plan["after"] is not None:
+            await done[plan["after"]].wait()
         await asyncio.sleep(plan["delay_s"])
-        inputs = await engine.prepare(plan["messages"])
-        reference_inputs = dict(inputs)
-        if plan["encode_ahead"]:
-            inputs = await engine.encode(inputs)
-        req = GenerationRequest(
-            plan["id"],
-            inputs,
-            inputs["input_ids"][0].tolist(),
-            SamplingParams(max_tokens=plan["max_tokens"], temperature=0),
-        )
+        params = SamplingParams(max_tokens=plan["max_tokens"], temperature=0)
         tokens: list[int] = []
-        stream = engine.submit(req)
+        cached = 0
         cancelled = False
-        async for event in stream:
-            assert event.error is None, event.error
-            tokens.extend(event.token_ids)
-            if plan["cancel_after"] is not None and len(tokens) >= plan["cancel_after"]:
-                await stream.aclose()
-                cancelled = not event.finished
-                break
-        return plan, reference_inputs, tokens, cancelled
+        try:
+            stream = await engine.generate(ChatPrompt(plan["messages"]), params, plan["id"])
+            async for event in stream:
+                assert event.error is None, event.error
+                tokens.extend(event.token_ids)
+                cached = event.num_cached_tokens
+                if plan["cancel_after"] is not None and len(tokens) >= plan["cancel_after"]:
+                    await stream.aclose()
+                    cancelled = not event.finished
+                    break
+        finally:
+            done[plan["id"]].set()
+        return plan, tokens, cancelled, cached
 
     return await asyncio.gather(*(one(p) for p in plans))
 
 
-def test_batched_greedy_equals_generate(tiny_model_path: Path) -> None:
-    seed = int(os.environ.get("VLSERVE_TEST_SEED") or random.randrange(2**31))
-    print(f"VLSERVE_TEST_SEED={seed}")
+def _reference_inputs(runner, messages: list[dict]) -> tuple[dict, int]:  # type: ignore[no-untyped-def]
+    """generate()'s inputs for the same prompt, and where its first image starts."""
+    prepared = runner.preprocess(ChatPrompt(messages))
+    inputs = dict(prepared.rope_inputs)
+    if prepared.images:
+        inputs["pixel_values"] = torch.cat([image.pixel_values for image in prepared.images])
+    first_image = min((i.span.start for i in prepared.images), default=prepared.num_tokens)
+    return inputs, first_image
+
+
+def _run_exactness(
+    tiny_model_path: Path, seed: int, plans: list[dict] | None = None, **config: object
+) -> dict:
     rng = random.Random(seed)
+    steps = {"prefill": [], "decode": []}  # type: ignore[var-annotated]
     engine = AsyncEngine(
         EngineConfig(
             str(tiny_model_path),
@@ -120,25 +174,35 @@ def test_batched_greedy_equals_generate(tiny_model_path: Path) -> None:
             # as on an accelerator, requests waiting for the encoder share its forward (on CPU the
             # server encodes one at a time: the same computation as generate's)
             encoder_batch_patches=32_768,
+            **config,  # type: ignore[arg-type]
         ),
         DeviceInfo("cpu", torch.float32),
+        hooks=EngineHooks(
+            on_step=lambda rows, prefill: steps["prefill" if prefill else "decode"].append(rows)
+        ),
     )
     engine.start()
+    plans = plans or _plans(rng, 14)
 
     async def main():  # type: ignore[no-untyped-def]
         await engine.wait_ready()
-        return await _drive(engine, rng, count=10)
+        return await _drive(engine, plans)
 
     try:
         results = asyncio.run(main())
-        model = engine.runner.model  # type: ignore[union-attr]
-        eos = sorted(engine.runner.eos_token_ids)  # type: ignore[union-attr]
+        runner = engine.runner
+        assert runner is not None
+        eos = sorted(runner.eos_token_ids)
+        preemptions = engine.loop.scheduler.num_preemptions  # type: ignore[union-attr]
     finally:
         engine.shutdown()
     assert engine.num_running == 0 and engine.num_waiting == 0
-    for plan, inputs, tokens, cancelled in results:
+    lengths = {}
+    for plan, tokens, cancelled, cached in results:
+        inputs, first_image = _reference_inputs(runner, plan["messages"])
+        lengths[plan["id"]] = inputs["input_ids"].shape[1]
         with torch.inference_mode():
-            out = model.generate(
+            out = runner.model.generate(
                 **inputs,
                 max_new_tokens=plan["max_tokens"],
                 do_sample=False,
@@ -149,8 +213,53 @@ def test_batched_greedy_equals_generate(tiny_model_path: Path) -> None:
                 temperature=None,
             )
         expected = out[0, inputs["input_ids"].shape[1] :].tolist()
-        where = f"seed {seed}, request {plan['id']} ({'cancelled' if cancelled else 'complete'})"
+        where = f"seed {seed}, {plan['kind']} request {plan['id']} ({cached} cached tokens)"
         if cancelled:
             assert tokens == expected[: len(tokens)], where
         else:
             assert tokens == expected, where
+        if plan["kind"] == "swap":  # a different image behind identical text never hits past it
+            assert cached <= first_image, where
+        plan["cached"] = cached
+    block = engine.config.block_size
+    for plan in plans:  # a finished prompt's full blocks are found again (no eviction here)
+        if plan["kind"] == "follow" and not config:
+            source = lengths[plan["after"]]
+            assert plan["cached"] >= source // block * block, plan
+        if plan["kind"] == "same" and not config:
+            assert plan["cached"] == (lengths[plan["id"]] - 1) // block * block, plan
+    return {"steps": steps, "preemptions": preemptions, "plans": plans}
+
+
+def test_batched_greedy_equals_generate(tiny_model_path: Path) -> None:
+    seed = int(os.environ.get("VLSERVE_TEST_SEED") or random.randrange(2**31))
+    print(f"VLSERVE_TEST_SEED={seed}")
+    out = _run_exactness(tiny_model_path, seed)
+    steps = out["steps"]
+    # batching really happened: several rows per decode step and per prefill
+    assert max(steps["decode"]) > 1 and max(steps["prefill"]) > 1, steps
+    assert any(p["cached"] > 0 for p in out["plans"]), out["plans"]
+
+
+def test_exact_under_memory_pressure_with_preemption(tiny_model_path: Path) -> None:
+    """A KV cache of a few hundred tokens: cached blocks are evicted and the newest rows are
+    preempted and recomputed, and every request still gets generate()'s tokens."""
+    seed = int(os.environ.get("VLSERVE_TEST_SEED") or random.randrange(2**31))
+    print(f"VLSERVE_TEST_SEED={seed}")
+    rng = random.Random(seed)
+    plans = []
+    for i in range(6):  # about 80-100 prompt tokens each, all at once, growing by 40 tokens
+        text = " ".join(rng.choice(WORDS) for _ in range(60))
+        plans.append(
+            {
+                "id": f"p{i}",
+                "kind": "fresh",
+                "messages": [{"role": "user", "content": [{"type": "text", "text": text}]}],
+                "max_tokens": 40,
+                "delay_s": 0.0,
+                "cancel_after": None,
+                "after": None,
+            }
+        )
+    out = _run_exactness(tiny_model_path, seed, plans, kv_cache_tokens=384)
+    assert out["preemptions"] > 0

@@ -134,8 +134,7 @@ class EngineLoop:
             self.new_sequence(e, params, f"warm-up-{i}", lambda ev: None, 600.0)
             for i, e in enumerate(encoded)
         ]
-        for seq in seqs:
-            self.scheduler.add(seq)
+        self.scheduler.waiting.extend(seqs)  # past the queue limit: nobody else is waiting yet
         while self.scheduler.has_work():
             plan = self.scheduler.schedule()
             if not plan.seqs:

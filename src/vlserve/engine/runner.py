@@ -66,7 +66,7 @@ class ModelRunner:
         self.preprocess = Preprocessor(
             processor, int(self.model.config.image_token_id), int(visual.spatial_merge_size)
         )
-        self.encoder_cache = encoder_cache or EncoderCache(0)
+        self.encoder_cache = encoder_cache if encoder_cache is not None else EncoderCache(0)
         self.pool: KVPool | None = None
 
     # -- KV cache ------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -140,7 +140,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _random_state_dict(config_dir: Path, *, tied: bool, seed: int) -> dict[str, Any]:
+def random_state_dict(config_dir: Path, *, tied: bool, seed: int) -> dict[str, Any]:
     """Fresh weights for every parameter, drawn in name order from one seeded generator."""
     import torch
     from transformers import AutoConfig, Qwen3VLForConditionalGeneration
@@ -183,7 +183,7 @@ def _visible_text_head(gen: Any) -> Any:
     return head
 
 
-def _save_weights(state: dict[str, Any], path: Path, dtype: str) -> None:
+def save_weights(state: dict[str, Any], path: Path, dtype: str) -> None:
     import torch
     from safetensors.torch import save_file
 
@@ -191,6 +191,17 @@ def _save_weights(state: dict[str, Any], path: Path, dtype: str) -> None:
     tensors = {k: v.to(torch_dtype).contiguous() for k, v in sorted(state.items())}
     save_file(tensors, str(path), metadata={"format": "pt"})
     path.chmod(0o644)
+
+
+def write_model_files(out_dir: Path, *, tied: bool = False, dtype: str = "bfloat16") -> None:
+    """Write every file of a tiny checkpoint except its weights (``model.safetensors``)."""
+    _write_json(out_dir / "config.json", tiny_config(tied=tied, dtype=dtype))
+    _write_json(out_dir / "generation_config.json", generation_config())
+    for name, data in processor_configs().items():
+        _write_json(out_dir / name, data)
+    # Both 4.57 and 5.x processors and tokenizers read the template from this file.
+    (out_dir / "chat_template.jinja").write_text(chat_template(), encoding="utf-8")
+    write_tokenizer_files(out_dir, build_tokenizer_json())
 
 
 def build_tiny_model(
@@ -205,15 +216,9 @@ def build_tiny_model(
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(out_dir / "config.json", tiny_config(tied=tied, dtype=dtype))
-    _write_json(out_dir / "generation_config.json", generation_config())
-    for name, data in processor_configs().items():
-        _write_json(out_dir / name, data)
-    # Both 4.57 and 5.x processors and tokenizers read the template from this file.
-    (out_dir / "chat_template.jinja").write_text(chat_template(), encoding="utf-8")
-    write_tokenizer_files(out_dir, build_tokenizer_json())
-    state = _random_state_dict(out_dir, tied=tied, seed=seed)
-    _save_weights(state, out_dir / "model.safetensors", dtype)
+    write_model_files(out_dir, tied=tied, dtype=dtype)
+    state = random_state_dict(out_dir, tied=tied, seed=seed)
+    save_weights(state, out_dir / "model.safetensors", dtype)
     return out_dir
 
 
@@ -256,10 +261,14 @@ def _file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def ensure_tiny_model(*, tied: bool = False, cache_dir: Path | None = None) -> Path:
-    """Path of a cached tiny checkpoint, built on first use (safe across parallel processes)."""
+def cached_build(name: str, build: Callable[[Path], object], cache_dir: Path | None = None) -> Path:
+    """``cache_dir/name``, made on first use by ``build(tmp)`` and an atomic rename.
+
+    Safe across parallel processes: builds run under a file lock, and temp folders left by a
+    builder that died are removed by the next build.
+    """
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    final = root / cache_key(tied=tied)
+    final = root / name
     if final.is_dir():  # only ever created by an atomic rename of a finished build
         return final
     root.mkdir(parents=True, exist_ok=True)
@@ -271,10 +280,17 @@ def ensure_tiny_model(*, tied: bool = False, cache_dir: Path | None = None) -> P
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
         try:
-            build_tiny_model(tmp, tied=tied)
+            build(tmp)
             tmp.chmod(0o755)  # mkdtemp makes it 0700
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
     return final
+
+
+def ensure_tiny_model(*, tied: bool = False, cache_dir: Path | None = None) -> Path:
+    """Path of a cached tiny checkpoint, built on first use (safe across parallel processes)."""
+    return cached_build(
+        cache_key(tied=tied), lambda tmp: build_tiny_model(tmp, tied=tied), cache_dir
+    )
