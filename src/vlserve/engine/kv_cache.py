@@ -14,6 +14,7 @@ instead, from the same ``StepLayout``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -69,7 +70,8 @@ class StepLayout:
     kv_len: int
     write_slots: torch.Tensor  # (new tokens,) pool slots of the real new tokens, row-major
     write_index: torch.Tensor | None  # their indices in the flattened (rows * q_len); None: all
-    read_slots: torch.Tensor | None  # (rows * kv_len,) slots to gather; None: keys are the new ones
+    read_blocks: torch.Tensor | None  # (rows * kv_len / block,) blocks to gather; None: keys are
+    # the new ones (a prefill with nothing cached)
     mask: torch.Tensor  # (rows, 1, q_len, kv_len) bool: True where a query may attend
     last_index: torch.Tensor  # (rows,) the query index of each row's last real token
 
@@ -95,7 +97,7 @@ def build_layout(
     q_lens = ends - starts
     q_len = int(q_lens.max())
     fresh = bool((starts == 0).all())
-    kv_len = q_len if fresh else bucket(int(ends.max()), kv_bucket)
+    kv_len = q_len if fresh else bucket(int(ends.max()), math.lcm(kv_bucket, block_size))
     width = -(-max(kv_len, q_len) // block_size)
     table = torch.full((rows, width), NULL_BLOCK, dtype=torch.long)
     for b, span in enumerate(spans):
@@ -116,7 +118,7 @@ def build_layout(
         kv_len=kv_len,
         write_slots=write_slots.to(device),
         write_index=None if write_index is None else write_index.to(device),
-        read_slots=None if fresh else slots[:, :kv_len].reshape(-1).to(device),
+        read_blocks=None if fresh else table[:, : kv_len // block_size].reshape(-1).to(device),
         mask=mask.unsqueeze(1).to(device),
         last_index=(q_lens - 1).to(device),
     )
@@ -147,11 +149,13 @@ class PagedCache(Cache):
             if lay.write_index is not None:
                 flat = flat.index_select(0, lay.write_index)
             pool_t.index_copy_(0, lay.write_slots, flat.to(pool_t.dtype))
-        if lay.read_slots is None:
+        if lay.read_blocks is None:
             return key_states, value_states
+        # whole blocks: few large copies (a slot-by-slot gather measured about twice as slow)
+        by_block = (self.pool.num_blocks, self.pool.block_size, heads, dim)
         shape = (lay.rows, lay.kv_len, heads, dim)
-        k = keys.index_select(0, lay.read_slots).view(shape).transpose(1, 2)
-        v = values.index_select(0, lay.read_slots).view(shape).transpose(1, 2)
+        k = keys.view(by_block).index_select(0, lay.read_blocks).view(shape).transpose(1, 2)
+        v = values.view(by_block).index_select(0, lay.read_blocks).view(shape).transpose(1, 2)
         return k, v
 
     def get_seq_length(self, layer_idx: int | None = 0, *args: Any, **kwargs: Any) -> int:

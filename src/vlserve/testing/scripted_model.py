@@ -24,12 +24,13 @@ assistant turn) does not matter.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -134,8 +135,8 @@ class _Plan:
         if dims > TEXT_HIDDEN or len(self.universe) > _HEAD_DIM * _NUM_KV_HEADS:
             raise ValueError(
                 f"script of {len(self.script)} tokens ({len(self.universe)} distinct with the "
-                f"prompt's end) does not fit the tiny model: it needs {dims} of {TEXT_HIDDEN} hidden "
-                f"dims; keep scripts to about {TEXT_HIDDEN - _VOTES - self.num_prev - 1} tokens"
+                f"prompt's end) does not fit the tiny model: it needs {dims} of {TEXT_HIDDEN} "
+                f"hidden dims; keep scripts to {TEXT_HIDDEN - _VOTES - self.num_prev - 1} tokens"
             )
         if self.num_prev > _NUM_HEADS // self.kv_groups:
             raise ValueError(
@@ -160,13 +161,13 @@ class _Plan:
                 return n
         for k, target in enumerate(self.targets):
             for k2 in range(k):
-                if self.context(k, MAX_PREVIOUS) == self.context(k2, MAX_PREVIOUS):
-                    if self.targets[k2] != target:
-                        raise ValueError(
-                            f"script positions {k2} and {k} follow the same "
-                            f"{MAX_PREVIOUS + 1} tokens but differ ({self.targets[k2]} vs "
-                            f"{target}); the tiny model looks back at most {MAX_PREVIOUS + 1} tokens"
-                        )
+                same = self.context(k, MAX_PREVIOUS) == self.context(k2, MAX_PREVIOUS)
+                if same and self.targets[k2] != target:
+                    raise ValueError(
+                        f"script positions {k2} and {k} follow the same {MAX_PREVIOUS + 1} "
+                        f"tokens but differ ({self.targets[k2]} vs {target}); the tiny model "
+                        f"looks back at most {MAX_PREVIOUS + 1} tokens"
+                    )
         raise AssertionError("unreachable")  # pragma: no cover
 
     def dim(self, k: int) -> int:
@@ -362,43 +363,70 @@ def verification_chats() -> list[list[dict[str, Any]]]:
     ]
 
 
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """transformers' weight-loading progress bar writes to stderr; a build prints nothing."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def verify_scripted_model(
-    model_dir: Path, script_ids: Sequence[int], *, dtype: str = "float32"
+    model_dir: Path,
+    script_ids: Sequence[int],
+    *,
+    compute_dtypes: Sequence[str] = ("float32", "bfloat16"),
 ) -> None:
     """Greedy ``generate`` on ``verification_chats()`` must give ``script + [EOS]`` exactly.
 
-    Raises ``RuntimeError`` naming the prompt and the tokens otherwise.
+    Checked with the weights loaded in each of ``compute_dtypes`` (float32: the CPU server;
+    bfloat16: accelerators). Raises ``RuntimeError`` naming the prompt and the tokens otherwise.
     """
     import torch
-    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+    from transformers import AutoProcessor, GenerationConfig, Qwen3VLForConditionalGeneration
 
     expected = [*script_ids, EOS_ID]
-    model = Qwen3VLForConditionalGeneration.from_pretrained(model_dir, dtype=getattr(torch, dtype))
-    model.eval()
+    greedy = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=len(expected) + 2,
+        eos_token_id=EOS_ID,
+        pad_token_id=_IDS["<|endoftext|>"],
+    )
     processor = AutoProcessor.from_pretrained(model_dir)
-    for index, chat in enumerate(verification_chats()):
-        inputs = processor.apply_chat_template(
+    prompts = [
+        processor.apply_chat_template(
             chat, tokenize=True, return_dict=True, return_tensors="pt", add_generation_prompt=True
         )
-        prompt = inputs["input_ids"][0].tolist()
-        if tuple(prompt[-len(ANSWER_PREFIX_IDS) :]) != ANSWER_PREFIX_IDS:
-            raise RuntimeError(
-                f"prompt {index} does not end with the generation prompt: {prompt[-8:]}"
+        for chat in verification_chats()
+    ]
+    for compute in compute_dtypes:
+        with _no_progress_bars():
+            model = Qwen3VLForConditionalGeneration.from_pretrained(
+                model_dir, dtype=getattr(torch, compute)
             )
-        with torch.inference_mode():
-            out = model.generate(
-                **inputs,
-                do_sample=False,
-                max_new_tokens=len(expected) + 2,
-                eos_token_id=EOS_ID,
-                pad_token_id=_IDS["<|endoftext|>"],
-            )
-        got = out[0, len(prompt) :].tolist()
-        if got != expected:
-            raise RuntimeError(
-                f"scripted model at {model_dir} failed verification on prompt {index} "
-                f"({len(prompt)} tokens): expected {expected}, got {got}"
-            )
+        model.eval()
+        # Ours, not the released sampling defaults (which would also draw a warning per call).
+        model.generation_config = greedy
+        for index, inputs in enumerate(prompts):
+            prompt = inputs["input_ids"][0].tolist()
+            if tuple(prompt[-len(ANSWER_PREFIX_IDS) :]) != ANSWER_PREFIX_IDS:
+                raise RuntimeError(
+                    f"prompt {index} does not end with the generation prompt: {prompt[-8:]}"
+                )
+            with torch.inference_mode():
+                out = model.generate(**inputs)
+            got = out[0, len(prompt) :].tolist()
+            if got != expected:
+                raise RuntimeError(
+                    f"scripted model at {model_dir} failed verification ({compute}) on prompt "
+                    f"{index} ({len(prompt)} tokens): expected {expected}, got {got}"
+                )
 
 
 def build_scripted_model(
