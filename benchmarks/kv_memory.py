@@ -70,7 +70,7 @@ def memory_case() -> dict:
         hooks=EngineHooks(on_step=on_step),
     )
     engine.start()
-    words = "the quick brown fox jumps over a lazy dog".split()
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog"]
 
     async def one(i: int, n_words: int) -> None:
         text = " ".join(words[(i + k) % len(words)] for k in range(n_words)) + f" #{i}"
@@ -250,7 +250,9 @@ def main() -> None:
     for c in CONTEXTS:
         o, n = min(old[c]), min(new[c])
         verdict = f"(target <= 0.85)  {'PASS' if n / o <= 0.85 else 'FAIL'}" if c == 2048 else ""
-        print(f"  context {c:5d}: previous {o:6.1f}  v2 {n:6.1f}  v2/previous {n / o:.2f} {verdict}")
+        print(
+            f"  context {c:5d}: previous {o:6.1f}  v2 {n:6.1f}  v2/previous {n / o:.2f} {verdict}"
+        )
 
 
 if __name__ == "__main__":
