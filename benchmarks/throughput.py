@@ -4,8 +4,10 @@ Closed-loop load (`vlserve bench`, streaming) of requests that each carry a diff
 image, max_tokens 64 with ignore_eos, at several concurrencies, against:
   - the server with batching (--max-num-seqs 32),
   - the same server without batching (--max-num-seqs 1),
-  - the in-process ceiling: processor + `model.generate` on left-padded batches of the same size,
-    no HTTP.
+  - processor + `model.generate` on left-padded batches of the same size, one after the other,
+    in-process (not a ceiling: the engine overlaps what generate does in sequence),
+  - the same closed loop through `AsyncEngine.generate` in-process: served / in-process is the
+    cost of the HTTP, media and serving layers.
 Prints output tokens/s, requests/s, TTFT and end-to-end p50/p99, and the ratios against the
 targets of issue 3. Concurrency 8 runs twice on the batched server: with all users starting at
 once (they then stay in step, so every request arrives in a burst of 8) and with the users spread
@@ -197,6 +199,62 @@ def ceiling(model_path: Path, levels: list[int]) -> dict[int, float]:
     return {c: max(run(c) for _ in range(2)) for c in levels}
 
 
+def in_process(model_path: Path, levels: list[int], requests: int | None) -> dict[int, float]:
+    """Output tokens/s of the same closed loop through ``AsyncEngine.generate`` in this process:
+    no HTTP, no media decoding, no JSON; images built before timing."""
+    import asyncio
+
+    import torch
+    from PIL import Image
+
+    from vlserve.bench.synthetic import random_text
+    from vlserve.engine.device import DeviceInfo
+    from vlserve.engine.engine import AsyncEngine, EngineConfig
+    from vlserve.engine.prompt import ChatPrompt
+    from vlserve.engine.request import SamplingParams
+    from vlserve.engine.scheduler import SchedulerConfig
+
+    engine = AsyncEngine(
+        EngineConfig(str(model_path), SchedulerConfig(max_num_seqs=32)),
+        DeviceInfo("cpu", torch.float32),
+    )
+    engine.start()
+    rng = random.Random(1)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+
+    def prompt() -> ChatPrompt:
+        image = Image.frombytes("RGB", (448, 448), rng.randbytes(448 * 448 * 3))
+        text = random_text(INPUT_LEN, rng)
+        parts = [{"type": "image", "image": image}, {"type": "text", "text": text}]
+        return ChatPrompt([{"role": "user", "content": parts}])
+
+    async def level(c: int) -> float:
+        n = requests or max(16, 2 * c)
+        prompts = [prompt() for _ in range(n)]
+        tokens = 0
+
+        async def user(k: int) -> None:
+            nonlocal tokens
+            for i in range(k, n, c):
+                stream = await engine.generate(prompts[i], params, f"c{c}-{i}")
+                async for event in stream:
+                    tokens += len(event.token_ids)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(user(k) for k in range(c)))
+        return tokens / (time.perf_counter() - start)
+
+    async def main() -> dict[int, float]:
+        await engine.wait_ready()
+        await level(min(levels))  # warm up
+        return {c: await level(c) for c in levels}
+
+    try:
+        return asyncio.run(main())
+    finally:
+        engine.shutdown()
+
+
 def _row(label: str, c: int, s: dict) -> str:
     return (
         f"{label:<10} {c:>4} {s['output_token_throughput']:>10.1f} "
@@ -249,7 +307,13 @@ def main() -> int:
         unbatched = serve_and_bench(
             model_path, "unbatched", ["--max-num-seqs", "1", *extra], levels, args.requests, work
         )
-        _report(levels, batched, unbatched, ceiling(model_path, levels))
+        _report(
+            levels,
+            batched,
+            unbatched,
+            ceiling(model_path, levels),
+            in_process(model_path, levels, args.requests),
+        )
         if args.soak_s > 0:
             soak(model_path, args.soak_s, levels[-1], args.max_num_seqs, work)
     return 0
@@ -260,6 +324,7 @@ def _report(
     batched: dict[int | str, dict],
     unbatched: dict[int | str, dict],
     ceil: dict[int, float],
+    engine: dict[int, float],
 ) -> None:
     print(
         f"\nrequests: one {IMAGE} image + ~{INPUT_LEN} words, max_tokens {MAX_TOKENS}, "
@@ -275,7 +340,11 @@ def _report(
     if "ramped" in batched:
         print(_row("ramped", 8, batched["ramped"]) + "   (users spread over one cycle)")
     for c in levels:
-        print(f"{'ceiling':<10} {c:>4} {ceil[c]:>10.1f}   (in-process generate, no HTTP)")
+        print(
+            f"{'generate':<10} {c:>4} {ceil[c]:>10.1f}   (processor + generate, one after the other)"
+        )
+    for c in levels:
+        print(f"{'engine':<10} {c:>4} {engine[c]:>10.1f}   (AsyncEngine in-process, no HTTP/media)")
     top, low = levels[-1], levels[0]
     tok = batched[top]["output_token_throughput"]
     print("\nratios:")
@@ -286,7 +355,11 @@ def _report(
             4.0,
         )
     )
-    print(_verdict(f"c={top}: batched / in-process ceiling", tok / ceil[top], 0.70))
+    print(_verdict(f"c={top}: batched / in-process generate", tok / ceil[top], 0.70))
+    print(_verdict(f"c={top}: served / in-process engine", tok / engine[top], 0.90))
+    if low == 1:
+        single = batched[1]["output_token_throughput"] / ceil[1]
+        print(_verdict("c=1: served / in-process generate (batch 1)", single, 1.0))
     if "ramped" in batched and low != 8:
         base = batched[low]["ttft_ms"]["median"]
         ramped = batched["ramped"]["ttft_ms"]["median"] / base

@@ -125,3 +125,72 @@ def test_ordinary_prompts_are_unchanged(runner, messages: list[dict]) -> None:  
         messages, tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt"
     )
     assert _ids(runner, messages) == reference["input_ids"][0].tolist()
+
+
+def _picture(size: tuple[int, int], seed: int):  # type: ignore[no-untyped-def]
+    import random
+
+    from PIL import Image
+
+    rng = random.Random(seed)
+    return Image.frombytes("RGB", size, rng.randbytes(size[0] * size[1] * 3))
+
+
+def test_image_prompts_match_the_processor_exactly(runner) -> None:  # type: ignore[no-untyped-def]
+    """The step-by-step preprocessing (with its image cache) gives what the processor gives."""
+    import torch
+
+    messages = [
+        {"role": "system", "content": [_text("Be brief.")]},
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": _picture((448, 448), 1)},
+                _text("and"),
+                {"type": "image", "image": _picture((320, 180), 2)},
+                _text("compare them"),
+            ],
+        },
+        {"role": "assistant", "content": [_text("done")]},
+        {"role": "user", "content": [{"type": "image", "image": _picture((64, 500), 3)}]},
+    ]
+    reference = runner.preprocess.processor.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=True, return_dict=True, return_tensors="pt"
+    )
+    for _ in range(2):  # cold, then every image from the cache
+        prepared = _prepare(runner, messages)
+        assert prepared.token_ids == reference["input_ids"][0].tolist()
+        pixels = torch.cat([i.pixel_values for i in prepared.images])
+        assert torch.equal(pixels, reference["pixel_values"])
+        assert torch.equal(prepared.rope_inputs["image_grid_thw"], reference["image_grid_thw"])
+        for key in ("attention_mask", "mm_token_type_ids"):
+            if key in reference:
+                assert torch.equal(prepared.rope_inputs[key], reference[key]), key
+            else:
+                assert key == "mm_token_type_ids" and key not in prepared.rope_inputs
+
+
+def test_seen_images_skip_the_image_processor(runner) -> None:  # type: ignore[no-untyped-def]
+    from vlserve.engine.encoder_cache import EncoderCache
+    from vlserve.engine.preprocess import Preprocessor
+
+    pre = runner.preprocess
+    cached = Preprocessor(pre.processor, pre._image_token_id, 2, EncoderCache(1 << 26))
+    calls = []
+    real = pre.processor.image_processor
+
+    class Counting:
+        def __call__(self, **kw):  # type: ignore[no-untyped-def]
+            calls.append(1)
+            return real(**kw)
+
+    cached.processor = type("P", (), {})()  # a processor whose image processor counts its calls
+    cached.processor.image_processor = Counting()
+    cached.processor.apply_chat_template = pre.processor.apply_chat_template
+    from vlserve.engine.prompt import ChatPrompt
+
+    image = {"type": "image", "image": _picture((448, 448), 7)}
+    first = cached(ChatPrompt(_user(image, _text("one"))))
+    second = cached(ChatPrompt(_user(_text("two"), image)))
+    assert len(calls) == 1
+    assert first.images[0].key == second.images[0].key

@@ -1,14 +1,22 @@
-"""Image content key → vision-tower outputs, shared across requests, LRU-bounded in bytes."""
+"""Image content key → vision-tower outputs (or processor outputs), shared across requests,
+LRU-bounded in bytes."""
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from typing import Generic, Protocol, TypeVar
 
-from vlserve.engine.prompt import ImageFeatures
+
+class Sized(Protocol):
+    @property
+    def nbytes(self) -> int: ...
 
 
-class EncoderCache:
+V = TypeVar("V", bound=Sized)
+
+
+class EncoderCache(Generic[V]):
     """Thread-safe: the encoder thread fills it, the inference thread may read it on recompute.
 
     A budget of 0 turns it off. An entry larger than the whole budget is never kept.
@@ -16,13 +24,13 @@ class EncoderCache:
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[bytes, ImageFeatures] = OrderedDict()
+        self._entries: OrderedDict[bytes, V] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
 
-    def get(self, key: bytes) -> ImageFeatures | None:
+    def get(self, key: bytes) -> V | None:
         with self._lock:
             features = self._entries.get(key)
             if features is None:
@@ -32,7 +40,7 @@ class EncoderCache:
             self.hits += 1
             return features
 
-    def put(self, key: bytes, features: ImageFeatures) -> None:
+    def put(self, key: bytes, features: V) -> None:
         size = features.nbytes
         if size > self.max_bytes:
             return

@@ -12,11 +12,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from vlserve.engine.client import EngineState, ModelInfo
-from vlserve.engine.device import DeviceInfo, bind_thread, empty_cache, is_out_of_memory
+from vlserve.engine.device import (
+    DeviceInfo,
+    bind_thread,
+    empty_cache,
+    is_out_of_memory,
+    share_cpu,
+)
 from vlserve.engine.encoder import Encoder
 from vlserve.engine.encoder_cache import EncoderCache
 from vlserve.engine.loop import EngineLoop
-from vlserve.engine.prompt import ChatPrompt, EncodedPrompt, PreparedPrompt
+from vlserve.engine.prompt import ChatPrompt, EncodedPrompt, ImageFeatures, PreparedPrompt
 from vlserve.engine.request import SamplingParams, TokenEvent
 from vlserve.engine.runner import ModelRunner
 from vlserve.engine.scheduler import SchedulerConfig
@@ -79,15 +85,20 @@ class AsyncEngine:
         self,
         config: EngineConfig,
         device: DeviceInfo,
-        runner_factory: Callable[[EncoderCache], ModelRunner] | None = None,
+        runner_factory: Callable[[EncoderCache[ImageFeatures]], ModelRunner] | None = None,
         hooks: EngineHooks | None = None,
     ) -> None:
         self.config = config
         self.device = device
         self.hooks = hooks or EngineHooks()
-        self.encoder_cache = EncoderCache(config.encoder_cache_mb * 1024 * 1024)
+        self.encoder_cache: EncoderCache[ImageFeatures] = EncoderCache(
+            config.encoder_cache_mb * 1024 * 1024
+        )
+        cache_bytes = config.encoder_cache_mb * 1024 * 1024
         self._runner_factory = runner_factory or (
-            lambda cache: ModelRunner(config.model_path, device, encoder_cache=cache)
+            lambda cache: ModelRunner(
+                config.model_path, device, encoder_cache=cache, image_cache_bytes=cache_bytes
+            )
         )
         self._state = EngineState.LOADING
         self.failure: BaseException | None = None
@@ -98,7 +109,7 @@ class AsyncEngine:
         self._prep = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vlserve-prep")
         self._encoder = (
             Encoder(
-                lambda prompts: self._loaded().encode(prompts),
+                self._encode_on_encoder_thread,
                 functools.partial(bind_thread, device, side=True),
                 _encoder_batch_patches(config, device),
                 patches=lambda p: sum(int(i.pixel_values.shape[0]) for i in p.images),
@@ -185,6 +196,10 @@ class AsyncEngine:
                 param="max_tokens",
             )
         return params
+
+    def _encode_on_encoder_thread(self, prompts: list[PreparedPrompt]) -> list[EncodedPrompt]:
+        share_cpu(self.device, busy=self.num_running > 0)
+        return self._loaded().encode(prompts)
 
     async def _encode(self, prepared: PreparedPrompt) -> EncodedPrompt:
         try:

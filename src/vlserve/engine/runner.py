@@ -37,7 +37,8 @@ class ModelRunner:
         model_path: str | Path,
         device: DeviceInfo,
         model: torch.nn.Module | None = None,
-        encoder_cache: EncoderCache | None = None,
+        encoder_cache: EncoderCache[ImageFeatures] | None = None,
+        image_cache_bytes: int = 0,
     ) -> None:
         """Load from ``model_path``; or, with ``model`` (already on the device), take only the
         processor, tokenizer and generation config from ``model_path`` (benchmarks build real-size
@@ -64,7 +65,10 @@ class ModelRunner:
         self._rope_params = set(inspect.signature(self.model.model.get_rope_index).parameters)
         visual = self.model.model.visual
         self.preprocess = Preprocessor(
-            processor, int(self.model.config.image_token_id), int(visual.spatial_merge_size)
+            processor,
+            int(self.model.config.image_token_id),
+            int(visual.spatial_merge_size),
+            EncoderCache(image_cache_bytes),
         )
         self.encoder_cache = encoder_cache if encoder_cache is not None else EncoderCache(0)
         self.pool: KVPool | None = None

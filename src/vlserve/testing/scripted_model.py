@@ -13,7 +13,7 @@ takes seconds and its behaviour follows from the construction (docs/TINY_MODEL.m
   tokens (shifted by ``δ``). Exactly at the true position all ``n + 1`` tokens agree.
 - Layer 1's MLP has one detector neuron per script position (fires when the vote is full) that
   writes a large value on that position; ``lm_head`` maps each position to its script token, and
-  every other vocabulary row is zero, so the script token wins the full 151,936-way argmax by ~60
+  every other vocabulary row is zero, so the script token wins the full 151,936-way argmax by ~64
   logits (sampling at temperature <= 1 gives the script too).
 
 The next token is therefore a function of the last ``n + 1`` tokens of the sequence, the
