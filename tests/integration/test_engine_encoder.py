@@ -32,11 +32,16 @@ def _in_thread(work: Callable[[], object]) -> object:
 
 
 def test_a_cpu_side_thread_takes_half_the_threads_and_only_for_itself() -> None:
+    from vlserve.engine.device import _CPU_THREADS, share_cpu
+
     before = torch.get_num_threads()
+    fresh = _in_thread(torch.get_num_threads)
     cpu = DeviceInfo("cpu", torch.float32)
-    assert _in_thread(lambda: (bind_thread(cpu), torch.get_num_threads())[1]) == before
+    assert _in_thread(lambda: (bind_thread(cpu), torch.get_num_threads())[1]) == fresh
     side = _in_thread(lambda: (bind_thread(cpu, side=True), torch.get_num_threads())[1])
-    assert side == max(1, before // 2)
+    assert side == max(1, _CPU_THREADS // 2)
+    idle = _in_thread(lambda: (share_cpu(cpu, busy=False), torch.get_num_threads())[1])
+    assert idle == _CPU_THREADS  # nothing decoding: the encoder takes every core
     assert torch.get_num_threads() == before
 
 
