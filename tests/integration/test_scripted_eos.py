@@ -1,0 +1,106 @@
+"""End of sequence, end to end: a checkpoint whose greedy answer is a known script then EOS.
+
+Random weights never emit EOS, so these are the only tests where a request ends by itself
+(``finish_reason: "stop"`` from the model), where the detokenizer's final flush matters, and
+where a prefix-cache hit must reproduce a known text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.conftest import ServerProcess, png_data_url, start_server, stop_server
+from vlserve.testing.scripted_model import (
+    DEFAULT_SCRIPT_IDS,
+    INCOMPLETE_UTF8_SCRIPT_IDS,
+    decode_script,
+    ensure_scripted_model,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def _serve(script: tuple[int, ...], workdir: Path) -> Iterator[ServerProcess]:
+    srv = start_server(ensure_scripted_model(script), workdir, "--dtype", "float32")
+    yield srv
+    stop_server(srv)
+
+
+@pytest.fixture(scope="module")
+def scripted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    yield from _serve(DEFAULT_SCRIPT_IDS, tmp_path_factory.mktemp("scripted"))
+
+
+@pytest.fixture(scope="module")
+def incomplete(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    yield from _serve(INCOMPLETE_UTF8_SCRIPT_IDS, tmp_path_factory.mktemp("utf8"))
+
+
+def _client(server: ServerProcess) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url + "/v1", api_key="x", max_retries=0, timeout=120)
+
+
+def _chat(server: ServerProcess, stream: bool, **extra: object) -> tuple[str, str | None, object]:
+    client = _client(server)
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": png_data_url(320, 240)}},
+                {"type": "text", "text": "What is the weather like in the picture?"},
+            ],
+        }
+    ]
+    kwargs = {"model": server.model, "messages": messages, "temperature": 0, **extra}
+    if not stream:
+        out = client.chat.completions.create(**kwargs)  # type: ignore[call-overload]
+        return out.choices[0].message.content, out.choices[0].finish_reason, out.usage
+    text, finish, usage = "", None, None
+    for chunk in client.chat.completions.create(
+        stream=True, stream_options={"include_usage": True}, **kwargs
+    ):  # type: ignore[call-overload]
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            finish = choice.finish_reason or finish
+    return text, finish, usage
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_model_ends_the_answer_with_eos(scripted: ServerProcess, stream: bool) -> None:
+    text, finish, usage = _chat(scripted, stream, max_tokens=200)
+    assert text == decode_script(DEFAULT_SCRIPT_IDS)
+    assert finish == "stop"
+    assert usage.completion_tokens == len(DEFAULT_SCRIPT_IDS) + 1  # type: ignore[attr-defined]
+
+
+def test_ignore_eos_and_max_tokens_still_end_with_length(scripted: ServerProcess) -> None:
+    _, finish, usage = _chat(
+        scripted, False, max_tokens=len(DEFAULT_SCRIPT_IDS) + 4, extra_body={"ignore_eos": True}
+    )
+    assert finish == "length" and usage.completion_tokens == len(DEFAULT_SCRIPT_IDS) + 4  # type: ignore[attr-defined]
+    text, finish, _ = _chat(scripted, False, max_tokens=5)
+    assert finish == "length" and text == decode_script(DEFAULT_SCRIPT_IDS[:5])
+
+
+def test_a_prefix_cache_hit_gives_the_same_answer(scripted: ServerProcess) -> None:
+    first = _chat(scripted, False, max_tokens=200)
+    second = _chat(scripted, False, max_tokens=200)
+    assert second[2].prompt_tokens_details.cached_tokens > 0  # type: ignore[attr-defined]
+    assert second[:2] == first[:2] == (decode_script(DEFAULT_SCRIPT_IDS), "stop")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_trailing_bytes_of_an_unfinished_character_are_flushed(
+    incomplete: ServerProcess, stream: bool
+) -> None:
+    """The answer ends with the first byte of a 4-byte character, then EOS: the tokenizer
+    decodes that to U+FFFD, and so must the response (dropping it loses what the model said)."""
+    text, finish, _ = _chat(incomplete, stream, max_tokens=50)
+    assert text == "ab\ufffd" == decode_script(INCOMPLETE_UTF8_SCRIPT_IDS)
+    assert finish == "stop"
