@@ -131,27 +131,32 @@ def decode_weight_bytes(model: torch.nn.Module) -> int:
 
 
 def step_time_batch1(runner, device: torch.device) -> float:  # type: ignore[no-untyped-def]
-    from vlserve.engine.runner import DecodeBatch
+    """One row decoding against the paged KV pool, as the engine's step runs it."""
+    from vlserve.engine.block_manager import BlockManager
+    from vlserve.engine.prompt import ChatPrompt
+    from vlserve.engine.sequence import Sequence
 
-    prompt = runner.prepare(
-        [
-            {
-                "role": "user",
-                "content": [{"type": "text", "text": "Describe the weather in one long sentence."}],
-            }
-        ]
-    )
-    result = runner.prefill([prompt])
-    batch = DecodeBatch(device)
-    batch.add(result)
-    token = [int(result.logits.argmax())]
+    text = {"type": "text", "text": "Describe the weather in one long sentence."}
+    prepared = runner.preprocess(ChatPrompt([{"role": "user", "content": [text]}]))
+    encoded = runner.encode([prepared])[0]
+    blocks = BlockManager(65, 16, prefix_caching=False)
+    runner.allocate_kv(65, 16)
+    seq = Sequence(
+        "step", list(prepared.token_ids), prepared.num_tokens, None, lambda _: None, 0.0, 0.0,  # type: ignore[arg-type]
+        prompt=encoded,
+    )  # fmt: skip
+    blocks.allocate(seq)
+    token = int(runner.run([seq], True).argmax())
+    blocks.commit(seq, seq.num_tokens)
+    seq.token_ids.append(token)
+    blocks.append(seq)
     for _ in range(3):
-        runner.decode(batch, token)
+        runner.run([seq], False)  # rewrites the same position: the same cost each time
     _sync(device)
     start = time.perf_counter()
     steps = 32
     for _ in range(steps):
-        runner.decode(batch, token)
+        runner.run([seq], False)
     _sync(device)
     return (time.perf_counter() - start) / steps
 
@@ -181,32 +186,24 @@ def serve_tokens_per_s(
     seed: int,
 ) -> float:
     from vlserve.engine.engine import AsyncEngine, EngineConfig
-    from vlserve.engine.request import GenerationRequest, SamplingParams
+    from vlserve.engine.prompt import ChatPrompt
+    from vlserve.engine.request import SamplingParams
     from vlserve.engine.runner import ModelRunner
     from vlserve.engine.scheduler import SchedulerConfig
 
     engine = AsyncEngine(
-        EngineConfig(
-            str(tiny_dir),
-            SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=1 << 20),
-        ),
+        EngineConfig(str(tiny_dir), SchedulerConfig(max_num_seqs=max_num_seqs)),
         device_info,
-        runner_factory=lambda: ModelRunner(tiny_dir, device_info, model=model),
+        runner_factory=lambda cache: ModelRunner(
+            tiny_dir, device_info, model=model, encoder_cache=cache
+        ),
     )
     engine.start()
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
 
     async def one(i: int, messages) -> int:  # type: ignore[no-untyped-def]
-        inputs = await engine.prepare(messages)
-        ids = inputs["input_ids"][0].tolist()
-        inputs = await engine.encode(inputs)  # on the encoder thread, as the server does
-        req = GenerationRequest(
-            f"r{i}",
-            inputs,
-            ids,
-            SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True),
-        )
         count = 0
-        async for event in engine.submit(req):
+        async for event in await engine.generate(ChatPrompt(messages), params, f"r{i}"):
             if event.error is not None:
                 raise event.error
             count = event.num_completion_tokens

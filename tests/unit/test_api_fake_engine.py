@@ -1,0 +1,129 @@
+"""The API against a fake EngineClient: routes, serving and errors, in milliseconds, no model."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from vlserve.api.app import create_app
+from vlserve.config import ServerConfig
+from vlserve.engine.client import EngineState, ModelInfo
+from vlserve.engine.prompt import ChatPrompt
+from vlserve.engine.request import FinishReason, SamplingParams, TokenEvent
+from vlserve.engine.stream import RequestStream
+from vlserve.errors import ContextLengthError, OverloadedError
+
+
+class FakeEngine:
+    """Answers every prompt with the words of its last text, one event per word."""
+
+    def __init__(self) -> None:
+        self.state = EngineState.READY
+        self.model_info = ModelInfo("/models/fake", 4096, 1000, None, "cpu", "float32")
+        self.num_running = 0
+        self.num_waiting = 0
+        self.calls: list[tuple[ChatPrompt, SamplingParams, str]] = []
+        self.refuse: Exception | None = None
+
+    def start(self) -> None:
+        pass
+
+    async def wait_ready(self) -> None:
+        pass
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        pass
+
+    async def generate(
+        self, prompt: ChatPrompt, params: SamplingParams, request_id: str
+    ) -> RequestStream:
+        if self.refuse is not None:
+            raise self.refuse
+        self.calls.append((prompt, params, request_id))
+        words = prompt.messages[-1]["content"][-1]["text"].split()
+        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        for i, word in enumerate(words):
+            last = i == len(words) - 1
+            queue.put_nowait(
+                TokenEvent(
+                    word + ("" if last else " "),
+                    (i,),
+                    7,
+                    i + 1,
+                    FinishReason.STOP if last else None,
+                    num_cached_tokens=3,
+                )
+            )
+        return RequestStream(request_id, queue, lambda: None, lambda: (7, 0))
+
+
+@pytest.fixture
+def fake() -> FakeEngine:
+    return FakeEngine()
+
+
+async def _with_app(fake: FakeEngine, body: dict) -> httpx.Response:
+    app = create_app(ServerConfig(model_path="/models/fake", served_model_names=("fake",)), fake)  # type: ignore[arg-type]
+    async with app.router.lifespan_context(app):
+        for _ in range(100):  # the app marks itself ready once the engine is
+            if app.state.vl.defaults is not None:
+                break
+            await asyncio.sleep(0.01)
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            return await http.post("/v1/chat/completions", json=body)
+
+
+def _body(**kw: object) -> dict:
+    return {"model": "fake", "messages": [{"role": "user", "content": "hello big world"}], **kw}
+
+
+def test_completion_usage_and_params_reach_the_engine(fake: FakeEngine) -> None:
+    resp = asyncio.run(_with_app(fake, _body(max_tokens=9, seed=4, cache_salt="t1")))
+    assert resp.status_code == 200, resp.text
+    out = resp.json()
+    assert out["choices"][0]["message"]["content"] == "hello big world"
+    assert out["choices"][0]["finish_reason"] == "stop"
+    assert out["usage"] == {
+        "prompt_tokens": 7,
+        "completion_tokens": 3,
+        "total_tokens": 10,
+        "prompt_tokens_details": {"cached_tokens": 3},
+    }
+    prompt, params, _ = fake.calls[0]
+    assert prompt.cache_salt == "t1" and params.max_tokens == 9 and params.seed == 4
+    assert params.max_tokens == 9
+
+
+def test_max_tokens_left_out_is_the_engines_choice(fake: FakeEngine) -> None:
+    asyncio.run(_with_app(fake, _body()))
+    assert fake.calls[0][1].max_tokens is None
+
+
+def test_streamed_chunks(fake: FakeEngine) -> None:
+    resp = asyncio.run(_with_app(fake, _body(stream=True, stream_options={"include_usage": True})))
+    events = [line[6:] for line in resp.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == "hello big world"
+    assert chunks[-1]["usage"]["prompt_tokens_details"] == {"cached_tokens": 3}
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "param"),
+    [
+        (ContextLengthError("too long", param="max_tokens"), 400, "max_completion_tokens"),
+        (OverloadedError("busy"), 429, None),
+    ],
+)
+def test_engine_refusals_map_to_openai_errors(
+    fake: FakeEngine, error: Exception, status: int, param: str | None
+) -> None:
+    fake.refuse = error
+    resp = asyncio.run(_with_app(fake, _body(max_completion_tokens=5)))
+    assert resp.status_code == status
+    assert resp.json()["error"]["param"] == param
