@@ -23,4 +23,6 @@ echo "[vlserve] tests (transformers $("$PY" -c 'import transformers; print(trans
 echo "[vlserve] smoke on transformers 4.57.1"
 PYTHONPATH=.venv-tf457 "$PY" -m pytest -q -p no:cacheprovider \
     tests/integration/test_engine_exactness.py \
-    tests/integration/test_chat_api.py -k "exactness or health or images or stream_deltas"
+    tests/integration/test_prefix_cache.py \
+    tests/unit/test_api_special_tokens.py \
+    tests/integration/test_chat_api.py -k "exactness or pressure or health or images or stream_deltas or logits or hit or processor"
