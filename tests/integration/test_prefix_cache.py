@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import openai
@@ -97,15 +96,6 @@ def test_a_different_image_behind_the_same_text_does_not_hit(runner: ModelRunner
     _prefill(runner, blocks, messages((10, 200, 10)))
     _, hit, encoded = _prefill(runner, blocks, messages((10, 200, 11)))
     assert hit <= encoded.prepared.images[0].span.start
-
-
-@pytest.fixture(scope="module")
-def server(
-    tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServerProcess]:
-    srv = start_server(tiny_model_path, tmp_path_factory.mktemp("prefix"))
-    yield srv
-    stop_server(srv)
 
 
 def _client(server: ServerProcess) -> openai.OpenAI:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from vlserve.api.chat import attach_images, split_messages
 from vlserve.api.convert import SamplingDefaults, check_supported, stop_strings, to_sampling
 from vlserve.api.protocol import ChatCompletionRequest
-from vlserve.api.chat import attach_images, split_messages
 from vlserve.errors import InvalidRequestError
 
 
