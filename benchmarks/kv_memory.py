@@ -20,12 +20,11 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-BASELINE_REV = "0e0908c"  # the last commit of the previous engine
+from _baseline import BASELINE_REV, REPO, worktree_src
+
 CONTEXTS = (256, 2048)
 BATCH = 8
 
@@ -201,14 +200,7 @@ def _new_step(runner, context: int):  # type: ignore[no-untyped-def]
 
 
 def _baseline_times(rev: str, steps: int) -> dict[int, float]:
-    tree = Path(tempfile.gettempdir()) / f"vlserve-{rev}"
-    if not tree.exists():
-        subprocess.run(
-            ["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree), rev],
-            check=True,
-            capture_output=True,
-        )
-    return _times_in(tree / "src", steps)
+    return _times_in(worktree_src(rev), steps)
 
 
 def _times_in(src: Path, steps: int) -> dict[int, float]:

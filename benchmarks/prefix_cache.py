@@ -1,5 +1,5 @@
-"""Work reused across requests: 4-turn conversations about one 448x448 image, with and without the
-prefix and encoder caches.
+"""Work reused across requests: 4-turn conversations about one 448x448 image (``--image-size``),
+with and without the prefix and encoder caches.
 
 A closed loop (`vlserve bench --random-turns 4`, streaming, greedy, ignore_eos) against the tiny
 model served twice: with the defaults, and with `--no-prefix-cache --encoder-cache-mb 0`. Each
@@ -33,7 +33,7 @@ def run(
         cmd = [
             sys.executable, "-m", "vlserve", "bench", "--url", server.base_url,
             "--model", server.model, "--dataset", "random", "--random-turns", str(TURNS),
-            "--random-images", "1", "--random-image-size", "448x448",
+            "--random-images", "1", "--random-image-size", args.image_size,
             "--random-input-len", "16", "--random-followup-len", "16",
             "--num-requests", str(args.conversations), "--max-concurrency", str(args.concurrency),
             "--max-tokens", str(args.max_tokens), "--ignore-eos", "--temperature", "0",
@@ -57,6 +57,7 @@ def main() -> int:
     parser.add_argument("--conversations", type=int, default=12)
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--image-size", default="448x448", help="WxH of the conversation's image")
     args = parser.parse_args()
     from vlserve.testing import ensure_tiny_model
 
@@ -68,7 +69,7 @@ def main() -> int:
             model_path, "uncached", ["--no-prefix-cache", "--encoder-cache-mb", "0"], args, work
         )
     print(
-        f"\n{args.conversations} conversations of {TURNS} turns about one 448x448 image, "
+        f"\n{args.conversations} conversations of {TURNS} turns about one {args.image_size} image, "
         f"concurrency {args.concurrency}, max_tokens {args.max_tokens}; tiny Qwen3-VL, fp32, CPU"
     )
     print(

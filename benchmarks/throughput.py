@@ -6,6 +6,7 @@ image, max_tokens 64 with ignore_eos, at several concurrencies, against:
   - the same server without batching (--max-num-seqs 1),
   - processor + `model.generate` on left-padded batches of the same size, one after the other,
     in-process (not a ceiling: the engine overlaps what generate does in sequence),
+  - the previous engine (`--baseline-rev`, a git worktree), batched, for the same-run comparison,
   - the same closed loop through `AsyncEngine.generate` in-process: served / in-process is the
     cost of the HTTP, media and serving layers.
 Prints output tokens/s, requests/s, TTFT and end-to-end p50/p99, and the ratios against the
@@ -27,6 +28,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _baseline import BASELINE_REV, worktree_src
 
 MAX_TOKENS = 64
 IMAGE = "448x448"
@@ -56,12 +59,15 @@ def serve_and_bench(
     requests: int | None,
     workdir: Path,
     ramp_level: int | None = None,
+    src: Path | None = None,
 ) -> dict[int | str, dict]:
     """Each level with all users starting at once; then ``ramp_level`` again with its users
-    spread over one request cycle (`--ramp-up` = that level's E2E p50), under key "ramped"."""
+    spread over one request cycle (`--ramp-up` = that level's E2E p50), under key "ramped".
+    ``src``: serve that source tree's vlserve (the previous engine) instead of this one."""
     from vlserve.testing.server import start_server, stop_server
 
-    server = start_server(model_path, workdir / label, *extra)
+    env = {"PYTHONPATH": str(src)} if src is not None else None
+    server = start_server(model_path, workdir / label, *extra, env=env)
 
     def run(c: int, n: int, *load: str) -> dict:
         return bench(
@@ -287,6 +293,11 @@ def main() -> int:
         help="then soak at the highest concurrency for this long (e.g. 300)",
     )
     parser.add_argument(
+        "--baseline-rev",
+        default=BASELINE_REV,
+        help="also serve this revision (git worktree) batched, for the same-run comparison; '' to skip",
+    )
+    parser.add_argument(
         "--server-args",
         default="",
         help="extra `vlserve serve` flags for both servers (one string)",
@@ -307,10 +318,24 @@ def main() -> int:
         unbatched = serve_and_bench(
             model_path, "unbatched", ["--max-num-seqs", "1", *extra], levels, args.requests, work
         )
+        previous = (
+            serve_and_bench(
+                model_path,
+                "previous",
+                seqs,
+                levels,
+                args.requests,
+                work,
+                src=worktree_src(args.baseline_rev),
+            )  # fmt: skip
+            if args.baseline_rev
+            else {}
+        )
         _report(
             levels,
             batched,
             unbatched,
+            previous,
             ceiling(model_path, levels),
             in_process(model_path, levels, args.requests),
         )
@@ -323,6 +348,7 @@ def _report(
     levels: list[int],
     batched: dict[int | str, dict],
     unbatched: dict[int | str, dict],
+    previous: dict[int | str, dict],
     ceil: dict[int, float],
     engine: dict[int, float],
 ) -> None:
@@ -334,8 +360,8 @@ def _report(
         f"{'server':<10} {'conc':>4} {'out tok/s':>10} {'req/s':>8} {'TTFT p50':>9} "
         f"{'TTFT p99':>9} {'E2E p50':>9} {'E2E p99':>9} {'failed':>6}   (ms)"
     )
-    for label, table in (("batched", batched), ("unbatched", unbatched)):
-        for c in levels:
+    for label, table in (("batched", batched), ("unbatched", unbatched), ("previous", previous)):
+        for c in levels if table else ():
             print(_row(label, c, table[c]))
     if "ramped" in batched:
         print(_row("ramped", 8, batched["ramped"]) + "   (users spread over one cycle)")
@@ -357,6 +383,9 @@ def _report(
     )
     print(_verdict(f"c={top}: batched / in-process generate", tok / ceil[top], 0.70))
     print(_verdict(f"c={top}: served / in-process engine", tok / engine[top], 0.90))
+    if previous:
+        old = previous[top]["output_token_throughput"]
+        print(_verdict(f"c={top}: batched / previous engine, same run", tok / old, 1.0))
     if low == 1:
         single = batched[1]["output_token_throughput"] / ceil[1]
         print(_verdict("c=1: served / in-process generate (batch 1)", single, 1.0))

@@ -99,3 +99,15 @@ def test_greedy_rows_and_penalised_rows_share_a_batch() -> None:
     plain = _state(vocab=3, temperature=0)
     penalised = _state(prompt=(1,), vocab=3, temperature=0, repetition_penalty=2.0)
     assert sample(logits, [plain, penalised]) == [1, 2]
+
+
+def test_greedy_is_argmax_with_the_first_maximum_on_ties() -> None:
+    from vlserve.engine.sampling import greedy
+
+    gen = torch.Generator().manual_seed(5)
+    for vocab in (151936, 1000, 129):  # chunked, and the plain fallback
+        x = torch.randn(9, vocab, generator=gen)
+        x[0] = 0.0  # every entry ties
+        x[1, 7] = x[1, vocab - 3] = 1e6  # two tied maxima in different chunks
+        x[2, -1] = 1e6  # the last entry
+        assert torch.equal(greedy(x), x.argmax(-1))

@@ -79,10 +79,14 @@ class Encoder(Generic[Inputs, Output]):
             self._lock.notify()
         return await job.future
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Stop, and wait for a forward in progress: a thread still inside torch when the
+        interpreter exits aborts the process ("terminate called without an active exception")."""
         with self._lock:
             self._stop = True
             self._lock.notify()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
 
     def _next_batch(self) -> list[_Job[Inputs, Output]]:
         """Wait for work; take the oldest job and whoever else fits the patch budget, in order."""

@@ -99,9 +99,10 @@ def build_layout(
     fresh = bool((starts == 0).all())
     kv_len = q_len if fresh else bucket(int(ends.max()), math.lcm(kv_bucket, block_size))
     width = -(-max(kv_len, q_len) // block_size)
-    table = torch.full((rows, width), NULL_BLOCK, dtype=torch.long)
-    for b, span in enumerate(spans):
-        table[b, : len(span.block_table)] = torch.tensor(span.block_table[:width], dtype=torch.long)
+    table = torch.tensor(
+        [s.block_table[:width] + [NULL_BLOCK] * (width - len(s.block_table)) for s in spans],
+        dtype=torch.long,
+    )
     offsets = torch.arange(block_size, dtype=torch.long)
     slots = (table.unsqueeze(-1) * block_size + offsets).view(rows, -1)  # (rows, width*bs)
     q = torch.arange(q_len, dtype=torch.long)

@@ -173,14 +173,9 @@ class ModelRunner:
         layout = build_layout(
             spans, self.pool.block_size, dev, 1 if is_prefill else DECODE_KV_BUCKET
         )
-        q_len = layout.q_len
-        ids = torch.zeros(len(seqs), q_len, dtype=torch.long)
-        positions = torch.zeros(4, len(seqs), q_len, dtype=torch.long)
-        for b, (seq, span) in enumerate(zip(seqs, spans, strict=True)):
-            ids[b, : span.end - span.start] = torch.tensor(seq.token_ids[span.start : span.end])
-            positions[:, b, : span.end - span.start] = seq.prompt.positions_for(
-                span.start, span.end
-            )
+        ids, positions = (_prefill_inputs if is_prefill else _decode_inputs)(
+            seqs, spans, layout.q_len
+        )
         embeds = self.model.get_input_embeddings()(ids.to(dev))
         visual_mask, deepstack = None, None
         if is_prefill:
@@ -232,6 +227,29 @@ class ModelRunner:
             for k in range(layers)
         ]
         return embeds, mask, deepstack
+
+
+def _prefill_inputs(
+    seqs: Seq[Sequence], spans: list[RowSpan], q_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (rows, q_len) and positions (4, rows, q_len), right-padded."""
+    ids = torch.zeros(len(seqs), q_len, dtype=torch.long)
+    positions = torch.zeros(4, len(seqs), q_len, dtype=torch.long)
+    for b, (seq, span) in enumerate(zip(seqs, spans, strict=True)):
+        ids[b, : span.end - span.start] = torch.tensor(seq.token_ids[span.start : span.end])
+        positions[:, b, : span.end - span.start] = seq.prompt.positions_for(span.start, span.end)
+    return ids, positions
+
+
+def _decode_inputs(
+    seqs: Seq[Sequence], spans: list[RowSpan], q_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One generated token per row: its position continues the text, ``[p, p+d, p+d, p+d]``."""
+    ids = torch.tensor([[seq.token_ids[-1]] for seq in seqs], dtype=torch.long)
+    pos = torch.tensor([seq.num_tokens - 1 for seq in seqs], dtype=torch.long)
+    delta = torch.tensor([seq.prompt.rope_delta for seq in seqs], dtype=torch.long)
+    mrope = (pos + delta).expand(3, -1)
+    return ids, torch.cat([pos.view(1, -1), mrope]).view(4, len(seqs), 1)
 
 
 def _load_generation_config(path: str) -> GenerationConfig | None:
