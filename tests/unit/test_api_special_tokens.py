@@ -171,11 +171,11 @@ def test_image_prompts_match_the_processor_exactly(runner) -> None:  # type: ign
 
 
 def test_seen_images_skip_the_image_processor(runner) -> None:  # type: ignore[no-untyped-def]
-    from vlserve.engine.encoder_cache import EncoderCache
     from vlserve.engine.preprocess import Preprocessor
+    from vlserve.lru import BytesLRU
 
     pre = runner.preprocess
-    cached = Preprocessor(pre.processor, pre._image_token_id, 2, EncoderCache(1 << 26))
+    cached = Preprocessor(pre.processor, pre._image_token_id, 2, BytesLRU(1 << 26))
     calls = []
     real = pre.processor.image_processor
 

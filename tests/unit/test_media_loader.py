@@ -95,6 +95,36 @@ def test_load_many_names_the_failing_image() -> None:
     assert info.value.code == "invalid_image"
 
 
+@pytest.mark.parametrize(("cache_bytes", "decodes"), [(1 << 20, 1), (0, 3)])
+def test_the_same_bytes_are_decoded_once(
+    monkeypatch: pytest.MonkeyPatch, cache_bytes: int, decodes: int
+) -> None:
+    import vlserve.media.loader as loader_module
+
+    calls: list[int] = []
+    real = loader_module.decode_image
+
+    def counting(data: bytes, config: MediaConfig) -> Image.Image:
+        calls.append(len(data))
+        return real(data, config)
+
+    monkeypatch.setattr(loader_module, "decode_image", counting)
+    url = png_url((20, 10))
+
+    async def three_turns() -> list[Image.Image]:
+        loader = MediaLoader(MediaConfig(decoded_cache_bytes=cache_bytes))
+        try:
+            return [await loader.load(url) for _ in range(3)]
+        finally:
+            await loader.aclose()
+
+    images = asyncio.run(three_turns())
+    assert len(calls) == decodes
+    assert all(im.size == (20, 10) and im.mode == "RGB" for im in images)
+    other = load_many([url, png_url((10, 20))], MediaConfig(decoded_cache_bytes=1 << 20))
+    assert [im.size for im in other] == [(20, 10), (10, 20)]  # other bytes: another image
+
+
 def test_image_count_is_capped() -> None:
     config = MediaConfig(max_images_per_request=2)
     with pytest.raises(MediaError, match="too many images: 3, at most 2 allowed per request"):

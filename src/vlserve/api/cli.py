@@ -111,7 +111,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--encoder-cache-mb",
         type=int,
         default=256,
-        help="vision-tower outputs kept by image content, LRU, in MiB (0 = off)",
+        help="images kept by content, each cache LRU in MiB (0 = off): decoded images, processed "
+        "images and vision-tower outputs, so a repeated image skips all three",
     )
     b.add_argument(
         "--max-prefill-tokens",
@@ -225,6 +226,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             allowed_local_media_path=args.allowed_local_media_path,
             allowed_media_domains=tuple(args.allowed_media_domains),
             allow_private_networks=args.allow_private_media_urls,
+            decoded_cache_bytes=args.encoder_cache_mb * 1024 * 1024,
         ),
         scheduler=SchedulerConfig(
             max_num_seqs=args.max_num_seqs,

@@ -20,7 +20,6 @@ from vlserve.engine.device import (
     share_cpu,
 )
 from vlserve.engine.encoder import Encoder
-from vlserve.engine.encoder_cache import EncoderCache
 from vlserve.engine.loop import EngineLoop
 from vlserve.engine.prompt import ChatPrompt, EncodedPrompt, ImageFeatures, PreparedPrompt
 from vlserve.engine.request import SamplingParams, TokenEvent
@@ -29,6 +28,7 @@ from vlserve.engine.scheduler import SchedulerConfig
 from vlserve.engine.sequence import Sequence
 from vlserve.engine.stream import RequestStream
 from vlserve.errors import ContextLengthError, EngineError, EngineUnavailableError
+from vlserve.lru import BytesLRU
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +85,13 @@ class AsyncEngine:
         self,
         config: EngineConfig,
         device: DeviceInfo,
-        runner_factory: Callable[[EncoderCache[ImageFeatures]], ModelRunner] | None = None,
+        runner_factory: Callable[[BytesLRU[ImageFeatures]], ModelRunner] | None = None,
         hooks: EngineHooks | None = None,
     ) -> None:
         self.config = config
         self.device = device
         self.hooks = hooks or EngineHooks()
-        self.encoder_cache: EncoderCache[ImageFeatures] = EncoderCache(
+        self.encoder_cache: BytesLRU[ImageFeatures] = BytesLRU(
             config.encoder_cache_mb * 1024 * 1024
         )
         cache_bytes = config.encoder_cache_mb * 1024 * 1024

@@ -13,9 +13,11 @@ from typing import Any
 
 import torch
 
-from vlserve.engine.encoder_cache import EncoderCache
 from vlserve.engine.prompt import ChatPrompt, ImageInput, PreparedPrompt
 from vlserve.engine.sequence import ImageSpan
+from vlserve.lru import BytesLRU
+
+_RAW_KEY = "vlserve_pixels_key"  # memo of the decoded pixels' hash, in the PIL image's info
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class Preprocessor:
         processor: Any,
         image_token_id: int,
         merge_size: int,
-        cache: EncoderCache[ProcessedImage] | None = None,
+        cache: BytesLRU[ProcessedImage] | None = None,
     ) -> None:
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -56,7 +58,7 @@ class Preprocessor:
         self._image_token = str(self.tokenizer.convert_ids_to_tokens(image_token_id))
         self._merge = merge_size * merge_size
         self._token_types = "mm_token_type_ids" in getattr(processor, "model_input_names", ())
-        self.cache: EncoderCache[ProcessedImage] = cache if cache is not None else EncoderCache(0)
+        self.cache: BytesLRU[ProcessedImage] = cache if cache is not None else BytesLRU(0)
 
     def __call__(self, prompt: ChatPrompt) -> PreparedPrompt:
         """Render the chat template and preprocess images (CPU tensors).
@@ -85,10 +87,12 @@ class Preprocessor:
         )
 
     def _process(self, image: Any) -> ProcessedImage:
-        raw = hashlib.blake2b(digest_size=16)
-        raw.update(f"{image.mode}{image.size}".encode())
-        raw.update(image.tobytes())
-        raw_key = raw.digest()
+        raw_key = image.info.get(_RAW_KEY)  # a decoded image the media cache handed out again
+        if raw_key is None:
+            raw = hashlib.blake2b(digest_size=16)
+            raw.update(f"{image.mode}{image.size}".encode())
+            raw.update(image.tobytes())
+            raw_key = image.info[_RAW_KEY] = raw.digest()
         found = self.cache.get(raw_key)
         if found is not None:
             return found

@@ -13,11 +13,11 @@ import transformers
 from transformers import AutoProcessor, AutoTokenizer, GenerationConfig
 
 from vlserve.engine.device import DeviceInfo
-from vlserve.engine.encoder_cache import EncoderCache
 from vlserve.engine.kv_cache import KVPool, PagedCache, RowSpan, build_layout
 from vlserve.engine.preprocess import Preprocessor
 from vlserve.engine.prompt import EncodedPrompt, ImageFeatures, ImageInput, PreparedPrompt
 from vlserve.engine.sequence import Sequence
+from vlserve.lru import BytesLRU
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ class ModelRunner:
         model_path: str | Path,
         device: DeviceInfo,
         model: torch.nn.Module | None = None,
-        encoder_cache: EncoderCache[ImageFeatures] | None = None,
+        encoder_cache: BytesLRU[ImageFeatures] | None = None,
         image_cache_bytes: int = 0,
     ) -> None:
         """Load from ``model_path``; or, with ``model`` (already on the device), take only the
@@ -68,9 +68,9 @@ class ModelRunner:
             processor,
             int(self.model.config.image_token_id),
             int(visual.spatial_merge_size),
-            EncoderCache(image_cache_bytes),
+            BytesLRU(image_cache_bytes),
         )
-        self.encoder_cache = encoder_cache if encoder_cache is not None else EncoderCache(0)
+        self.encoder_cache = encoder_cache if encoder_cache is not None else BytesLRU(0)
         self.pool: KVPool | None = None
 
     # -- KV cache ------------------------------------------------------------------------------

@@ -33,6 +33,9 @@ class MediaConfig:
     # Parts of decoding hold the GIL: on 2 cores, 4 threads stalled the event loop ~150 ms,
     # 2 threads ~60 ms, at the same throughput (benchmarks/media_decode.py).
     max_concurrent_decodes: int = 2
+    # Decoded images kept by the hash of their encoded bytes (LRU, RGB pixels counted): the same
+    # image in the next turn of a conversation skips decoding. 0 turns it off.
+    decoded_cache_bytes: int = 256 * 1024 * 1024
     # Local files (file:// URLs or absolute paths) are read only from below this directory;
     # None refuses local files altogether.
     allowed_local_media_path: str | None = None
@@ -53,6 +56,7 @@ class MediaConfig:
         ):
             _require_int(name, getattr(self, name), minimum=1)
         _require_int("max_redirects", self.max_redirects, minimum=0)
+        _require_int("decoded_cache_bytes", self.decoded_cache_bytes, minimum=0)
         if self.max_image_pixels > self.max_decode_pixels:
             raise ValueError(
                 f"max_image_pixels ({self.max_image_pixels}) must not exceed "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -10,6 +11,7 @@ from typing import Any, TypeVar
 from PIL import Image
 
 from vlserve.errors import MediaError
+from vlserve.lru import BytesLRU
 from vlserve.media.config import MediaConfig
 from vlserve.media.dataurl import parse_data_url
 from vlserve.media.decode import decode_image
@@ -41,6 +43,10 @@ class MediaLoader:
         self.config = config
         self._fetcher = ImageFetcher(config, policy=address_policy, resolver=resolver)
         self._decode_slots = asyncio.Semaphore(config.max_concurrent_decodes)
+        # the same bytes always decode to the same image: repeated images skip decoding
+        self._decoded: BytesLRU[Image.Image] = BytesLRU(
+            config.decoded_cache_bytes, size=lambda im: im.width * im.height * len(im.getbands())
+        )
 
     async def load(self, url: str) -> Image.Image:
         """One image as RGB, downsized to ``max_image_pixels``; raises ``MediaError``."""
@@ -54,7 +60,7 @@ class MediaLoader:
             return await self._in_worker(self._decode_data_url, url)
         if scheme in ("http", "https"):
             data = await self._fetcher.fetch(url)
-            return await self._in_worker(decode_image, data, self.config)
+            return await self._in_worker(self._decode, data)
         if is_local_reference(url):
             return await self._in_worker(self._decode_local_file, url)
         what = (
@@ -108,10 +114,20 @@ class MediaLoader:
 
     def _decode_data_url(self, url: str) -> Image.Image:
         _, data = parse_data_url(url, max_bytes=self.config.max_image_bytes)
-        return decode_image(data, self.config)
+        return self._decode(data)
 
     def _decode_local_file(self, url: str) -> Image.Image:
         data = read_local_file(
             url, self.config.allowed_local_media_path, self.config.max_image_bytes
         )
-        return decode_image(data, self.config)
+        return self._decode(data)
+
+    def _decode(self, data: bytes) -> Image.Image:
+        """``decode_image``, or the image those exact bytes decoded to before (never mutated by
+        anyone: the processor copies)."""
+        key = hashlib.blake2b(data, digest_size=16).digest()
+        image = self._decoded.get(key)
+        if image is None:
+            image = decode_image(data, self.config)
+            self._decoded.put(key, image)
+        return image
