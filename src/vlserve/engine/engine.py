@@ -46,6 +46,7 @@ class EngineConfig:
     block_size: int = 16
     prefix_caching: bool = True
     encoder_cache_mb: int = 256
+    decode_row_buckets: bool | None = None  # None: on accelerators (graph-ready shapes), not CPU
 
     def __post_init__(self) -> None:
         if self.request_timeout_s <= 0:

@@ -82,6 +82,16 @@ def bucket(n: int, step: int = 128) -> int:
     return -(-n // step) * step
 
 
+def row_bucket(rows: int) -> int:
+    """Decode batch sizes padded to 1, 2, 4, 8, then multiples of 8: few shapes to capture."""
+    if rows <= 8:
+        return 1 << (rows - 1).bit_length()
+    return -(-rows // 8) * 8
+
+
+PAD_ROW = RowSpan([], 0, 1)  # a padding row: reads and writes the null block only
+
+
 def build_layout(
     spans: list[RowSpan], block_size: int, device: torch.device, kv_bucket: int = 1
 ) -> StepLayout:

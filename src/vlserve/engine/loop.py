@@ -57,6 +57,8 @@ class EngineLoop:
         self.hooks = hooks
         blocks = max(kv_cache_tokens(config, runner) // config.block_size, 1)
         runner.allocate_kv(blocks + 1, config.block_size)  # + the null block
+        buckets = config.decode_row_buckets
+        runner.pad_decode_rows = runner.device.type != "cpu" if buckets is None else buckets
         self.blocks = BlockManager(blocks + 1, config.block_size, config.prefix_caching)
         self.scheduler: Scheduler[Sequence] = Scheduler(config.scheduler, self.blocks)
 

@@ -13,7 +13,7 @@ import transformers
 from transformers import AutoProcessor, AutoTokenizer, GenerationConfig
 
 from vlserve.engine.device import DeviceInfo
-from vlserve.engine.kv_cache import KVPool, PagedCache, RowSpan, build_layout
+from vlserve.engine.kv_cache import PAD_ROW, KVPool, PagedCache, RowSpan, build_layout, row_bucket
 from vlserve.engine.preprocess import Preprocessor
 from vlserve.engine.prompt import EncodedPrompt, ImageFeatures, ImageInput, PreparedPrompt
 from vlserve.engine.sequence import Sequence
@@ -72,6 +72,9 @@ class ModelRunner:
         )
         self.encoder_cache = encoder_cache if encoder_cache is not None else BytesLRU(0)
         self.pool: KVPool | None = None
+        # Pad decode batches to row_bucket() sizes (shapes a device graph can capture); off on
+        # CPU, where a padded row costs as much as a real one.
+        self.pad_decode_rows = False
 
     # -- KV cache ------------------------------------------------------------------------------
     @property
@@ -170,12 +173,17 @@ class ModelRunner:
             raise RuntimeError("the KV cache is not allocated")
         dev = self.device.torch_device
         spans = [RowSpan(s.block_table, s.num_cached_tokens, s.num_tokens) for s in seqs]
+        pad = 0
+        if not is_prefill and self.pad_decode_rows:
+            pad = row_bucket(len(seqs)) - len(seqs)
+            spans += [PAD_ROW] * pad
         layout = build_layout(
             spans, self.pool.block_size, dev, 1 if is_prefill else DECODE_KV_BUCKET
         )
-        ids, positions = (_prefill_inputs if is_prefill else _decode_inputs)(
-            seqs, spans, layout.q_len
-        )
+        if is_prefill:
+            ids, positions = _prefill_inputs(seqs, spans, layout.q_len)
+        else:
+            ids, positions = _decode_inputs(seqs, pad)
         embeds = self.model.get_input_embeddings()(ids.to(dev))
         visual_mask, deepstack = None, None
         if is_prefill:
@@ -190,7 +198,7 @@ class ModelRunner:
             **{_CACHE_KW: PagedCache(self.pool, layout)},
         )
         rows = torch.arange(len(seqs), device=dev)
-        last = out.last_hidden_state[rows, layout.last_index]
+        last = out.last_hidden_state[rows, layout.last_index[: len(seqs)]]
         return self.model.lm_head(last).float()
 
     def _scatter_images(
@@ -241,15 +249,14 @@ def _prefill_inputs(
     return ids, positions
 
 
-def _decode_inputs(
-    seqs: Seq[Sequence], spans: list[RowSpan], q_len: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One generated token per row: its position continues the text, ``[p, p+d, p+d, p+d]``."""
-    ids = torch.tensor([[seq.token_ids[-1]] for seq in seqs], dtype=torch.long)
-    pos = torch.tensor([seq.num_tokens - 1 for seq in seqs], dtype=torch.long)
-    delta = torch.tensor([seq.prompt.rope_delta for seq in seqs], dtype=torch.long)
+def _decode_inputs(seqs: Seq[Sequence], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One generated token per row: its position continues the text, ``[p, p+d, p+d, p+d]``;
+    ``pad`` padding rows after them (token 0 at position 0)."""
+    ids = torch.tensor([[seq.token_ids[-1]] for seq in seqs] + [[0]] * pad, dtype=torch.long)
+    pos = torch.tensor([seq.num_tokens - 1 for seq in seqs] + [0] * pad, dtype=torch.long)
+    delta = torch.tensor([seq.prompt.rope_delta for seq in seqs] + [0] * pad, dtype=torch.long)
     mrope = (pos + delta).expand(3, -1)
-    return ids, torch.cat([pos.view(1, -1), mrope]).view(4, len(seqs), 1)
+    return ids, torch.cat([pos.view(1, -1), mrope]).view(4, len(seqs) + pad, 1)
 
 
 def _load_generation_config(path: str) -> GenerationConfig | None:
