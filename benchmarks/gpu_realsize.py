@@ -134,6 +134,7 @@ def step_time_batch1(runner, device: torch.device) -> float:  # type: ignore[no-
     """One row decoding against the paged KV pool, as the engine's step runs it."""
     from vlserve.engine.block_manager import BlockManager
     from vlserve.engine.prompt import ChatPrompt
+    from vlserve.engine.request import SamplingParams
     from vlserve.engine.sequence import Sequence
 
     text = {"type": "text", "text": "Describe the weather in one long sentence."}
@@ -141,10 +142,7 @@ def step_time_batch1(runner, device: torch.device) -> float:  # type: ignore[no-
     encoded = runner.encode([prepared])[0]
     blocks = BlockManager(65, 16, prefix_caching=False)
     runner.allocate_kv(65, 16)
-    seq = Sequence(
-        "step", list(prepared.token_ids), prepared.num_tokens, None, lambda _: None, 0.0, 0.0,  # type: ignore[arg-type]
-        prompt=encoded,
-    )  # fmt: skip
+    seq = Sequence.for_prompt("step", encoded, SamplingParams(max_tokens=1))
     blocks.allocate(seq)
     token = int(runner.run([seq], True).argmax())
     blocks.commit(seq, seq.num_tokens)

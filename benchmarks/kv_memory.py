@@ -170,6 +170,7 @@ def _new_step(runner, context: int):  # type: ignore[no-untyped-def]
     """Engine v2: rows prefilled into the paged pool, then one decode step at ``context``."""
     from vlserve.engine.block_manager import BlockManager
     from vlserve.engine.prompt import EncodedPrompt, PreparedPrompt
+    from vlserve.engine.request import SamplingParams
     from vlserve.engine.sequence import Sequence
 
     block = 16
@@ -182,10 +183,8 @@ def _new_step(runner, context: int):  # type: ignore[no-untyped-def]
         ids = _prompt_ids(context, row)
         prepared = PreparedPrompt(ids, (), {})
         positions = torch.arange(context).view(1, -1).expand(4, -1).clone()
-        seq = Sequence(
-            f"r{row}", list(ids), context, None, lambda _: None, 0.0, 0.0,  # type: ignore[arg-type]
-            prompt=EncodedPrompt(prepared, positions, 0),
-        )  # fmt: skip
+        encoded = EncodedPrompt(prepared, positions, 0)
+        seq = Sequence.for_prompt(f"r{row}", encoded, SamplingParams(max_tokens=1))
         blocks.allocate(seq)
         runner.run([seq], True)
         blocks.commit(seq, seq.num_tokens)

@@ -15,7 +15,8 @@ from PIL import Image
 from tests.conftest import ServerProcess, png_data_url, start_server, stop_server
 from vlserve.engine.block_manager import BlockManager
 from vlserve.engine.device import DeviceInfo
-from vlserve.engine.prompt import ChatPrompt, EncodedPrompt
+from vlserve.engine.prompt import ChatPrompt
+from vlserve.engine.request import SamplingParams
 from vlserve.engine.runner import ModelRunner
 from vlserve.engine.sequence import Sequence
 
@@ -30,24 +31,9 @@ def runner(tiny_model_path: Path) -> ModelRunner:
     return r
 
 
-def _seq(name: str, encoded: EncodedPrompt) -> Sequence:
-    prepared = encoded.prepared
-    return Sequence(
-        request_id=name,
-        token_ids=list(prepared.token_ids),
-        num_prompt_tokens=prepared.num_tokens,
-        params=None,  # type: ignore[arg-type]
-        emit=lambda _: None,
-        deadline=0.0,
-        arrival_time=0.0,
-        prompt=encoded,
-        image_spans=tuple(i.span for i in prepared.images),
-    )
-
-
 def _prefill(runner: ModelRunner, blocks: BlockManager, messages: list[dict]) -> tuple:  # type: ignore[type-arg]
     encoded = runner.encode([runner.preprocess(ChatPrompt(messages))])[0]
-    seq = _seq("s", encoded)
+    seq = Sequence.for_prompt("s", encoded, SamplingParams(max_tokens=1))
     blocks.allocate(seq)
     hit = seq.num_cached_tokens
     logits = runner.run([seq], True)

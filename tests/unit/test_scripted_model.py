@@ -26,8 +26,8 @@ from vlserve.testing.scripted_model import (  # noqa: E402
     TOOL_CALL_END_ID,
     TOOL_CALL_START_ID,
     scripted_cache_key,
-    verification_chats,
 )
+from vlserve.testing.scripted_verify import verification_chats  # noqa: E402
 
 TOOL_CALL = (
     "<tool_call>\n"

@@ -138,11 +138,9 @@ class BlockManager:
         """Give ``seq`` its blocks: the cached prefix shared, the rest fresh."""
         if seq.block_table:
             raise ValueError("sequence already holds blocks")
-        hits = self._hits(seq)
-        if self.blocks_for(seq.num_tokens) - len(hits) > len(self._free) - sum(
-            1 for b in hits if self._blocks[b].ref_count == 0
-        ):
+        if not self.can_allocate(seq):
             raise MemoryError("not enough free KV blocks")
+        hits = self._hits(seq)
         for b in hits:
             self._hold(b)
         seq.block_table = hits + [
@@ -163,11 +161,13 @@ class BlockManager:
 
     def commit(self, seq: BlockSequence, num_computed: int) -> None:
         """``seq``'s first ``num_computed`` tokens now have their KV: publish its full blocks."""
+        first = seq.num_cached_tokens // self.block_size  # blocks before it were handled
         seq.num_cached_tokens = num_computed
         if not self.prefix_caching:
             return
-        for i, h in enumerate(self._hashes(seq, num_computed)):
-            block = self._blocks[seq.block_table[i]]
+        hashes = self._hashes(seq, num_computed)
+        for i in range(first, len(hashes)):
+            h, block = hashes[i], self._blocks[seq.block_table[i]]
             if block.hash is None and h not in self._cached:
                 block.hash = h
                 self._cached[h] = block.id

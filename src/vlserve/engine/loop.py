@@ -70,25 +70,14 @@ class EngineLoop:
         emit: Callable[[TokenEvent], None],
         timeout_s: float,
     ) -> Sequence:
-        prepared = prompt.prepared
         now = time.monotonic()
         runner = self.runner
-        return Sequence(
-            request_id=request_id,
-            token_ids=list(prepared.token_ids),
-            num_prompt_tokens=prepared.num_tokens,
-            params=params,
-            emit=emit,
-            deadline=now + timeout_s,
-            arrival_time=now,
-            prompt=prompt,
-            image_spans=tuple(image.span for image in prepared.images),
-            cache_salt=prepared.cache_salt,
-            detok=IncrementalDetokenizer(runner.tokenizer, params.stop),
-            sampler=SamplerState(
-                params, prepared.token_ids, runner.vocab_size, runner.device.torch_device
-            ),
+        seq = Sequence.for_prompt(request_id, prompt, params, emit, now + timeout_s, now)
+        seq.detok = IncrementalDetokenizer(runner.tokenizer, params.stop)
+        seq.sampler = SamplerState(
+            params, seq.token_ids, runner.vocab_size, runner.device.torch_device
         )
+        return seq
 
     # -- the loop -----------------------------------------------------------------------------
     def run(self, stopped: Callable[[], bool]) -> None:

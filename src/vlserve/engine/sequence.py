@@ -55,6 +55,31 @@ class Sequence:
     sampler: Any = None  # engine.sampling.SamplerState
     aborted: bool = False
 
+    @classmethod
+    def for_prompt(
+        cls,
+        request_id: str,
+        prompt: Any,
+        params: SamplingParams,
+        emit: Callable[[TokenEvent], None] = lambda _: None,
+        deadline: float = float("inf"),
+        arrival_time: float = 0.0,
+    ) -> Sequence:
+        """A waiting sequence for an ``EncodedPrompt`` (its tokens, image spans and salt)."""
+        prepared = prompt.prepared
+        return cls(
+            request_id=request_id,
+            token_ids=list(prepared.token_ids),
+            num_prompt_tokens=prepared.num_tokens,
+            params=params,
+            emit=emit,
+            deadline=deadline,
+            arrival_time=arrival_time,
+            prompt=prompt,
+            image_spans=tuple(image.span for image in prepared.images),
+            cache_salt=prepared.cache_salt,
+        )
+
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)

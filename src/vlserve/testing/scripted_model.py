@@ -24,13 +24,12 @@ assistant turn) does not matter.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -55,6 +54,7 @@ _IDS = added_token_ids()
 EOS_ID = _IDS["<|im_end|>"]  # 151645
 TOOL_CALL_START_ID = _IDS["<tool_call>"]  # 151657
 TOOL_CALL_END_ID = _IDS["</tool_call>"]  # 151658
+PAD_ID = _IDS["<|endoftext|>"]  # 151643
 
 DEFAULT_SCRIPT_TEXT = (
     "Hello! 你好, I will check the weather.\n"
@@ -120,7 +120,7 @@ class _Plan:
                 raise ValueError(
                     f"script token {t} is outside the vocabulary (0..{VOCAB_SIZE - 1})"
                 )
-            if t in (EOS_ID, _IDS["<|endoftext|>"]):
+            if t in (EOS_ID, PAD_ID):
                 raise ValueError(
                     f"script token {t} ends generation; EOS is appended by the builder"
                 )
@@ -318,117 +318,6 @@ def _zero_vision_outputs(state: dict[str, Any]) -> None:
             state[name] = torch.zeros_like(state[name])
 
 
-def verification_chats() -> list[list[dict[str, Any]]]:
-    """The prompts a build must answer with the script: text, images, system, multi-turn, long."""
-    from PIL import Image
-
-    def picture(width: int, height: int, seed: int) -> Any:
-        image = Image.new("RGB", (width, height), (seed * 40 % 256, 120, 255 - seed * 30 % 256))
-        for x in range(0, width, 3):
-            image.putpixel((x, (x * (seed + 2)) % height), (x % 256, 30, 200))
-        return image
-
-    def text(value: str) -> dict[str, Any]:
-        return {"type": "text", "text": value}
-
-    long_text = " ".join(f'word{i} Paris 你好 {{"name": {i}}}' for i in range(60))
-    return [
-        [{"role": "user", "content": [text("Hi")]}],
-        [
-            {"role": "system", "content": [text("You are a weather bot.")]},
-            {
-                "role": "user",
-                "content": [{"type": "image", "image": picture(448, 448, 1)}, text("What is it?")],
-            },
-        ],
-        [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "image", "image": picture(640, 320, 2)},
-                    text("and"),
-                    {"type": "image", "image": picture(64, 96, 3)},
-                ],
-            }
-        ],
-        [
-            {"role": "system", "content": [text("Be brief.")]},
-            {"role": "user", "content": [text("Weather in Paris?")]},
-            {"role": "assistant", "content": [text(DEFAULT_SCRIPT_TEXT)]},
-            {"role": "user", "content": [text("<tool_call>\nAgain, please.\n")]},
-            {"role": "assistant", "content": [text("ab")]},
-            {"role": "user", "content": [text("Once more")]},
-        ],
-        [{"role": "user", "content": [text(long_text)]}],
-    ]
-
-
-@contextlib.contextmanager
-def _no_progress_bars() -> Iterator[None]:
-    """transformers' weight-loading progress bar writes to stderr; a build prints nothing."""
-    from transformers.utils import logging as hf_logging
-
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
-
-
-def verify_scripted_model(
-    model_dir: Path,
-    script_ids: Sequence[int],
-    *,
-    compute_dtypes: Sequence[str] = ("float32", "bfloat16"),
-) -> None:
-    """Greedy ``generate`` on ``verification_chats()`` must give ``script + [EOS]`` exactly.
-
-    Checked with the weights loaded in each of ``compute_dtypes`` (float32: the CPU server;
-    bfloat16: accelerators). Raises ``RuntimeError`` naming the prompt and the tokens otherwise.
-    """
-    import torch
-    from transformers import AutoProcessor, GenerationConfig, Qwen3VLForConditionalGeneration
-
-    expected = [*script_ids, EOS_ID]
-    greedy = GenerationConfig(
-        do_sample=False,
-        max_new_tokens=len(expected) + 2,
-        eos_token_id=EOS_ID,
-        pad_token_id=_IDS["<|endoftext|>"],
-    )
-    processor = AutoProcessor.from_pretrained(model_dir)
-    prompts = [
-        processor.apply_chat_template(
-            chat, tokenize=True, return_dict=True, return_tensors="pt", add_generation_prompt=True
-        )
-        for chat in verification_chats()
-    ]
-    for compute in compute_dtypes:
-        with _no_progress_bars():
-            model = Qwen3VLForConditionalGeneration.from_pretrained(
-                model_dir, dtype=getattr(torch, compute)
-            )
-        model.eval()
-        # Ours, not the released sampling defaults (which would also draw a warning per call).
-        model.generation_config = greedy
-        for index, inputs in enumerate(prompts):
-            prompt = inputs["input_ids"][0].tolist()
-            if tuple(prompt[-len(ANSWER_PREFIX_IDS) :]) != ANSWER_PREFIX_IDS:
-                raise RuntimeError(
-                    f"prompt {index} does not end with the generation prompt: {prompt[-8:]}"
-                )
-            with torch.inference_mode():
-                out = model.generate(**inputs)
-            got = out[0, len(prompt) :].tolist()
-            if got != expected:
-                raise RuntimeError(
-                    f"scripted model at {model_dir} failed verification ({compute}) on prompt "
-                    f"{index} ({len(prompt)} tokens): expected {expected}, got {got}"
-                )
-
-
 def build_scripted_model(
     out_dir: Path,
     script_ids: Sequence[int] | None = None,
@@ -437,7 +326,7 @@ def build_scripted_model(
     dtype: str = "float32",
     verify: bool = True,
 ) -> Path:
-    """Write a scripted checkpoint into ``out_dir``, verify it (see ``verify_scripted_model``).
+    """Write a scripted checkpoint into ``out_dir``, verify it (``scripted_verify``).
 
     ``script_ids`` defaults to ``DEFAULT_SCRIPT_IDS``; ``seed`` only draws the vision tower's
     weights (the answer never depends on images). Raises ``ValueError`` for a script the tiny
@@ -465,6 +354,8 @@ def build_scripted_model(
     )
     built_s = time.perf_counter() - start
     if verify:
+        from vlserve.testing.scripted_verify import verify_scripted_model
+
         verify_scripted_model(out_dir, script)
     logger.info(
         "scripted Qwen3-VL (%d tokens, context %d) written to %s in %.1f s, verified in %.1f s",
