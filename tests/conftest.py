@@ -12,7 +12,14 @@ import pytest
 
 from vlserve.testing.server import ServerProcess, free_port, start_server, stop_server
 
-__all__ = ["ServerProcess", "free_port", "png_data_url", "start_server", "stop_server"]
+__all__ = [
+    "ServerProcess",
+    "free_port",
+    "load_checkpoint",
+    "png_data_url",
+    "start_server",
+    "stop_server",
+]
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,6 +38,18 @@ def png_data_url(
     buf = io.BytesIO()
     image.save(buf, fmt)
     return f"data:image/{fmt.lower()};base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def load_checkpoint(path: Path):  # type: ignore[no-untyped-def]
+    """A checkpoint in fp32, checked to load every weight it should and nothing else."""
+    import torch
+    import transformers
+
+    loaded, info = transformers.Qwen3VLForConditionalGeneration.from_pretrained(
+        path, dtype=torch.float32, output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    return loaded.eval()
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("torchvision")
 Image = pytest.importorskip("PIL.Image")
 
+from tests.conftest import load_checkpoint  # noqa: E402
 from vlserve.cli import main as vlserve_main  # noqa: E402
 from vlserve.testing import (  # noqa: E402
     DEFAULT_SCRIPT_IDS,
@@ -93,11 +94,7 @@ def scripted_dir() -> Path:
 
 @pytest.fixture(scope="module")
 def model(scripted_dir: Path) -> Any:
-    loaded, info = transformers.Qwen3VLForConditionalGeneration.from_pretrained(
-        scripted_dir, dtype=torch.float32, output_loading_info=True
-    )
-    assert not info["missing_keys"] and not info["unexpected_keys"]
-    return loaded.eval()
+    return load_checkpoint(scripted_dir)
 
 
 @pytest.fixture(scope="module")

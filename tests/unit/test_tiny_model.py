@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("torchvision")
 Image = pytest.importorskip("PIL.Image")
 
+from tests.conftest import load_checkpoint  # noqa: E402
 from vlserve.cli import main as vlserve_main  # noqa: E402
 from vlserve.testing import build_tiny_model, ensure_tiny_model  # noqa: E402
 from vlserve.testing.tiny_model import cache_key, count_parameters  # noqa: E402
@@ -62,11 +63,7 @@ def tiny_dir(cache_root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def model(tiny_dir: Path) -> Any:
-    loaded, info = transformers.Qwen3VLForConditionalGeneration.from_pretrained(
-        tiny_dir, dtype=torch.float32, output_loading_info=True
-    )
-    assert not info["missing_keys"] and not info["unexpected_keys"]
-    return loaded.eval()
+    return load_checkpoint(tiny_dir)
 
 
 @pytest.fixture(scope="module")
