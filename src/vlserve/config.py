@@ -17,6 +17,7 @@ class ServerConfig:
     device: str = "auto"
     dtype: str = "auto"
     default_max_tokens: int = 2048
+    max_n: int = 16  # choices per request
     request_timeout_s: float = 600.0
     encoder_thread: bool = True
     shutdown_timeout_s: float = 30.0
@@ -44,6 +45,8 @@ class ServerConfig:
             raise ValueError(
                 f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}"
             )
+        if self.max_n < 1:
+            raise ValueError("max_n must be at least 1")
         if self.default_max_tokens < 1:
             raise ValueError("default_max_tokens must be at least 1")
         if self.request_timeout_s <= 0 or self.shutdown_timeout_s < 0:

@@ -332,6 +332,6 @@ def test_denormal_sampling_values_become_their_floors() -> None:
     logits = torch.randn(1, 50)
     # the sampler must still have a distribution: only the most likely token survives
     state = SamplerState(sp, [1, 2], 50, torch.device("cpu"))
-    assert sample(logits, [state]) == [int(logits.argmax())]
+    assert sample(logits, [state])[0] == [int(logits.argmax())]
     with pytest.raises(ValidationError):
         ChatCompletionRequest.model_validate({**_OK, "repetition_penalty": 5e-324})

@@ -53,7 +53,7 @@ def test_images_only_in_user_messages(role: str) -> None:
 
 def test_unknown_role_and_part_type() -> None:
     with pytest.raises(InvalidRequestError, match="role"):
-        split_messages([{"role": "tool", "content": "x"}])
+        split_messages([{"role": "function", "content": "x"}])
     with pytest.raises(InvalidRequestError) as info:
         split_messages([{"role": "user", "content": [{"type": "input_audio"}]}])
     assert info.value.param == "messages[0].content[0].type"
@@ -105,21 +105,26 @@ def test_stop_and_stop_token_ids() -> None:
 
 
 @pytest.mark.parametrize(
-    ("field", "value"),
+    ("fields", "param"),
     [
-        ("n", 2),
-        ("logprobs", True),
-        ("top_logprobs", 2),
-        ("logit_bias", {"1": 2.0}),
-        ("response_format", {"type": "json_object"}),
-        ("tools", [{"type": "function"}]),
-        ("tool_choice", "required"),
+        ({"n": 3}, "n"),  # above max_n=2
+        ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
+        ({"logprobs": False, "top_logprobs": 2}, "top_logprobs"),
+        ({"logit_bias": {"1": 2.0}}, "logit_bias"),
     ],
 )
-def test_unsupported_values_are_refused_by_name(field: str, value: object) -> None:
+def test_unsupported_values_are_refused_by_name(fields: dict, param: str) -> None:
     with pytest.raises(InvalidRequestError) as info:
-        check_supported(_req(**{field: value}))
-    assert info.value.param in (field, "logprobs")
+        check_supported(_req(**fields), max_n=2)
+    assert info.value.param == param
+
+
+def test_n_logprobs_and_formats_reach_the_sampling_params() -> None:
+    check_supported(_req(n=2, logprobs=True, top_logprobs=5), max_n=2)
+    sp = _sp(_req(n=2, logprobs=True, top_logprobs=5, seed=1))
+    assert (sp.n, sp.logprobs, sp.seed) == (2, 5, 1)
+    assert _sp(_req(logprobs=True)).logprobs == 0
+    assert _sp(_req(logprobs=False, top_logprobs=None)).logprobs is None
 
 
 def test_harmless_values_are_accepted() -> None:

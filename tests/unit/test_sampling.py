@@ -56,7 +56,7 @@ def test_seed_reproducible_and_independent_of_batch() -> None:
             else _state(vocab=50, temperature=0.9, seed=r)
             for r in rows
         ]
-        return [sample(logits[rows], states)[0] for _ in range(8)]
+        return [sample(logits[rows], states)[0][0] for _ in range(8)]
 
     first = run([0])
     assert first == run([0, 1, 2]) == run([0, 2])
@@ -68,7 +68,7 @@ def test_sampling_follows_the_distribution() -> None:
     state = _state(temperature=1.0, seed=3)
     counts = [0, 0, 0, 0]
     for _ in range(2000):
-        counts[sample(logits, [state])[0]] += 1
+        counts[sample(logits, [state])[0][0]] += 1
     assert counts[3] == 0
     assert 0.65 < counts[0] / 2000 < 0.75 and 0.15 < counts[1] / 2000 < 0.25
 
@@ -91,14 +91,14 @@ def test_presence_and_frequency_penalties_count_output_only() -> None:
 def test_sample_updates_penalty_state_incrementally() -> None:
     s = _state(temperature=0, frequency_penalty=10.0)
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
-    assert [sample(logits, [s])[0] for _ in range(3)] == [0, 1, 2]
+    assert [sample(logits, [s])[0][0] for _ in range(3)] == [0, 1, 2]
 
 
 def test_greedy_rows_and_penalised_rows_share_a_batch() -> None:
     logits = torch.tensor([[0.0, 3.0, 1.0], [0.0, 3.0, 2.9]])
     plain = _state(vocab=3, temperature=0)
     penalised = _state(prompt=(1,), vocab=3, temperature=0, repetition_penalty=2.0)
-    assert sample(logits, [plain, penalised]) == [1, 2]
+    assert sample(logits, [plain, penalised])[0] == [1, 2]
 
 
 def test_greedy_is_argmax_with_the_first_maximum_on_ties() -> None:

@@ -51,6 +51,7 @@ def create_app(
             metrics=metrics,
             started=int(time.time()),
             faults=faults,
+            max_n=config.max_n,
         )
         app.state.vl = state
         app.state.loop = asyncio.get_running_loop()

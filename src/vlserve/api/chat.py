@@ -7,7 +7,14 @@ from typing import Any
 
 from vlserve.errors import InvalidRequestError
 
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+}
+_IMAGE_ROLES = ("user", "tool")  # a tool result may hold images too
 
 
 def split_messages(messages: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
@@ -23,17 +30,31 @@ def split_messages(messages: Sequence[dict[str, Any]]) -> tuple[list[dict[str, A
         if role is None:
             raise InvalidRequestError(
                 f"messages[{i}].role {message.get('role')!r} is not supported; use system, "
-                "developer, user or assistant",
+                "developer, user, assistant or tool",
                 param=f"messages[{i}].role",
             )
         content = message.get("content")
+        calls = message.get("tool_calls")
+        if calls and role != "assistant":
+            raise InvalidRequestError(
+                f"messages[{i}]: only assistant messages carry tool_calls",
+                param=f"messages[{i}].tool_calls",
+            )
+        if content is None and not calls:
+            raise InvalidRequestError(
+                f"messages[{i}].content is required (it may be null only beside tool_calls)",
+                param=f"messages[{i}].content",
+            )
         parts: list[dict[str, Any]] = []
         if isinstance(content, str):
             parts.append({"type": "text", "text": content})
         else:
             for j, part in enumerate(content or []):
                 parts.append(_part(part, role, urls, f"messages[{i}].content[{j}]"))
-        out.append({"role": role, "content": parts})
+        entry: dict[str, Any] = {"role": role, "content": parts}
+        if calls:
+            entry["tool_calls"] = [{"type": "function", "function": c["function"]} for c in calls]
+        out.append(entry)
     return out, urls
 
 
@@ -42,9 +63,10 @@ def _part(part: dict[str, Any], role: str, urls: list[str], where: str) -> dict[
     if kind == "text":
         return {"type": "text", "text": part.get("text", "")}
     if kind == "image_url":
-        if role != "user":
+        if role not in _IMAGE_ROLES:
             raise InvalidRequestError(
-                f"{where}: images are only allowed in user messages, not in {role} messages",
+                f"{where}: images are only allowed in user and tool messages, not in {role} "
+                "messages",
                 param=where,
             )
         urls.append(part["image_url"]["url"])
@@ -60,5 +82,5 @@ def attach_images(messages: list[dict[str, Any]], images: Sequence[Any]) -> list
             {"type": "image", "image": images[p["index"]]} if p["type"] == "image" else p
             for p in message["content"]
         ]
-        result.append({"role": message["role"], "content": parts})
+        result.append({**message, "content": parts})
     return result

@@ -58,6 +58,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=2048,
         help="max_tokens when a request gives none (capped by the context)",
     )
+    m.add_argument(
+        "--max-n",
+        type=int,
+        default=16,
+        help="the most choices (n) one request may ask for; each is a sequence in the batch",
+    )
     s = p.add_argument_group("server")
     s.add_argument("--host", default=_env("SERVER_HOST", "0.0.0.0"), help="env SERVER_HOST")
     s.add_argument(
@@ -209,6 +215,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         device=args.device,
         dtype=args.dtype,
         default_max_tokens=args.default_max_tokens,
+        max_n=args.max_n,
         request_timeout_s=args.request_timeout,
         encoder_thread=args.encoder_thread,
         shutdown_timeout_s=args.shutdown_timeout,

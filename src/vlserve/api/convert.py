@@ -6,11 +6,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from vlserve.api.protocol import MAX_STOP_STRINGS, ChatCompletionRequest
-from vlserve.engine.request import SamplingParams
+from vlserve.engine.request import Guide, SamplingParams
 from vlserve.errors import InvalidRequestError
 
 MIN_TEMPERATURE = 1e-5  # below: greedy, as in vLLM
-MIN_TOP_P = 1e-8  # below any top token's probability (>= 1 / vocab): keeps that token only
+MIN_TOP_P = 1e-8
+DEFAULT_MAX_N = 16  # below any top token's probability (>= 1 / vocab): keeps that token only
 
 
 @dataclass(frozen=True)
@@ -39,20 +40,16 @@ class SamplingDefaults:
         )
 
 
-def check_supported(req: ChatCompletionRequest) -> None:
+def check_supported(req: ChatCompletionRequest, max_n: int = DEFAULT_MAX_N) -> None:
     """Refuse, naming the field, what the server cannot honour (never ignore it silently)."""
-    if req.n != 1:
-        _unsupported("n", "n > 1 is not supported; send separate requests")
-    if req.logprobs or req.top_logprobs:
-        _unsupported("logprobs", "logprobs are not supported")
+    if req.n > max_n:
+        raise InvalidRequestError(
+            f"n is {req.n}; this server allows at most {max_n} choices (--max-n)", param="n"
+        )
+    if req.top_logprobs is not None and not req.logprobs:
+        raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
     if req.logit_bias:
         _unsupported("logit_bias", "logit_bias is not supported")
-    if req.response_format is not None and req.response_format.type != "text":
-        _unsupported("response_format", "only response_format {'type': 'text'} is supported")
-    if req.tools:
-        _unsupported("tools", "tool calling is not supported")
-    if req.tool_choice not in (None, "none", "auto"):
-        _unsupported("tool_choice", "tool calling is not supported")
     if (
         req.max_tokens is not None
         and req.max_completion_tokens is not None
@@ -77,7 +74,11 @@ def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
 
 
 def to_sampling(
-    req: ChatCompletionRequest, defaults: SamplingDefaults, *, vocab_size: int
+    req: ChatCompletionRequest,
+    defaults: SamplingDefaults,
+    *,
+    vocab_size: int,
+    guide: Guide | None = None,
 ) -> SamplingParams:
     """The request's sampling parameters over the defaults; ``max_tokens`` stays None when the
     request gives none (the engine fits it to the prompt)."""
@@ -109,4 +110,7 @@ def to_sampling(
         stop_token_ids=tuple(req.stop_token_ids or ()),
         ignore_eos=req.ignore_eos,
         seed=req.seed,
+        n=req.n,
+        logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        guide=guide,
     )

@@ -37,7 +37,8 @@ class RequestRecord:
     status: int = 0
     model: str | None = None
     prompt_tokens: int = 0
-    completion_tokens: int = 0
+    completion_tokens: int = 0  # all choices together
+    choice_tokens: dict[int, int] = field(default_factory=dict)  # completion tokens by choice
     cached_tokens: int = 0  # of the prompt, from the prefix cache
     ttft_s: float | None = None
     queue_s: float | None = None

@@ -57,26 +57,100 @@ class ImagePart(BaseModel):
 ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
+class FunctionCall(BaseModel):
+    model_config = _STRICT
+    name: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
+    arguments: str = Field(max_length=MAX_TEXT_CHARS)  # JSON text, as the model wrote it
+
+
+class ToolCall(BaseModel):
+    model_config = _STRICT
+    id: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = _STRICT
-    role: Literal["system", "developer", "user", "assistant"]
-    # Required: a null content only comes with tool calls, which are not supported.
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    # None only for an assistant message with tool_calls (checked in api.chat)
     content: (
         Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
         | Annotated[list[ContentPart], Field(max_length=MAX_PARTS_PER_MESSAGE)]
-    )
+        | None
+    ) = None
     name: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
+    tool_calls: list[ToolCall] | None = Field(default=None, max_length=MAX_LIST_FIELD)
+    tool_call_id: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
+
+
+class FunctionDefinition(BaseModel):
+    model_config = _STRICT
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
+    parameters: dict[str, Any] | None = None  # a JSON schema of an object (checked in convert)
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    model_config = _STRICT
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = _STRICT
+    name: str = Field(min_length=1, max_length=MAX_NAME_CHARS)
+
+
+class NamedToolChoice(BaseModel):
+    model_config = _STRICT
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JSONSchemaFormat(BaseModel):
+    model_config = _STRICT
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
+    # "schema" is a BaseModel attribute; the JSON field keeps OpenAI's name
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class TextFormat(BaseModel):
+    model_config = _STRICT
+    type: Literal["text"]
+
+
+class JSONObjectFormat(BaseModel):
+    model_config = _STRICT
+    type: Literal["json_object"]
+
+
+class JSONSchemaResponseFormat(BaseModel):
+    model_config = _STRICT
+    type: Literal["json_schema"]
+    json_schema: JSONSchemaFormat
+
+
+ResponseFormat = Annotated[
+    TextFormat | JSONObjectFormat | JSONSchemaResponseFormat, Field(discriminator="type")
+]
+
+
+class MMProcessorKwargs(BaseModel):
+    """vLLM's per-request processor settings; clamped to the server's --max-image-pixels."""
+
+    model_config = _STRICT
+    min_pixels: int | None = Field(default=None, ge=1)
+    max_pixels: int | None = Field(default=None, ge=1)
 
 
 class StreamOptions(BaseModel):
     model_config = _STRICT
     include_usage: bool = False
     continuous_usage_stats: bool = False
-
-
-class ResponseFormat(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: str
 
 
 class ChatCompletionRequest(BaseModel):
@@ -109,18 +183,19 @@ class ChatCompletionRequest(BaseModel):
     ignore_eos: bool = False
     # vLLM's extension: requests with different salts never share prefix-cache blocks
     cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_NAME_CHARS)
-    n: int = Field(default=1, ge=1, le=128)
+    n: int = Field(default=1, ge=1, le=128)  # the server's --max-n is checked in convert
     user: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    # Accepted only with values that change nothing; anything else is a 400 naming the field.
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LIST_FIELD)
     response_format: ResponseFormat | None = None
-    tools: list[Any] | None = Field(default=None, max_length=MAX_LIST_FIELD)
-    tool_choice: Any = None
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_LIST_FIELD)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    mm_processor_kwargs: MMProcessorKwargs | None = None
+    # Accepted only with values that change nothing; anything else is a 400 naming the field.
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LIST_FIELD)
     store: bool | None = None
     metadata: dict[str, str] | None = Field(default=None, max_length=16)
 
@@ -130,7 +205,7 @@ class ChatCompletionRequest(BaseModel):
         total = sum(
             len(m.content)
             if isinstance(m.content, str)
-            else sum(len(p.text) for p in m.content if isinstance(p, TextPart))
+            else sum(len(p.text) for p in m.content or () if isinstance(p, TextPart))
             for m in messages
         )
         if total > MAX_TOTAL_TEXT_CHARS:
@@ -167,16 +242,50 @@ class Usage(BaseModel):
     prompt_tokens_details: PromptTokensDetails | None = None
 
 
+def _omit_none(
+    handler: SerializerFunctionWrapHandler, model: BaseModel, keep: tuple[str, ...]
+) -> dict[str, Any]:
+    return {k: v for k, v in handler(model).items() if v is not None or k in keep}
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: None = None
+
+
 class AssistantMessage(BaseModel):
+    """``tool_calls`` only when there are some, as OpenAI sends it."""
+
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _omit_none(handler, self, ("content",))
+
+
+FinishReasonName = Literal["stop", "length", "tool_calls"]
 
 
 class Choice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
-    finish_reason: Literal["stop", "length"]
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: FinishReasonName
 
 
 class ChatCompletion(BaseModel):
@@ -189,22 +298,45 @@ class ChatCompletion(BaseModel):
     system_fingerprint: str | None = None
 
 
+class DeltaFunction(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _omit_none(handler, self, ())
+
+
+class DeltaToolCall(BaseModel):
+    """The first delta of a call carries index, id, type and the name; later ones argument text."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunction
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _omit_none(handler, self, ())
+
+
 class Delta(BaseModel):
     """As OpenAI sends it: only the keys a chunk carries (role first, then content, then {})."""
 
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
     @model_serializer(mode="wrap")
     def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        return {k: v for k, v in handler(self).items() if v is not None}
+        return _omit_none(handler, self, ())
 
 
 class ChunkChoice(BaseModel):
     index: int
     delta: Delta
-    logprobs: None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: FinishReasonName | None = None
 
 
 class ChatCompletionChunk(BaseModel):

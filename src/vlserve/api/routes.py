@@ -15,10 +15,12 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 from vlserve.api import protocol as p
 from vlserve.api.chat import attach_images, split_messages
-from vlserve.api.convert import SamplingDefaults, check_supported, to_sampling
+from vlserve.api.convert import DEFAULT_MAX_N, SamplingDefaults, check_supported, to_sampling
 from vlserve.api.faults import FaultInjector
 from vlserve.api.metrics import Metrics, RequestRecord
 from vlserve.api.serving import Completion, collect, stream_chunks
+from vlserve.api.tools import ToolPlan
+from vlserve.api.tools import plan as plan_tools
 from vlserve.engine.client import EngineClient, EngineState
 from vlserve.engine.prompt import ChatPrompt
 from vlserve.engine.request import SamplingParams, TokenEvent
@@ -39,6 +41,7 @@ class ServerState:
     listed_names: tuple[str, ...]  # the names /v1/models reports
     metrics: Metrics
     defaults: SamplingDefaults | None = None
+    max_n: int = DEFAULT_MAX_N  # --max-n: the most choices a request may ask for
     faults: FaultInjector | None = None  # testing only (VLSERVE_FAULT_INJECT)
     started: int = 0
     draining: bool = False  # SIGTERM received: new requests get 503
@@ -166,8 +169,9 @@ async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> R
         )
     record = _record(request)
     record.model = body.model
-    check_supported(body)
-    prompt, params = await _convert(state, body)
+    check_supported(body, state.max_n)
+    tools = plan_tools(body)
+    prompt, params = await _convert(state, body, tools)
     if state.faults is not None:
         state.faults.track(record.request_id, body.user)
     try:
@@ -179,7 +183,13 @@ async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> R
     state.streams.add(events)
     if state.drain_expired:
         events.fail(_shutting_down())
-    out = Completion(f"chatcmpl-{uuid.uuid4().hex}", body.model, functools.partial(_track, record))
+    out = Completion(
+        f"chatcmpl-{uuid.uuid4().hex}",
+        body.model,
+        functools.partial(_track, record),
+        parse_tools=tools.parse_calls,
+        logprobs=bool(body.logprobs),
+    )
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
@@ -210,7 +220,8 @@ def _track(record: RequestRecord, event: TokenEvent) -> None:
         record.queue_s = event.queue_s
     # every event, so a request cut off mid-way still reports what it generated
     record.prompt_tokens = event.num_prompt_tokens
-    record.completion_tokens = event.num_completion_tokens
+    record.choice_tokens[event.index] = event.num_completion_tokens
+    record.completion_tokens = sum(record.choice_tokens.values())
     record.cached_tokens = event.num_cached_tokens
     if event.finished:
         record.finish_reason = event.finish_reason.value  # type: ignore[union-attr]
@@ -219,18 +230,21 @@ def _track(record: RequestRecord, event: TokenEvent) -> None:
 
 
 async def _convert(
-    state: ServerState, body: p.ChatCompletionRequest
+    state: ServerState, body: p.ChatCompletionRequest, tools: ToolPlan
 ) -> tuple[ChatPrompt, SamplingParams]:
-    """The request as the engine takes it: template messages with decoded images, and its
-    sampling parameters."""
+    """The request as the engine takes it: template messages with decoded images, the tools,
+    and its sampling parameters."""
     info = state.engine.model_info
     if info is None or state.engine.state is not EngineState.READY or state.defaults is None:
         raise EngineUnavailableError("the model is still loading; retry shortly")
-    params = to_sampling(body, state.defaults, vocab_size=info.vocab_size)
+    params = to_sampling(body, state.defaults, vocab_size=info.vocab_size, guide=tools.guide)
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
     template, urls = split_messages(messages)
     images = await state.media.load_many(urls)
-    return ChatPrompt(attach_images(template, images), cache_salt=body.cache_salt), params
+    prompt = ChatPrompt(
+        attach_images(template, images), cache_salt=body.cache_salt, tools=tools.template_tools
+    )
+    return prompt, params
 
 
 async def _complete(events: RequestStream, out: Completion, request: Request) -> Response:

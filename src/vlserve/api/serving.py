@@ -1,35 +1,44 @@
-"""Serving: a request's TokenEvents → an OpenAI chat.completion, or its SSE chunks (no HTTP)."""
+"""Serving: a request's TokenEvents → an OpenAI chat.completion, or its SSE chunks (no HTTP).
+
+Both shapes are built from the same per-choice pieces (``ChoiceBuilder``): content text, tool
+calls parsed as the text streams, and logprobs. So a streamed response reassembles to exactly
+the non-streamed one, tool calls and logprobs included.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from vlserve.api import protocol as p
 from vlserve.api.errors import body_for
 from vlserve.api.sse import DONE, frame
-from vlserve.engine.request import FinishReason, TokenEvent
+from vlserve.api.tool_calls import CallArguments, CallStart, Content, Piece, ToolCallParser
+from vlserve.engine.request import FinishReason, TokenEvent, TokenLogprob
 from vlserve.engine.stream import RequestStream
 from vlserve.errors import EngineError, VLServeError
 
 
 @dataclass(frozen=True)
 class Completion:
-    """Who the response is for: its id, model name and the per-event observer."""
+    """Who the response is for and how to build it: id, model name, the per-event observer,
+    whether to parse tool calls and to report logprobs."""
 
     id: str
     model: str
     track: Callable[[TokenEvent], None]
+    parse_tools: bool = False
+    logprobs: bool = False
 
 
-def usage(event: TokenEvent) -> p.Usage:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> p.Usage:
     return p.Usage(
-        prompt_tokens=event.num_prompt_tokens,
-        completion_tokens=event.num_completion_tokens,
-        total_tokens=event.num_prompt_tokens + event.num_completion_tokens,
-        prompt_tokens_details=p.PromptTokensDetails(cached_tokens=event.num_cached_tokens),
+        prompt_tokens=prompt_tokens,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        prompt_tokens_details=p.PromptTokensDetails(cached_tokens=cached_tokens),
     )
 
 
@@ -40,65 +49,174 @@ def raise_if_failed(event: TokenEvent) -> None:
         raise EngineError(f"generation ended early ({event.finish_reason.value})")
 
 
-async def collect(events: AsyncIterator[TokenEvent], out: Completion) -> p.ChatCompletion:
-    """The whole completion, once the request has finished."""
-    pieces: list[str] = []
-    last: TokenEvent | None = None
+def to_logprob(lp: TokenLogprob) -> p.TokenLogprob:
+    return p.TokenLogprob(
+        token=lp.token,
+        logprob=lp.logprob,
+        bytes=list(lp.bytes),
+        top_logprobs=[
+            p.TopLogprob(token=t.token, logprob=t.logprob, bytes=list(t.bytes)) for t in lp.top
+        ],
+    )
+
+
+@dataclass
+class ChoiceBuilder:
+    """One choice's pieces as they arrive; ``add`` returns the pieces of one event."""
+
+    index: int
+    parser: ToolCallParser | None
+    content: list[str] = field(default_factory=list)
+    calls: list[list[str]] = field(default_factory=list)  # [id, name, arguments...]
+    logprobs: list[p.TokenLogprob] = field(default_factory=list)
+    completion_tokens: int = 0
+    finish: str | None = None
+
+    def add(self, event: TokenEvent) -> list[Piece]:
+        self.completion_tokens = event.num_completion_tokens
+        self.logprobs.extend(to_logprob(lp) for lp in event.logprobs)
+        if self.parser is None:
+            pieces: list[Piece] = [Content(event.text)] if event.text else []
+        else:
+            pieces = self.parser.feed(event.text)
+            if event.finished:
+                pieces += self.parser.finish()
+        for piece in pieces:
+            if isinstance(piece, Content):
+                self.content.append(piece.text)
+            elif isinstance(piece, CallStart):
+                self.calls.append([piece.id, piece.name])
+            else:
+                self.calls[piece.index].append(piece.text)
+        if event.finished:
+            reason = event.finish_reason.value  # type: ignore[union-attr]
+            self.finish = "tool_calls" if self.calls and reason == "stop" else reason
+        return pieces
+
+    def choice(self, with_logprobs: bool) -> p.Choice:
+        text = "".join(self.content)
+        calls = [
+            p.ToolCall(id=c[0], function=p.FunctionCall(name=c[1], arguments="".join(c[2:])))
+            for c in self.calls
+        ]
+        return p.Choice(
+            index=self.index,
+            message=p.AssistantMessage(
+                content=(text.strip() or None) if calls else text, tool_calls=calls or None
+            ),
+            logprobs=p.ChoiceLogprobs(content=self.logprobs) if with_logprobs else None,
+            finish_reason=self.finish,  # type: ignore[arg-type]
+        )
+
+
+class Choices:
+    """The builders of a request's choices, and the usage over all of them."""
+
+    def __init__(self, n: int, out: Completion) -> None:
+        self.out = out
+        self.builders = [
+            ChoiceBuilder(i, ToolCallParser() if out.parse_tools else None) for i in range(n)
+        ]
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+
+    def add(self, event: TokenEvent) -> tuple[ChoiceBuilder, list[Piece]]:
+        self.out.track(event)
+        self.prompt_tokens = event.num_prompt_tokens
+        self.cached_tokens = event.num_cached_tokens
+        if event.finished:
+            raise_if_failed(event)
+        builder = self.builders[event.index]
+        return builder, builder.add(event)
+
+    def usage(self) -> p.Usage:
+        completion = sum(b.completion_tokens for b in self.builders)
+        return usage(self.prompt_tokens, completion, self.cached_tokens)
+
+
+async def collect(events: RequestStream, out: Completion) -> p.ChatCompletion:
+    """The whole completion, once every choice has finished."""
+    choices = Choices(events.n, out)
     async for event in events:
-        out.track(event)
-        pieces.append(event.text)
-        last = event
-    if last is None:  # the engine always ends a request with a finishing event
+        choices.add(event)
+    if any(b.finish is None for b in choices.builders):  # the engine always ends each choice
         raise EngineError("generation ended without a final event")
-    raise_if_failed(last)
     return p.ChatCompletion(
         id=out.id,
         created=int(time.time()),
         model=out.model,
-        choices=[
-            p.Choice(
-                index=0,
-                message=p.AssistantMessage(content="".join(pieces)),
-                finish_reason=last.finish_reason.value,  # type: ignore[union-attr, arg-type]
-            )
-        ],
-        usage=usage(last),
+        choices=[b.choice(out.logprobs) for b in choices.builders],
+        usage=choices.usage(),
     )
+
+
+def _delta(pieces: list[Piece]) -> p.Delta | None:
+    """One delta for an event's pieces: its content, and its tool-call fragments."""
+    text = "".join(x.text for x in pieces if isinstance(x, Content))
+    calls: list[p.DeltaToolCall] = []
+    for piece in pieces:
+        if isinstance(piece, CallStart):
+            calls.append(
+                p.DeltaToolCall(
+                    index=piece.index,
+                    id=piece.id,
+                    type="function",
+                    function=p.DeltaFunction(name=piece.name, arguments=""),
+                )
+            )
+        elif isinstance(piece, CallArguments):
+            calls.append(
+                p.DeltaToolCall(index=piece.index, function=p.DeltaFunction(arguments=piece.text))
+            )
+    if not text and not calls:
+        return None
+    return p.Delta(content=text or None, tool_calls=calls or None)
 
 
 async def stream_chunks(
     events: RequestStream, out: Completion, include_usage: bool
 ) -> AsyncIterator[bytes]:
-    """SSE frames: the role, content deltas, the finish reason, usage if asked, then [DONE];
-    an error after the start becomes an error event, then [DONE]."""
+    """SSE frames: each choice's role, its deltas (content, tool calls, logprobs) and finish
+    reason, usage if asked, then [DONE]; an error after the start becomes an error event, then
+    [DONE]. Logprobs of tokens whose text is still held back ride on the next chunk of that
+    choice."""
     created = int(time.time())
+    choices = Choices(events.n, out)
+    pending: list[list[p.TokenLogprob]] = [[] for _ in range(events.n)]
 
-    def chunk(delta: p.Delta, finish: str | None = None) -> bytes:
+    def chunk(index: int, delta: p.Delta, finish: str | None = None) -> bytes:
+        logprobs = None
+        if out.logprobs and (pending[index] or finish is not None):
+            logprobs = p.ChoiceLogprobs(content=pending[index])
+            pending[index] = []
         return frame(
             p.ChatCompletionChunk(
                 id=out.id,
                 created=created,
                 model=out.model,
-                choices=[p.ChunkChoice(index=0, delta=delta, finish_reason=finish)],  # type: ignore[arg-type]
+                choices=[
+                    p.ChunkChoice(index=index, delta=delta, logprobs=logprobs, finish_reason=finish)  # type: ignore[arg-type]
+                ],
             )
         )
 
     try:
-        yield chunk(p.Delta(role="assistant", content=""))
+        for i in range(events.n):
+            yield chunk(i, p.Delta(role="assistant", content=""))
         async for event in events:
-            out.track(event)
-            if event.text:
-                yield chunk(p.Delta(content=event.text))
-            if not event.finished:
-                continue
-            raise_if_failed(event)
-            yield chunk(p.Delta(), event.finish_reason.value)  # type: ignore[union-attr]
-            if include_usage:
-                yield frame(
-                    p.ChatCompletionChunk(
-                        id=out.id, created=created, model=out.model, choices=[], usage=usage(event)
-                    )
+            builder, pieces = choices.add(event)
+            pending[event.index].extend(to_logprob(lp) for lp in event.logprobs)
+            delta = _delta(pieces)
+            if delta is not None:
+                yield chunk(event.index, delta)
+            if event.finished:
+                yield chunk(event.index, p.Delta(), builder.finish)
+        if include_usage:
+            yield frame(
+                p.ChatCompletionChunk(
+                    id=out.id, created=created, model=out.model, choices=[], usage=choices.usage()
                 )
+            )
         yield DONE
     except VLServeError as exc:
         yield frame(body_for(exc))

@@ -20,6 +20,7 @@ from vlserve.engine.device import (
     share_cpu,
 )
 from vlserve.engine.encoder import Encoder
+from vlserve.engine.guided import CompiledGuide, GuideCompiler
 from vlserve.engine.loop import EngineLoop
 from vlserve.engine.prompt import ChatPrompt, EncodedPrompt, ImageFeatures, PreparedPrompt
 from vlserve.engine.request import SamplingParams, TokenEvent
@@ -108,6 +109,11 @@ class AsyncEngine:
         self._lock = threading.Condition()
         self._stop = False
         self._prep = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vlserve-prep")
+        # Grammars compile apart from preprocessing: a slow schema never delays an image.
+        self._compile = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="vlserve-grammar"
+        )
+        self._guide_compiler: GuideCompiler | None = None
         self._encoder = (
             Encoder(
                 self._encode_on_encoder_thread,
@@ -146,6 +152,7 @@ class AsyncEngine:
         if self._thread.is_alive():
             self._thread.join(timeout_s)
         self._prep.shutdown(wait=False, cancel_futures=True)
+        self._compile.shutdown(wait=False, cancel_futures=True)
         if self._encoder is not None:
             self._encoder.shutdown()
         if self._state is EngineState.READY:
@@ -167,12 +174,24 @@ class AsyncEngine:
         encode (encoder thread) → queue. Returns the request's event stream."""
         runner, loop = self._require_ready()
         aio = asyncio.get_running_loop()
+        guide = None
+        if params.guide is not None:  # a 400 for a bad schema comes before any image work
+            guide = await aio.run_in_executor(self._compile, self._guides().compile, params.guide)
         prepared = await aio.run_in_executor(self._prep, runner.preprocess, prompt)
         params = self._fit(prepared, params, loop.scheduler.blocks.capacity_tokens)
         with self._lock:
-            loop.scheduler.check_admissible(prepared.num_tokens, params.max_tokens or 0)
+            loop.scheduler.check_admissible(prepared.num_tokens, params.max_tokens or 0, params.n)
         encoded = await self._encode(prepared)
-        return self._submit(encoded, params, request_id)
+        return self._submit(encoded, params, request_id, guide)
+
+    def _guides(self) -> GuideCompiler:
+        """The grammar compiler (on the grammar thread only: made once, when ready)."""
+        if self._guide_compiler is None:
+            runner = self._loaded()
+            self._guide_compiler = GuideCompiler(
+                runner.tokenizer, runner.vocab_size, sorted(runner.eos_token_ids)
+            )
+        return self._guide_compiler
 
     def _fit(
         self, prepared: PreparedPrompt, params: SamplingParams, kv_tokens: int
@@ -220,34 +239,56 @@ class AsyncEngine:
             raise EngineError("encoding the images failed inside the engine") from exc
 
     def _submit(
-        self, prompt: EncodedPrompt, params: SamplingParams, request_id: str
+        self,
+        prompt: EncodedPrompt,
+        params: SamplingParams,
+        request_id: str,
+        guide: CompiledGuide | None = None,
     ) -> RequestStream:
+        """Queue one sequence per choice. Choice i of a seeded request draws from seed + i."""
         _, loop = self._require_ready()
         aio = asyncio.get_running_loop()
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        seq = loop.new_sequence(
-            prompt,
-            params,
-            request_id,
-            lambda ev: aio.call_soon_threadsafe(queue.put_nowait, ev),
-            self.config.request_timeout_s,
-        )
+
+        def emit(event: TokenEvent) -> None:
+            aio.call_soon_threadsafe(queue.put_nowait, event)
+
+        seqs = []
+        for i in range(params.n):
+            seed = None if params.seed is None else params.seed + i
+            choice = dataclasses.replace(params, seed=seed, n=1) if params.n > 1 else params
+            seqs.append(
+                loop.new_sequence(
+                    prompt,
+                    choice,
+                    request_id if i == 0 else f"{request_id}-{i}",
+                    emit,
+                    self.config.request_timeout_s,
+                    index=i,
+                    guide=guide,
+                )
+            )
         stream = RequestStream(
             request_id,
             queue,
-            functools.partial(self._abort, seq),
-            lambda: (seq.num_prompt_tokens, seq.num_output_tokens),
+            functools.partial(self._abort, seqs),
+            lambda: (seqs[0].num_prompt_tokens, sum(s.num_output_tokens for s in seqs)),
+            n=params.n,
         )
         with self._lock:
-            loop.scheduler.add(seq)  # raises 400 (never fits) or 429 (queue full)
+            first = seqs[0]  # 429 for all the choices or none
+            loop.scheduler.check_admissible(first.num_prompt_tokens, first.max_tokens, len(seqs))
+            for seq in seqs:
+                loop.scheduler.add(seq)  # raises 400 (never fits) or 429 (queue full)
             self._lock.notify_all()
         return stream
 
-    def _abort(self, seq: Sequence) -> None:
+    def _abort(self, seqs: list[Sequence]) -> None:
         with self._lock:
-            if not seq.done:
-                seq.aborted = True
-                self._lock.notify_all()
+            for seq in seqs:
+                if not seq.done:
+                    seq.aborted = True
+            self._lock.notify_all()
 
     def _require_ready(self) -> tuple[ModelRunner, EngineLoop]:
         if self._state is EngineState.LOADING:
@@ -278,6 +319,8 @@ class AsyncEngine:
                 self.device.dtype_name,
             )
             self._state = EngineState.READY
+            # the grammar compiler's vocabulary setup (about 1 s) off the first request's path
+            self._compile.submit(self._guides)
             log.info(
                 "engine ready: %s on %s (%s), KV cache %d tokens",
                 self.config.model_path,

@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING
 from vlserve.engine.block_manager import BlockManager
 from vlserve.engine.detokenizer import IncrementalDetokenizer
 from vlserve.engine.device import empty_cache, free_memory_bytes, is_out_of_memory
+from vlserve.engine.guided import CompiledGuide, GuideMasker
 from vlserve.engine.prompt import ChatPrompt, EncodedPrompt
-from vlserve.engine.request import FinishReason, SamplingParams, TokenEvent
+from vlserve.engine.request import FinishReason, SamplingParams, TokenEvent, TokenLogprob
 from vlserve.engine.runner import ModelRunner
-from vlserve.engine.sampling import SamplerState, sample
+from vlserve.engine.sampling import RowLogprobs, SamplerState, sample
 from vlserve.engine.scheduler import Scheduler, StepPlan
 from vlserve.engine.sequence import Sequence
 from vlserve.errors import EngineError, RequestTimeoutError, VLServeError
@@ -61,6 +62,7 @@ class EngineLoop:
         runner.pad_decode_rows = runner.device.type != "cpu" if buckets is None else buckets
         self.blocks = BlockManager(blocks + 1, config.block_size, config.prefix_caching)
         self.scheduler: Scheduler[Sequence] = Scheduler(config.scheduler, self.blocks)
+        self.masker = GuideMasker(runner.vocab_size, runner.device.torch_device)
 
     def new_sequence(
         self,
@@ -69,14 +71,20 @@ class EngineLoop:
         request_id: str,
         emit: Callable[[TokenEvent], None],
         timeout_s: float,
+        *,
+        index: int = 0,
+        guide: CompiledGuide | None = None,
     ) -> Sequence:
         now = time.monotonic()
         runner = self.runner
         seq = Sequence.for_prompt(request_id, prompt, params, emit, now + timeout_s, now)
+        seq.index = index
         seq.detok = IncrementalDetokenizer(runner.tokenizer, params.stop)
         seq.sampler = SamplerState(
             params, seq.token_ids, runner.vocab_size, runner.device.torch_device
         )
+        if guide is not None:
+            seq.sampler.guide = guide.new_state()
         return seq
 
     # -- the loop -----------------------------------------------------------------------------
@@ -98,7 +106,7 @@ class EngineLoop:
             return
         try:
             logits = self.runner.run(seqs, plan.is_prefill)
-            tokens = sample(logits, [seq.sampler for seq in seqs])
+            tokens, logprobs = sample(logits, [seq.sampler for seq in seqs], self.masker)
         except Exception as exc:
             self._fail(exc, seqs)
             return
@@ -106,8 +114,8 @@ class EngineLoop:
             self.blocks.commit(seq, seq.num_tokens)
         if self.hooks.on_step is not None:
             self.hooks.on_step(len(seqs), plan.is_prefill)
-        for seq, token in zip(seqs, tokens, strict=True):
-            self._on_token(seq, token)
+        for seq, token, row_logprobs in zip(seqs, tokens, logprobs, strict=True):
+            self._on_token(seq, token, row_logprobs)
 
     def warm_up(self) -> None:
         """Two short generations (one with an image) through the real path, so the first user
@@ -154,18 +162,21 @@ class EngineLoop:
             kept.append(seq)
         return kept
 
-    def _on_token(self, seq: Sequence, token: int) -> None:
+    def _on_token(self, seq: Sequence, token: int, row_logprobs: RowLogprobs | None) -> None:
         if seq.detok is None:
             raise EngineError(f"request {seq.request_id} has no detokenizer")
         params = seq.params
         seq.token_ids.append(token)
         finish: FinishReason | None = None
         text = ""
+        logprobs: tuple[TokenLogprob, ...] = ()
         if token in params.stop_token_ids or (
             not params.ignore_eos and token in self.runner.eos_token_ids
         ):
             finish = FinishReason.STOP
         else:
+            if row_logprobs is not None:
+                logprobs = (self.runner.token_bytes.logprob(token, *row_logprobs),)
             text = seq.detok.add(token)
             if seq.detok.stopped:
                 finish = FinishReason.STOP
@@ -175,7 +186,7 @@ class EngineLoop:
             finish = FinishReason.LENGTH
         if finish is not None:
             text += seq.detok.flush()
-        seq.emit(seq.event(text, (token,), finish))
+        seq.emit(seq.event(text, (token,), finish, logprobs=logprobs))
         if finish is not None:
             self._finish(seq, finish, emit=False)
 

@@ -7,6 +7,8 @@ Runs on the engine's preprocessing thread, never on the event loop or the infere
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,6 +17,7 @@ import torch
 
 from vlserve.engine.prompt import ChatPrompt, ImageInput, PreparedPrompt
 from vlserve.engine.sequence import ImageSpan
+from vlserve.errors import InvalidRequestError
 from vlserve.lru import BytesLRU
 
 _RAW_KEY = "vlserve_pixels_key"  # memo of the decoded pixels' hash, in the PIL image's info
@@ -59,6 +62,21 @@ class Preprocessor:
         self._merge = merge_size * merge_size
         self._token_types = "mm_token_type_ids" in getattr(processor, "model_input_names", ())
         self.cache: BytesLRU[ProcessedImage] = cache if cache is not None else BytesLRU(0)
+        added = [str(t) for t in getattr(self.tokenizer, "added_tokens_decoder", {}).values()]
+        self._special = re.compile("|".join(re.escape(t) for t in added)) if added else None
+
+    def _refuse_special(self, value: Any, where: str) -> None:
+        """Tools and tool calls are rendered by the template as they are (JSON text): a special
+        token's text inside them would become that token, so it is refused."""
+        if value is None or self._special is None:
+            return
+        found = self._special.search(json.dumps(value, ensure_ascii=False))
+        if found is not None:
+            raise InvalidRequestError(
+                f"{where} contains the special token {found.group()!r}; it cannot be rendered "
+                "as plain text there",
+                param=where,
+            )
 
     def __call__(self, prompt: ChatPrompt) -> PreparedPrompt:
         """Render the chat template and preprocess images (CPU tensors).
@@ -67,8 +85,14 @@ class Preprocessor:
         them stay plain text (see ``hide_texts``).
         """
         template, texts = hide_texts(prompt.messages)
+        extra: dict[str, Any] = {}
+        if prompt.tools:
+            self._refuse_special(prompt.tools, "tools")
+            extra["tools"] = prompt.tools
+        for i, message in enumerate(template):
+            self._refuse_special(message.get("tool_calls"), f"messages[{i}].tool_calls")
         text = self.processor.apply_chat_template(
-            template, tokenize=False, add_generation_prompt=True
+            template, tokenize=False, add_generation_prompt=True, **extra
         )
         pil_images = [
             p["image"] for m in template for p in m["content"] if p.get("type") == "image"

@@ -17,10 +17,12 @@ from vlserve.engine.sequence import ImageSpan
 @dataclass(frozen=True)
 class ChatPrompt:
     """What the API hands the engine: chat-template messages, images already decoded
-    (``{"type": "image", "image": PIL.Image}`` parts), and the tenant's cache salt."""
+    (``{"type": "image", "image": PIL.Image}`` parts), the tools the template renders (OpenAI's
+    ``tools`` entries) and the tenant's cache salt."""
 
     messages: list[dict[str, Any]]
     cache_salt: str | None = None
+    tools: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,34 @@ from dataclasses import dataclass
 
 from vlserve.errors import VLServeError
 
+MAX_TOP_LOGPROBS = 20
+
 
 class FinishReason(str, enum.Enum):
     STOP = "stop"  # eos, a stop token id or a stop string
     LENGTH = "length"  # max_tokens (or the context) ran out
     ABORT = "abort"  # the client went away or the server is shutting down
     ERROR = "error"  # the engine failed this request
+
+
+@dataclass(frozen=True)
+class Guide:
+    """A grammar the output must follow (structured output, forced tool calls).
+
+    ``kind`` is ``"json_object"`` (any JSON object; ``spec`` empty), ``"json_schema"`` (``spec``
+    is the schema as JSON text) or ``"tagged_json"`` (``spec`` is JSON text of
+    ``{"begin": str, "end": str, "schema": {...}, "repeat": int}``: ``begin``, a JSON value
+    matching ``schema``, ``end``; 1 to ``repeat`` times, a newline between two). JSON is compact: no whitespace between tokens that the grammar does not need.
+    ``param`` names the request field an uncompilable grammar is reported against.
+    """
+
+    kind: str
+    spec: str = ""
+    param: str = "response_format"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("json_object", "json_schema", "tagged_json"):
+            raise ValueError(f"unknown guide kind {self.kind!r}")
 
 
 @dataclass(frozen=True)
@@ -35,8 +57,15 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     seed: int | None = None
+    n: int = 1  # choices: one sequence each, sharing the prepared and encoded prompt
+    logprobs: int | None = None  # None: off; k: the chosen token's log-probability and top k
+    guide: Guide | None = None
 
     def __post_init__(self) -> None:
+        if self.n < 1:
+            raise ValueError("n must be at least 1")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
         if self.temperature < 0:
@@ -65,6 +94,23 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class TopLogprob:
+    token: str  # the token's bytes as text (U+FFFD where they are not whole UTF-8)
+    bytes: bytes
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability and the ``top`` alternatives, most likely first."""
+
+    token: str
+    bytes: bytes
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     """What one engine step produced for one request.
 
@@ -81,6 +127,10 @@ class TokenEvent:
     error: VLServeError | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     queue_s: float | None = None  # time from arrival to the first prefill, once scheduled
+    index: int = 0  # the choice (0..n-1) this event belongs to
+    # one per token of ``token_ids`` when the request asked for logprobs, but none for a token
+    # that ended the request (EOS, a stop token id): it is not part of the output
+    logprobs: tuple[TokenLogprob, ...] = ()
 
     @property
     def finished(self) -> bool:

@@ -1,18 +1,46 @@
-"""Next tokens for a batch: penalties, temperature, top-k/top-p/min-p, each row with its own seed.
+"""Next tokens for a batch: penalties, grammar masks, temperature, top-k/top-p/min-p, each row
+with its own seed, and log-probabilities for the rows that ask.
 
 Every row's filters are applied to the whole batch at once (rows that do not use a filter get a
-neutral value). Penalty state is kept per request and updated with each token
+neutral value). Penalty and grammar state is kept per request and updated with each token
 (``SamplerState.append``), never rebuilt from the history. The one random draw of a row comes
 from its own generator, so seeded sampling is reproducible whatever else is batched.
+
+Log-probabilities are those of the distribution the token is drawn from before truncation:
+log-softmax of the logits after penalties, the grammar mask and temperature (temperature 1 for
+greedy rows); top-k, top-p and min-p do not change them (vLLM's ``processed_logprobs``). Only
+rows that ask pay for them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
 from vlserve.engine.request import SamplingParams
+
+# What a masked-out token's log-probability is reported as (JSON has no -inf); OpenAI's value.
+MIN_LOGPROB = -9999.0
+
+
+class GuideState(Protocol):
+    """One request's grammar matcher (``engine.guided``)."""
+
+    def fill_mask(self, bitmask: torch.Tensor, row: int) -> None: ...
+
+    def accept(self, token_id: int) -> None: ...
+
+
+class Masker(Protocol):
+    """Applies the grammar masks of some rows of a batch (``engine.guided.GuideMasker``)."""
+
+    def __call__(self, logits: torch.Tensor, guides: Sequence[GuideState | None]) -> None: ...
+
+
+# (chosen token's logprob, top token ids, their logprobs) of one row
+RowLogprobs = tuple[float, list[int], list[float]]
 
 
 class SamplerState:
@@ -27,10 +55,11 @@ class SamplerState:
     ) -> None:
         self.params = params
         self.generator: torch.Generator | None = None
+        self.guide: GuideState | None = None
         if not params.greedy:
             self.generator = torch.Generator(device=device)
             if params.seed is not None:
-                self.generator.manual_seed(params.seed)
+                self.generator.manual_seed(params.seed % 2**64)
             else:
                 self.generator.seed()
         self.seen: torch.Tensor | None = None  # tokens of prompt and output (repetition penalty)
@@ -42,11 +71,9 @@ class SamplerState:
         if params.presence_penalty or params.frequency_penalty:
             self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
 
-    @property
-    def plain_greedy(self) -> bool:
-        return self.params.greedy and not self.params.needs_history
-
     def append(self, token_id: int) -> None:
+        if self.guide is not None:
+            self.guide.accept(token_id)
         if self.seen is not None and 0 <= token_id < self.seen.numel():
             self.seen[token_id] = True
         if self.counts is not None and 0 <= token_id < self.counts.numel():
@@ -91,9 +118,16 @@ def greedy(logits: torch.Tensor, chunks: int = 128) -> torch.Tensor:
     return best * (vocab // chunks) + inside
 
 
-def sample(logits: torch.Tensor, states: Sequence[SamplerState]) -> list[int]:
-    """Next token of each row of (rows, vocab) float32 logits; updates each state."""
+def sample(
+    logits: torch.Tensor, states: Sequence[SamplerState], mask: Masker | None = None
+) -> tuple[list[int], list[RowLogprobs | None]]:
+    """Next token of each row of (rows, vocab) float32 logits, and each row's logprobs (None
+    where not asked); updates each state."""
     logits = apply_penalties(logits.float(), states)
+    guides = [s.guide for s in states]
+    if mask is not None and any(g is not None for g in guides):
+        logits = logits.contiguous()
+        mask(logits, guides)
     tokens = greedy(logits.contiguous())
     random_rows = [i for i, s in enumerate(states) if not s.params.greedy]
     if random_rows:
@@ -101,9 +135,35 @@ def sample(logits: torch.Tensor, states: Sequence[SamplerState]) -> list[int]:
         picked = _sample_rows(logits[index], [states[i] for i in random_rows])
         tokens[index] = picked
     out = tokens.tolist()
+    logprobs = _logprobs(logits, tokens, states)
     for state, token in zip(states, out, strict=True):
         state.append(token)
-    return out
+    return out, logprobs
+
+
+def _logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, states: Sequence[SamplerState]
+) -> list[RowLogprobs | None]:
+    rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
+    result: list[RowLogprobs | None] = [None] * len(states)
+    if not rows:
+        return result
+    dev = logits.device
+    index = torch.tensor(rows, device=dev)
+    temperature = torch.tensor(
+        [states[i].params.temperature or 1.0 for i in rows], device=dev
+    ).unsqueeze(1)
+    logp = torch.log_softmax(logits[index] / temperature, dim=-1)
+    chosen = logp.gather(1, tokens[index].unsqueeze(1)).view(-1).clamp(min=MIN_LOGPROB)
+    k = max(int(states[i].params.logprobs or 0) for i in rows)
+    top = torch.topk(logp, k, dim=-1) if k else None
+    chosen_list = chosen.tolist()
+    top_ids = top.indices.tolist() if top is not None else [[] for _ in rows]
+    top_vals = top.values.clamp(min=MIN_LOGPROB).tolist() if top is not None else top_ids
+    for j, i in enumerate(rows):
+        want = int(states[i].params.logprobs or 0)
+        result[i] = (chosen_list[j], top_ids[j][:want], top_vals[j][:want])
+    return result
 
 
 def probabilities(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:

@@ -76,9 +76,9 @@ class Scheduler(Generic[S]):
         self.running: list[S] = []
         self.num_preemptions = 0
 
-    def check_admissible(self, num_prompt_tokens: int, max_tokens: int) -> None:
-        """Raise now what ``add`` would raise for such a request: 400 if it could never be
-        admitted whatever else runs, 429 if the waiting queue is full."""
+    def check_admissible(self, num_prompt_tokens: int, max_tokens: int, count: int = 1) -> None:
+        """Raise now what ``add`` would raise for ``count`` such sequences: 400 if one could
+        never be admitted whatever else runs, 429 if the waiting queue has no room for all."""
         budget = self.blocks.capacity_tokens
         if num_prompt_tokens + max_tokens > budget:
             raise ContextLengthError(
@@ -87,7 +87,7 @@ class Scheduler(Generic[S]):
                 "(--kv-cache-tokens); shorten the prompt or lower max_tokens",
                 param="max_tokens",
             )
-        if len(self.waiting) >= self.config.max_queue:
+        if len(self.waiting) + count > self.config.max_queue:
             raise OverloadedError(
                 f"server is at capacity ({len(self.running)} running, {len(self.waiting)} "
                 "waiting); retry later"

@@ -53,6 +53,7 @@ class Sequence:
     num_preemptions: int = 0
     detok: IncrementalDetokenizer | None = None
     sampler: Any = None  # engine.sampling.SamplerState
+    index: int = 0  # which of the request's n choices
     aborted: bool = False
 
     @classmethod
@@ -104,7 +105,12 @@ class Sequence:
         return [s.key for s in self.image_spans if s.start < end and s.end > start]
 
     def event(
-        self, text: str, tokens: tuple[int, ...], finish: Any = None, error: Any = None
+        self,
+        text: str,
+        tokens: tuple[int, ...],
+        finish: Any = None,
+        error: Any = None,
+        logprobs: tuple[Any, ...] = (),
     ) -> TokenEvent:
         queued = None if self.scheduled_time is None else self.scheduled_time - self.arrival_time
         return TokenEvent(
@@ -116,4 +122,6 @@ class Sequence:
             error,
             num_cached_tokens=self.num_prefix_hit_tokens,
             queue_s=queued,
+            index=self.index,
+            logprobs=logprobs,
         )

@@ -10,7 +10,9 @@ from vlserve.errors import VLServeError
 
 
 class RequestStream:
-    """Async iterator over one request's TokenEvents; ``aclose()`` (or leaving early) aborts it."""
+    """Async iterator over one request's TokenEvents, of all its ``n`` choices (``event.index``)
+    interleaved; it ends after every choice's final event. ``aclose()`` (or leaving early)
+    aborts the request."""
 
     def __init__(
         self,
@@ -18,13 +20,15 @@ class RequestStream:
         queue: asyncio.Queue[TokenEvent],
         abort: Callable[[], None],
         counts: Callable[[], tuple[int, int]],
+        n: int = 1,
     ) -> None:
         self.request_id = request_id
+        self.n = n
         self._abort = abort
-        self._counts = counts  # (prompt tokens, completion tokens so far)
+        self._counts = counts  # (prompt tokens, completion tokens so far, all choices)
         self._queue = queue
+        self._open = set(range(n))  # choices not finished yet
         self._finished = False
-        self.queue_s: float | None = None  # set by the engine when its first prefill starts
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -38,7 +42,10 @@ class RequestStream:
             self._abort()
             raise
         if event.finished:
-            self._finished = True
+            self._open.discard(event.index)
+            # an error ends the whole request (fail() and engine failures report on choice 0)
+            if not self._open or event.error is not None:
+                self._finished = True
         return event
 
     def fail(self, error: VLServeError) -> None:

@@ -21,7 +21,7 @@ from vlserve.testing.tokenizer import (
 )
 
 # Bump whenever the files written change: it is part of the cache key.
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2  # 2: the chat template renders tools, tool calls and results
 VOCAB_SIZE = 151_936
 TEXT_HIDDEN = 64
 DTYPES = ("bfloat16", "float32")
