@@ -111,3 +111,26 @@ def test_greedy_is_argmax_with_the_first_maximum_on_ties() -> None:
         x[1, 7] = x[1, vocab - 3] = 1e6  # two tied maxima in different chunks
         x[2, -1] = 1e6  # the last entry
         assert torch.equal(greedy(x), x.argmax(-1))
+
+
+def test_logprobs_are_of_the_tempered_penalised_distribution_for_asking_rows_only() -> None:
+    logits = torch.tensor([[2.0, 1.0, 0.5, -1.0], [2.5, 1.0, 0.5, -1.0], [0.0, 3.0, 1.0, 2.0]])
+    greedy_row = _state(temperature=0, logprobs=2)
+    hot = _state(temperature=2.0, seed=1, logprobs=3, frequency_penalty=1.0)
+    hot.append(0)  # token 0 counted once: its logit drops by 1
+    silent = _state(temperature=0)
+    tokens, logprobs = sample(logits.clone(), [greedy_row, hot, silent])
+    assert logprobs[2] is None and tokens[0] == 0 and tokens[2] == 1
+    chosen, top_ids, top_values = logprobs[0]  # type: ignore[misc]
+    expected = torch.log_softmax(logits[0], -1)
+    assert top_ids == [0, 1] and chosen == top_values[0] == expected[0].item()
+    chosen, top_ids, top_values = logprobs[1]  # type: ignore[misc]
+    expected = torch.log_softmax((logits[1] - torch.tensor([1.0, 0, 0, 0])) / 2.0, -1)
+    assert top_ids == expected.argsort(descending=True)[:3].tolist()
+    assert chosen == expected[tokens[1]].item()
+    assert top_values == sorted(top_values, reverse=True)
+
+
+def test_logprobs_zero_gives_the_chosen_token_only() -> None:
+    _, logprobs = sample(torch.tensor([[1.0, 0.0]]), [_state(vocab=2, temperature=0, logprobs=0)])
+    assert logprobs[0] is not None and logprobs[0][1:] == ([], [])

@@ -35,7 +35,7 @@ def split_messages(messages: Sequence[dict[str, Any]]) -> tuple[list[dict[str, A
             )
         content = message.get("content")
         calls = message.get("tool_calls")
-        if calls and role != "assistant":
+        if calls is not None and role != "assistant":
             raise InvalidRequestError(
                 f"messages[{i}]: only assistant messages carry tool_calls",
                 param=f"messages[{i}].tool_calls",

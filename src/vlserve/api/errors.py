@@ -67,6 +67,9 @@ def response_for(exc: VLServeError) -> JSONResponse:
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "none"}
 _PART_TAGS = {"text", "image_url"}  # discriminator values pydantic puts after a list index
+# discriminator values and union members pydantic puts after a field name
+_FIELD_TAGS = {"response_format": {"text", "json_object", "json_schema"}}
+_MODEL_TAGS = {"NamedToolChoice"}
 
 
 def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
@@ -82,7 +85,9 @@ def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
             or "[" in part
             or part in _TYPE_TAGS
             or part.startswith("constrained-")  # a union member with Field bounds
+            or part in _MODEL_TAGS
             or (isinstance(prev, int) and part in _PART_TAGS)
+            or part in _FIELD_TAGS.get(prev, ())
         ):
             out += f".{part}" if out else part
         prev = part

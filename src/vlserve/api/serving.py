@@ -102,7 +102,7 @@ class ChoiceBuilder:
         return p.Choice(
             index=self.index,
             message=p.AssistantMessage(
-                content=(text.strip() or None) if calls else text, tool_calls=calls or None
+                content=(text or None) if calls else text, tool_calls=calls or None
             ),
             logprobs=p.ChoiceLogprobs(content=self.logprobs) if with_logprobs else None,
             finish_reason=self.finish,  # type: ignore[arg-type]

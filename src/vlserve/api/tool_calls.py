@@ -6,7 +6,8 @@ The model writes a call as ``<tool_call>\\n{"name": "f", "arguments": {...}}\\n<
 
 Invariants:
 - No text of a tag ever reaches ``Content``: a tail that could still grow into ``<tool_call>``
-  is held back until it cannot.
+  is held back until it cannot. Whitespace is held back too: whitespace next to a call (the
+  newlines around and between tags) is dropped, so the content is the same streamed or not.
 - A call's fragments concatenate to the raw ``arguments`` value the model wrote (the object's
   closing brace and whitespace held back until the call ends), so a streamed call reassembles to
   exactly the non-streamed one: both are built from the same pieces.
@@ -82,7 +83,7 @@ class ToolCallParser:
     def finish(self) -> list[Piece]:
         """The rest, once the text has ended."""
         out = self.feed("")
-        if self._state == "text" and self._buf:
+        if self._state == "text" and self._buf and not (self.calls and self._buf.isspace()):
             out.append(Content(self._buf))
         elif self._state == "head":
             out.append(Content(START + self._buf))
@@ -97,12 +98,11 @@ class ToolCallParser:
             at = self._buf.find(START)
             if at < 0:
                 keep = _partial_suffix(self._buf, START)
-                text, self._buf = (
-                    self._buf[: len(self._buf) - keep],
-                    self._buf[len(self._buf) - keep :],
-                )
+                text = self._buf[: len(self._buf) - keep]
+                text = text[: len(text.rstrip())]  # trailing whitespace waits for what follows
+                self._buf = self._buf[len(text) :]
                 return [Content(text)] if text else []
-            text, self._buf = self._buf[:at], self._buf[at + len(START) :]
+            text, self._buf = self._buf[:at].rstrip(), self._buf[at + len(START) :]
             self._state = "head"
             return [Content(text)] if text else []
         if self._state == "head":

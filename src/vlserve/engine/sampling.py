@@ -122,7 +122,7 @@ def sample(
     logits: torch.Tensor, states: Sequence[SamplerState], mask: Masker | None = None
 ) -> tuple[list[int], list[RowLogprobs | None]]:
     """Next token of each row of (rows, vocab) float32 logits, and each row's logprobs (None
-    where not asked); updates each state."""
+    where not asked); updates each state. Grammar masks are applied to ``logits`` in place."""
     logits = apply_penalties(logits.float(), states)
     guides = [s.guide for s in states]
     if mask is not None and any(g is not None for g in guides):
