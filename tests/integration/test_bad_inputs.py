@@ -38,18 +38,23 @@ CASES = [
     ("no messages", {"model": "M", "messages": []}, 400, "messages"),
     (
         "bad role",
-        {"model": "M", "messages": [{"role": "tool", "content": "x"}]},
+        {"model": "M", "messages": [{"role": "function", "content": "x"}]},
         400,
         "messages[0].role",
     ),
     ("unknown field", {"model": "M", "messages": _msg("hi"), "frobnicate": 1}, 400, "frobnicate"),
-    ("n > 1", {"model": "M", "messages": _msg("hi"), "n": 2}, 400, "n"),
-    ("logprobs", {"model": "M", "messages": _msg("hi"), "logprobs": True}, 400, "logprobs"),
+    ("n over --max-n", {"model": "M", "messages": _msg("hi"), "n": 17}, 400, "n"),
     (
-        "tools",
+        "top_logprobs without logprobs",
+        {"model": "M", "messages": _msg("hi"), "top_logprobs": 2},
+        400,
+        "top_logprobs",
+    ),
+    (
+        "tool without function",
         {"model": "M", "messages": _msg("hi"), "tools": [{"type": "function"}]},
         400,
-        "tools",
+        "tools[0].function",
     ),
     (
         "negative max_tokens",

@@ -297,3 +297,43 @@ def test_bad_structured_requests_are_400s_naming_the_field(
     assert info.value.body["param"] == param  # type: ignore[index]
     ok = client.chat.completions.create(model=server.model, messages=USER, max_tokens=1)
     assert ok.choices[0].finish_reason == "length"
+
+
+def _image_tokens(
+    client: openai.OpenAI, server: ServerProcess, detail: str | None, **kw: Any
+) -> int:
+    url: dict[str, Any] = {"url": png_data_url(1280, 720)}
+    if detail is not None:
+        url["detail"] = detail
+    out = client.chat.completions.create(
+        model=server.model,
+        messages=[{"role": "user", "content": [{"type": "image_url", "image_url": url}]}],
+        max_tokens=1,
+        **kw,
+    )
+    return out.usage.prompt_tokens  # type: ignore[union-attr]
+
+
+def test_detail_and_processor_kwargs_change_the_image_tokens(
+    client: openai.OpenAI, server: ServerProcess
+) -> None:
+    full = _image_tokens(client, server, None)
+    assert _image_tokens(client, server, "high") == _image_tokens(client, server, "auto") == full
+    low = _image_tokens(client, server, "low")
+    assert full - low == 880 - 252  # 1280x720: 880 image tokens; low: at most 256 (24x42/4)
+    capped = _image_tokens(
+        client, server, None, extra_body={"mm_processor_kwargs": {"max_pixels": 128 * 32 * 32}}
+    )
+    assert low > capped and full - capped > 880 - 128
+    same = _image_tokens(
+        client, server, None, extra_body={"mm_processor_kwargs": {"max_pixels": 10**12}}
+    )
+    assert same == full  # clamped to the server's --max-image-pixels
+    tiny = _image_tokens(
+        client, server, "low", extra_body={"mm_processor_kwargs": {"max_pixels": 4096}}
+    )
+    assert tiny < capped
+    for bad in ({"min_pixels": 10, "max_pixels": 5}, {"max_pixels": 0}, {"fps": 2}):
+        with pytest.raises(openai.BadRequestError) as info:
+            _image_tokens(client, server, None, extra_body={"mm_processor_kwargs": bad})
+        assert info.value.body["param"].startswith("mm_processor_kwargs")  # type: ignore[index]

@@ -108,3 +108,29 @@ def test_guided_and_free_rows_sample_together_reproducibly(compiler: GuideCompil
     for _, constrained in first:
         assert constrained in _allowed(check)
         check.accept(constrained)
+
+
+def test_special_tokens_never_appear_inside_strings(
+    compiler: GuideCompiler, tiny_tokenizer: Any
+) -> None:
+    state = compiler.compile(Guide("json_object")).new_state()
+    _walk(state, tiny_tokenizer.encode('{"', add_special_tokens=False))
+    allowed = _allowed(state)
+    assert len(allowed) > 100_000  # inside a string: almost anything
+    assert not allowed & {151643, 151644, 151645, 151652, 151655}  # eos, im_start, vision
+    assert 151657 in allowed  # <tool_call> is an added token, not a special one: plain text
+
+
+def test_the_mask_equals_xgrammars_own(compiler: GuideCompiler) -> None:
+    import xgrammar as xgr
+
+    states = [compiler.compile(Guide("json_object")).new_state() for _ in range(3)]
+    logits = torch.randn(4, VOCAB)
+    ours = logits.clone()
+    GuideMasker(VOCAB, torch.device("cpu"))(ours, [states[0], None, states[1], states[2]])
+    bitmask = xgr.allocate_token_bitmask(4, VOCAB)
+    for row, state in ((0, states[0]), (2, states[1]), (3, states[2])):
+        state.fill_mask(bitmask, row)
+    theirs = logits.clone()
+    xgr.apply_token_bitmask_inplace(theirs, bitmask, vocab_size=VOCAB, indices=[0, 2, 3])
+    assert torch.equal(ours, theirs)

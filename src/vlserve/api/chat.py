@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from vlserve.errors import InvalidRequestError
@@ -15,6 +16,49 @@ _ROLES = {
     "tool": "tool",
 }
 _IMAGE_ROLES = ("user", "tool")  # a tool result may hold images too
+# image_url.detail "low": at most 256 image tokens (each covers 32x32 pixels after merging)
+LOW_DETAIL_MAX_PIXELS = 256 * 32 * 32
+
+
+@dataclass(frozen=True)
+class ImageBudget:
+    """Pixel bounds for the image processor: the request's ``mm_processor_kwargs``
+    (``min_pixels``/``max_pixels``, vLLM's extension) clamped to the server's
+    ``--max-image-pixels``; ``detail: "low"`` caps one image at ``LOW_DETAIL_MAX_PIXELS``.
+    ``high`` and ``auto`` mean the server's limit. None: the processor's own setting."""
+
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+
+    @classmethod
+    def from_request(cls, kwargs: dict[str, int | None] | None, server_max: int) -> ImageBudget:
+        kwargs = kwargs or {}
+        low, high = kwargs.get("min_pixels"), kwargs.get("max_pixels")
+        if low is not None and high is not None and low > high:
+            raise InvalidRequestError(
+                f"mm_processor_kwargs.min_pixels ({low}) is above max_pixels ({high})",
+                param="mm_processor_kwargs.min_pixels",
+            )
+        return cls(
+            None if low is None else min(low, server_max),
+            None if high is None else min(high, server_max),
+        )
+
+    def bounds(self, detail: str | None) -> dict[str, int]:
+        high = self.max_pixels
+        if detail == "low":
+            high = min(high or LOW_DETAIL_MAX_PIXELS, LOW_DETAIL_MAX_PIXELS)
+        low = (
+            self.min_pixels
+            if high is None or self.min_pixels is None
+            else min(self.min_pixels, high)
+        )
+        out = {}
+        if low is not None:
+            out["min_pixels"] = low
+        if high is not None:
+            out["max_pixels"] = high
+        return out
 
 
 def split_messages(messages: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
@@ -70,16 +114,27 @@ def _part(part: dict[str, Any], role: str, urls: list[str], where: str) -> dict[
                 param=where,
             )
         urls.append(part["image_url"]["url"])
-        return {"type": "image", "index": len(urls) - 1}
+        placeholder = {"type": "image", "index": len(urls) - 1}
+        if part["image_url"].get("detail") is not None:
+            placeholder["detail"] = part["image_url"]["detail"]
+        return placeholder
     raise InvalidRequestError(f"{where}.type {kind!r} is not supported", param=f"{where}.type")
 
 
-def attach_images(messages: list[dict[str, Any]], images: Sequence[Any]) -> list[dict[str, Any]]:
-    """Replace each image placeholder by its decoded image (a new structure; input untouched)."""
+def attach_images(
+    messages: list[dict[str, Any]],
+    images: Sequence[Any],
+    budget: ImageBudget | None = None,
+) -> list[dict[str, Any]]:
+    """Replace each image placeholder by its decoded image and its pixel bounds (a new
+    structure; input untouched)."""
+    budget = budget or ImageBudget()
     result = []
     for message in messages:
         parts = [
-            {"type": "image", "image": images[p["index"]]} if p["type"] == "image" else p
+            {"type": "image", "image": images[p["index"]], **budget.bounds(p.get("detail"))}
+            if p["type"] == "image"
+            else p
             for p in message["content"]
         ]
         result.append({**message, "content": parts})

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from vlserve.api import protocol as p
-from vlserve.api.chat import attach_images, split_messages
+from vlserve.api.chat import ImageBudget, attach_images, split_messages
 from vlserve.api.convert import DEFAULT_MAX_N, SamplingDefaults, check_supported, to_sampling
 from vlserve.api.faults import FaultInjector
 from vlserve.api.metrics import Metrics, RequestRecord
@@ -240,9 +240,13 @@ async def _convert(
     params = to_sampling(body, state.defaults, vocab_size=info.vocab_size, guide=tools.guide)
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
     template, urls = split_messages(messages)
+    kwargs = body.mm_processor_kwargs.model_dump() if body.mm_processor_kwargs else None
+    budget = ImageBudget.from_request(kwargs, state.media.config.max_image_pixels)
     images = await state.media.load_many(urls)
     prompt = ChatPrompt(
-        attach_images(template, images), cache_salt=body.cache_salt, tools=tools.template_tools
+        attach_images(template, images, budget),
+        cache_salt=body.cache_salt,
+        tools=tools.template_tools,
     )
     return prompt, params
 

@@ -25,6 +25,7 @@ import torch
 import xgrammar as xgr
 
 from vlserve.engine.request import Guide
+from vlserve.engine.vocab import TokenBytes
 from vlserve.errors import InvalidRequestError
 
 MAX_CACHED = 256
@@ -62,36 +63,45 @@ class GuideMatcher:
 
 
 class GuideMasker:
-    """Masks the constrained rows of a step's logits in place (one bitmask, reused)."""
+    """Masks the constrained rows of a step's logits in place (one bitmask, reused).
+
+    xgrammar's bitmask (bit ``t`` of a row set: token ``t`` allowed) becomes an additive mask
+    through a 256-entry table (one byte → eight 0/-inf floats) and is added to the constrained
+    rows only. Measured on two CPU cores, 16 of 32 rows over the 151,936-token vocabulary:
+    1.7 ms, against 10-18 ms for xgrammar's own CPU kernel (whose ``masked_fill`` is branchy);
+    plain torch ops, so CPU, CUDA and NPU share this one path.
+    """
 
     def __init__(self, vocab_size: int, device: torch.device) -> None:
         self.vocab_size = vocab_size
         self.device = device
         self._bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1  # little-endian bytes
+        self._table = torch.where(bits == 1, 0.0, float("-inf")).to(device)
 
+    @torch.inference_mode()  # the step's logits are inference tensors
     def __call__(self, logits: torch.Tensor, guides: Sequence[Any]) -> None:
         rows = [i for i, g in enumerate(guides) if g is not None]
         if not rows:
             return
         if self._bitmask.shape[0] < logits.shape[0]:
             self._bitmask = xgr.allocate_token_bitmask(logits.shape[0], self.vocab_size)
-        bitmask = self._bitmask[: logits.shape[0]]
-        for i in rows:
-            guides[i].fill_mask(bitmask, i)
-        mask = (
-            bitmask.to(logits.device, non_blocking=True) if logits.device.type != "cpu" else bitmask
-        )
-        xgr.apply_token_bitmask_inplace(logits, mask, vocab_size=self.vocab_size, indices=rows)
+        for j, i in enumerate(rows):
+            guides[i].fill_mask(self._bitmask, j)
+        packed = self._bitmask[: len(rows)].to(logits.device, non_blocking=True)
+        table = self._table if self._table.dtype == logits.dtype else self._table.to(logits.dtype)
+        add = torch.nn.functional.embedding(packed.view(torch.uint8).long(), table)
+        index = torch.tensor(rows, device=logits.device)
+        logits.index_add_(0, index, add.view(len(rows), -1)[:, : logits.shape[1]])
 
 
 class GuideCompiler:
     """Compiles ``Guide``s against the model's vocabulary; thread-safe, cached by spec."""
 
     def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> None:
-        info = xgr.TokenizerInfo.from_huggingface(
-            tokenizer, vocab_size=vocab_size, stop_token_ids=stop_token_ids
+        self._compiler = xgr.GrammarCompiler(
+            vocabulary(tokenizer, vocab_size, stop_token_ids), max_threads=1, cache_enabled=False
         )
-        self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
         self._cache: OrderedDict[Guide, CompiledGuide] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -115,6 +125,24 @@ class GuideCompiler:
             while len(self._cache) > MAX_CACHED:
                 self._cache.popitem(last=False)
         return compiled
+
+
+def vocabulary(tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> Any:
+    """The grammar's view of the vocabulary: each token's bytes, but nothing for special tokens
+    (``<|im_end|>``, ``<|image_pad|>``...), so none of them can appear inside a JSON string. The
+    end-of-sequence ones are still allowed once the grammar is complete; added tokens that are
+    not special (``<tool_call>``) keep their text and can be forced by a grammar."""
+    table = TokenBytes(tokenizer, vocab_size)
+    special = {int(i) for i in getattr(tokenizer, "all_special_ids", ())}
+    special |= {
+        int(i)
+        for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items()
+        if getattr(token, "special", False)
+    }
+    encoded = [b"" if i in special else table.bytes_of(i) for i in range(vocab_size)]
+    return xgr.TokenizerInfo(
+        encoded, xgr.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=stop_token_ids
+    )
 
 
 def grammar_for(guide: Guide) -> Any:

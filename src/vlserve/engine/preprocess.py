@@ -94,10 +94,10 @@ class Preprocessor:
         text = self.processor.apply_chat_template(
             template, tokenize=False, add_generation_prompt=True, **extra
         )
-        pil_images = [
-            p["image"] for m in template for p in m["content"] if p.get("type") == "image"
+        image_parts = [p for m in template for p in m["content"] if p.get("type") == "image"]
+        processed = [
+            self._process(p["image"], p.get("min_pixels"), p.get("max_pixels")) for p in image_parts
         ]
-        processed = [self._process(image) for image in pil_images]
         text = self._expand(text, [int(p.grid_thw.prod()) // self._merge for p in processed])
         rendered = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         pieces = [
@@ -110,20 +110,31 @@ class Preprocessor:
             token_ids, images, self._rope_inputs(token_ids, images), prompt.cache_salt
         )
 
-    def _process(self, image: Any) -> ProcessedImage:
+    def _process(
+        self, image: Any, min_pixels: int | None = None, max_pixels: int | None = None
+    ) -> ProcessedImage:
+        """One image through the processor, within its pixel bounds (None: the processor's)."""
         raw_key = image.info.get(_RAW_KEY)  # a decoded image the media cache handed out again
         if raw_key is None:
             raw = hashlib.blake2b(digest_size=16)
             raw.update(f"{image.mode}{image.size}".encode())
             raw.update(image.tobytes())
             raw_key = image.info[_RAW_KEY] = raw.digest()
-        found = self.cache.get(raw_key)
+        kwargs: dict[str, Any] = {}
+        cache_key = raw_key
+        if min_pixels is not None or max_pixels is not None:
+            size = self.processor.image_processor.size
+            high = max_pixels or int(_size_get(size, "longest_edge"))
+            low = min(min_pixels or int(_size_get(size, "shortest_edge")), high)
+            kwargs["size"] = {"shortest_edge": low, "longest_edge": high}
+            cache_key = raw_key + f"{min_pixels}:{max_pixels}".encode()
+        found = self.cache.get(cache_key)
         if found is not None:
             return found
-        out = self.processor.image_processor(images=[image], return_tensors="pt")
+        out = self.processor.image_processor(images=[image], return_tensors="pt", **kwargs)
         pixels, grid = out["pixel_values"], out["image_grid_thw"].view(1, 3)
         processed = ProcessedImage(image_key(raw_key, grid), pixels, grid)
-        self.cache.put(raw_key, processed)
+        self.cache.put(cache_key, processed)
         return processed
 
     def _expand(self, text: str, counts: list[int]) -> str:
@@ -162,6 +173,10 @@ class Preprocessor:
         if self._token_types:
             inputs["mm_token_type_ids"] = (ids == self._image_token_id).long()
         return inputs
+
+
+def _size_get(size: Any, name: str) -> Any:
+    return size.get(name) if isinstance(size, dict) else getattr(size, name)
 
 
 def image_key(pixels_key: bytes, grid: torch.Tensor) -> bytes:

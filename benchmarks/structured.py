@@ -1,0 +1,150 @@
+"""Structured output's cost: concurrency 32 with half the requests constrained by a JSON schema,
+against the same load all unconstrained, on one tiny-model server in one run.
+
+Closed loop (each of 32 users sends its next request when the last one ends), text prompts,
+max_tokens 64, greedy. The constrained users ask for an invoice-like schema whose first field is
+a free string (the random model writes it until max_tokens: a dense mask, the costly case for
+the sampler), the others are free (ignore_eos). The two loads alternate (free, mixed, free,
+mixed...) to spread the machine's noise; output tokens/s per load is the median over rounds.
+Also prints the grammar compiler's vocabulary setup and a schema's compile time, cold and
+cached, in-process with the same tokenizer.
+
+Target (issue 11): mixed / free >= 0.85.
+
+    .venv/bin/python benchmarks/structured.py [--rounds 3] [--requests 96]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "summary": {"type": "string"},
+        "paid": {"type": "boolean"},
+        "currency": {"enum": ["EUR", "USD", "CNY"]},
+        "lines": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"qty": {"type": "integer"}, "item": {"type": "string"}},
+                "required": ["qty", "item"],
+            },
+        },
+    },
+    "required": ["summary", "paid", "currency", "lines"],
+}
+CONCURRENCY = 32
+MAX_TOKENS = 64
+
+
+async def _load(base_url: str, model: str, requests: int, constrained_share: float) -> float:
+    """Output tokens/s of a closed loop of ``requests`` requests at CONCURRENCY."""
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="x", max_retries=0, timeout=600)
+    counter = iter(range(requests))
+    tokens = 0
+
+    async def user(u: int) -> None:
+        nonlocal tokens
+        constrained = u < CONCURRENCY * constrained_share
+        for i in counter:
+            extra: dict = {"ignore_eos": True}
+            kw: dict = {}
+            if constrained:
+                kw["response_format"] = {
+                    "type": "json_schema",
+                    "json_schema": {"name": "invoice", "schema": SCHEMA},
+                }
+            out = await client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": f"Invoice {i} from user {u}: extract it."}],
+                max_tokens=MAX_TOKENS,
+                temperature=0,
+                extra_body=extra,
+                **kw,
+            )
+            tokens += out.usage.completion_tokens  # type: ignore[union-attr]
+
+    start = time.perf_counter()
+    await asyncio.gather(*(user(u) for u in range(CONCURRENCY)))
+    wall = time.perf_counter() - start
+    await client.close()
+    return tokens / wall
+
+
+def compile_times(model_path: Path) -> dict[str, float]:
+    from transformers import AutoTokenizer
+
+    from vlserve.engine.guided import GuideCompiler
+    from vlserve.engine.request import Guide
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    t0 = time.perf_counter()
+    compiler = GuideCompiler(tokenizer, 151_936, [151645, 151643])
+    t1 = time.perf_counter()
+    compiler.compile(Guide("json_schema", json.dumps(SCHEMA)))
+    t2 = time.perf_counter()
+    compiler.compile(Guide("json_schema", json.dumps(SCHEMA)))
+    t3 = time.perf_counter()
+    compiler.compile(Guide("json_object"))
+    t4 = time.perf_counter()
+    return {
+        "setup_ms": (t1 - t0) * 1e3,
+        "cold_ms": (t2 - t1) * 1e3,
+        "cached_ms": (t3 - t2) * 1e3,
+        "json_object_ms": (t4 - t3) * 1e3,
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=96, help="per load and round")
+    args = ap.parse_args()
+
+    from vlserve.testing import ensure_tiny_model
+    from vlserve.testing.server import start_server, stop_server
+
+    model = ensure_tiny_model()
+    times = compile_times(model)
+    print(
+        f"grammar compiler setup {times['setup_ms']:.0f} ms; invoice schema compile cold "
+        f"{times['cold_ms']:.1f} ms, cached {times['cached_ms']:.3f} ms; json_object "
+        f"{times['json_object_ms']:.1f} ms"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        server = start_server(model, Path(tmp), "--max-num-seqs", str(CONCURRENCY))
+        try:
+            asyncio.run(_load(server.base_url, server.model, CONCURRENCY, 0.5))  # warm-up
+            free, mixed = [], []
+            for r in range(args.rounds):
+                free.append(asyncio.run(_load(server.base_url, server.model, args.requests, 0.0)))
+                mixed.append(asyncio.run(_load(server.base_url, server.model, args.requests, 0.5)))
+                print(
+                    f"round {r + 1}: free {free[-1]:.0f} tok/s, half constrained {mixed[-1]:.0f} tok/s"
+                )
+        finally:
+            stop_server(server)
+    ratio = statistics.median(mixed) / statistics.median(free)
+    print(
+        f"\nc={CONCURRENCY}, {MAX_TOKENS} tokens: free {statistics.median(free):.0f} tok/s, "
+        f"half constrained {statistics.median(mixed):.0f} tok/s"
+    )
+    print(
+        f"half constrained / free = {ratio:.2f}  (target >= 0.85: {'PASS' if ratio >= 0.85 else 'MISS'})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
