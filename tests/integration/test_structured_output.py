@@ -337,3 +337,18 @@ def test_detail_and_processor_kwargs_change_the_image_tokens(
         with pytest.raises(openai.BadRequestError) as info:
             _image_tokens(client, server, None, extra_body={"mm_processor_kwargs": bad})
         assert info.value.body["param"].startswith("mm_processor_kwargs")  # type: ignore[index]
+
+
+def test_a_completed_schema_ends_the_request_even_with_ignore_eos(
+    client: openai.OpenAI, server: ServerProcess
+) -> None:
+    out = client.chat.completions.create(
+        model=server.model,
+        messages=USER,
+        response_format=_schema_format(INVOICE),
+        temperature=0,
+        max_tokens=300,
+        extra_body={"ignore_eos": True},
+    )
+    assert out.choices[0].finish_reason == "stop"
+    jsonschema.validate(json.loads(out.choices[0].message.content or ""), INVOICE)

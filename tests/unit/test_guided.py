@@ -134,3 +134,12 @@ def test_the_mask_equals_xgrammars_own(compiler: GuideCompiler) -> None:
     theirs = logits.clone()
     xgr.apply_token_bitmask_inplace(theirs, bitmask, vocab_size=VOCAB, indices=[0, 2, 3])
     assert torch.equal(ours, theirs)
+
+
+def test_a_completed_grammar_terminates_on_eos(compiler: GuideCompiler, tiny_tokenizer: Any) -> None:
+    state = compiler.compile(Guide("json_schema", json.dumps(SCHEMA))).new_state()
+    _walk(state, tiny_tokenizer.encode('{"ok":true,"kind":"b"}', add_special_tokens=False))
+    assert not state.terminated
+    state.accept(EOS[0])
+    assert state.terminated  # the engine ends the request here, even with ignore_eos
+    state.accept(EOS[0])  # and a matcher that ended ignores what follows

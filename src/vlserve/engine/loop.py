@@ -170,8 +170,11 @@ class EngineLoop:
         finish: FinishReason | None = None
         text = ""
         logprobs: tuple[TokenLogprob, ...] = ()
-        if token in params.stop_token_ids or (
-            not params.ignore_eos and token in self.runner.eos_token_ids
+        guide = seq.sampler.guide
+        if (
+            token in params.stop_token_ids
+            or (not params.ignore_eos and token in self.runner.eos_token_ids)
+            or (guide is not None and guide.terminated)  # the grammar ended (ignore_eos too)
         ):
             finish = FinishReason.STOP
         else:
