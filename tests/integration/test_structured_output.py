@@ -352,3 +352,48 @@ def test_a_completed_schema_ends_the_request_even_with_ignore_eos(
     )
     assert out.choices[0].finish_reason == "stop"
     jsonschema.validate(json.loads(out.choices[0].message.content or ""), INVOICE)
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "string"}
+    for _ in range(depth):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+def test_hostile_schemas_are_400s_and_the_server_keeps_serving(
+    client: openai.OpenAI, server: ServerProcess
+) -> None:
+    import httpx
+
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model=server.model,
+            messages=USER,
+            max_tokens=2,
+            response_format=_schema_format(_nested(40)),  # 80 levels of JSON
+        )
+    assert info.value.body["param"] == "response_format.json_schema.schema"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model=server.model,
+            messages=USER,
+            max_tokens=2,
+            tools=[{"type": "function", "function": {"name": "f", "parameters": _nested(40)}}],
+        )
+    assert info.value.body["param"] == "tools[0].function.parameters"  # type: ignore[index]
+    # deeper than Python's JSON recursion: raw text, never parsed into a schema
+    deep = '{"type":"object","properties":{"a":' * 3000 + "{}" + "}}" * 3000
+    body = (
+        '{"model":"' + server.model + '","messages":[{"role":"user","content":"x"}],'
+        '"response_format":{"type":"json_schema","json_schema":{"name":"x","schema":' + deep + "}}}"
+    )
+    r = httpx.post(
+        server.base_url + "/v1/chat/completions",
+        content=body,
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+    ok = client.chat.completions.create(model=server.model, messages=USER, max_tokens=1)
+    assert ok.choices[0].finish_reason == "length"

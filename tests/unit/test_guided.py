@@ -136,7 +136,9 @@ def test_the_mask_equals_xgrammars_own(compiler: GuideCompiler) -> None:
     assert torch.equal(ours, theirs)
 
 
-def test_a_completed_grammar_terminates_on_eos(compiler: GuideCompiler, tiny_tokenizer: Any) -> None:
+def test_a_completed_grammar_terminates_on_eos(
+    compiler: GuideCompiler, tiny_tokenizer: Any
+) -> None:
     state = compiler.compile(Guide("json_schema", json.dumps(SCHEMA))).new_state()
     _walk(state, tiny_tokenizer.encode('{"ok":true,"kind":"b"}', add_special_tokens=False))
     assert not state.terminated

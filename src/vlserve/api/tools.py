@@ -21,10 +21,11 @@ from vlserve.errors import InvalidRequestError
 
 # Qwen3-VL's call format (its chat template says so to the model)
 CALL_BEGIN, CALL_END = "<tool_call>\n", "\n</tool_call>"
-MAX_SCHEMA_CHARS = 100_000
+MAX_SCHEMA_CHARS = 100_000  # one schema as JSON text: bounds the grammar compiler's work
+MAX_SCHEMA_DEPTH = 64  # nested objects and arrays of a schema's JSON
 # Forced calls per answer when parallel calls are allowed (OpenAI's default): a bound, because a
 # weak model offered another call forever takes it until max_tokens.
-MAX_PARALLEL_CALLS = 8  # one schema as JSON text: bounds the grammar compiler's work
+MAX_PARALLEL_CALLS = 8
 
 
 @dataclass(frozen=True)
@@ -105,14 +106,7 @@ def response_guide(req: ChatCompletionRequest) -> Guide | None:
     schema = fmt.json_schema.json_schema  # type: ignore[union-attr]
     if schema is None:  # OpenAI: no schema means any JSON object
         return Guide("json_object")
-    text = json.dumps(schema)
-    if len(text) > MAX_SCHEMA_CHARS:
-        raise InvalidRequestError(
-            f"response_format.json_schema.schema is {len(text)} characters; at most "
-            f"{MAX_SCHEMA_CHARS}",
-            param="response_format",
-        )
-    return Guide("json_schema", text)
+    return Guide("json_schema", _checked_text(schema, "response_format.json_schema.schema"))
 
 
 def _check_parameters(tool: Tool, where: str) -> None:
@@ -125,5 +119,33 @@ def _check_parameters(tool: Tool, where: str) -> None:
             f"{params.get('type')!r}",
             param=where,
         )
-    if len(json.dumps(params)) > MAX_SCHEMA_CHARS:
-        raise InvalidRequestError(f"{where} is too large", param=where)
+    _checked_text(params, where)
+
+
+def _checked_text(schema: Any, where: str) -> str:
+    """The schema as JSON text, once its size and nesting are within what compiles quickly
+    (a schema nested 200 deep took 1.3 s to compile; the grammar thread is shared)."""
+    depth = _depth(schema)
+    if depth > MAX_SCHEMA_DEPTH:
+        raise InvalidRequestError(
+            f"{where} is nested {depth} levels deep; at most {MAX_SCHEMA_DEPTH}", param=where
+        )
+    text = json.dumps(schema)
+    if len(text) > MAX_SCHEMA_CHARS:
+        raise InvalidRequestError(
+            f"{where} is {len(text)} characters of JSON; at most {MAX_SCHEMA_CHARS}", param=where
+        )
+    return text
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a JSON value (iterative: no recursion limit to hit)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            if depth <= MAX_SCHEMA_DEPTH:  # deeper is refused anyway
+                children = item.values() if isinstance(item, dict) else item
+                stack.extend((child, depth + 1) for child in children)
+    return deepest
