@@ -43,21 +43,23 @@ class FakeEngine:
         if self.refuse is not None:
             raise self.refuse
         self.calls.append((prompt, params, request_id))
-        words = prompt.messages[-1]["content"][-1]["text"].split()
+        words = prompt.messages[-1]["content"][-1]["text"].split(" ")
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
-        for i, word in enumerate(words):
+        for i, word in enumerate(words):  # the choices' events interleaved
             last = i == len(words) - 1
-            queue.put_nowait(
-                TokenEvent(
-                    word + ("" if last else " "),
-                    (i,),
-                    7,
-                    i + 1,
-                    FinishReason.STOP if last else None,
-                    num_cached_tokens=3,
+            for choice in range(params.n):
+                queue.put_nowait(
+                    TokenEvent(
+                        word + ("" if last else " "),
+                        (i,),
+                        7,
+                        i + 1,
+                        FinishReason.STOP if last else None,
+                        num_cached_tokens=3,
+                        index=choice,
+                    )
                 )
-            )
-        return RequestStream(request_id, queue, lambda: None, lambda: (7, 0))
+        return RequestStream(request_id, queue, lambda: None, lambda: (7, 0), n=params.n)
 
 
 @pytest.fixture
@@ -127,3 +129,40 @@ def test_engine_refusals_map_to_openai_errors(
     resp = asyncio.run(_with_app(fake, _body(max_completion_tokens=5)))
     assert resp.status_code == status
     assert resp.json()["error"]["param"] == param
+
+
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+CALL_TEXT = 'Sure. <tool_call>\n{"name": "f", "arguments": {"a": [1, 2]}}\n</tool_call>'
+
+
+def test_n_choices_with_tool_calls_streamed_and_not(fake: FakeEngine) -> None:
+    body = _body(messages=[{"role": "user", "content": CALL_TEXT}], tools=TOOLS, n=2)
+    out = asyncio.run(_with_app(fake, body)).json()
+    assert [c["index"] for c in out["choices"]] == [0, 1]
+    for choice in out["choices"]:
+        assert choice["finish_reason"] == "tool_calls"
+        assert choice["message"]["content"] == "Sure."
+        (call,) = choice["message"]["tool_calls"]
+        assert call["function"] == {"name": "f", "arguments": '{"a": [1, 2]}'}
+    assert (
+        out["usage"]["completion_tokens"] == 2 * len(CALL_TEXT.split(" "))
+        and out["usage"]["prompt_tokens"] == 7
+    )
+    resp = asyncio.run(_with_app(fake, {**body, "stream": True}))
+    chunks = [
+        json.loads(line[6:]) for line in resp.text.splitlines()[:-2] if line.startswith("data: ")
+    ]
+    arguments = {0: "", 1: ""}
+    for chunk in chunks:
+        for choice in chunk["choices"]:
+            assert "<tool" not in (choice["delta"].get("content") or "")
+            for delta in choice["delta"].get("tool_calls", []):
+                arguments[choice["index"]] += delta["function"].get("arguments", "")
+    assert arguments == {0: '{"a": [1, 2]}', 1: '{"a": [1, 2]}'}
+
+
+def test_tool_choice_none_and_no_tools_leave_the_text(fake: FakeEngine) -> None:
+    for extra in ({}, {"tools": TOOLS, "tool_choice": "none"}):
+        body = _body(messages=[{"role": "user", "content": CALL_TEXT}], **extra)
+        message = asyncio.run(_with_app(fake, body)).json()["choices"][0]["message"]
+        assert message == {"role": "assistant", "content": CALL_TEXT}
