@@ -87,10 +87,11 @@ def compile_times(model_path: Path) -> dict[str, float]:
 
     from vlserve.engine.guided import GuideCompiler
     from vlserve.engine.request import Guide
+    from vlserve.engine.vocab import TokenBytes
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     t0 = time.perf_counter()
-    compiler = GuideCompiler(tokenizer, 151_936, [151645, 151643])
+    compiler = GuideCompiler(TokenBytes(tokenizer, 151_936), tokenizer, [151645, 151643])
     t1 = time.perf_counter()
     compiler.compile(Guide("json_schema", json.dumps(SCHEMA)))
     t2 = time.perf_counter()

@@ -11,6 +11,7 @@ import torch
 from vlserve.engine.guided import GuideCompiler, GuideMasker
 from vlserve.engine.request import Guide, SamplingParams
 from vlserve.engine.sampling import SamplerState, sample
+from vlserve.engine.vocab import TokenBytes
 from vlserve.errors import InvalidRequestError
 
 VOCAB = 151_936
@@ -25,7 +26,7 @@ SCHEMA = {
 
 @pytest.fixture(scope="module")
 def compiler(tiny_tokenizer: Any) -> GuideCompiler:
-    return GuideCompiler(tiny_tokenizer, VOCAB, EOS)
+    return GuideCompiler(TokenBytes(tiny_tokenizer, VOCAB), tiny_tokenizer, EOS)
 
 
 def _allowed(state: Any) -> set[int]:

@@ -185,11 +185,13 @@ class AsyncEngine:
         return self._submit(encoded, params, request_id, guide)
 
     def _guides(self) -> GuideCompiler:
-        """The grammar compiler (on the grammar thread only: made once, when ready)."""
+        """The grammar compiler, on the grammar thread only. Made by the first request with a
+        grammar (its vocabulary setup takes about 1 s, half of it holding the GIL), not at
+        startup: a server whose clients never ask for one never pays."""
         if self._guide_compiler is None:
             runner = self._loaded()
             self._guide_compiler = GuideCompiler(
-                runner.tokenizer, runner.vocab_size, sorted(runner.eos_token_ids)
+                runner.token_bytes, runner.tokenizer, sorted(runner.eos_token_ids)
             )
         return self._guide_compiler
 
@@ -319,8 +321,6 @@ class AsyncEngine:
                 self.device.dtype_name,
             )
             self._state = EngineState.READY
-            # the grammar compiler's vocabulary setup (about 1 s) off the first request's path
-            self._compile.submit(self._guides)
             log.info(
                 "engine ready: %s on %s (%s), KV cache %d tokens",
                 self.config.model_path,

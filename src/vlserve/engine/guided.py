@@ -98,9 +98,9 @@ class GuideMasker:
 class GuideCompiler:
     """Compiles ``Guide``s against the model's vocabulary; thread-safe, cached by spec."""
 
-    def __init__(self, tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> None:
+    def __init__(self, table: TokenBytes, tokenizer: Any, stop_token_ids: list[int]) -> None:
         self._compiler = xgr.GrammarCompiler(
-            vocabulary(tokenizer, vocab_size, stop_token_ids), max_threads=1, cache_enabled=False
+            vocabulary(table, tokenizer, stop_token_ids), max_threads=1, cache_enabled=False
         )
         self._cache: OrderedDict[Guide, CompiledGuide] = OrderedDict()
         self._lock = threading.Lock()
@@ -127,12 +127,12 @@ class GuideCompiler:
         return compiled
 
 
-def vocabulary(tokenizer: Any, vocab_size: int, stop_token_ids: list[int]) -> Any:
+def vocabulary(table: TokenBytes, tokenizer: Any, stop_token_ids: list[int]) -> Any:
     """The grammar's view of the vocabulary: each token's bytes, but nothing for special tokens
     (``<|im_end|>``, ``<|image_pad|>``...), so none of them can appear inside a JSON string. The
     end-of-sequence ones are still allowed once the grammar is complete; added tokens that are
     not special (``<tool_call>``) keep their text and can be forced by a grammar."""
-    table = TokenBytes(tokenizer, vocab_size)
+    vocab_size = table.vocab_size
     special = {int(i) for i in getattr(tokenizer, "all_special_ids", ())}
     special |= {
         int(i)

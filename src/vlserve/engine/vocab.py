@@ -43,6 +43,10 @@ class TokenBytes:
                 table[token_id] = bytes(decoder[ch] for ch in piece)
         self._table = table
 
+    @property
+    def vocab_size(self) -> int:
+        return len(self._table)
+
     def bytes_of(self, token_id: int) -> bytes:
         return self._table[token_id] if 0 <= token_id < len(self._table) else b""
 
