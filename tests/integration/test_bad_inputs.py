@@ -216,3 +216,22 @@ def test_image_over_http(server: ServerProcess) -> None:
         assert "404" in missing.json()["error"]["message"]
     finally:
         httpd.shutdown()
+
+
+@pytest.mark.parametrize("size", [(30000, 150), (150, 30000), (23000, 115)])
+def test_thin_images_at_the_ratio_limit_are_served(
+    client: openai.OpenAI, server: ServerProcess, size: tuple[int, int]
+) -> None:
+    """200:1 images above --max-image-pixels: downsizing must not push them past the
+    processor's 200:1 limit (it gave a 500)."""
+    out = client.chat.completions.create(
+        model=server.model,
+        messages=[
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": png_data_url(*size)}}],
+            }
+        ],
+        max_tokens=1,
+    )
+    assert out.choices[0].finish_reason == "length"

@@ -8,7 +8,7 @@ import struct
 import zlib
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -281,6 +281,9 @@ def test_prototype_default_limit_downsizes_a_4k_frame() -> None:
     height=st.integers(1, 100_000),
     max_pixels=st.integers(1, 10_000_000),
 )
+@example(width=30000, height=150, max_pixels=2_621_440)
+@example(width=150, height=30000, max_pixels=2_621_440)
+@example(width=23000, height=115, max_pixels=2_621_440)
 def test_fit_within_never_exceeds_and_never_upscales(
     width: int, height: int, max_pixels: int
 ) -> None:
@@ -289,6 +292,16 @@ def test_fit_within_never_exceeds_and_never_upscales(
     assert new_width * new_height <= max(max_pixels, 1)
     if width * height <= max_pixels:
         assert (new_width, new_height) == (width, height)
+    elif min(new_width, new_height) > 1:  # never more elongated (the processor's 200:1 limit)
+        ratio = max(width, height) / min(width, height)
+        assert max(new_width, new_height) / min(new_width, new_height) <= ratio
+
+
+@pytest.mark.parametrize("size", [(30000, 150), (150, 30000), (23000, 115), (29999, 150)])
+def test_thin_images_within_the_ratio_stay_within_it_when_downsized(size: tuple[int, int]) -> None:
+    image = decode_image(encode(Image.new("RGB", size), "PNG"), CONFIG)
+    assert image.width * image.height <= CONFIG.max_image_pixels
+    assert max(image.size) / min(image.size) <= 200
 
 
 # --- fuzzing: only MediaError, whatever comes in -------------------------------------------------

@@ -84,20 +84,20 @@ def decode_image(data: bytes, config: MediaConfig) -> Image.Image:
 
 
 def fit_within(size: tuple[int, int], max_pixels: int) -> tuple[int, int]:
-    """The largest size with the aspect ratio of ``size`` and at most ``max_pixels`` pixels."""
+    """The largest size with about the aspect ratio of ``size`` and at most ``max_pixels``
+    pixels, never more elongated than ``size``: the short side is rounded up and the long side
+    down (flooring both turned a 30000x150 image, 200:1, into 22897x114, 200.85:1, which the
+    model's processor refuses)."""
     width, height = size
     if width * height <= max_pixels:
         return size
     scale = math.sqrt(max_pixels / (width * height))
-    new_width = max(1, math.floor(width * scale))
-    new_height = max(1, math.floor(height * scale))
-    # Rounding a very thin image up to one pixel wide may overshoot: trim the long side.
-    if new_width * new_height > max_pixels:
-        if new_width >= new_height:
-            new_width = max(1, max_pixels // new_height)
-        else:
-            new_height = max(1, max_pixels // new_width)
-    return new_width, new_height
+    long_side, short_side = max(width, height), min(width, height)
+    new_short = min(max(1, math.ceil(short_side * scale)), short_side)
+    new_long = max(1, min(math.floor(long_side * scale), max_pixels // new_short))
+    if new_long < new_short:  # max_pixels below new_short: a sliver, square at worst
+        new_short = new_long = max(1, min(new_short, math.isqrt(max_pixels)))
+    return (new_long, new_short) if width >= height else (new_short, new_long)
 
 
 def _open(data: bytes, max_pixels: int) -> Image.Image:
