@@ -27,6 +27,11 @@ class ServerConfig:
     max_request_body_bytes: int = 64 * 1024 * 1024
     max_header_bytes: int = 16 * 1024  # all request headers together (h11's incomplete-event cap)
     max_headers: int = 100
+    header_timeout_s: float = 10.0  # a connection's request line and headers, complete
+    body_timeout_s: float = 30.0  # a request body, complete, once its headers are in
+    max_connections: int = 1024  # open connections and tasks; over it uvicorn answers 503
+    metrics_auth: bool = False  # /metrics needs the API key too
+    max_image_tokens_per_request: int = 16_384  # all of a request's images together
     media: MediaConfig = field(default_factory=MediaConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     kv_cache_tokens: int | None = None  # None: sized from free memory (EngineConfig)
@@ -53,6 +58,10 @@ class ServerConfig:
             raise ValueError("timeouts must be positive")
         if any(not key or key != key.strip() for key in self.api_keys):
             raise ValueError("API keys must be non-empty and have no surrounding whitespace")
+        if self.header_timeout_s <= 0 or self.body_timeout_s <= 0 or self.max_connections < 1:
+            raise ValueError("header/body timeouts must be > 0 and max_connections >= 1")
+        if self.max_image_tokens_per_request < 1:
+            raise ValueError("max_image_tokens_per_request must be at least 1")
         if self.max_request_body_bytes < 1024 or self.max_header_bytes < 1024:
             raise ValueError("max_request_body_bytes and max_header_bytes must be at least 1024")
         if self.kv_cache_tokens is not None and self.kv_cache_tokens < 64:

@@ -12,7 +12,7 @@ class VLServeError(Exception):
 
     status: int = 500
     type: str = "internal_error"
-    code: str | None = None
+    code: str = "internal_error"  # every error carries a code (subclasses narrow it)
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -27,6 +27,7 @@ class InvalidRequestError(VLServeError):
 
     status = 400
     type = "invalid_request_error"
+    code = "invalid_value"
 
 
 class MediaError(InvalidRequestError):

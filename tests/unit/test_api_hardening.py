@@ -93,6 +93,7 @@ def _limits(app, metrics: Metrics, keys: tuple[str, ...] = ()) -> RequestContext
         max_headers=12,
         max_header_bytes=2048,
         keys=ApiKeys(keys) if keys else None,
+        body_routes=frozenset({("POST", "/v1/echo"), ("POST", "/health")}),
     )
 
 

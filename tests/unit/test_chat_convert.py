@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vlserve.api.chat import attach_images, split_messages
+from vlserve.api.chat import attach_images, image_params, split_messages
 from vlserve.api.convert import SamplingDefaults, check_supported, stop_strings, to_sampling
 from vlserve.api.protocol import ChatCompletionRequest
 from vlserve.errors import InvalidRequestError
@@ -34,14 +34,15 @@ def test_every_turn_and_part_kept_in_order() -> None:
     assert [m["role"] for m in template] == ["system", "user", "assistant", "user"]
     assert template[1]["content"] == [
         {"type": "text", "text": "a"},
-        {"type": "image", "index": 0},
-        {"type": "image", "index": 1},
+        {"type": "image", "index": 0, "param": "messages[1].content[1].image_url"},
+        {"type": "image", "index": 1, "param": "messages[1].content[2].image_url"},
         {"type": "text", "text": "b"},
     ]
+    assert image_params(template)[2] == "messages[3].content[0].image_url"
     attached = attach_images(template, ["I1", "I2", "I3"])
     assert attached[1]["content"][2] == {"type": "image", "image": "I2"}
     assert attached[3]["content"] == [{"type": "image", "image": "I3"}]
-    assert template[3]["content"] == [{"type": "image", "index": 2}]  # input untouched
+    assert template[3]["content"][0]["index"] == 2  # input untouched
 
 
 @pytest.mark.parametrize("role", ["system", "assistant"])

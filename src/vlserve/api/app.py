@@ -64,7 +64,8 @@ def create_app(
             await state.media.aclose()
             engine.shutdown(config.shutdown_timeout_s)
 
-    app = FastAPI(title="vlserve", version="0.1.0", lifespan=lifespan)
+    # no redirect_slashes: "/v1/chat/completions/" is a 404, not a bodiless 307
+    app = FastAPI(title="vlserve", version="0.1.0", lifespan=lifespan, redirect_slashes=False)
     install_error_handlers(app)
     app.include_router(router)
     # add_middleware puts each new layer outside the previous ones: CORS goes outermost, so
@@ -76,6 +77,8 @@ def create_app(
         max_headers=config.max_headers,
         max_header_bytes=config.max_header_bytes,
         keys=ApiKeys(config.api_keys) if config.api_keys else None,
+        body_timeout_s=config.body_timeout_s,
+        metrics_auth=config.metrics_auth,
     )
     if config.cors_origins:
         app.add_middleware(

@@ -35,6 +35,12 @@ def parse_keys(values: list[str] | tuple[str, ...], env_value: str | None) -> tu
     return tuple(dict.fromkeys(k.strip() for k in keys if k.strip()))
 
 
-def is_protected(path: str) -> bool:
-    """Every /v1 route needs a key; /health and /metrics stay open for probes and scrapers."""
-    return path == PROTECTED_PREFIX or path.startswith(PROTECTED_PREFIX + "/")
+_DOC_PATHS = frozenset({"/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"})
+
+
+def is_protected(path: str, *, metrics: bool = False) -> bool:
+    """Every /v1 route and the API docs need a key; /health stays open for probes, and
+    /metrics for scrapers unless ``metrics`` (``--metrics-auth``)."""
+    if path == PROTECTED_PREFIX or path.startswith(PROTECTED_PREFIX + "/"):
+        return True
+    return path in _DOC_PATHS or (metrics and path == "/metrics")

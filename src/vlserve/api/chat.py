@@ -114,11 +114,17 @@ def _part(part: dict[str, Any], role: str, urls: list[str], where: str) -> dict[
                 param=where,
             )
         urls.append(part["image_url"]["url"])
-        placeholder = {"type": "image", "index": len(urls) - 1}
+        placeholder = {"type": "image", "index": len(urls) - 1, "param": f"{where}.image_url"}
         if part["image_url"].get("detail") is not None:
             placeholder["detail"] = part["image_url"]["detail"]
         return placeholder
     raise InvalidRequestError(f"{where}.type {kind!r} is not supported", param=f"{where}.type")
+
+
+def image_params(messages: list[dict[str, Any]]) -> list[str]:
+    """The request field of each image placeholder, in URL order (for errors' ``param``)."""
+    found = [p for m in messages for p in m["content"] if p.get("type") == "image"]
+    return [p["param"] for p in sorted(found, key=lambda p: p["index"])]
 
 
 def attach_images(

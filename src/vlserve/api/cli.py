@@ -201,6 +201,41 @@ def _add_hardening_arguments(p: argparse.ArgumentParser) -> None:
     h.add_argument(
         "--max-headers", type=int, default=100, metavar="N", help="more request headers gets 431"
     )
+    h.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="a connection that has not sent a complete request line and headers within S "
+        "seconds gets 408 and is closed",
+    )
+    h.add_argument(
+        "--body-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="a request body not complete within S seconds of its headers gets 408 and is closed",
+    )
+    h.add_argument(
+        "--max-connections",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="open connections (and their requests) beyond N get 503",
+    )
+    h.add_argument(
+        "--metrics-auth",
+        action="store_true",
+        help="with --api-key, /metrics needs the key too (/health stays open for probes)",
+    )
+    h.add_argument(
+        "--max-image-tokens-per-request",
+        type=int,
+        default=16_384,
+        metavar="N",
+        help="image tokens of all of a request's images together; more gets 400 (a 1600x1600 "
+        "image is about 2500 tokens)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
@@ -225,6 +260,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_request_body_bytes=args.max_request_body_bytes,
         max_header_bytes=args.max_header_bytes,
         max_headers=args.max_headers,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
+        max_connections=args.max_connections,
+        metrics_auth=args.metrics_auth,
+        max_image_tokens_per_request=args.max_image_tokens_per_request,
         media=MediaConfig(
             max_image_pixels=args.max_image_pixels,
             max_images_per_request=args.max_images_per_request,
@@ -272,7 +312,7 @@ def serve(config: ServerConfig, faults: FaultInjector | None = None) -> int:
     import uvicorn
 
     from vlserve.api.app import begin_drain, create_app
-    from vlserve.api.http11 import OpenAIErrorH11Protocol
+    from vlserve.api.http11 import with_header_timeout
     from vlserve.api.metrics import Metrics
     from vlserve.engine.device import resolve_device
     from vlserve.engine.engine import AsyncEngine, EngineConfig, EngineHooks
@@ -293,6 +333,7 @@ def serve(config: ServerConfig, faults: FaultInjector | None = None) -> int:
             config.request_timeout_s,
             config.encoder_thread,
             default_max_tokens=config.default_max_tokens,
+            max_image_tokens=config.max_image_tokens_per_request,
             kv_cache_tokens=config.kv_cache_tokens,
             kv_cache_memory_fraction=config.kv_cache_memory_fraction,
             prefix_caching=config.prefix_caching,
@@ -323,8 +364,9 @@ def serve(config: ServerConfig, faults: FaultInjector | None = None) -> int:
             timeout_graceful_shutdown=config.shutdown_timeout_s,  # type: ignore[arg-type]
             access_log=False,  # one line per request comes from vlserve.request instead
             # h11 explicitly: its header-size limit is the one enforced (httptools has none)
-            http=OpenAIErrorH11Protocol,
+            http=with_header_timeout(config.header_timeout_s),
             h11_max_incomplete_event_size=config.max_header_bytes,
+            limit_concurrency=config.max_connections,
         )
     )
 

@@ -16,8 +16,16 @@ from vlserve.errors import EngineUnavailableError, OverloadedError, VLServeError
 
 log = logging.getLogger(__name__)
 
+_STATUS_CODES = {
+    400: "invalid_json",  # the only HTTPException 400 FastAPI raises: an unparsable body
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    431: "headers_too_large",
+}
 _STATUS_TYPES = {
     400: "invalid_request_error",
+    408: "invalid_request_error",
     401: "authentication_error",
     403: "permission_error",
     404: "invalid_request_error",
@@ -95,8 +103,13 @@ def _loc_to_param(loc: tuple[Any, ...]) -> str | None:
 
 
 def validation_error(exc: RequestValidationError) -> JSONResponse:
-    # Of a union's several failures, the deepest one says what is wrong.
-    errors = sorted(exc.errors(), key=lambda e: len(e.get("loc", ())), reverse=True)
+    # Of a union's several failures, the deepest one says what is wrong; at equal depth, a
+    # broken limit ("at most 16 items") says more than a branch of another type.
+    errors = sorted(
+        exc.errors(),
+        key=lambda e: (len(e.get("loc", ())), not str(e.get("type", "")).endswith("_type")),
+        reverse=True,
+    )
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
     param = _loc_to_param(tuple(first.get("loc", ())))
     if first.get("type") == "extra_forbidden":
@@ -132,10 +145,17 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        _note(request, f"http_{exc.status_code}")
+        code = _STATUS_CODES.get(exc.status_code, f"http_{exc.status_code}")
+        _note(request, code)
         type_ = _STATUS_TYPES.get(exc.status_code, "internal_error")
+        message = str(exc.detail)
+        if code == "invalid_json":  # FastAPI's "There was an error parsing the body"
+            message = (
+                "the request body could not be parsed as JSON (invalid UTF-8, a number too "
+                "long to parse, or nesting too deep)"
+            )
         return JSONResponse(
-            error_body(str(exc.detail), type_, None, None),
+            error_body(message, type_, None, code),
             status_code=exc.status_code,
             headers=getattr(exc, "headers", None),
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -24,6 +25,21 @@ _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._:@#/+=~-]")
 _LOGFMT_SAFE = re.compile(r"[A-Za-z0-9._:/@+-]+")
 _QUIET_PATHS = frozenset({"/health", "/metrics"})  # polled every few seconds: logged at DEBUG
 _CLIENT_CLOSED = 499  # nginx's convention for "the client went away before the answer"
+# The only requests whose body is read; any other request that declares one is answered
+# without reading it, and its connection closed.
+BODY_ROUTES = frozenset({("POST", "/v1/chat/completions")})
+_KNOWN_PATHS = frozenset(
+    {
+        "/health",
+        "/metrics",
+        "/v1/models",
+        "/v1/chat/completions",
+        "/docs",
+        "/redoc",
+        "/openapi.json",
+    }
+)
+_CLOSE = ((b"connection", b"close"),)
 
 
 def request_id_from(value: bytes | None) -> str:
@@ -63,9 +79,12 @@ class RequestContextMiddleware:
     """Outermost app layer (inside CORS): gives each request a record, checks its API key and
     enforces the limits.
 
-    The body is read here, counting bytes as they arrive (Content-Length is not trusted, only
-    used to refuse early), and replayed to the app; reading it all first costs nothing since
-    the JSON parser needs all of it anyway.
+    The body is read here, after the key check and only for ``BODY_ROUTES``, counting bytes as
+    they arrive (Content-Length is not trusted, only used to refuse early) within
+    ``body_timeout_s``, and replayed to the app; reading it all first costs nothing since the
+    JSON parser needs all of it anyway. A request with both Content-Length and
+    Transfer-Encoding is refused and its connection closed (RFC 9112 6.3: the shape of
+    request smuggling).
     """
 
     def __init__(
@@ -77,9 +96,15 @@ class RequestContextMiddleware:
         max_headers: int,
         max_header_bytes: int,
         keys: ApiKeys | None = None,
+        body_timeout_s: float = 30.0,
+        metrics_auth: bool = False,
+        body_routes: frozenset[tuple[str, str]] = BODY_ROUTES,
     ) -> None:
         self.app = app
+        self.body_routes = body_routes
         self.keys = keys
+        self.body_timeout_s = body_timeout_s
+        self.metrics_auth = metrics_auth
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
         self.max_headers = max_headers
@@ -148,8 +173,15 @@ class RequestContextMiddleware:
             message = f"request headers exceed the server's limit of {self.max_header_bytes} bytes"
             await send_error(send, 431, message, "headers_too_large", close)
             return None
+        if _header(headers, b"transfer-encoding") is not None and (
+            _header(headers, b"content-length") is not None
+        ):
+            record.error_code = "ambiguous_length"
+            message = "a request may not carry both Content-Length and Transfer-Encoding"
+            await send_error(send, 400, message, "ambiguous_length", _CLOSE)
+            return None
         # Keys before the body: an unauthenticated client never makes the server buffer it.
-        if self.keys and is_protected(record.path):
+        if self.keys and is_protected(record.path, metrics=self.metrics_auth):
             authorization = _header(headers, b"authorization")
             if not self.keys.check(authorization):
                 record.error_code = "invalid_api_key"
@@ -162,14 +194,41 @@ class RequestContextMiddleware:
                 await send_error(send, 401, message, "invalid_api_key", www)
                 return None
         declared = _header(headers, b"content-length")
+        has_body = _header(headers, b"transfer-encoding") is not None or declared not in (
+            None,
+            b"0",
+        )
+        if (record.method, record.path) not in self.body_routes:
+            if not has_body:
+                return receive
+            # never read: answered at once, and the connection closed (its body is unread)
+            status, what = (
+                (405, "method_not_allowed")
+                if record.path in _KNOWN_PATHS
+                else (
+                    404,
+                    "not_found",
+                )
+            )
+            record.error_code = what
+            message = f"{record.method} {record.path} takes no request body here ({what})"
+            await send_error(send, status, message, what, close)
+            return None
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
             record.error_code = "payload_too_large"
             await send_error(send, 413, self._too_large(), "payload_too_large", close)
             return None
         chunks: list[bytes] = []
         size = 0
+        deadline = time.monotonic() + self.body_timeout_s
         while True:
-            event = await receive()
+            try:
+                event = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0))
+            except TimeoutError:
+                record.error_code = "body_timeout"
+                message = f"request body not received within {self.body_timeout_s:g} s"
+                await send_error(send, 408, message, "body_timeout", close)
+                return None
             if event["type"] == "http.disconnect":
                 return None
             chunk = event.get("body", b"")

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from vlserve.api import protocol as p
-from vlserve.api.chat import ImageBudget, attach_images, split_messages
+from vlserve.api.chat import ImageBudget, attach_images, image_params, split_messages
 from vlserve.api.convert import DEFAULT_MAX_N, SamplingDefaults, check_supported, to_sampling
 from vlserve.api.faults import FaultInjector
 from vlserve.api.metrics import Metrics, RequestRecord
@@ -102,8 +102,9 @@ _ERRORS = _errors(401, 413, 431, 503)
 _CHAT_ERRORS = _errors(400, 401, 404, 413, 429, 431, 500, 503, 504)
 
 
-@router.get(
+@router.api_route(
     "/health",
+    methods=["GET", "HEAD"],
     response_model=p.Health,
     responses={503: {"model": p.Health, "description": "loading, draining or failed"}, **_LIMITS},
 )
@@ -118,7 +119,8 @@ async def health(request: Request) -> Response:
     return JSONResponse(
         {
             "status": "ok",
-            "model": state.listed_names[0],
+            # the served name, never a filesystem path (probes need no key)
+            "model": state.listed_names[0].rstrip("/").rsplit("/", 1)[-1],
             "device": info.device,
             "dtype": info.dtype,
             "running": engine.num_running,
@@ -242,7 +244,7 @@ async def _convert(
     template, urls = split_messages(messages)
     kwargs = body.mm_processor_kwargs.model_dump() if body.mm_processor_kwargs else None
     budget = ImageBudget.from_request(kwargs, state.media.config.max_image_pixels)
-    images = await state.media.load_many(urls)
+    images = await state.media.load_many(urls, image_params(template))
     prompt = ChatPrompt(
         attach_images(template, images, budget),
         cache_salt=body.cache_salt,

@@ -28,7 +28,12 @@ from vlserve.engine.runner import ModelRunner
 from vlserve.engine.scheduler import SchedulerConfig
 from vlserve.engine.sequence import Sequence
 from vlserve.engine.stream import RequestStream
-from vlserve.errors import ContextLengthError, EngineError, EngineUnavailableError
+from vlserve.errors import (
+    ContextLengthError,
+    EngineError,
+    EngineUnavailableError,
+    InvalidRequestError,
+)
 from vlserve.lru import BytesLRU
 
 log = logging.getLogger(__name__)
@@ -42,6 +47,7 @@ class EngineConfig:
     encoder_thread: bool = True  # off: images are encoded inside the prefill
     encoder_batch_patches: int | None = None  # None: 0 (one request at a time) on CPU, else 32768
     default_max_tokens: int = 2048  # when a request gives none (capped by context and KV cache)
+    max_image_tokens: int = 16_384  # all images of one request together
     kv_cache_tokens: int | None = None  # None: a fraction of free memory (see kv_cache_blocks)
     kv_cache_memory_fraction: float = 0.8  # of free device memory, on accelerators
     block_size: int = 16
@@ -200,6 +206,15 @@ class AsyncEngine:
     ) -> SamplingParams:
         """Check the context and resolve ``max_tokens`` when the request gave none."""
         runner = self._loaded()
+        images = prepared.num_image_tokens
+        if images > self.config.max_image_tokens:
+            raise InvalidRequestError(
+                f"the request's images make {images} image tokens, more than the server's "
+                f"{self.config.max_image_tokens} per request (--max-image-tokens-per-request); "
+                "send fewer or smaller images, or use image_url.detail 'low'",
+                param="messages",
+                code="too_many_image_tokens",
+            )
         n, limit = prepared.num_tokens, runner.max_model_len
         room = limit - n
         if room < 1:

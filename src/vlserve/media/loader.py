@@ -68,11 +68,14 @@ class MediaLoader:
         )
         raise MediaError(f"{what} (use a data: URL, http(s): URL or allowed local file)")
 
-    async def load_many(self, urls: Sequence[str]) -> list[Image.Image]:
+    async def load_many(
+        self, urls: Sequence[str], params: Sequence[str] | None = None
+    ) -> list[Image.Image]:
         """The images of one request, loaded concurrently, in order.
 
-        Errors name the image by its 1-based position ("image 2: ..."); the first failing image
-        (by position) is reported and the others are cancelled.
+        Errors name the image by its 1-based position ("image 2: ..."), and carry ``params[i]``
+        (the request field of image i) as their ``param``; the first failing image (by
+        position) is reported and the others are cancelled.
         """
         limit = self.config.max_images_per_request
         if len(urls) > limit:
@@ -90,7 +93,8 @@ class MediaLoader:
         for position, task in enumerate(tasks, start=1):
             error = None if task.cancelled() else task.exception()
             if isinstance(error, MediaError):
-                raise MediaError(f"image {position}: {error.message}", param=error.param) from error
+                param = error.param or (params[position - 1] if params else None)
+                raise MediaError(f"image {position}: {error.message}", param=param) from error
             if error is not None:
                 raise error
         return [task.result() for task in tasks]

@@ -47,12 +47,13 @@ def start_server(
     name: str = "tiny-qwen3-vl",
     timeout_s: float = 240.0,
     env: dict[str, str] | None = None,
+    private_media_urls: bool = True,
 ) -> ServerProcess:
     """Start `vlserve serve` on a free loopback port and wait until /health says ready.
 
-    The server runs on CPU with local files allowed from ``workdir/media`` and private image URLs
-    allowed (tests serve images from loopback); ``extra`` flags are appended, ``env`` entries
-    are added to the environment.
+    The server runs on CPU with local files allowed from ``workdir/media`` and, unless
+    ``private_media_urls`` is false, private image URLs allowed (tests serve images from
+    loopback); ``extra`` flags are appended, ``env`` entries are added to the environment.
     """
     port = free_port()
     media_dir = workdir / "media"
@@ -76,7 +77,7 @@ def start_server(
         "cpu",
         "--allowed-local-media-path",
         str(media_dir),
-        "--allow-private-media-urls",
+        *(["--allow-private-media-urls"] if private_media_urls else []),
         *extra,
     ]
     with log_path.open("wb") as log:

@@ -1,0 +1,222 @@
+"""Hardening II: what a hostile client could still do, each case reproduced against a real
+server with default-like flags (private image URLs NOT allowed) and short timeouts."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import ServerProcess, png_data_url, start_server, stop_server
+
+pytestmark = pytest.mark.integration
+KEY = "hardening-key"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def guarded(
+    tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProcess]:
+    srv = start_server(
+        tiny_model_path,
+        tmp_path_factory.mktemp("guarded"),
+        "--api-key", KEY,
+        "--header-timeout", "2",
+        "--body-timeout", "2",
+        "--metrics-auth",
+        "--max-image-tokens-per-request", "600",
+        private_media_urls=False,
+    )  # fmt: skip
+    yield srv
+    stop_server(srv)
+
+
+def _address(srv: ServerProcess) -> tuple[str, int]:
+    host, port = srv.base_url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def _read_all(sock: socket.socket, timeout: float = 15.0) -> bytes:
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except TimeoutError:
+        pass
+    return data
+
+
+def _chat(srv: ServerProcess, **body: object) -> httpx.Response:
+    payload = {"model": srv.model, "messages": [{"role": "user", "content": "hi"}], **body}
+    return httpx.post(srv.base_url + "/v1/chat/completions", json=payload, headers=AUTH, timeout=60)
+
+
+def _ok(srv: ServerProcess) -> None:
+    r = _chat(srv, max_tokens=1)
+    assert r.status_code == 200, r.text
+
+
+def test_bodies_are_never_read_off_the_chat_route(guarded: ServerProcess) -> None:
+    """Only POST /v1/chat/completions reads a body: a 60 MB offer to /health or /nope is
+    answered from the headers at once, and the connection closed."""
+    for path, status in (("/nope", 404), ("/health", 405)):
+        with socket.create_connection(_address(guarded)) as sock:
+            sock.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 60000000\r\n"
+                "Content-Type: application/json\r\n\r\n".encode()
+            )
+            start = time.monotonic()
+            data = _read_all(sock, 10)
+            assert time.monotonic() - start < 5
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert int(head.split()[1]) == status and b"connection: close" in head.lower()
+        assert json.loads(body)["error"]["code"]
+    _ok(guarded)
+
+
+def test_a_stalled_body_is_cut_off(guarded: ServerProcess) -> None:
+    with socket.create_connection(_address(guarded)) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
+            b"Authorization: Bearer " + KEY.encode() + b'\r\n\r\n{"model": '
+        )
+        start = time.monotonic()
+        data = _read_all(sock, 15)
+        elapsed = time.monotonic() - start
+    assert b" 408 " in data.split(b"\r\n")[0] and 1.5 < elapsed < 10
+    assert json.loads(data.partition(b"\r\n\r\n")[2])["error"]["code"] == "body_timeout"
+
+
+def test_slow_headers_are_closed_and_others_served(guarded: ServerProcess) -> None:
+    socks = [socket.create_connection(_address(guarded)) for _ in range(40)]
+    try:
+        for s in socks:
+            s.sendall(b"GET /hea")  # and never more
+        start = time.monotonic()
+        _ok(guarded)  # served meanwhile
+        assert httpx.get(guarded.base_url + "/health", timeout=5).status_code == 200
+        answers = [_read_all(s, 10) for s in socks]
+        assert time.monotonic() - start < 15
+        assert all(a.startswith(b"HTTP/1.1 408 ") for a in answers), answers[:2]
+        idle = socket.create_connection(_address(guarded))  # sends nothing at all
+        assert _read_all(idle, 10).startswith(b"HTTP/1.1 408 ")
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_content_length_with_chunked_is_refused_and_closed(guarded: ServerProcess) -> None:
+    body = json.dumps({"model": guarded.model, "messages": [{"role": "user", "content": "x"}]})
+    chunked = f"{len(body):x}\r\n{body}\r\n0\r\n\r\n"
+    request = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {KEY}\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        f"{chunked}GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    )
+    with socket.create_connection(_address(guarded)) as sock:
+        sock.sendall(request.encode())
+        data = _read_all(sock, 10)
+    assert data.startswith(b"HTTP/1.1 400 ") and data.count(b"HTTP/1.1 ") == 1  # one answer
+    assert b"ambiguous_length" in data
+
+
+def test_image_tokens_per_request_are_bounded(guarded: ServerProcess) -> None:
+    image = {"type": "image_url", "image_url": {"url": png_data_url(640, 640)}}  # 400 tokens
+    r = _chat(guarded, messages=[{"role": "user", "content": [image, image]}], max_tokens=1)
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert (
+        error["code"] == "too_many_image_tokens"
+        and "--max-image-tokens-per-request" in error["message"]
+    )
+    assert (
+        _chat(guarded, messages=[{"role": "user", "content": [image]}], max_tokens=1).status_code
+        == 200
+    )
+
+
+def test_too_many_parts_fail_fast(guarded: ServerProcess) -> None:
+    parts = [{"type": "text", "text": "a"}] * 256
+    messages = [{"role": "user", "content": parts}] * 1024  # 8 MB of one-character parts
+    start = time.monotonic()
+    r = _chat(guarded, messages=messages, max_tokens=1)
+    assert r.status_code == 400 and "4096" in r.json()["error"]["message"]
+    assert time.monotonic() - start < 5
+    _ok(guarded)
+
+
+class _Counter(http.server.BaseHTTPRequestHandler):
+    hits = 0
+
+    def do_GET(self) -> None:  # noqa: N802
+        type(self).hits += 1
+        self.send_response(200)
+        self.end_headers()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_private_image_urls_are_refused_by_default(guarded: ServerProcess) -> None:
+    listener = http.server.HTTPServer(("127.0.0.1", 0), _Counter)
+    threading.Thread(target=listener.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{listener.server_address[1]}/x.png"
+        image = {"type": "image_url", "image_url": {"url": url}}
+        r = _chat(guarded, messages=[{"role": "user", "content": [image]}], max_tokens=1)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert (
+            error["code"] == "invalid_image"
+            and error["param"] == "messages[0].content[0].image_url"
+        )
+        assert _Counter.hits == 0  # no connection was made
+    finally:
+        listener.shutdown()
+
+
+def test_metrics_docs_need_the_key_and_health_shows_no_path(guarded: ServerProcess) -> None:
+    for path in ("/metrics", "/docs", "/openapi.json"):
+        assert httpx.get(guarded.base_url + path).status_code == 401, path
+        assert httpx.get(guarded.base_url + path, headers=AUTH).status_code == 200, path
+    health = httpx.get(guarded.base_url + "/health")
+    assert health.status_code == 200 and "/" not in health.json()["model"]
+    assert httpx.head(guarded.base_url + "/health").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("content", "code"),
+    [
+        (b'{"model": "\xff\xfe"}', "invalid_json"),
+        (b'{"max_tokens": ' + b"9" * 5000 + b"}", "invalid_json"),
+        (b'{"a": ' + b"[" * 5000 + b"]" * 5000 + b"}", "invalid_json"),
+    ],
+)
+def test_unparsable_bodies_have_a_code(guarded: ServerProcess, content: bytes, code: str) -> None:
+    r = httpx.post(
+        guarded.base_url + "/v1/chat/completions",
+        content=content,
+        headers={**AUTH, "content-type": "application/json"},
+    )
+    assert r.status_code == 400 and r.json()["error"]["code"] == code
+
+
+def test_error_shapes(guarded: ServerProcess) -> None:
+    r = _chat(guarded, stop_token_ids=[999_999_999])
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_value"
+    r = _chat(guarded, stop=[str(i) for i in range(17)])
+    assert r.status_code == 400 and "16" in r.json()["error"]["message"]
+    bad = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+    r = _chat(guarded, messages=[{"role": "user", "content": [{"type": "text", "text": "x"}, bad]}])
+    assert r.json()["error"]["param"] == "messages[0].content[1].image_url"
+    r = httpx.post(guarded.base_url + "/v1/chat/completions/", json={}, headers=AUTH)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
