@@ -220,3 +220,26 @@ def test_error_shapes(guarded: ServerProcess) -> None:
     assert r.json()["error"]["param"] == "messages[0].content[1].image_url"
     r = httpx.post(guarded.base_url + "/v1/chat/completions/", json={}, headers=AUTH)
     assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+
+
+def test_a_short_chat_is_served_while_a_long_prompt_prefills(guarded: ServerProcess) -> None:
+    """A ~12k-token prompt takes many seconds to prefill on two cores; chunked prefill
+    (2048 tokens a step on CPU) lets a short request in beside its next chunk."""
+    import concurrent.futures
+
+    long_text = " ".join(f"word{i}" for i in range(6000))  # about 12k tokens
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        heavy = pool.submit(
+            _chat, guarded, messages=[{"role": "user", "content": long_text}], max_tokens=1
+        )
+        time.sleep(1.0)  # the long prompt is being prefilled
+        start = time.monotonic()
+        r = _chat(guarded, max_tokens=2)
+        short_s = time.monotonic() - start
+        health_start = time.monotonic()
+        assert httpx.get(guarded.base_url + "/health", timeout=5).status_code == 200
+        health_s = time.monotonic() - health_start
+        heavy_response = heavy.result(timeout=300)
+    assert r.status_code == 200 and heavy_response.status_code == 200, heavy_response.text
+    assert heavy_response.json()["usage"]["prompt_tokens"] > 8000
+    assert short_s < 5.0 and health_s < 1.0, (short_s, health_s)

@@ -26,6 +26,7 @@ class Seq:
     block_hashes: list[bytes] = field(default_factory=list)
     num_cached_tokens: int = 0
     num_prompt_tokens: int = 0
+    chunk_end: int | None = None
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)
@@ -51,11 +52,17 @@ def _seq(name: str, n: int, first: int = 0, **kw: object) -> Seq:
     return Seq(name, list(range(first, first + n)), **kw)  # type: ignore[arg-type]
 
 
-def _run_prefill(s: Scheduler[Seq]) -> list[str]:
+def _run_prefill(s: Scheduler[Seq], token: int = 7) -> list[str]:
+    """One prefill step as the engine runs it: each row computes up to its chunk end; rows
+    whose prompt is complete get their first token."""
     plan = s.schedule()
     assert plan.is_prefill
     for seq in plan.seqs:
-        s.blocks.commit(seq, seq.num_tokens)
+        end = seq.chunk_end or seq.num_tokens
+        seq.chunk_end = None
+        s.blocks.commit(seq, end)
+        if end == seq.num_tokens:
+            seq.token_ids.append(token)
     return [q.request_id for q in plan.seqs]
 
 
@@ -95,9 +102,7 @@ def test_preemption_takes_the_newest_and_recomputes_it_first() -> None:
     a, b = _seq("a", 7, max_new=8), _seq("b", 7, first=100, max_new=8)
     s.add(a)
     s.add(b)
-    assert _run_prefill(s) == ["a", "b"]
-    for seq in (a, b):
-        seq.token_ids.append(1)  # each got its first token: 8 tokens = 2 blocks each, all used
+    assert _run_prefill(s) == ["a", "b"]  # each got its first token: 8 tokens = 2 blocks each
     assert _decode(s) == ["a", "b"]  # the 8th tokens fit their second blocks
     plan = s.schedule()
     # a needs a third block for its 9th token: b (newest) is preempted, a decodes
@@ -110,8 +115,7 @@ def test_a_lone_sequence_that_needs_a_block_preempts_itself_only_when_nothing_fr
     s = _sched(blocks=2)
     a = _seq("a", 8, max_new=0)
     s.add(a)
-    assert _run_prefill(s) == ["a"]
-    a.token_ids.append(1)
+    assert _run_prefill(s) == ["a"]  # and its first token: 9 tokens, 2 blocks
     plan = s.schedule()
     assert plan.seqs == [] and plan.preempted == [a]
 
@@ -126,14 +130,34 @@ def test_long_prompt_is_not_starved_by_short_ones() -> None:
     assert [q.request_id for q in s.waiting] == ["big", "small"]
 
 
-def test_prefill_tokens_per_step_but_always_one() -> None:
+def test_a_long_prompt_is_chunked_and_interleaved_with_decode_steps() -> None:
     s = _sched(max_prefill_tokens=10)
-    s.add(_seq("huge", 40))
+    huge = _seq("huge", 40)
+    s.add(huge)
+    assert _run_prefill(s) == ["huge"] and huge.num_cached_tokens == 10  # the first chunk
     s.add(_seq("a", 6, first=100))
-    s.add(_seq("b", 6, first=200))
-    assert _run_prefill(s) == ["huge"]
-    assert _run_prefill(s) == ["a"]
-    assert _run_prefill(s) == ["b"]
+    s.add(_seq("b", 30, first=200))
+    # the chunked prompt takes half the budget while others wait; "a" fits in the rest
+    assert _run_prefill(s) == ["huge", "a"] and huge.num_cached_tokens == 15
+    assert _decode(s) == ["a"]  # a chunk ran: the running rows' turn
+    assert _run_prefill(s) == ["huge", "b"]  # b is chunked too: 5 of its 30 tokens
+    steps = 0
+    while huge.num_tokens == 40:  # until its prompt is done and its first token sampled
+        plan_names = _run_prefill(s) if s._last_was_prefill is False else _decode(s)
+        assert plan_names
+        steps += 1
+    assert huge.num_cached_tokens == 40 and steps < 20
+
+
+def test_short_prompts_share_one_prefill_step() -> None:
+    s = _sched(max_prefill_tokens=10)
+    for name, first in (("a", 0), ("b", 100), ("c", 200)):
+        s.add(_seq(name, 4, first=first))
+    assert _run_prefill(s) == ["a", "b", "c"]  # 12 tokens: the last one chunked...
+    assert [q.num_cached_tokens for q in s.running] == [4, 4, 2]
+    assert _decode(s) == ["a", "b"]  # a chunk ran: the others decode, c waits a step
+    assert _run_prefill(s) == ["c"]
+    assert _decode(s) == ["a", "b", "c"]
 
 
 def test_queue_limit_gives_overloaded() -> None:

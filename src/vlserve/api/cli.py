@@ -123,9 +123,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     b.add_argument(
         "--max-prefill-tokens",
         type=int,
-        default=8192,
-        help="prompt tokens prefilled together in one step (one request is always admitted); "
-        "lower it to shorten the decode stall newcomers cause",
+        default=None,
+        help="prompt tokens computed in one prefill step; longer prompts are prefilled in "
+        "chunks, interleaved with decode steps, so nobody waits for a whole long prompt "
+        "(default: 2048 on CPU, 8192 on accelerators)",
     )
     b.add_argument(
         "--max-queue", type=int, default=256, help="waiting requests beyond which new ones get 429"

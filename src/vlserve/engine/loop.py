@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -16,7 +17,12 @@ from vlserve.engine.prompt import ChatPrompt, EncodedPrompt
 from vlserve.engine.request import FinishReason, SamplingParams, TokenEvent, TokenLogprob
 from vlserve.engine.runner import ModelRunner
 from vlserve.engine.sampling import RowLogprobs, SamplerState, sample
-from vlserve.engine.scheduler import Scheduler, StepPlan
+from vlserve.engine.scheduler import (
+    CPU_PREFILL_TOKENS,
+    DEVICE_PREFILL_TOKENS,
+    Scheduler,
+    StepPlan,
+)
 from vlserve.engine.sequence import Sequence
 from vlserve.errors import EngineError, RequestTimeoutError, VLServeError
 
@@ -61,7 +67,12 @@ class EngineLoop:
         buckets = config.decode_row_buckets
         runner.pad_decode_rows = runner.device.type != "cpu" if buckets is None else buckets
         self.blocks = BlockManager(blocks + 1, config.block_size, config.prefix_caching)
-        self.scheduler: Scheduler[Sequence] = Scheduler(config.scheduler, self.blocks)
+        scheduling = config.scheduler
+        if scheduling.max_prefill_tokens is None:
+            cpu = runner.device.type == "cpu"
+            chunk = CPU_PREFILL_TOKENS if cpu else DEVICE_PREFILL_TOKENS
+            scheduling = dataclasses.replace(scheduling, max_prefill_tokens=chunk)
+        self.scheduler: Scheduler[Sequence] = Scheduler(scheduling, self.blocks)
         self.masker = GuideMasker(runner.vocab_size, runner.device.torch_device)
 
     def new_sequence(
@@ -104,17 +115,25 @@ class EngineLoop:
         seqs = self._before_prefill(plan.seqs) if plan.is_prefill else plan.seqs
         if not seqs:
             return
+        # a chunk of a long prompt computes tokens up to its chunk_end and samples nothing
+        ends = [min(seq.chunk_end or seq.num_tokens, seq.num_tokens) for seq in seqs]
+        for seq in seqs:
+            seq.chunk_end = None
+        done = [i for i, seq in enumerate(seqs) if ends[i] == seq.num_tokens]
+        ready = [seqs[i] for i in done]
         try:
-            logits = self.runner.run(seqs, plan.is_prefill)
-            tokens, logprobs = sample(logits, [seq.sampler for seq in seqs], self.masker)
+            logits = self.runner.run(seqs, plan.is_prefill, ends)
+            if len(done) < len(seqs):
+                logits = logits[done]
+            tokens, logprobs = sample(logits, [seq.sampler for seq in ready], self.masker)
         except Exception as exc:
             self._fail(exc, seqs)
             return
-        for seq in seqs:
-            self.blocks.commit(seq, seq.num_tokens)
+        for seq, end in zip(seqs, ends, strict=True):
+            self.blocks.commit(seq, end)
         if self.hooks.on_step is not None:
             self.hooks.on_step(len(seqs), plan.is_prefill)
-        for seq, token, row_logprobs in zip(seqs, tokens, logprobs, strict=True):
+        for seq, token, row_logprobs in zip(ready, tokens, logprobs, strict=True):
             self._on_token(seq, token, row_logprobs)
 
     def warm_up(self) -> None:

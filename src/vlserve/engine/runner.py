@@ -172,14 +172,21 @@ class ModelRunner:
 
     # -- one step (inference thread) -----------------------------------------------------------
     @torch.inference_mode()
-    def run(self, seqs: Seq[Sequence], is_prefill: bool) -> torch.Tensor:
-        """One forward over ``seqs``: each computes its tokens past ``num_cached_tokens`` (a
-        prefill) or its last token (a decode step), writing their K/V into the pool. Returns
-        the next-token logits of each row, (rows, vocab) float32."""
+    def run(
+        self, seqs: Seq[Sequence], is_prefill: bool, ends: Seq[int] | None = None
+    ) -> torch.Tensor:
+        """One forward over ``seqs``: each computes its tokens past ``num_cached_tokens`` up to
+        its end in ``ends`` (default: all; a prefill) or its last token (a decode step), writing
+        their K/V into the pool. Returns the next-token logits of each row, (rows, vocab) float32 (a chunk
+        that stops before the end of its prompt has logits nobody samples)."""
         if self.pool is None:
             raise RuntimeError("the KV cache is not allocated")
         dev = self.device.torch_device
-        spans = [RowSpan(s.block_table, s.num_cached_tokens, s.num_tokens) for s in seqs]
+        ends = ends if ends is not None else [s.num_tokens for s in seqs]
+        spans = [
+            RowSpan(s.block_table, s.num_cached_tokens, end)
+            for s, end in zip(seqs, ends, strict=True)
+        ]
         pad = 0
         if not is_prefill and self.pad_decode_rows:
             pad = row_bucket(len(seqs)) - len(seqs)

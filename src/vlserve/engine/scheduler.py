@@ -2,9 +2,13 @@
 
 Torch-free on purpose: the policy is tested in microseconds, apart from the model.
 
-Policy (nano-vllm's, with vLLM's recompute preemption):
+Policy (nano-vllm's, with vLLM's recompute preemption and chunked prefill):
 - a step is either a prefill of newcomers or one decode step of every running sequence;
   newcomers go first, so a request waits for at most one decode step to start;
+- a prefill step computes at most ``max_prefill_tokens`` uncached tokens: a longer prompt is
+  prefilled in chunks over several steps (``chunk_end``), and while one is, prefill and decode
+  steps alternate, so the running rows and a short newcomer (admitted beside the next chunk)
+  wait for one chunk, never for the whole prompt;
 - admission is strict FIFO: when the oldest waiting request does not fit yet, nobody overtakes
   it, so a long prompt is never starved by a stream of short ones;
 - the KV budget counts what is used (prompt plus the tokens generated so far, in blocks), not
@@ -32,6 +36,7 @@ from vlserve.errors import ContextLengthError, OverloadedError
 class Schedulable(BlockSequence, Protocol):
     request_id: str
     num_prompt_tokens: int
+    chunk_end: int | None  # set for a prefill step: compute the tokens before it only
 
     status: SequenceStatus
 
@@ -41,18 +46,27 @@ class Schedulable(BlockSequence, Protocol):
 
 S = TypeVar("S", bound=Schedulable)
 
+# Prefill chunk sizes by default: on two CPU cores 2048 tokens of the tiny model take about
+# 2.5 s, which is how long a running row or a newcomer waits for a long prompt's chunk; an
+# accelerator amortizes its launches over larger chunks.
+CPU_PREFILL_TOKENS = 2_048
+DEVICE_PREFILL_TOKENS = 8_192
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 32  # rows decoded together
-    max_prefill_tokens: int = 8_192  # uncached prompt tokens prefilled per step (>= one request)
+    # uncached prompt tokens per prefill step (longer prompts are chunked); None: the engine
+    # picks by device (CPU_PREFILL_TOKENS / DEVICE_PREFILL_TOKENS)
+    max_prefill_tokens: int | None = None
     max_queue: int = 256  # waiting requests beyond which submit() answers 429
     reserve_fraction: float = 0.01  # of the KV blocks kept free at admission, for growth
 
     def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_prefill_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1")
+        if self.max_num_seqs < 1:
+            raise ValueError("max_num_seqs must be at least 1")
+        if self.max_prefill_tokens is not None and self.max_prefill_tokens < 1:
+            raise ValueError("max_prefill_tokens must be at least 1")
         if self.max_queue < 0:
             raise ValueError("max_queue must be >= 0")
         if not 0 <= self.reserve_fraction < 1:
@@ -75,6 +89,7 @@ class Scheduler(Generic[S]):
         self.waiting: deque[S] = deque()
         self.running: list[S] = []
         self.num_preemptions = 0
+        self._last_was_prefill = False
 
     def check_admissible(self, num_prompt_tokens: int, max_tokens: int, count: int = 1) -> None:
         """Raise now what ``add`` would raise for ``count`` such sequences: 400 if one could
@@ -98,34 +113,52 @@ class Scheduler(Generic[S]):
         self.waiting.append(seq)
 
     def schedule(self) -> StepPlan[S]:
-        plan = self._admit()
-        return plan if plan.seqs else self._decode()
+        partial = [s for s in self.running if _prefilling(s)]
+        if partial and self._last_was_prefill and any(not _prefilling(s) for s in self.running):
+            plan = self._decode()  # a chunk ran last: the running rows' turn
+        else:
+            plan = self._admit(partial)
+            if not plan.seqs:
+                plan = self._decode()
+        self._last_was_prefill = plan.is_prefill and bool(plan.seqs)
+        return plan
 
-    def _admit(self) -> StepPlan[S]:
+    def _admit(self, partial: list[S]) -> StepPlan[S]:
+        """The next chunk of a prompt being prefilled, then newcomers, within the token budget;
+        the last one admitted may be chunked (FIFO: a newcomer never overtakes the head)."""
         cfg = self.config
-        admitted: list[S] = []
-        tokens = 0
-        reserve = int(self.blocks.num_blocks * cfg.reserve_fraction)
-        while self.waiting and len(self.running) < cfg.max_num_seqs:
-            head = self.waiting[0]
-            todo = head.num_tokens - self.blocks.lookup(head)
-            if admitted and tokens + todo > cfg.max_prefill_tokens:
+        budget = cfg.max_prefill_tokens or DEVICE_PREFILL_TOKENS
+        planned: list[S] = []
+        # a prompt being chunked gets half the budget while others wait, so neither the
+        # newcomers nor the long prompt can starve the other
+        share = budget // 2 if self.waiting else budget
+        for seq in partial:
+            if share <= 0:
                 break
+            seq.chunk_end = _chunk_end(seq, share)
+            used = seq.chunk_end - seq.num_cached_tokens
+            share -= used
+            budget -= used
+            planned.append(seq)
+        reserve = int(self.blocks.num_blocks * cfg.reserve_fraction)
+        while self.waiting and len(self.running) < cfg.max_num_seqs and budget > 0:
+            head = self.waiting[0]
             if not self.blocks.can_allocate(head, reserve if self.running else 0):
                 break
             self.blocks.allocate(head)
             self.waiting.popleft()
             head.status = SequenceStatus.RUNNING
             self.running.append(head)
-            admitted.append(head)
-            tokens += todo
-        return StepPlan(admitted, True, [])
+            head.chunk_end = _chunk_end(head, budget)
+            budget -= head.chunk_end - head.num_cached_tokens
+            planned.append(head)
+        return StepPlan(planned, True, [])
 
     def _decode(self) -> StepPlan[S]:
         preempted: list[S] = []
         scheduled: list[S] = []
         for seq in list(self.running):
-            if seq not in self.running:  # preempted below to make room for an older one
+            if seq not in self.running or _prefilling(seq):  # preempted below, or mid-prefill
                 continue
             while not self.blocks.can_append(seq):
                 victim = self.running[-1]
@@ -141,6 +174,7 @@ class Scheduler(Generic[S]):
     def _preempt(self, seq: S) -> None:
         self.running.remove(seq)
         self.blocks.free(seq)
+        seq.chunk_end = None
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -170,3 +204,16 @@ class Scheduler(Generic[S]):
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
+
+
+def _prefilling(seq: Schedulable) -> bool:
+    """Running, but its prompt (or recompute) not all computed yet: a chunked prefill. (A
+    decoding sequence has every token but its newest computed.)"""
+    return seq.num_cached_tokens < seq.num_tokens - 1
+
+
+def _chunk_end(seq: Schedulable, budget: int) -> int:
+    """Where this step's prefill of ``seq`` stops: within ``budget``, but never one short of
+    the end (that last token would then be fed as a decode step)."""
+    end = min(seq.num_tokens, seq.num_cached_tokens + budget)
+    return seq.num_tokens if end == seq.num_tokens - 1 else end
