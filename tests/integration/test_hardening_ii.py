@@ -3,6 +3,7 @@ server with default-like flags (private image URLs NOT allowed) and short timeou
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import socket
@@ -45,12 +46,15 @@ def _address(srv: ServerProcess) -> tuple[str, int]:
 
 
 def _read_all(sock: socket.socket, timeout: float = 15.0) -> bytes:
+    """Everything until the server closes; b"TIMEOUT" appended if it never does."""
     sock.settimeout(timeout)
     data = b""
     try:
         while chunk := sock.recv(65536):
             data += chunk
     except TimeoutError:
+        return data + b"TIMEOUT"
+    except ConnectionResetError:  # closed while the client was still writing
         pass
     return data
 
@@ -96,22 +100,77 @@ def test_a_stalled_body_is_cut_off(guarded: ServerProcess) -> None:
     assert json.loads(data.partition(b"\r\n\r\n")[2])["error"]["code"] == "body_timeout"
 
 
+def _drip(socks: list[socket.socket], stop: threading.Event) -> None:
+    """One header byte to each socket every 2 s, until told to stop or the socket closes."""
+    while not stop.wait(2.0):
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.sendall(b"X")
+
+
 def test_slow_headers_are_closed_and_others_served(guarded: ServerProcess) -> None:
-    socks = [socket.create_connection(_address(guarded)) for _ in range(40)]
+    socks = [socket.create_connection(_address(guarded)) for _ in range(200)]
+    stop = threading.Event()
+    dripper = threading.Thread(target=_drip, args=(socks, stop), daemon=True)
     try:
         for s in socks:
-            s.sendall(b"GET /hea")  # and never more
+            s.sendall(b"GET /health HTTP/1.1\r\nX-Slow: ")  # then a byte every 2 s
+        dripper.start()
         start = time.monotonic()
         _ok(guarded)  # served meanwhile
         assert httpx.get(guarded.base_url + "/health", timeout=5).status_code == 200
         answers = [_read_all(s, 10) for s in socks]
         assert time.monotonic() - start < 15
-        assert all(a.startswith(b"HTTP/1.1 408 ") for a in answers), answers[:2]
+        # every one closed by the server (a 408 first, which a reset may swallow)
+        assert not any(a.endswith(b"TIMEOUT") for a in answers)
+        assert all(a.startswith(b"HTTP/1.1 408 ") for a in answers if a), answers[:2]
+        assert sum(1 for a in answers if a) > 0
         idle = socket.create_connection(_address(guarded))  # sends nothing at all
         assert _read_all(idle, 10).startswith(b"HTTP/1.1 408 ")
     finally:
+        stop.set()
         for s in socks:
             s.close()
+
+
+def test_sigterm_with_slow_connections_and_streams_exits_0(
+    tiny_model_path: Path, tmp_path: Path
+) -> None:
+    srv = start_server(tiny_model_path, tmp_path, "--shutdown-timeout", "4")
+    host, port = _address(srv)
+    socks = [socket.create_connection((host, port)) for _ in range(50)]
+    for s in socks:
+        s.sendall(b"GET /health HTTP/1.1\r\n")
+    streams: list[bytes] = []
+
+    def stream() -> None:
+        body = {
+            "model": srv.model,
+            "messages": [{"role": "user", "content": "go"}],
+            "max_tokens": 2000,
+            "ignore_eos": True,
+            "stream": True,
+        }
+        with httpx.stream(
+            "POST", srv.base_url + "/v1/chat/completions", json=body, timeout=60
+        ) as r:
+            streams.append(b"".join(r.iter_bytes()))
+
+    threads = [threading.Thread(target=stream) for _ in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(1.5)  # both streaming
+    try:
+        code = stop_server(srv, timeout_s=60)
+    finally:
+        for s in socks:
+            s.close()
+    for t in threads:
+        t.join(30)
+    log = srv.log_path.read_text(errors="replace")
+    assert code == 0, log[-2000:]
+    assert "terminate called" not in log
+    assert len(streams) == 2 and all(s.rstrip().endswith(b"data: [DONE]") for s in streams)
 
 
 def test_content_length_with_chunked_is_refused_and_closed(guarded: ServerProcess) -> None:
@@ -243,3 +302,36 @@ def test_a_short_chat_is_served_while_a_long_prompt_prefills(guarded: ServerProc
     assert r.status_code == 200 and heavy_response.status_code == 200, heavy_response.text
     assert heavy_response.json()["usage"]["prompt_tokens"] > 8000
     assert short_s < 5.0 and health_s < 1.0, (short_s, health_s)
+
+
+def test_a_canary_beside_three_heavy_image_requests(server: ServerProcess) -> None:
+    """Three requests near the default image-token budget (6 x 880 image tokens each) and a
+    text canary sent beside them: the canary answers within 10 s."""
+    import concurrent.futures
+
+    image = {"type": "image_url", "image_url": {"url": png_data_url(1280, 720)}}
+
+    def heavy(i: int) -> httpx.Response:
+        content = [image] * 6 + [{"type": "text", "text": f"heavy {i}"}]
+        body = {
+            "model": server.model,
+            "messages": [{"role": "user", "content": content}],
+            "max_tokens": 4,
+        }
+        return httpx.post(server.base_url + "/v1/chat/completions", json=body, timeout=300)
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        heavies = [pool.submit(heavy, i) for i in range(3)]
+        time.sleep(1.0)
+        start = time.monotonic()
+        body = {
+            "model": server.model,
+            "messages": [{"role": "user", "content": "canary"}],
+            "max_tokens": 2,
+        }
+        canary = httpx.post(server.base_url + "/v1/chat/completions", json=body, timeout=60)
+        canary_s = time.monotonic() - start
+        results = [h.result(timeout=300) for h in heavies]
+    assert canary.status_code == 200 and canary_s < 10.0, canary_s
+    assert all(r.status_code == 200 for r in results)
+    assert all(r.json()["usage"]["prompt_tokens"] > 6 * 880 for r in results)
