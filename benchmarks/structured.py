@@ -53,6 +53,7 @@ async def _load(base_url: str, model: str, requests: int, constrained_share: flo
     client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="x", max_retries=0, timeout=600)
     counter = iter(range(requests))
     tokens = 0
+    per_kind: dict[bool, list[int]] = {True: [], False: []}
 
     async def user(u: int) -> None:
         nonlocal tokens
@@ -74,11 +75,15 @@ async def _load(base_url: str, model: str, requests: int, constrained_share: flo
                 **kw,
             )
             tokens += out.usage.completion_tokens  # type: ignore[union-attr]
+            per_kind[constrained].append(out.usage.completion_tokens)  # type: ignore[union-attr]
 
     start = time.perf_counter()
     await asyncio.gather(*(user(u) for u in range(CONCURRENCY)))
     wall = time.perf_counter() - start
     await client.close()
+    if per_kind[True]:
+        mean = statistics.fmean(per_kind[True])
+        print(f"  constrained requests: {mean:.1f} tokens on average (max_tokens {MAX_TOKENS})")
     return tokens / wall
 
 

@@ -146,3 +146,32 @@ def test_a_completed_grammar_terminates_on_eos(
     state.accept(EOS[0])
     assert state.terminated  # the engine ends the request here, even with ignore_eos
     state.accept(EOS[0])  # and a matcher that ended ignores what follows
+
+
+def test_a_greedy_choice_the_grammar_allows_skips_the_mask(
+    compiler: GuideCompiler, tiny_tokenizer: Any
+) -> None:
+    """Inside a string the unmasked greedy choice is (almost always) allowed: that row is left
+    unmasked and keeps it; at a structural position it is not, and the row is masked in full.
+    Either way sample() picks what the fully masked row's argmax picks."""
+    schema = {"type": "object", "properties": {"s": {"type": "string"}}, "required": ["s"]}
+    compiled = compiler.compile(Guide("json_schema", json.dumps(schema)))
+    masker = GuideMasker(VOCAB, torch.device("cpu"))
+    for seed in range(5):
+        in_string = compiled.new_state()
+        _walk(in_string, tiny_tokenizer.encode('{"s":"ab', add_special_tokens=False))
+        at_start = compiled.new_state()
+        logits = torch.randn(3, VOCAB, generator=torch.Generator().manual_seed(seed))
+        full = logits.clone()
+        assert masker(full, [in_string, None, at_start]) == [0, 2]
+        best = [int(full[0].argmax()), int(logits[1].argmax()), int(full[2].argmax())]
+        lazy = logits.clone()
+        masked = masker(lazy, [in_string, None, at_start], {0: best[0], 2: int(logits[2].argmax())})
+        assert masked == [2] and torch.equal(lazy[0], logits[0])
+        states = [
+            SamplerState(SamplingParams(temperature=0), [1], VOCAB, torch.device("cpu"))
+            for _ in range(3)
+        ]
+        states[0].guide, states[2].guide = in_string, at_start
+        tokens, _ = sample(logits.clone(), states, masker)
+        assert tokens == best

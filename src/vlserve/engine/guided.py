@@ -18,7 +18,7 @@ import json
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -80,19 +80,39 @@ class GuideMasker:
         self._table = torch.where(bits == 1, 0.0, float("-inf")).to(device)
 
     @torch.inference_mode()  # the step's logits are inference tensors
-    def __call__(self, logits: torch.Tensor, guides: Sequence[Any]) -> None:
+    def __call__(
+        self, logits: torch.Tensor, guides: Sequence[Any], proposals: Mapping[int, int] = {}
+    ) -> list[int]:
+        """Mask the guided rows of ``logits`` in place and return them, except rows whose
+        proposed token (their unmasked greedy choice) the grammar allows: those keep it and
+        are left untouched. Inside a JSON string almost every token is allowed, so most guided
+        greedy steps end there, without writing a mask over the whole vocabulary (which costs
+        more than the rest of the sampler at batch 32 on a CPU)."""
         rows = [i for i, g in enumerate(guides) if g is not None]
         if not rows:
-            return
+            return []
         if self._bitmask.shape[0] < logits.shape[0]:
             self._bitmask = xgr.allocate_token_bitmask(logits.shape[0], self.vocab_size)
+        dense: list[tuple[int, int]] = []  # (bitmask row, logits row)
         for j, i in enumerate(rows):
             guides[i].fill_mask(self._bitmask, j)
-        packed = self._bitmask[: len(rows)].to(logits.device, non_blocking=True)
-        table = self._table if self._table.dtype == logits.dtype else self._table.to(logits.dtype)
-        add = torch.nn.functional.embedding(packed.view(torch.uint8).long(), table)
-        index = torch.tensor(rows, device=logits.device)
-        logits.index_add_(0, index, add.view(len(rows), -1)[:, : logits.shape[1]])
+            token = proposals.get(i)
+            if token is None or not self._allows(j, token):
+                dense.append((j, i))
+        if dense:
+            table = (
+                self._table if self._table.dtype == logits.dtype else self._table.to(logits.dtype)
+            )
+            packed = self._bitmask[torch.tensor([j for j, _ in dense])].to(logits.device)
+            add = torch.nn.functional.embedding(packed.view(torch.uint8).long(), table)
+            index = torch.tensor([i for _, i in dense], device=logits.device)
+            logits.index_add_(0, index, add.view(len(dense), -1)[:, : logits.shape[1]])
+        return [i for _, i in dense]
+
+    def _allows(self, row: int, token: int) -> bool:
+        if not 0 <= token < self.vocab_size:
+            return False
+        return bool((int(self._bitmask[row, token >> 5]) >> (token & 31)) & 1)
 
 
 class GuideCompiler:

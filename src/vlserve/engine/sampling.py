@@ -14,7 +14,7 @@ rows that ask pay for them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 import torch
@@ -34,9 +34,15 @@ class GuideState(Protocol):
 
 
 class Masker(Protocol):
-    """Applies the grammar masks of some rows of a batch (``engine.guided.GuideMasker``)."""
+    """Applies the grammar masks of a batch's guided rows in place, except rows whose proposed
+    token the grammar allows (``engine.guided.GuideMasker``); returns the rows it masked."""
 
-    def __call__(self, logits: torch.Tensor, guides: Sequence[GuideState | None]) -> None: ...
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        guides: Sequence[GuideState | None],
+        proposals: Mapping[int, int] = ...,
+    ) -> list[int]: ...
 
 
 # (chosen token's logprob, top token ids, their logprobs) of one row
@@ -124,11 +130,19 @@ def sample(
     """Next token of each row of (rows, vocab) float32 logits, and each row's logprobs (None
     where not asked); updates each state. Grammar masks are applied to ``logits`` in place."""
     logits = apply_penalties(logits.float(), states)
+    logits = logits.contiguous()
+    tokens = greedy(logits)
     guides = [s.guide for s in states]
     if mask is not None and any(g is not None for g in guides):
-        logits = logits.contiguous()
-        mask(logits, guides)
-    tokens = greedy(logits.contiguous())
+        # A greedy row without logprobs needs only its best allowed token: when the grammar
+        # allows its unmasked choice, that is it, and its row is never masked.
+        lazy = [i for i, s in enumerate(states) if s.params.greedy and s.params.logprobs is None]
+        chosen = tokens.tolist()
+        masked = mask(logits, guides, {i: chosen[i] for i in lazy if guides[i] is not None})
+        redo = [i for i in masked if states[i].params.greedy]
+        if redo:
+            index = torch.tensor(redo, device=logits.device)
+            tokens[index] = greedy(logits[index].contiguous())
     random_rows = [i for i, s in enumerate(states) if not s.params.greedy]
     if random_rows:
         index = torch.tensor(random_rows, device=logits.device)
