@@ -447,7 +447,9 @@ class OutlinesCoreEngine:
     def setup(self):
         """outlines-core wants {token bytes: [ids]} without the EOS; byte-level BPE strings are
         mapped back to bytes, added tokens keep their text (as outlines' own backend does)."""
-        u2b = {v: k for k, v in _bytes_to_unicode().items()}
+        from vlserve.engine.vocab import _byte_decoder
+
+        u2b = _byte_decoder()  # printable char -> byte, GPT-2's byte-level alphabet
         added = {t.content for t in self.hf_tok.added_tokens_decoder.values()}
         vocab_map: dict[bytes, list[int]] = {}
         for s, i in self.hf_tok.get_vocab().items():
@@ -522,23 +524,6 @@ def _dist_version(dist: str) -> str:
     from importlib.metadata import version
 
     return version(dist)
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2 byte-level BPE alphabet (byte -> printable char)."""
-    bs = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
-    )
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs], strict=True))
 
 
 # --------------------------------------------------------------------------------------------
