@@ -180,7 +180,8 @@ def _run_exactness(
             encoder_batch_patches=32_768,
             **config,  # type: ignore[arg-type]
         ),
-        DeviceInfo("cpu", torch.float32),
+        # fp32 on the CPU, or on VLSERVE_TEST_DEVICE (benchmarks/device_check.sh: cuda)
+        DeviceInfo(os.environ.get("VLSERVE_TEST_DEVICE", "cpu"), torch.float32),
         hooks=EngineHooks(
             on_step=lambda rows, prefill: steps["prefill" if prefill else "decode"].append(rows)
         ),
@@ -207,7 +208,7 @@ def _run_exactness(
         lengths[plan["id"]] = inputs["input_ids"].shape[1]
         with torch.inference_mode():
             out = runner.model.generate(
-                **inputs,
+                **{k: v.to(runner.model.device) for k, v in inputs.items()},
                 max_new_tokens=plan["max_tokens"],
                 do_sample=False,
                 eos_token_id=eos,
