@@ -11,7 +11,7 @@ import pytest
 from vlserve.cli import build_parser
 from vlserve.errors import VLServeError
 from vlserve.launch.cli import config_from_args
-from vlserve.launch.config import LaunchConfig, instance_specs
+from vlserve.launch.config import LaunchConfig, instance_specs, nginx_spec
 from vlserve.launch.devices import (
     count_gpus,
     count_npus,
@@ -185,3 +185,25 @@ def test_busy_ports_are_refused_before_anything_starts() -> None:
 )  # fmt: skip
 def test_front_url_reaches_wildcards_through_loopback(host: str, url: str) -> None:
     assert npu_config(host=host).front_url == url
+
+
+def test_cli_hung_instance_flags_and_defaults() -> None:
+    config = parse("--model", "/m", "--device", "cpu")
+    assert (config.health_interval_s, config.health_timeout_s, config.hung_after) == (2.0, 5.0, 3)
+    config = parse("--model", "/m", "--device", "cpu", "--health-interval-s", "0.5",
+                   "--health-timeout-s", "1.5", "--hung-after", "0")  # fmt: skip
+    assert (config.health_interval_s, config.health_timeout_s, config.hung_after) == (0.5, 1.5, 0)
+
+
+@pytest.mark.parametrize(
+    "overrides", [{"health_interval_s": 0}, {"health_timeout_s": -1.0}, {"hung_after": -1}]
+)
+def test_hung_instance_settings_are_validated(overrides: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        npu_config(**overrides)
+
+
+def test_nginx_is_not_subject_to_the_hang_rule() -> None:
+    # Its /health is proxied to an instance: a stopped instance must not get nginx killed.
+    assert not nginx_spec(["nginx"], npu_config(), {}).restart_if_hung
+    assert all(spec.restart_if_hung for spec in instance_specs(npu_config(), {}))

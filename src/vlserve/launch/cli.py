@@ -49,6 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="on SIGTERM, how long each stage may drain before it is killed (default: %(default)s)")  # fmt: skip
     add("--max-startup-failures", type=int, default=3,
         help="crashes in a row before ever being ready that make launch give up (default: %(default)s)")  # fmt: skip
+    add("--health-interval-s", type=float, default=2.0,
+        help="how often each instance's /health is polled (default: %(default)s)")  # fmt: skip
+    add("--health-timeout-s", type=float, default=5.0,
+        help="a /health check with no HTTP answer by then failed (default: %(default)s)")  # fmt: skip
+    add("--hung-after", type=int, default=3, metavar="N",
+        help="after an instance was ready, N failed /health checks in a row make it hung: "
+        "killed and restarted with the crash backoff; 0: never (default: %(default)s)")  # fmt: skip
     add("--threads-per-instance", type=int, default=None,
         help="OMP_NUM_THREADS of each CPU instance (default: cores / instances)")  # fmt: skip
     add("--serve-command", default=None,
@@ -90,6 +97,9 @@ def config_from_args(args: argparse.Namespace, env: Mapping[str, str]) -> Launch
         ready_timeout_s=args.ready_timeout_s,
         stop_timeout_s=args.stop_timeout_s,
         max_startup_failures=args.max_startup_failures,
+        health_interval_s=args.health_interval_s,
+        health_timeout_s=args.health_timeout_s,
+        hung_after=args.hung_after,
         threads_per_instance=args.threads_per_instance,
         serve_command=tuple(serve_command),
         serve_args=tuple(args.serve_args),

@@ -35,6 +35,11 @@ class LaunchConfig:
     ready_timeout_s: float = 1800.0
     stop_timeout_s: float = 60.0
     max_startup_failures: int = 3
+    # Liveness of ready instances (see launch/health.py): poll /health every interval; this many
+    # checks in a row without any answer make an instance hung: killed and restarted (0: never).
+    health_interval_s: float = 2.0
+    health_timeout_s: float = 5.0
+    hung_after: int = 3
     threads_per_instance: int | None = None
     serve_command: tuple[str, ...] = DEFAULT_SERVE_COMMAND
     serve_args: tuple[str, ...] = field(default_factory=tuple)
@@ -62,6 +67,10 @@ class LaunchConfig:
             )
         if self.ready_timeout_s <= 0 or self.stop_timeout_s <= 0:
             raise ValueError("timeouts must be positive")
+        if self.health_interval_s <= 0 or self.health_timeout_s <= 0:
+            raise ValueError("health_interval_s and health_timeout_s must be positive")
+        if self.hung_after < 0:
+            raise ValueError("hung_after must be 0 (off) or more")
         if self.threads_per_instance is not None and self.threads_per_instance < 1:
             raise ValueError("threads_per_instance must be at least 1")
 
@@ -135,7 +144,11 @@ def instance_env(config: LaunchConfig, index: int, base_env: Mapping[str, str]) 
 def nginx_spec(
     binary_argv: list[str], config: LaunchConfig, base_env: Mapping[str, str]
 ) -> ProcessSpec:
-    """nginx as one more supervised child; SIGQUIT is its graceful stop (finish open requests)."""
+    """nginx as one more supervised child; SIGQUIT is its graceful stop (finish open requests).
+
+    Its /health is proxied to an instance, so it tells about the instances, not nginx: a stopped
+    instance would time it out. nginx is therefore not subject to the hung-instance rule.
+    """
     return ProcessSpec(
         name="nginx",
         argv=tuple(binary_argv),
@@ -143,4 +156,5 @@ def nginx_spec(
         log_path=config.state_dir / "logs" / "nginx.log",
         health_url=f"{config.front_url}/health",
         stop_signal=signal.SIGQUIT,
+        restart_if_hung=False,
     )

@@ -38,6 +38,9 @@ async def launch(config: LaunchConfig, env: Mapping[str, str]) -> int:
         RestartPolicy(
             stop_timeout_s=config.stop_timeout_s,
             max_startup_failures=config.max_startup_failures,
+            health_interval_s=config.health_interval_s,
+            health_timeout_s=config.health_timeout_s,
+            hung_after=config.hung_after,
         )
     )
     _install_signal_handlers(supervisor)

@@ -1,4 +1,8 @@
-"""Keep child processes alive: start, wait for /health, restart with backoff, stop in order."""
+"""Keep child processes alive: start, wait for /health, restart with backoff, stop in order.
+
+Crashes and hangs are restarted alike: a child that stops answering /health after it was ready
+(see ``health.py`` for what counts) is killed and then follows the same backoff as a crash.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,6 @@ import os
 import signal
 import sys
 import time
-import urllib.parse
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -18,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from vlserve.errors import VLServeError
+from vlserve.launch.health import HungDetector, Probe, is_stopped, probe_status
+from vlserve.launch.health import probe_health as probe_health  # re-exported: tests, benchmarks
 
 logger = logging.getLogger("vlserve.launch")
 
@@ -33,6 +38,8 @@ class ProcessSpec:
     # Ready once this URL answers 200; without one, ready as soon as it is started.
     health_url: str | None = None
     stop_signal: int = signal.SIGTERM
+    # Kill and restart it when, once ready, its health_url stops answering (RestartPolicy).
+    restart_if_hung: bool = True
 
 
 @dataclass(frozen=True)
@@ -44,7 +51,14 @@ class RestartPolicy:
     # Crashing this many times in a row without ever becoming ready is fatal (bad model path,
     # device held by someone else): restarting forever would only hide it.
     max_startup_failures: int = 3
-    health_interval_s: float = 1.0
+    # /health is polled this often, while starting and after; each probe may take this long.
+    health_interval_s: float = 2.0
+    health_timeout_s: float = 5.0
+    # This many probes in a row without an answer, after the child was ready, make it hung
+    # (0: never). It is then killed: SIGKILL at once if stopped, else SIGTERM and, after
+    # hung_kill_grace_s, SIGKILL.
+    hung_after: int = 3
+    hung_kill_grace_s: float = 5.0
     stop_timeout_s: float = 60.0
 
     def __post_init__(self) -> None:
@@ -52,6 +66,12 @@ class RestartPolicy:
             raise ValueError("need 0 < initial_backoff_s <= max_backoff_s")
         if self.max_startup_failures < 1:
             raise ValueError("max_startup_failures must be at least 1")
+        if min(self.health_interval_s, self.health_timeout_s, self.hung_kill_grace_s) <= 0:
+            raise ValueError(
+                "health_interval_s, health_timeout_s and hung_kill_grace_s must be > 0"
+            )
+        if self.hung_after < 0:
+            raise ValueError("hung_after must be 0 (off) or more")
 
 
 class ChildState(enum.Enum):
@@ -68,6 +88,9 @@ class _Child:
     state: ChildState = ChildState.STARTING
     proc: asyncio.subprocess.Process | None = None
     num_starts: int = 0
+    num_hung: int = 0
+    # Set when the current process was killed for being hung, cleared at each spawn.
+    hung: bool = False
     started_at: float = 0.0
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
@@ -76,8 +99,9 @@ class _Child:
 class Supervisor:
     """Runs children on the current event loop; ``stop`` drains them group by group."""
 
-    def __init__(self, policy: RestartPolicy) -> None:
+    def __init__(self, policy: RestartPolicy, probe: Probe = probe_status) -> None:
         self.policy = policy
+        self._probe = probe
         self._children: dict[str, _Child] = {}
         self._stopping = asyncio.Event()
         self._failed = asyncio.Event()
@@ -98,6 +122,10 @@ class Supervisor:
 
     def num_starts(self, name: str) -> int:
         return self._children[name].num_starts
+
+    def num_hung(self, name: str) -> int:
+        """How many times this child was killed for being hung."""
+        return self._children[name].num_hung
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -176,8 +204,9 @@ class Supervisor:
                 child.state = ChildState.FAILED
                 self._failed.set()
                 return
+            how = "was hung and killed (exit code %s)" if child.hung else "exited with code %s"
             logger.warning(
-                "%s exited with code %s after %.1f s; restarting in %.1f s. Last lines of %s:\n%s",
+                "%s " + how + " after %.1f s; restarting in %.1f s. Last lines of %s:\n%s",
                 child.spec.name, code, uptime_s, backoff_s, child.spec.log_path, tail,
             )  # fmt: skip
             child.state = ChildState.BACKOFF
@@ -205,25 +234,85 @@ class Supervisor:
                 preexec_fn=_die_with_parent(),
             )
         child.started_at = time.monotonic()
+        child.hung = False
         child.state = ChildState.STARTING
         child.ready.clear()
         logger.info("%s started (pid %d, start #%d)", spec.name, child.proc.pid, child.num_starts)
 
     async def _watch(self, child: _Child) -> bool:
-        """Wait for the child to exit; meanwhile mark it ready once healthy. True if it was."""
+        """Wait for the child to exit; meanwhile mark it ready once healthy. True if it was.
+
+        After readiness, a child that stops answering /health is killed (it then exits).
+        """
         if child.proc is None:
             return False
         exited = asyncio.ensure_future(child.proc.wait())
+        if not await self._wait_until_ready(child, exited):
+            return False
+        spec = child.spec
+        if spec.health_url is not None and spec.restart_if_hung and self.policy.hung_after > 0:
+            await self._watch_liveness(child, spec.health_url, exited)
+        await exited
+        return True
+
+    async def _wait_until_ready(self, child: _Child, exited: asyncio.Future[int]) -> bool:
+        """Poll /health until 200 (True) or the child exits (False). No hang rule here: loading
+        may keep a server silent for minutes, and crashes while starting are counted already."""
+        url, policy = child.spec.health_url, self.policy
         while not exited.done():
-            if child.spec.health_url is None or await probe_health(child.spec.health_url):
+            if url is None or await self._probe(url, policy.health_timeout_s) == 200:
                 child.state = ChildState.READY
                 child.ready.set()
                 waited_s = time.monotonic() - child.started_at
                 logger.info("%s ready after %.1f s", child.spec.name, waited_s)
-                await exited
                 return True
-            await asyncio.wait({exited}, timeout=self.policy.health_interval_s)
+            await asyncio.wait({exited}, timeout=policy.health_interval_s)
         return False
+
+    async def _watch_liveness(self, child: _Child, url: str, exited: asyncio.Future[int]) -> None:
+        """Probe until the child exits or a stop begins (a drain closes the port on purpose);
+        kill it if ``hung_after`` probes in a row get no answer."""
+        policy = self.policy
+        detector = HungDetector(policy.hung_after)
+        silent_since = time.monotonic()
+        while True:
+            await asyncio.wait({exited}, timeout=policy.health_interval_s)
+            if exited.done() or self._stopping.is_set():
+                return
+            status = await self._probe(url, policy.health_timeout_s)
+            if exited.done() or self._stopping.is_set():
+                return
+            if status is not None:
+                silent_since = time.monotonic()
+            if detector.record(status):
+                break
+        proc = child.proc
+        if proc is None or proc.returncode is not None:
+            return
+        stopped = is_stopped(proc.pid)
+        logger.error(
+            "%s is hung: %d health checks in a row without an answer (%.1f s, timeout %g s each)"
+            "; pid %d%s, killing it and restarting",
+            child.spec.name, detector.failures_in_a_row, time.monotonic() - silent_since,
+            policy.health_timeout_s, proc.pid, " is stopped (SIGSTOP)" if stopped else "",
+        )  # fmt: skip
+        child.hung = True
+        child.num_hung += 1
+        await self._kill_hung(proc, child.spec.stop_signal, stopped)
+
+    async def _kill_hung(
+        self, proc: asyncio.subprocess.Process, stop_signal: int, stopped: bool
+    ) -> None:
+        """SIGKILL a stopped child at once (SIGTERM would wait for a SIGCONT that never comes);
+        otherwise SIGTERM, and SIGKILL to its process group after a short grace."""
+        if not stopped:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(stop_signal)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(proc.wait(), timeout=self.policy.hung_kill_grace_s)
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
 
     async def _stop_child(self, child: _Child) -> None:
         proc = child.proc
@@ -231,6 +320,9 @@ class Supervisor:
             return
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(child.spec.stop_signal)
+            if is_stopped(proc.pid):
+                # A stopped process only handles its stop signal once continued.
+                os.kill(proc.pid, signal.SIGCONT)
         try:
             await asyncio.wait_for(proc.wait(), timeout=self.policy.stop_timeout_s)
         except asyncio.TimeoutError:
@@ -246,27 +338,6 @@ class Supervisor:
 
     def _names_in(self, state: ChildState) -> list[str]:
         return [name for name, child in self._children.items() if child.state is state]
-
-
-async def probe_health(url: str, timeout_s: float = 5.0) -> bool:
-    """True if a GET on ``url`` answers 200. Plain asyncio: no HTTP client dependency needed."""
-    parts = urllib.parse.urlsplit(url)
-    path = parts.path or "/"
-    request = f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nConnection: close\r\n\r\n"
-    writer = None
-    try:
-        reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(parts.hostname, parts.port or 80), timeout=timeout_s
-        )
-        writer.write(request.encode())
-        await writer.drain()
-        status_line = await asyncio.wait_for(reader.readline(), timeout=timeout_s)
-    except (OSError, asyncio.TimeoutError):
-        return False
-    finally:
-        if writer is not None:
-            writer.close()
-    return status_line.split()[1:2] == [b"200"]
 
 
 def _log_tail(path: Path, num_lines: int = 20) -> str:
