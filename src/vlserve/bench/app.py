@@ -9,12 +9,13 @@ import logging
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from vlserve.bench.client import RequestResult
 from vlserve.bench.config import BenchConfig
-from vlserve.bench.dataset import load_dataset
+from vlserve.bench.dataset import Dataset, load_dataset
 from vlserve.bench.metrics import endpoint_breakdown, summarize
 from vlserve.bench.progress import Progress
 from vlserve.bench.report import ResultsWriter, completed_ids, format_table, write_summary
@@ -45,6 +46,21 @@ def run_config(config: BenchConfig) -> int:
     if not dataset.requests:
         log.error("no requests to send (%d line(s) skipped)", len(dataset.issues))
         return 1
+    return run_dataset(config, dataset).exit_code
+
+
+@dataclass
+class RunReport:
+    """How a run ended: its exit code, summary and outcome (None when there was nothing to send)."""
+
+    exit_code: int
+    summary: dict[str, Any] | None = None
+    outcome: RunOutcome | None = None
+
+
+def run_dataset(config: BenchConfig, dataset: Dataset, *, print_table: bool = True) -> RunReport:
+    """One run of a loaded dataset: results JSONL, summary JSON, table (unless told not to),
+    plots. Sweeps call it once per rate with the dataset loaded once."""
     out = config.output
     skip = completed_ids(out.results_path) if out.resume else set()
     planned = (  # requests to send: every turn of a conversation is one
@@ -64,26 +80,8 @@ def run_config(config: BenchConfig) -> int:
     )
     if planned == 0:
         log.info("every request already succeeded in %s: nothing to send", out.results_path)
-        return 0
-    progress = Progress(planned, enabled=out.progress)
-    outcome = RunOutcome(endpoints=config.load.endpoints)
-    started = time.perf_counter()
-    with ResultsWriter(out.results_path, resume=out.resume) as writer:
-
-        def sink(result: RequestResult) -> None:
-            writer.write(result)
-            outcome.results.append(result)
-            progress.update(result)
-
-        interrupted = False
-        try:
-            final = asyncio.run(run_benchmark(config, dataset.requests, sink, skip))
-            outcome = dataclasses.replace(final, results=outcome.results)
-        except KeyboardInterrupt:
-            interrupted = True
-            outcome.duration_s = time.perf_counter() - started
-            log.warning("interrupted: %d results are in %s", len(outcome.results), out.results_path)
-        progress.close()
+        return RunReport(0)
+    outcome, interrupted = _execute(config, dataset, skip, planned)
     summary = build_summary(
         config,
         outcome,
@@ -92,7 +90,8 @@ def run_config(config: BenchConfig) -> int:
         resumed=len(skip),
     )
     write_summary(summary, out.resolved_summary_path)
-    print(format_table(summary), flush=True)
+    if print_table:
+        print(format_table(summary), flush=True)
     log.info("results: %s, summary: %s", out.results_path, out.resolved_summary_path)
     if out.plots and outcome.results:
         from vlserve.bench.plots import write_plots
@@ -101,8 +100,36 @@ def run_config(config: BenchConfig) -> int:
         for path in write_plots(outcome.results, prefix):
             log.info("plot: %s", path)
     if interrupted:
-        return 130
-    return 0 if summary["success_rate"] >= MIN_SUCCESS_RATE else 1
+        return RunReport(130, summary, outcome)
+    code = 0 if summary["success_rate"] >= MIN_SUCCESS_RATE else 1
+    return RunReport(code, summary, outcome)
+
+
+def _execute(
+    config: BenchConfig, dataset: Dataset, skip: set[str], planned: int | None
+) -> tuple[RunOutcome, bool]:
+    """Send the requests, writing each result as it ends; (outcome, interrupted by Ctrl-C)."""
+    out = config.output
+    progress = Progress(planned, enabled=out.progress)
+    outcome = RunOutcome(endpoints=config.load.endpoints)
+    started = time.perf_counter()
+    interrupted = False
+    with ResultsWriter(out.results_path, resume=out.resume) as writer:
+
+        def sink(result: RequestResult) -> None:
+            writer.write(result)
+            outcome.results.append(result)
+            progress.update(result)
+
+        try:
+            final = asyncio.run(run_benchmark(config, dataset.requests, sink, skip))
+            outcome = dataclasses.replace(final, results=outcome.results)
+        except KeyboardInterrupt:
+            interrupted = True
+            outcome.duration_s = time.perf_counter() - started
+            log.warning("interrupted: %d results are in %s", len(outcome.results), out.results_path)
+        progress.close()
+    return outcome, interrupted
 
 
 def build_summary(
@@ -123,16 +150,17 @@ def build_summary(
         "dataset_requests": dataset_size,
         "dataset_lines_skipped": skipped_lines,
         "resumed_ids_skipped": resumed,
-        "config": _jsonable(dataclasses.asdict(config)),
+        "config": jsonable(dataclasses.asdict(config)),
     }
     return summary
 
 
-def _jsonable(value: Any) -> Any:
+def jsonable(value: Any) -> Any:
+    """A config as JSON: paths as strings, inf as \"inf\", never the API key."""
     if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items() if k != "api_key"}
+        return {k: jsonable(v) for k, v in value.items() if k != "api_key"}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, float) and math.isinf(value):
         return "inf"
     if isinstance(value, Path):

@@ -166,3 +166,27 @@ class BenchConfig:
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     load: LoadConfig = field(default_factory=LoadConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """``--sweep``: the same workload at several request rates. ``rates`` given: exactly those;
+    empty: search upward from ``start_rate`` (times ``factor``) until a rate fails, then bisect
+    for the highest passing rate until ``precision``; never more than ``max_runs`` runs."""
+
+    rates: tuple[float, ...] = ()
+    start_rate: float = 1.0
+    factor: float = 2.0
+    max_runs: int = 12
+    precision: float = 0.1  # stop bisecting when the failing rate <= passing rate x (1 + this)
+    slo_attainment: float = 0.9  # fraction of requests that must meet every --goodput SLO
+
+    def __post_init__(self) -> None:
+        if any(not 0 < r < math.inf for r in self.rates):
+            raise ValueError("--sweep-rates must be finite rates > 0")
+        if not 0 < self.start_rate < math.inf or not self.factor > 1:
+            raise ValueError("--sweep-start must be > 0 and --sweep-factor > 1")
+        if self.max_runs < 1 or not self.precision > 0:
+            raise ValueError("--sweep-max-runs must be >= 1 and --sweep-precision > 0")
+        if not 0 < self.slo_attainment <= 1:
+            raise ValueError("--slo-attainment must lie in (0, 1]")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from vlserve.bench.client import RequestResult
 
@@ -19,8 +20,8 @@ def matplotlib_available() -> bool:
     return True
 
 
-def write_plots(results: Sequence[RequestResult], prefix: Path) -> list[Path]:
-    """Write ``<prefix>.latency_cdf.png`` and ``<prefix>.timeline.png``; [] without matplotlib."""
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, or None (logged) when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -28,6 +29,14 @@ def write_plots(results: Sequence[RequestResult], prefix: Path) -> list[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         log.info("matplotlib is not installed: no plots (pip install 'vlserve[plot]')")
+        return None
+    return plt
+
+
+def write_plots(results: Sequence[RequestResult], prefix: Path) -> list[Path]:
+    """Write ``<prefix>.latency_cdf.png`` and ``<prefix>.timeline.png``; [] without matplotlib."""
+    plt = _pyplot()
+    if plt is None:
         return []
     ok = [r for r in results if r.success]
     if not ok:
@@ -107,3 +116,55 @@ def _timeline(plt: object, results: Sequence[RequestResult], prefix: Path) -> Pa
     fig.savefig(path, dpi=100)
     plt.close(fig)  # type: ignore[attr-defined]
     return path
+
+
+def write_sweep_plot(points: Sequence[Mapping[str, Any]], path: Path) -> Path | None:
+    """Latency (p50, p99) against achieved throughput for TTFT, TPOT and E2E, and achieved
+    throughput and goodput against the offered rate; None without matplotlib."""
+    plt = _pyplot()
+    rows = sorted(points, key=lambda p: p["request_rate"])
+    if plt is None or not rows:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    achieved = [p["request_throughput"] for p in rows]
+    for ax, (metric, title) in zip(
+        axes.flat, (("ttft", "TTFT"), ("tpot", "TPOT"), ("e2el", "E2E latency")), strict=False
+    ):
+        for stat, style in (("median", "o-"), ("p99", "s--")):
+            values = [p.get(f"{stat}_{metric}_ms") for p in rows]
+            xy = [(x, y) for x, y in zip(achieved, values, strict=True) if y is not None]
+            if xy:
+                ax.plot(*zip(*xy, strict=True), style, label="p50" if stat == "median" else stat)
+        for p in rows:  # each point tagged with its offered rate
+            y = p.get(f"median_{metric}_ms")
+            if y is not None:
+                ax.annotate(f"{p['request_rate']:g}", (p["request_throughput"], y), fontsize=7)
+        ax.set(title=f"{title} vs throughput", xlabel="achieved requests/s", ylabel="ms")
+        ax.legend()
+        ax.grid(True, alpha=0.3)
+    _rate_panel(axes.flat[3], rows)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _rate_panel(ax: Any, rows: Sequence[Mapping[str, Any]]) -> None:
+    offered = [p["request_rate"] for p in rows]
+    ax.plot(offered, [p["request_throughput"] for p in rows], "o-", label="achieved")
+    goodput = [
+        (p["request_rate"], p["request_goodput"])
+        for p in rows
+        if p.get("request_goodput") is not None
+    ]
+    if goodput:
+        ax.plot(*zip(*goodput, strict=True), "s--", label="goodput")
+    ax.plot(offered, offered, ":", color="grey", label="offered")
+    for p in rows:
+        if not p.get("passed", True):
+            ax.plot(p["request_rate"], p["request_throughput"], "x", color="tab:red")
+    ax.set(title="Throughput vs offered rate (x: failed)", xlabel="offered requests/s")
+    ax.set_ylabel("requests/s")
+    ax.legend()
+    ax.grid(True, alpha=0.3)

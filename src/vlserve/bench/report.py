@@ -204,3 +204,61 @@ def _turn_lines(turns: list[dict[str, Any]], width: int) -> list[str]:
 def _row(label: str, value: Any, width: int) -> str:
     text = _fmt(value)
     return f"{label:<{width - len(text) - 1}} {text}"
+
+
+SWEEP_COLUMNS = (  # (header, sweep-line key, width, digits)
+    ("Rate", "request_rate", 7, 2),
+    ("Req/s", "request_throughput", 8, 2),
+    ("Out tok/s", "output_throughput", 10, 1),
+    ("TTFT p50", "median_ttft_ms", 10, 1),
+    ("p99", "p99_ttft_ms", 8, 1),
+    ("TPOT p50", "median_tpot_ms", 10, 1),
+    ("p99", "p99_tpot_ms", 8, 1),
+    ("E2E p50", "median_e2el_ms", 10, 1),
+    ("p99", "p99_e2el_ms", 8, 1),
+    ("SLO %", "slo_attainment", 7, 1),
+)
+
+
+def format_sweep_table(summary: dict[str, Any]) -> str:
+    """One row per offered rate (sorted), latencies in ms; then the rate found and the peak."""
+    width = sum(c[2] for c in SWEEP_COLUMNS) + 6
+    lines = [
+        "",
+        " vlserve bench sweep ".center(width, "="),
+        "".join(f"{title:>{w}}" for title, _, w, _ in SWEEP_COLUMNS) + f"{'Pass':>6}",
+    ]
+    for row in summary["points"]:
+        cells = []
+        for _, key, w, digits in SWEEP_COLUMNS:
+            value = row.get(key)
+            if key == "slo_attainment" and value is not None:
+                value = 100.0 * value
+            cells.append(f"{_fmt(float(value) if value is not None else None, digits):>{w}}")
+        lines.append("".join(cells) + f"{'yes' if row['passed'] else 'no':>6}")
+    lines.append("-" * width)
+    lines.append("Rate: offered requests/s; Req/s: achieved (successful); latencies in ms")
+    slo = summary.get("goodput_slo_ms") or {}
+    share = 100.0 * (summary.get("sweep") or {}).get("slo_attainment", 0.9)
+    criteria = (
+        f"{' '.join(f'{k}<={v:g}ms' for k, v in slo.items())} for >={share:g}% of requests"
+        if slo
+        else "no SLO"
+    )
+    best = summary.get("best")
+    if best:
+        goodput = best.get("request_goodput")
+        lines.append(
+            f"Highest passing rate ({criteria}): {best['request_rate']:g} req/s, "
+            f"achieved {_fmt(best['request_throughput'])} req/s"
+            + (f", goodput {_fmt(goodput)} req/s" if goodput is not None else "")
+        )
+    else:
+        lines.append(f"No rate passed ({criteria})")
+    if summary.get("max_request_throughput") is not None:
+        lines.append(
+            f"Peak achieved: {_fmt(summary['max_request_throughput'])} req/s "
+            f"(offered {summary['max_request_throughput_rate']:g} req/s)"
+        )
+    lines.append("=" * width)
+    return "\n".join(lines)

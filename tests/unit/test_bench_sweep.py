@@ -1,0 +1,145 @@
+"""`--sweep`: the rate search and bisection (pure, with fake runs), the keep-up ratio, flags."""
+
+from __future__ import annotations
+
+import argparse
+import random
+
+import pytest
+
+from vlserve.bench import cli
+from vlserve.bench.client import RequestResult
+from vlserve.bench.config import SweepConfig
+from vlserve.bench.sweep import RatePoint, best_point, drive, keep_up_ratio, next_rate, passes
+
+
+def server(capacity: float, slo_limit: float = float("inf")):
+    """A fake run: achieved = min(rate, capacity); SLOs met below ``slo_limit`` only."""
+
+    def run(rate: float) -> RatePoint:
+        attainment = 1.0 if rate <= slo_limit else 0.5
+        return RatePoint(rate, min(rate, capacity), 100.0, attainment, min(1.0, capacity / rate))
+
+    return run
+
+
+def rates(points: list[RatePoint]) -> list[float]:
+    return [p.rate for p in points]
+
+
+def test_explores_up_to_saturation_then_bisects() -> None:
+    sweep = SweepConfig()
+    points, interrupted = drive(sweep, server(capacity=10))
+    # 16 offered, 10 achieved: saturated; then bisect between 8 and 16 to within 10%.
+    assert rates(points) == [1, 2, 4, 8, 16, 12, 10, 11]
+    assert not interrupted
+    best = best_point(points, sweep)
+    assert best is not None and best.rate == 11  # 12 failed, and 12 <= 11 x 1.1
+
+
+def test_bisects_for_the_highest_rate_meeting_the_slos() -> None:
+    sweep = SweepConfig(precision=0.05)
+    points, _ = drive(sweep, server(capacity=1000, slo_limit=5.3))
+    best = best_point(points, sweep)
+    assert best is not None and 5.3 / 1.05 <= best.rate <= 5.3
+    assert rates(points)[:4] == [1, 2, 4, 8] and len(points) <= sweep.max_runs
+
+
+def test_attainment_threshold_decides() -> None:
+    point = RatePoint(4, 4, 100.0, slo_attainment=0.85, keep_up=1.0)
+    assert not passes(point, SweepConfig())
+    assert passes(point, SweepConfig(slo_attainment=0.8))
+    assert not passes(RatePoint(4, 4, 80.0, None, 1.0), SweepConfig())  # < 90% succeeded
+    assert not passes(RatePoint(4, 3, 100.0), SweepConfig())  # no ratio: achieved / offered
+
+
+def test_max_runs_bounds_a_server_that_never_saturates() -> None:
+    sweep = SweepConfig(max_runs=5, start_rate=0.5, factor=3)
+    points, _ = drive(sweep, server(capacity=float("inf")))
+    assert rates(points) == [0.5, 1.5, 4.5, 13.5, 40.5]
+
+
+def test_a_failing_start_rate_explores_downward() -> None:
+    sweep = SweepConfig()
+    points, _ = drive(sweep, server(capacity=0.3))
+    assert rates(points)[:3] == [1, 0.5, 0.25]
+    best = best_point(points, sweep)
+    # Passing means keeping up with 90% of the offered rate (KEEP_UP), within 10% (precision).
+    assert best is not None and 0.3 / 1.1 <= best.rate <= 0.3 / 0.9
+
+
+def test_given_rates_run_in_order_once_whatever_max_runs() -> None:
+    sweep = SweepConfig(rates=(4, 1, 4, 2), max_runs=1)
+    points, _ = drive(sweep, server(capacity=3))
+    assert rates(points) == [4, 1, 2]
+    best = best_point(points, sweep)
+    assert best is not None and best.rate == 2
+
+
+def test_next_rate_depends_only_on_the_set_measured_so_far() -> None:
+    """What makes a resumed sweep ask for the rates it already has, in any file order."""
+    sweep = SweepConfig()
+    points, _ = drive(sweep, server(capacity=7, slo_limit=6))
+    shuffle = random.Random(0).shuffle
+    for k in range(len(points) + 1):
+        prefix = points[:k]
+        shuffle(prefix)
+        expected = points[k].rate if k < len(points) else None
+        assert next_rate(prefix, sweep) == expected
+
+
+def test_an_interrupted_run_stops_the_sweep() -> None:
+    calls: list[float] = []
+
+    def run(rate: float) -> RatePoint | None:
+        calls.append(rate)
+        return None if rate == 4 else server(100)(rate)
+
+    points, interrupted = drive(SweepConfig(), run)
+    assert interrupted and rates(points) == [1, 2] and calls == [1, 2, 4]
+
+
+def result(due: float, latency: float, ok: bool = True, queued: float = 0.0) -> RequestResult:
+    r = RequestResult("x", "x", success=ok, latency_s=latency)
+    r.sent_at_s, r.queued_s = due + queued, queued
+    return r
+
+
+def test_keep_up_ratio_ignores_start_and_drain_but_sees_queueing() -> None:
+    # 20 arrivals 0.1 s apart, 2 s latency each: achieved req/s over the run would be 20/3.9,
+    # half the arrival rate, yet the server keeps up.
+    keeping_up = [result(0.1 * i, 2.0) for i in range(20)]
+    assert keep_up_ratio(keeping_up) == pytest.approx(1.0)
+    # Completions only every 0.2 s (client-side queueing behind a concurrency cap): half.
+    saturated = [result(0.1 * i, 0.05, queued=0.1 * i) for i in range(20)]
+    assert keep_up_ratio(saturated) == pytest.approx(0.5)
+    assert keep_up_ratio(keeping_up[:2]) is None
+
+
+def sweep_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    return parser.parse_args(["--input", "x", *argv])
+
+
+def test_sweep_flags() -> None:
+    assert cli.sweep_from_args(sweep_args()) is None
+    assert cli.sweep_from_args(sweep_args("--sweep")) == SweepConfig()
+    sweep = cli.sweep_from_args(sweep_args("--sweep-rates", "1, 2.5,8", "--slo-attainment", "0.95"))
+    assert sweep == SweepConfig(rates=(1.0, 2.5, 8.0), slo_attainment=0.95)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--sweep", "--request-rate", "3"],
+        ["--sweep", "--rate-limit", "3"],
+        ["--sweep-rates", "1,x"],
+        ["--sweep-rates", "0,1"],
+        ["--sweep", "--sweep-factor", "1"],
+        ["--sweep", "--slo-attainment", "1.5"],
+    ],
+)
+def test_bad_sweep_flags_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.run(sweep_args(*argv)) == 2
+    assert "vlserve bench: error:" in capsys.readouterr().err
