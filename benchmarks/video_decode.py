@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import struct
 import subprocess
 import sys
 import tempfile
@@ -27,63 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-
-def make_clip(
-    width: int, height: int, seconds: float, fps: int, *, gop: int | None = None
-) -> bytes:
-    """An H.264 MP4 whose frames differ (a moving gradient), encoded in memory."""
-    import av
-
-    buffer = io.BytesIO()
-    ramp = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
-    with av.open(buffer, "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps, options={"preset": "ultrafast"})
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        if gop:
-            stream.codec_context.gop_size = gop
-        for i in range(round(seconds * fps)):
-            image = np.broadcast_to((ramp + i * 3) % 256, (height, width, 3)).astype(np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buffer.getvalue()
-
-
-def make_audio_only() -> bytes:
-    import av
-
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="mp4") as container:
-        stream = container.add_stream("aac", rate=8000)
-        for i in range(4):
-            frame = av.AudioFrame.from_ndarray(
-                np.zeros((1, 1024), np.float32), format="fltp", layout="mono"
-            )
-            frame.sample_rate, frame.pts = 8000, i * 1024
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    return buffer.getvalue()
-
-
-def patch_box(data: bytes, path: list[bytes], offset: int, value: int) -> bytes:
-    """Overwrite a big-endian u32 at ``offset`` in the payload of the MP4 box at ``path``."""
-    start, end, found = 0, len(data), 0
-    for name in path:
-        position = start
-        while position + 8 <= end:
-            size, kind = struct.unpack(">I4s", data[position : position + 8])
-            if kind == name:
-                found, start, end = position, position + 8, position + size
-                break
-            position += max(size, 8)
-        else:
-            raise KeyError(name)
-    patched = bytearray(data)
-    struct.pack_into(">I", patched, found + 8 + offset, value)
-    return bytes(patched)
+from vlserve.testing.video import make_audio, make_clip, patch_box
 
 
 def hostile_inputs(clip: bytes) -> list[tuple[str, bytes]]:
@@ -104,10 +47,10 @@ def hostile_inputs(clip: bytes) -> list[tuple[str, bytes]]:
             patch_box(clip, [*trak, b"minf", b"stbl", b"stts"], 8, 2**31 - 1),
         ),
         ("time base 1/1 s (mdhd)", patch_box(clip, [*trak, b"mdhd"], 12, 1)),
-        ("audio only (AAC in MP4)", make_audio_only()),
+        ("audio only (AAC in MP4)", make_audio("mp4")),
         ("PNG image", png.getvalue()),
         ("GIF image", gif.getvalue()),
-        ("6144x6144 H.264 frame", make_clip(6144, 6144, 0.1, 10)),
+        ("6144x6144 H.264 frame", make_clip(6144, 6144, 1, 10, gradient=True)),
         ("4-s clip, 10 kB byte limit", clip),
     ]
 
@@ -273,8 +216,8 @@ def main() -> None:
         return
     start = time.perf_counter()
     clips = {
-        "short": make_clip(320, 240, 4.0, 30),
-        "long": make_clip(96, 64, args.long_minutes * 60, 10, gop=20),
+        "short": make_clip(320, 240, 120, 30, gradient=True),
+        "long": make_clip(96, 64, round(args.long_minutes * 600), 10, gop=20, gradient=True),
     }
     print(f"(clips encoded in {time.perf_counter() - start:.1f} s)")
     pyav = run_pyav(clips, args)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import struct
 import time
 from pathlib import Path
 from typing import Any
@@ -24,75 +23,9 @@ from vlserve.media.video import (  # noqa: E402
     check_stream,
     decode_video,
 )
+from vlserve.testing.video import level, make_audio, make_clip, patch_box  # noqa: E402
 
 LIMITS = VideoLimits()
-
-
-def level(index: int) -> int:
-    """The grey level of frame ``index``: distinct from its neighbours, so a decoded frame's
-    level tells which frame it is."""
-    return 16 + (index % 56) * 4
-
-
-def make_clip(
-    width: int = 64,
-    height: int = 48,
-    frames: int = 20,
-    fps: int = 10,
-    *,
-    codec: str = "libx264",
-    container: str = "mp4",
-    gop: int | None = None,
-) -> bytes:
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format=container) as output:
-        stream = output.add_stream(codec, rate=fps)
-        stream.width, stream.height = width, height
-        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
-        if gop:
-            stream.codec_context.gop_size = gop
-        for i in range(frames):
-            image = np.full((height, width, 3), level(i), np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                output.mux(packet)
-        for packet in stream.encode():
-            output.mux(packet)
-    return buffer.getvalue()
-
-
-def make_audio(container: str) -> bytes:
-    buffer = io.BytesIO()
-    codec = "pcm_s16le" if container == "wav" else "aac"
-    sample_format = "s16" if container == "wav" else "fltp"
-    with av.open(buffer, "w", format=container) as output:
-        stream = output.add_stream(codec, rate=8000, layout="mono")
-        for i in range(4):
-            samples = np.zeros((1, 1024), np.int16 if sample_format == "s16" else np.float32)
-            frame = av.AudioFrame.from_ndarray(samples, format=sample_format, layout="mono")
-            frame.sample_rate, frame.pts = 8000, i * 1024
-            for packet in stream.encode(frame):
-                output.mux(packet)
-        for packet in stream.encode():
-            output.mux(packet)
-    return buffer.getvalue()
-
-
-def patch_box(data: bytes, path: list[bytes], offset: int, value: int) -> bytes:
-    """Overwrite a big-endian u32 at ``offset`` in the payload of the MP4 box at ``path``."""
-    start, end, found = 0, len(data), 0
-    for name in path:
-        position = start
-        while position + 8 <= end:
-            size, kind = struct.unpack(">I4s", data[position : position + 8])
-            if kind == name:
-                found, start, end = position, position + 8, position + size
-                break
-            position += max(size, 8)
-        else:
-            raise KeyError(name)
-    patched = bytearray(data)
-    struct.pack_into(">I", patched, found + 8 + offset, value)
-    return bytes(patched)
 
 
 CLIP = make_clip()  # 2 s, 64x48, 10 fps, 20 frames
