@@ -154,3 +154,26 @@ def test_encoder_cache_runs_the_vision_tower_once_per_image(tiny_model_path: Pat
     engine_with("cached", 64)
     engine_with("off", 0)
     assert counts == {"cached": 1, "off": 3}  # an image repeated in one request: once
+
+
+def test_stopping_the_engine_answers_every_request_in_flight(tiny_model_path: Path) -> None:
+    """A request still generating when the engine stops gets a 503 event, not silence."""
+    engine = AsyncEngine(EngineConfig(str(tiny_model_path)), DeviceInfo("cpu", torch.float32))
+    engine.start()
+
+    async def main() -> list[Any]:
+        await engine.wait_ready()
+        params = SamplingParams(max_tokens=10_000, ignore_eos=True, temperature=0)
+        stream = await engine.generate(ChatPrompt(MESSAGES), params, "long")
+        events = []
+        async for event in stream:
+            events.append(event)
+            if len(events) == 3:
+                await asyncio.to_thread(engine.shutdown)
+        return events
+
+    events = asyncio.run(main())
+    last = events[-1]
+    assert last.finished and last.error is not None and last.error.status == 503
+    assert "shutting down" in str(last.error)
+    assert engine.num_running == 0 and engine.num_waiting == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -268,7 +269,9 @@ class AsyncEngine:
         queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
 
         def emit(event: TokenEvent) -> None:
-            aio.call_soon_threadsafe(queue.put_nowait, event)
+            # the caller's event loop may be closed: then nobody is left to tell
+            with contextlib.suppress(RuntimeError):
+                aio.call_soon_threadsafe(queue.put_nowait, event)
 
         seqs = []
         for i in range(params.n):
@@ -350,6 +353,7 @@ class AsyncEngine:
             self._ready.set()
         try:
             self.loop.run(lambda: self._stop)
+            self.loop.fail_all(EngineUnavailableError("the engine is shutting down"))
         except BaseException as exc:
             self.loop.fail_all()
             self._die(exc, "the inference thread died")

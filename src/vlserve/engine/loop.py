@@ -238,10 +238,10 @@ class EngineLoop:
         for seq in seqs:
             self._finish(seq, FinishReason.ERROR, error)
 
-    def fail_all(self) -> None:
-        """The thread is dying: everyone admitted or waiting gets an answer first."""
-        for seq in self.scheduler:
-            self._finish(seq, FinishReason.ERROR, EngineError("the engine failed"))
+    def fail_all(self, error: VLServeError | None = None) -> None:
+        """The thread is dying or stopping: everyone admitted or waiting gets an answer first."""
+        for seq in list(self.scheduler):
+            self._finish(seq, FinishReason.ERROR, error or EngineError("the engine failed"))
 
     def _finish(
         self,
