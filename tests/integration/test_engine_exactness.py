@@ -244,7 +244,12 @@ def _run_exactness(
 def test_batched_greedy_equals_generate(tiny_model_path: Path) -> None:
     seed = int(os.environ.get("VLSERVE_TEST_SEED") or random.randrange(2**31))
     print(f"VLSERVE_TEST_SEED={seed}")
-    out = _run_exactness(tiny_model_path, seed)
+    plans = _plans(random.Random(seed), 14)
+    for plan in plans[
+        :3
+    ]:  # a burst that must share prefill and decode steps, however slow the host
+        plan.update(delay_s=0.0, cancel_after=None, max_tokens=27)
+    out = _run_exactness(tiny_model_path, seed, plans)
     steps = out["steps"]
     # batching really happened: several rows per decode step and per prefill
     assert max(steps["decode"]) > 1 and max(steps["prefill"]) > 1, steps
