@@ -1,7 +1,8 @@
 """Continuous batching is exact: every request's greedy tokens equal its own `model.generate`.
 
 Randomized: a different mix each run (requests of text, one or two images of different sizes,
-different prompt lengths, arrivals while others decode, cancellations). Reproduce a failure with
+videos of different lengths and sizes beside them, different prompt lengths, arrivals while
+others decode, cancellations). Reproduce a failure with
 VLSERVE_TEST_SEED=<the printed seed>.
 """
 
@@ -41,6 +42,25 @@ WORDS = [
     "scene",
 ]
 SIZES = [(448, 448), (224, 320), (640, 360), (96, 160)]
+CLIP_SIZES = [(64, 48), (96, 64), (128, 96)]
+CLIP_FRAMES = [10, 25, 40]  # at 10 fps, sampled at 2: 2, 4 or 8 frames (1, 2 or 4 patches)
+
+
+def _video(
+    rng: random.Random,
+    size: tuple[int, int] | None = None,
+    frames: int | None = None,
+    moving: bool | None = None,
+):  # type: ignore[no-untyped-def]
+    """A decoded clip: flat frames or a moving gradient (same size, different content)."""
+    from vlserve.media.video import VideoLimits, decode_video
+    from vlserve.testing.video import make_clip
+
+    size = size or rng.choice(CLIP_SIZES)
+    frames = frames or rng.choice(CLIP_FRAMES)
+    moving = rng.random() < 0.5 if moving is None else moving
+    data = make_clip(size[0], size[1], frames=frames, fps=10, gradient=moving)
+    return decode_video(data, VideoLimits(), fps=2.0)
 
 
 def _image(rng: random.Random, size: tuple[int, int]):  # type: ignore[no-untyped-def]
@@ -55,7 +75,7 @@ def _image(rng: random.Random, size: tuple[int, int]):  # type: ignore[no-untype
     return image
 
 
-def _messages(rng: random.Random, min_images: int = 0) -> list[dict]:
+def _messages(rng: random.Random, min_images: int = 0, videos: int = 0) -> list[dict]:
     text = " ".join(rng.choice(WORDS) for _ in range(rng.randrange(1, 60)))
     parts: list[dict] = [{"type": "text", "text": text}]
     for _ in range(max(min_images, rng.choice([0, 0, 1, 1, 2]))):
@@ -63,6 +83,8 @@ def _messages(rng: random.Random, min_images: int = 0) -> list[dict]:
             rng.randrange(len(parts) + 1),
             {"type": "image", "image": _image(rng, rng.choice(SIZES))},
         )
+    for _ in range(videos):
+        parts.insert(rng.randrange(len(parts) + 1), {"type": "video", "video": _video(rng)})
     messages = [{"role": "user", "content": parts}]
     if rng.random() < 0.3:
         messages.insert(0, {"role": "system", "content": [{"type": "text", "text": "Be brief."}]})
@@ -84,17 +106,28 @@ def _swap_images(rng: random.Random, messages: list[dict]) -> list[dict]:
     """Identical text, different image content of the same sizes: must never hit the cache."""
     out = []
     for message in messages:
-        parts = [
-            {"type": "image", "image": _image(rng, part["image"].size)}
-            if part["type"] == "image"
-            else part
-            for part in message["content"]
-        ]
+        parts = [_swap(rng, part) for part in message["content"]]
         out.append({**message, "content": parts})
     return out
 
 
-def _plans(rng: random.Random, count: int) -> list[dict]:
+def _swap(rng: random.Random, part: dict) -> dict:
+    if part["type"] == "image":
+        return {"type": "image", "image": _image(rng, part["image"].size)}
+    if part["type"] == "video":  # same size and frame times, the other content
+        old = part["video"]
+        size = (old.frames.shape[2], old.frames.shape[1])
+        moving = bool(old.frames[0].std() > 0)
+        return {"type": "video", "video": _video(rng, size, old.total_num_frames, not moving)}
+    return part
+
+
+def _plans(
+    rng: random.Random,
+    count: int,
+    video_share: float = 0.0,
+    first: tuple[tuple[int, int], ...] = (),
+) -> list[dict]:
     """Fresh requests, then requests that reuse an earlier one's prefix: its follow-up turn, its
     exact prompt (the same image in a new conversation) or its text with other images. Each of
     these waits for its source to finish, so the source's blocks are in the prefix cache."""
@@ -111,7 +144,9 @@ def _plans(rng: random.Random, count: int) -> list[dict]:
             "after": None,
         }
         if kind == "fresh":
-            plan["messages"] = _messages(rng, min_images=1 if i == 0 else 0)
+            videos = rng.choice([1, 1, 2]) if rng.random() < video_share else 0
+            images, videos = first[i] if i < len(first) else (1 if i == 0 else 0, videos)
+            plan["messages"] = _messages(rng, min_images=images, videos=videos)
         else:
             source = plans[0] if i == 4 else rng.choice([p for p in plans if p["kind"] == "fresh"])
             plan["after"] = source["id"]
@@ -156,9 +191,11 @@ def _reference_inputs(runner, messages: list[dict]) -> tuple[dict, int]:  # type
     """generate()'s inputs for the same prompt, and where its first image starts."""
     prepared = runner.preprocess(ChatPrompt(messages))
     inputs = dict(prepared.rope_inputs)
-    if prepared.images:
-        inputs["pixel_values"] = torch.cat([image.pixel_values for image in prepared.images])
-    first_image = min((i.span.start for i in prepared.images), default=prepared.num_tokens)
+    for kind, name in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+        found = [v.pixel_values for v in prepared.visuals if v.kind == kind]
+        if found:
+            inputs[name] = torch.cat(found)
+    first_image = min((i.span.start for i in prepared.visuals), default=prepared.num_tokens)
     return inputs, first_image
 
 
@@ -292,3 +329,19 @@ def test_chunked_prefill_is_exact(tiny_model_path: Path) -> None:
     out = _run_exactness(tiny_model_path, seed, plans, prefill_tokens=40)
     steps = out["steps"]
     assert len(steps["prefill"]) > 8 and max(steps["decode"]) > 1, steps
+
+
+def test_videos_batch_exactly(tiny_model_path: Path) -> None:
+    """Video-only requests, video beside images, two videos, clips of different lengths and
+    sizes joining and leaving a running batch, follow-ups and swapped clips: every request
+    still gets generate()'s tokens (and a chunked prefill may cut a video anywhere)."""
+    seed = int(os.environ.get("VLSERVE_TEST_SEED") or random.randrange(2**31))
+    print(f"VLSERVE_TEST_SEED={seed}")
+    rng = random.Random(seed)
+    # (at least images, videos) of the first three: video and image, two videos, one video;
+    # the fifth is the first one's next turn (the same clip again)
+    plans = _plans(rng, 10, video_share=0.7, first=((1, 1), (0, 2), (0, 1)))
+    for plan in plans[:3]:
+        plan.update(delay_s=0.0, cancel_after=None, max_tokens=20)
+    out = _run_exactness(tiny_model_path, seed, plans, prefill_tokens=rng.choice([64, 600]))
+    assert max(out["steps"]["decode"]) > 1, out["steps"]

@@ -64,7 +64,7 @@ def test_a_hit_gives_the_logits_of_a_full_prefill(runner: ModelRunner) -> None:
         warm = BlockManager(257, BLOCK)
         _prefill(runner, warm, first)
         logits, hit, encoded = _prefill(runner, warm, messages)
-        span = encoded.prepared.images[0].span
+        span = encoded.prepared.visuals[0].span
         assert hit > 0
         if messages is first:
             assert span.start < hit < span.end  # the hit splits the image's tokens
@@ -81,7 +81,7 @@ def test_a_different_image_behind_the_same_text_does_not_hit(runner: ModelRunner
 
     _prefill(runner, blocks, messages((10, 200, 10)))
     _, hit, encoded = _prefill(runner, blocks, messages((10, 200, 11)))
-    assert hit <= encoded.prepared.images[0].span.start
+    assert hit <= encoded.prepared.visuals[0].span.start
 
 
 def _client(server: ServerProcess) -> openai.OpenAI:

@@ -82,7 +82,7 @@ def test_im_end_in_user_text_is_plain_text(runner, tiny_tokenizer) -> None:  # t
 
 def test_image_pad_typed_by_a_user_expects_no_image(runner) -> None:  # type: ignore[no-untyped-def]
     prepared = _prepare(runner, _user(_text("look: <|vision_start|><|image_pad|><|vision_end|>")))
-    assert prepared.images == ()
+    assert prepared.visuals == ()
     ids = prepared.token_ids
     assert IMAGE_PAD not in ids and VISION_START not in ids
 
@@ -96,7 +96,7 @@ def test_image_pad_text_beside_a_real_image(runner) -> None:  # type: ignore[no-
     pads = plain.token_ids.count(IMAGE_PAD)
     assert pads > 0 and plain.num_image_tokens == pads
     assert tricky.token_ids.count(IMAGE_PAD) == pads
-    assert tricky.images[0].key == plain.images[0].key  # same pixels, same content key
+    assert tricky.visuals[0].key == plain.visuals[0].key  # same pixels, same content key
     length = tricky.num_tokens
     inputs = tricky.rope_inputs
     for key in ("attention_mask", "mm_token_type_ids"):
@@ -160,7 +160,7 @@ def test_image_prompts_match_the_processor_exactly(runner) -> None:  # type: ign
     for _ in range(2):  # cold, then every image from the cache
         prepared = _prepare(runner, messages)
         assert prepared.token_ids == reference["input_ids"][0].tolist()
-        pixels = torch.cat([i.pixel_values for i in prepared.images])
+        pixels = torch.cat([i.pixel_values for i in prepared.visuals])
         assert torch.equal(pixels, reference["pixel_values"])
         assert torch.equal(prepared.rope_inputs["image_grid_thw"], reference["image_grid_thw"])
         for key in ("attention_mask", "mm_token_type_ids"):
@@ -193,4 +193,4 @@ def test_seen_images_skip_the_image_processor(runner) -> None:  # type: ignore[n
     first = cached(ChatPrompt(_user(image, _text("one"))))
     second = cached(ChatPrompt(_user(_text("two"), image)))
     assert len(calls) == 1
-    assert first.images[0].key == second.images[0].key
+    assert first.visuals[0].key == second.visuals[0].key

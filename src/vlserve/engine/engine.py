@@ -126,7 +126,7 @@ class AsyncEngine:
                 self._encode_on_encoder_thread,
                 functools.partial(bind_thread, device, side=True),
                 _encoder_batch_patches(config, device),
-                patches=lambda p: sum(int(i.pixel_values.shape[0]) for i in p.images),
+                patches=lambda p: sum(int(i.pixel_values.shape[0]) for i in p.visuals),
             )
             if config.encoder_thread
             else None

@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
-from vlserve.engine.prompt import ChatPrompt, ImageInput, PreparedPrompt
+from vlserve.engine.prompt import ChatPrompt, PreparedPrompt, VisualInput
 from vlserve.engine.sequence import ImageSpan
+from vlserve.engine.video_input import ProcessedVideo, process_video, size_get
 from vlserve.errors import InvalidRequestError
 from vlserve.lru import BytesLRU
 
@@ -52,16 +53,28 @@ class Preprocessor:
         processor: Any,
         image_token_id: int,
         merge_size: int,
-        cache: BytesLRU[ProcessedImage] | None = None,
+        cache: BytesLRU[ProcessedImage | ProcessedVideo] | None = None,
+        video_token_id: int | None = None,
     ) -> None:
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self._slot_id = int(self.tokenizer.convert_tokens_to_ids(TEXT_SLOT))
         self._image_token_id = image_token_id
         self._image_token = str(self.tokenizer.convert_ids_to_tokens(image_token_id))
+        if video_token_id is None:
+            video_token_id = int(self.tokenizer.convert_tokens_to_ids(VIDEO_TOKEN))
+        self._video_token_id = video_token_id
+        self._video_token = str(self.tokenizer.convert_ids_to_tokens(video_token_id))
+        # what the processor replaces by a video's placeholder (see engine/video_input.py)
+        pad_only = _replaces_video_pad_only(processor)
+        self._video_marker = (
+            self._video_token if pad_only else f"<|vision_start|>{self._video_token}<|vision_end|>"
+        )
         self._merge = merge_size * merge_size
         self._token_types = "mm_token_type_ids" in getattr(processor, "model_input_names", ())
-        self.cache: BytesLRU[ProcessedImage] = cache if cache is not None else BytesLRU(0)
+        self.cache: BytesLRU[ProcessedImage | ProcessedVideo] = (
+            cache if cache is not None else BytesLRU(0)
+        )
         added = [str(t) for t in getattr(self.tokenizer, "added_tokens_decoder", {}).values()]
         self._special = re.compile("|".join(re.escape(t) for t in added)) if added else None
 
@@ -94,21 +107,30 @@ class Preprocessor:
         text = self.processor.apply_chat_template(
             template, tokenize=False, add_generation_prompt=True, **extra
         )
-        image_parts = [p for m in template for p in m["content"] if p.get("type") == "image"]
-        processed = [
-            self._process(p["image"], p.get("min_pixels"), p.get("max_pixels")) for p in image_parts
-        ]
-        text = self._expand(text, [int(p.grid_thw.prod()) // self._merge for p in processed])
+        parts = [p for m in template for p in m["content"] if p.get("type") in _VISUAL]
+        processed = [self._process_part(p) for p in parts]
+        text = self._expand(text, processed)
         rendered = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         pieces = [
             self.tokenizer.encode(t, add_special_tokens=False, split_special_tokens=True)
             for t in texts
         ]
         token_ids, _ = splice_texts(rendered, self._slot_id, pieces)
-        images = self._images(token_ids, processed)
+        visuals = self._visuals(token_ids, processed)
         return PreparedPrompt(
-            token_ids, images, self._rope_inputs(token_ids, images), prompt.cache_salt
+            token_ids, visuals, self._rope_inputs(token_ids, visuals), prompt.cache_salt
         )
+
+    def _process_part(self, part: dict[str, Any]) -> ProcessedImage | ProcessedVideo:
+        low, high = part.get("min_pixels"), part.get("max_pixels")
+        if part["type"] == "image":
+            return self._process(part["image"], low, high)
+        video = process_video(self.processor.video_processor, part["video"], low, high)
+        found = self.cache.get(video.key)  # the same frames again: one copy of their pixels
+        if found is None:
+            self.cache.put(video.key, video)
+            return video
+        return found
 
     def _process(
         self, image: Any, min_pixels: int | None = None, max_pixels: int | None = None
@@ -124,8 +146,8 @@ class Preprocessor:
         cache_key = raw_key
         if min_pixels is not None or max_pixels is not None:
             size = self.processor.image_processor.size
-            high = max_pixels or int(_size_get(size, "longest_edge"))
-            low = min(min_pixels or int(_size_get(size, "shortest_edge")), high)
+            high = max_pixels or int(size_get(size, "longest_edge"))
+            low = min(min_pixels or int(size_get(size, "shortest_edge")), high)
             kwargs["size"] = {"shortest_edge": low, "longest_edge": high}
             cache_key = raw_key + f"{min_pixels}:{max_pixels}".encode()
         found = self.cache.get(cache_key)
@@ -137,46 +159,80 @@ class Preprocessor:
         self.cache.put(cache_key, processed)
         return processed
 
-    def _expand(self, text: str, counts: list[int]) -> str:
-        """Each image placeholder becomes as many placeholders as its image has tokens."""
-        chunks = text.split(self._image_token)
-        if len(chunks) != len(counts) + 1:
-            raise ValueError("the chat template's image placeholders do not match the images")
+    def _expand(self, text: str, processed: list[ProcessedImage | ProcessedVideo]) -> str:
+        """Each image placeholder becomes as many placeholders as its image has tokens; each
+        video placeholder becomes its patches' times and placeholders (``video_input``)."""
+        pattern = "|".join(re.escape(m) for m in (self._video_marker, self._image_token))
+        chunks = re.split(f"({pattern})", text)
+        markers = chunks[1::2]
+        kinds = ["video" if m == self._video_marker else "image" for m in markers]
+        if kinds != [_kind(p) for p in processed]:
+            raise ValueError("the chat template's media placeholders do not match the media")
         out = [chunks[0]]
-        for count, chunk in zip(counts, chunks[1:], strict=True):
-            out.append(self._image_token * count)
+        for item, chunk in zip(processed, chunks[2::2], strict=True):
+            if isinstance(item, ProcessedVideo):
+                out.append(item.placeholder(self._video_token, self._merge))
+            else:
+                out.append(self._image_token * (int(item.grid_thw.prod()) // self._merge))
             out.append(chunk)
         return "".join(out)
 
-    def _images(
-        self, token_ids: list[int], processed: list[ProcessedImage]
-    ) -> tuple[ImageInput, ...]:
-        spans = _runs(token_ids, self._image_token_id)
-        if len(spans) != len(processed):
-            raise ValueError("image placeholders do not match the processed images")
-        images = []
-        for (start, end), image in zip(spans, processed, strict=True):
-            if end - start != int(image.grid_thw.prod()) // self._merge:
+    def _visuals(
+        self, token_ids: list[int], processed: list[ProcessedImage | ProcessedVideo]
+    ) -> tuple[VisualInput, ...]:
+        """Each image's placeholder run, and each video's runs (one per temporal patch), in
+        prompt order."""
+        image_runs = iter(_runs(token_ids, self._image_token_id))
+        video_runs = iter(_runs(token_ids, self._video_token_id))
+        visuals: list[VisualInput] = []
+        for item in processed:
+            if isinstance(item, ProcessedVideo):
+                runs = [next(video_runs, (0, 0)) for _ in range(int(item.grid_thw[0, 0]))]
+                visuals.extend(item.patches(runs, self._merge))
+                continue
+            start, end = next(image_runs, (0, 0))
+            if end - start != int(item.grid_thw.prod()) // self._merge:
                 raise ValueError("an image's placeholder count does not match its grid")
-            span = ImageSpan(start, end, image.key)
-            images.append(ImageInput(image.key, image.pixel_values, image.grid_thw, span))
-        return tuple(images)
+            span = ImageSpan(start, end, item.key)
+            visuals.append(VisualInput(item.key, item.pixel_values, item.grid_thw, span))
+        if next(image_runs, None) is not None or next(video_runs, None) is not None:
+            raise ValueError("media placeholders do not match the processed media")
+        return tuple(sorted(visuals, key=lambda v: v.span.start))
 
     def _rope_inputs(
-        self, token_ids: list[int], images: tuple[ImageInput, ...]
+        self, token_ids: list[int], visuals: tuple[VisualInput, ...]
     ) -> dict[str, torch.Tensor]:
-        """What the model's ``get_rope_index`` reads, as the processor would have returned it."""
+        """What the model's ``get_rope_index`` reads, as the processor would have returned it
+        (a video's grid as one row per temporal patch: get_rope_index splits it so anyway)."""
         ids = torch.tensor([token_ids], dtype=torch.long)
         inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-        if images:
-            inputs["image_grid_thw"] = torch.cat([i.grid_thw for i in images])
+        for kind, name in (("image", "image_grid_thw"), ("video", "video_grid_thw")):
+            grids = [v.grid_thw for v in visuals if v.kind == kind]
+            if grids:
+                inputs[name] = torch.cat(grids)
         if self._token_types:
-            inputs["mm_token_type_ids"] = (ids == self._image_token_id).long()
+            types = (ids == self._image_token_id).long() + 2 * (ids == self._video_token_id).long()
+            inputs["mm_token_type_ids"] = types
         return inputs
 
 
-def _size_get(size: Any, name: str) -> Any:
-    return size.get(name) if isinstance(size, dict) else getattr(size, name)
+_VISUAL = ("image", "video")
+VIDEO_TOKEN = "<|video_pad|>"
+
+
+def _kind(item: ProcessedImage | ProcessedVideo) -> str:
+    return "video" if isinstance(item, ProcessedVideo) else "image"
+
+
+def _replaces_video_pad_only(processor: Any) -> bool:
+    """transformers 5.x's Qwen3-VL processor replaces only ``<|video_pad|>`` (its
+    ``replace_video_token``); 4.57's replaces ``<|vision_start|><|video_pad|><|vision_end|>``."""
+    for cls in type(processor).__mro__:
+        if cls.__name__ == "ProcessorMixin":
+            return False
+        if "replace_video_token" in cls.__dict__:
+            return True
+    return False
 
 
 def image_key(pixels_key: bytes, grid: torch.Tensor) -> bytes:

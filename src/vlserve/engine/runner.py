@@ -16,7 +16,7 @@ from transformers import AutoProcessor, AutoTokenizer, GenerationConfig
 from vlserve.engine.device import DeviceInfo
 from vlserve.engine.kv_cache import PAD_ROW, KVPool, PagedCache, RowSpan, build_layout, row_bucket
 from vlserve.engine.preprocess import Preprocessor
-from vlserve.engine.prompt import EncodedPrompt, ImageFeatures, ImageInput, PreparedPrompt
+from vlserve.engine.prompt import EncodedPrompt, ImageFeatures, PreparedPrompt, VisualInput
 from vlserve.engine.sequence import Sequence
 from vlserve.engine.vocab import TokenBytes
 from vlserve.lru import BytesLRU
@@ -71,6 +71,7 @@ class ModelRunner:
             int(self.model.config.image_token_id),
             int(visual.spatial_merge_size),
             BytesLRU(image_cache_bytes),
+            video_token_id=int(self.model.config.video_token_id),
         )
         self.encoder_cache = encoder_cache if encoder_cache is not None else BytesLRU(0)
         self.pool: KVPool | None = None
@@ -109,19 +110,19 @@ class ModelRunner:
         (from the encoder cache when it has them; the rest of all ``prompts`` in one forward,
         whose attention stays within each image) and its multimodal positions. Without
         ``with_features`` the prefill computes the features."""
-        images = [image for p in prompts for image in p.images] if with_features else []
+        images = [image for p in prompts for image in p.visuals] if with_features else []
         features = self.image_features(images)
         encoded = []
         for prompt in prompts:
             positions, delta = self._positions(prompt)
-            mine = tuple(features[i.key] for i in prompt.images) if with_features else ()
+            mine = tuple(features[i.key] for i in prompt.visuals) if with_features else ()
             encoded.append(EncodedPrompt(prompt, positions, delta, mine))
         return encoded
 
-    def image_features(self, images: Seq[ImageInput]) -> dict[bytes, ImageFeatures]:
+    def image_features(self, images: Seq[VisualInput]) -> dict[bytes, ImageFeatures]:
         """Features of ``images`` by key: cached ones reused, the others computed and cached."""
         found: dict[bytes, ImageFeatures] = {}
-        todo: list[ImageInput] = []
+        todo: list[VisualInput] = []
         for image in images:
             if image.key in found or any(t.key == image.key for t in todo):
                 continue
@@ -136,7 +137,7 @@ class ModelRunner:
                 found[image.key] = feats
         return found
 
-    def _vision(self, images: list[ImageInput]) -> list[ImageFeatures]:
+    def _vision(self, images: list[VisualInput]) -> list[ImageFeatures]:
         dev = self.device.torch_device
         visual = self.model.model.visual
         pixels = torch.cat([i.pixel_values for i in images]).to(dev, visual.dtype)
@@ -163,7 +164,7 @@ class ModelRunner:
         """
         length = prompt.num_tokens
         text = torch.arange(length).view(1, length)
-        if not prompt.images:
+        if not prompt.visuals:
             return text.expand(4, length).clone(), 0
         inputs = prompt.rope_inputs
         kwargs = {k: v for k, v in inputs.items() if k in self._rope_params and k != "input_ids"}
@@ -223,7 +224,7 @@ class ModelRunner:
         pieces: list[tuple[ImageFeatures, int, int]] = []
         for b, (seq, span) in enumerate(zip(seqs, spans, strict=True)):
             prompt: EncodedPrompt = seq.prompt
-            images = prompt.prepared.images
+            images = prompt.prepared.visuals
             needed = [i for i in images if i.span.start < span.end and i.span.end > span.start]
             if not needed:
                 continue
