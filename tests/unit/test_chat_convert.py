@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from vlserve.api.chat import attach_images, image_params, split_messages
+from vlserve.api.chat import MediaRef, attach_media, split_messages
 from vlserve.api.convert import SamplingDefaults, check_supported, stop_strings, to_sampling
 from vlserve.api.protocol import ChatCompletionRequest
 from vlserve.errors import InvalidRequestError
@@ -29,17 +29,18 @@ def test_every_turn_and_part_kept_in_order() -> None:
         {"role": "assistant", "content": "reply"},
         {"role": "user", "content": [_img("u3")]},
     ]
-    template, urls = split_messages(messages)
-    assert urls == ["u1", "u2", "u3"]
+    template, refs = split_messages(messages)
+    assert [r.url for r in refs] == ["u1", "u2", "u3"]
     assert [m["role"] for m in template] == ["system", "user", "assistant", "user"]
     assert template[1]["content"] == [
         {"type": "text", "text": "a"},
-        {"type": "image", "index": 0, "param": "messages[1].content[1].image_url"},
-        {"type": "image", "index": 1, "param": "messages[1].content[2].image_url"},
+        {"type": "image", "index": 0},
+        {"type": "image", "index": 1},
         {"type": "text", "text": "b"},
     ]
-    assert image_params(template)[2] == "messages[3].content[0].image_url"
-    attached = attach_images(template, ["I1", "I2", "I3"])
+    assert refs[2] == MediaRef("image", "u3", "messages[3].content[0].image_url")
+    parts = [{"type": "image", "image": name} for name in ("I1", "I2", "I3")]
+    attached = attach_media(template, parts)
     assert attached[1]["content"][2] == {"type": "image", "image": "I2"}
     assert attached[3]["content"] == [{"type": "image", "image": "I3"}]
     assert template[3]["content"][0]["index"] == 2  # input untouched
@@ -140,3 +141,54 @@ def test_harmless_values_are_accepted() -> None:
             store=False,
         )
     )
+
+
+def _vid(url: str) -> dict:
+    return {"type": "video_url", "video_url": {"url": url}}
+
+
+def test_videos_and_images_share_one_placeholder_list_in_prompt_order() -> None:
+    messages = [
+        {"role": "user", "content": [_vid("v1"), {"type": "text", "text": "and"}, _img("i1")]},
+        {"role": "tool", "content": [_img("i2"), _vid("v2")], "tool_call_id": "c"},
+    ]
+    template, refs = split_messages(messages)
+    assert [(r.kind, r.url) for r in refs] == [
+        ("video", "v1"),
+        ("image", "i1"),
+        ("image", "i2"),
+        ("video", "v2"),
+    ]
+    assert refs[0].param == "messages[0].content[0].video_url"
+    assert refs[3].param == "messages[1].content[1].video_url"
+    assert template[0]["content"][0] == {"type": "video", "index": 0}
+    assert template[1]["content"] == [{"type": "image", "index": 2}, {"type": "video", "index": 3}]
+    parts = [{"type": r.kind, r.kind: r.url.upper()} for r in refs]
+    attached = attach_media(template, parts)
+    assert attached[0]["content"] == [
+        {"type": "video", "video": "V1"},
+        {"type": "text", "text": "and"},
+        {"type": "image", "image": "I1"},
+    ]
+    assert attached[1]["content"][1] == {"type": "video", "video": "V2"}
+
+
+@pytest.mark.parametrize("role", ["system", "assistant"])
+def test_videos_only_in_user_and_tool_messages(role: str) -> None:
+    with pytest.raises(InvalidRequestError, match="videos are only allowed") as info:
+        split_messages([{"role": role, "content": [_vid("v")]}])
+    assert info.value.param == "messages[0].content[0]"
+
+
+def test_video_parts_validate_like_image_parts() -> None:
+    request = ChatCompletionRequest(
+        model="m",
+        messages=[{"role": "user", "content": [_vid("data:video/mp4;base64,AAAA"), _img("u")]}],
+    )
+    dumped = request.model_dump(exclude_none=True)["messages"][0]["content"]
+    assert dumped[0] == {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}
+    with pytest.raises(ValueError):
+        ChatCompletionRequest(
+            model="m",
+            messages=[{"role": "user", "content": [{"type": "video_url", "video_url": {}}]}],
+        )

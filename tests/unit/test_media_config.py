@@ -16,6 +16,13 @@ def test_defaults_match_the_prototype() -> None:
     assert config.allowed_local_media_path is None
     assert config.allowed_media_domains == ()
     assert config.allow_private_networks is False
+    assert (config.max_video_frames, config.max_videos_per_request) == (64, 4)
+    assert (config.max_video_bytes, config.video_pixel_budget) == (64 << 20, 25_165_824)
+
+
+def test_a_count_of_zero_turns_a_kind_off() -> None:
+    config = MediaConfig(max_images_per_request=0, max_videos_per_request=0)
+    assert (config.max_images_per_request, config.max_videos_per_request) == (0, 0)
 
 
 @pytest.mark.parametrize(
@@ -26,7 +33,14 @@ def test_defaults_match_the_prototype() -> None:
         ("max_image_pixels", True, "max_image_pixels must be an integer"),
         ("max_decode_pixels", -1, "max_decode_pixels must be an integer >= 1"),
         ("max_image_bytes", 0, "max_image_bytes must be an integer >= 1"),
-        ("max_images_per_request", 0, "max_images_per_request must be"),
+        ("max_images_per_request", -1, "max_images_per_request must be an integer >= 0"),
+        ("max_videos_per_request", -1, "max_videos_per_request must be an integer >= 0"),
+        ("max_video_frames", 1, "max_video_frames must be an integer >= 2"),
+        ("max_video_bytes", 0, "max_video_bytes must be an integer >= 1"),
+        ("max_video_seconds", 0, "max_video_seconds must be a finite number > 0"),
+        ("max_video_seconds", float("inf"), "max_video_seconds must be a finite number > 0"),
+        ("video_pixel_budget", 8191, "video_pixel_budget must be an integer >= 8192"),
+        ("video_decode_timeout_s", -1, "video_decode_timeout_s must be a finite number > 0"),
         ("max_concurrent_fetches", 0, "max_concurrent_fetches must be"),
         ("max_concurrent_decodes", 0, "max_concurrent_decodes must be"),
         ("max_redirects", -1, "max_redirects must be an integer >= 0"),

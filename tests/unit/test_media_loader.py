@@ -268,6 +268,67 @@ def test_loader_fuzz_only_media_errors() -> None:
         loop.close()
 
 
+_VIDEO_PREFIXES = [
+    "",
+    "data:",
+    "data:video/mp4;base64,",
+    "data:video/webm;base64,",
+    "data:image/png;base64,",
+    "http://",
+    "file://",
+    "/",
+]
+
+
+def test_loader_fuzz_videos_only_media_errors() -> None:
+    """The same shared path with the video kind: random URLs, and real clips mutated and cut,
+    as data URLs, never give anything but MediaError (or a decoded video)."""
+    from vlserve.media.video import DecodedVideo, VideoLimits
+    from vlserve.testing.video import make_clip
+
+    seeds = [
+        make_clip(32, 24, frames=6),
+        make_clip(16, 16, 6, codec="libvpx-vp9", container="webm"),
+    ]
+    loop = asyncio.new_event_loop()
+    loader = MediaLoader(MediaConfig(fetch_timeout_s=2.0), resolver=_no_dns)
+    kind = loader.video_kind(VideoLimits(max_pixels=256, deadline_s=5), fps=2.0, max_frames=4)
+
+    async def attempt(url: str) -> None:
+        try:
+            video = await loader.load(url, kind)
+        except MediaError as error:
+            assert error.message and "Traceback" not in error.message
+        else:
+            assert isinstance(video, DecodedVideo) and 1 <= len(video.frames) <= 4
+
+    @settings(max_examples=150, deadline=None)
+    @given(prefix=st.sampled_from(_VIDEO_PREFIXES), text=st.text(max_size=80))
+    def random_urls(prefix: str, text: str) -> None:
+        loop.run_until_complete(attempt(prefix + text))
+
+    @settings(max_examples=100, deadline=None)
+    @given(
+        seed=st.sampled_from(seeds),
+        edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=8),
+        cut=st.integers(1, 10_000),
+        mime=st.sampled_from(["video/mp4", "video/webm", "video/quicktime"]),
+    )
+    def mutated_clips(seed: bytes, edits: list[tuple[int, int]], cut: int, mime: str) -> None:
+        data = bytearray(seed)
+        for position, value in edits:
+            data[position % len(data)] = value
+        payload = base64.b64encode(bytes(data[:cut])).decode()
+        loop.run_until_complete(attempt(f"data:{mime};base64,{payload}"))
+
+    try:
+        random_urls()
+        mutated_clips()
+    finally:
+        loop.run_until_complete(loader.aclose())
+        loop.close()
+
+
 def test_a_cancelled_load_frees_its_decode_slot_when_the_decode_ends() -> None:
     async def scenario() -> Image.Image:
         loader = MediaLoader(MediaConfig(max_concurrent_decodes=1, max_image_pixels=10_000))

@@ -15,7 +15,7 @@ _ROLES = {
     "assistant": "assistant",
     "tool": "tool",
 }
-_IMAGE_ROLES = ("user", "tool")  # a tool result may hold images too
+_IMAGE_ROLES = ("user", "tool")  # a tool result may hold images and videos too
 # image_url.detail "low": at most 256 image tokens (each covers 32x32 pixels after merging)
 LOW_DETAIL_MAX_PIXELS = 256 * 32 * 32
 
@@ -61,14 +61,32 @@ class ImageBudget:
         return out
 
 
-def split_messages(messages: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[str]]:
-    """Return template messages with image placeholders, and the image URLs in prompt order.
+@dataclass(frozen=True)
+class MediaRef:
+    """One image or video a request brings, in prompt order: what to load and where it was."""
 
-    Each placeholder is ``{"type": "image", "index": k}``; ``attach_images`` later puts the k-th
-    decoded image in its place, so images are fetched once, concurrently, outside this pure step.
+    kind: str  # "image" or "video"
+    url: str
+    param: str  # the request field, e.g. messages[0].content[1].video_url
+    detail: str | None = None  # image_url.detail
+
+
+# content part type → the media kind it brings (both only in user and tool messages)
+_MEDIA_PARTS = {"image_url": "image", "video_url": "video"}
+
+
+def split_messages(
+    messages: Sequence[dict[str, Any]],
+) -> tuple[list[dict[str, Any]], list[MediaRef]]:
+    """Return template messages with media placeholders, and the images and videos in prompt
+    order.
+
+    Each placeholder is ``{"type": "image" | "video", "index": k}``; ``attach_media`` later puts
+    the k-th loaded part in its place, so media are fetched once, concurrently, outside this
+    pure step.
     """
     out: list[dict[str, Any]] = []
-    urls: list[str] = []
+    refs: list[MediaRef] = []
     for i, message in enumerate(messages):
         role = _ROLES.get(message.get("role", ""))
         if role is None:
@@ -94,54 +112,42 @@ def split_messages(messages: Sequence[dict[str, Any]]) -> tuple[list[dict[str, A
             parts.append({"type": "text", "text": content})
         else:
             for j, part in enumerate(content or []):
-                parts.append(_part(part, role, urls, f"messages[{i}].content[{j}]"))
+                parts.append(_part(part, role, refs, f"messages[{i}].content[{j}]"))
         entry: dict[str, Any] = {"role": role, "content": parts}
         if calls:
             entry["tool_calls"] = [{"type": "function", "function": c["function"]} for c in calls]
         out.append(entry)
-    return out, urls
+    return out, refs
 
 
-def _part(part: dict[str, Any], role: str, urls: list[str], where: str) -> dict[str, Any]:
+def _part(part: dict[str, Any], role: str, refs: list[MediaRef], where: str) -> dict[str, Any]:
     kind = part.get("type")
     if kind == "text":
         return {"type": "text", "text": part.get("text", "")}
-    if kind == "image_url":
+    media = _MEDIA_PARTS.get(kind)  # type: ignore[arg-type]
+    if media is not None:
         if role not in _IMAGE_ROLES:
             raise InvalidRequestError(
-                f"{where}: images are only allowed in user and tool messages, not in {role} "
+                f"{where}: {media}s are only allowed in user and tool messages, not in {role} "
                 "messages",
                 param=where,
             )
-        urls.append(part["image_url"]["url"])
-        placeholder = {"type": "image", "index": len(urls) - 1, "param": f"{where}.image_url"}
-        if part["image_url"].get("detail") is not None:
-            placeholder["detail"] = part["image_url"]["detail"]
-        return placeholder
+        source = part[kind]
+        refs.append(MediaRef(media, source["url"], f"{where}.{kind}", source.get("detail")))
+        return {"type": media, "index": len(refs) - 1}
     raise InvalidRequestError(f"{where}.type {kind!r} is not supported", param=f"{where}.type")
 
 
-def image_params(messages: list[dict[str, Any]]) -> list[str]:
-    """The request field of each image placeholder, in URL order (for errors' ``param``)."""
-    found = [p for m in messages for p in m["content"] if p.get("type") == "image"]
-    return [p["param"] for p in sorted(found, key=lambda p: p["index"])]
-
-
-def attach_images(
-    messages: list[dict[str, Any]],
-    images: Sequence[Any],
-    budget: ImageBudget | None = None,
+def attach_media(
+    messages: list[dict[str, Any]], parts: Sequence[dict[str, Any]]
 ) -> list[dict[str, Any]]:
-    """Replace each image placeholder by its decoded image and its pixel bounds (a new
-    structure; input untouched)."""
-    budget = budget or ImageBudget()
-    result = []
-    for message in messages:
-        parts = [
-            {"type": "image", "image": images[p["index"]], **budget.bounds(p.get("detail"))}
-            if p["type"] == "image"
-            else p
-            for p in message["content"]
-        ]
-        result.append({**message, "content": parts})
-    return result
+    """Replace each media placeholder by its loaded part (``parts[index]``, the engine's
+    ``{"type": "image", "image": ...}`` or ``{"type": "video", "video": ...}`` with its pixel
+    bounds); a new structure, input untouched."""
+    return [
+        {
+            **message,
+            "content": [parts[p["index"]] if "index" in p else p for p in message["content"]],
+        }
+        for message in messages
+    ]

@@ -12,9 +12,9 @@ from types import FrameType
 from vlserve.api.auth import parse_keys
 from vlserve.api.faults import ENV_VAR as FAULT_ENV_VAR
 from vlserve.api.faults import FaultInjector
+from vlserve.api.media_cli import add_media_arguments, media_config_from_args
 from vlserve.config import ServerConfig
 from vlserve.engine.scheduler import SchedulerConfig
-from vlserve.media.config import MediaConfig
 
 log = logging.getLogger("vlserve")
 
@@ -138,34 +138,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="run the vision tower on its own thread, ahead of the prefill (off: inside the "
         "prefill, on the inference thread)",
     )
-    i = p.add_argument_group("images")
-    i.add_argument(
-        "--max-image-pixels",
-        type=int,
-        default=int(_env("MAX_IMAGE_PIXELS", "2621440") or 2621440),
-        help="larger images are downsized to this many pixels (env MAX_IMAGE_PIXELS)",
-    )
-    i.add_argument("--max-images-per-request", type=int, default=16)
-    i.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024)
-    i.add_argument("--image-fetch-timeout", type=float, default=10.0, metavar="SECONDS")
-    i.add_argument(
-        "--allowed-local-media-path",
-        default=None,
-        metavar="DIR",
-        help="serve file:// and absolute-path images from below DIR only (off by default)",
-    )
-    i.add_argument(
-        "--allowed-media-domains",
-        nargs="+",
-        default=(),
-        metavar="DOMAIN",
-        help="only fetch image URLs from these hosts (and their subdomains)",
-    )
-    i.add_argument(
-        "--allow-private-media-urls",
-        action="store_true",
-        help="let image URLs reach loopback/private addresses (trusted networks only)",
-    )
+    add_media_arguments(p)
 
 
 def _add_hardening_arguments(p: argparse.ArgumentParser) -> None:
@@ -266,16 +239,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_connections=args.max_connections,
         metrics_auth=args.metrics_auth,
         max_image_tokens_per_request=args.max_image_tokens_per_request,
-        media=MediaConfig(
-            max_image_pixels=args.max_image_pixels,
-            max_images_per_request=args.max_images_per_request,
-            max_image_bytes=args.max_image_bytes,
-            fetch_timeout_s=args.image_fetch_timeout,
-            allowed_local_media_path=args.allowed_local_media_path,
-            allowed_media_domains=tuple(args.allowed_media_domains),
-            allow_private_networks=args.allow_private_media_urls,
-            decoded_cache_bytes=args.encoder_cache_mb * 1024 * 1024,
-        ),
+        media=media_config_from_args(args),
         scheduler=SchedulerConfig(
             max_num_seqs=args.max_num_seqs,
             max_prefill_tokens=args.max_prefill_tokens,

@@ -74,7 +74,11 @@ def response_for(exc: VLServeError) -> JSONResponse:
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "none"}
-_PART_TAGS = {"text", "image_url"}  # discriminator values pydantic puts after a list index
+_PART_TAGS = {
+    "text",
+    "image_url",
+    "video_url",
+}  # discriminator values pydantic puts after a list index
 # discriminator values and union members pydantic puts after a field name
 _FIELD_TAGS = {"response_format": {"text", "json_object", "json_schema"}}
 _MODEL_TAGS = {"NamedToolChoice"}

@@ -6,17 +6,23 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     SerializerFunctionWrapHandler,
     field_validator,
     model_serializer,
 )
 
-# An unknown field is a 400 that names it; so are NaN and infinities (Python's json accepts them)
-# and values of another JSON type (no false → 0.0, no "10" → 10): what the schema says is what
-# is accepted.
-_STRICT = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+from vlserve.api.content import (  # noqa: F401 (part of this module's API)
+    MAX_TEXT_CHARS,
+    ContentPart,
+    ImagePart,
+    ImageURL,
+    MMProcessorKwargs,
+    TextPart,
+    VideoPart,
+    VideoURL,
+)
+from vlserve.api.content import STRICT as _STRICT
 
 # Bounds on everything a client sizes. The body cap (--max-request-body-bytes) bounds the whole;
 # these keep any one field from costing more than its purpose needs.
@@ -26,7 +32,6 @@ MAX_PARTS_PER_MESSAGE = 256
 # one-character parts (an 8 MB body) held the event loop 2.5 s in validation and the
 # preprocessing thread 13 s in the chat template.
 MAX_TOTAL_PARTS = 4096
-MAX_TEXT_CHARS = 1_000_000  # per text; the context check bounds the tokens
 # All texts of a request together. Tokenizing runs on one shared preprocessing thread at about
 # 1 s per million characters: without this a 64 MiB body of text would hold it for a minute or
 # more. 4 M characters is several times what fills a 256 K-token context.
@@ -38,27 +43,6 @@ MAX_STOP_TOKEN_IDS = 64
 MAX_TOKENS = 2**31 - 1  # larger than any context: the context check gives the precise limit
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # int64, as OpenAI's clients send
 MAX_LIST_FIELD = 128  # tools, logit_bias, metadata: refused or ignored, still bounded
-
-
-class ImageURL(BaseModel):
-    model_config = _STRICT
-    url: str = Field(min_length=1)
-    detail: Literal["auto", "low", "high"] | None = None
-
-
-class TextPart(BaseModel):
-    model_config = _STRICT
-    type: Literal["text"]
-    text: str = Field(max_length=MAX_TEXT_CHARS)
-
-
-class ImagePart(BaseModel):
-    model_config = _STRICT
-    type: Literal["image_url"]
-    image_url: ImageURL
-
-
-ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class FunctionCall(BaseModel):
@@ -141,14 +125,6 @@ class JSONSchemaResponseFormat(BaseModel):
 ResponseFormat = Annotated[
     TextFormat | JSONObjectFormat | JSONSchemaResponseFormat, Field(discriminator="type")
 ]
-
-
-class MMProcessorKwargs(BaseModel):
-    """vLLM's per-request processor settings; clamped to the server's --max-image-pixels."""
-
-    model_config = _STRICT
-    min_pixels: int | None = Field(default=None, ge=1)
-    max_pixels: int | None = Field(default=None, ge=1)
 
 
 class StreamOptions(BaseModel):
@@ -253,6 +229,11 @@ class ModelList(BaseModel):
 
 class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    video_tokens: int | None = None  # video frames' tokens, only when the request had videos
+
+    @model_serializer(mode="wrap")
+    def _omit_unset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return _omit_none(handler, self, ("cached_tokens",))
 
 
 class Usage(BaseModel):

@@ -14,10 +14,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from vlserve.api import protocol as p
-from vlserve.api.chat import ImageBudget, attach_images, image_params, split_messages
+from vlserve.api.chat import attach_media, split_messages
 from vlserve.api.convert import DEFAULT_MAX_N, SamplingDefaults, check_supported, to_sampling
 from vlserve.api.faults import FaultInjector
 from vlserve.api.metrics import Metrics, RequestRecord
+from vlserve.api.multimodal import has_video, load_parts
 from vlserve.api.serving import Completion, collect, stream_chunks
 from vlserve.api.tools import ToolPlan
 from vlserve.api.tools import plan as plan_tools
@@ -191,6 +192,7 @@ async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> R
         functools.partial(_track, record),
         parse_tools=tools.parse_calls,
         logprobs=bool(body.logprobs),
+        videos=has_video(prompt.messages),
     )
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -234,19 +236,18 @@ def _track(record: RequestRecord, event: TokenEvent) -> None:
 async def _convert(
     state: ServerState, body: p.ChatCompletionRequest, tools: ToolPlan
 ) -> tuple[ChatPrompt, SamplingParams]:
-    """The request as the engine takes it: template messages with decoded images, the tools,
-    and its sampling parameters."""
+    """The request as the engine takes it: template messages with decoded images and videos,
+    the tools, and its sampling parameters."""
     info = state.engine.model_info
     if info is None or state.engine.state is not EngineState.READY or state.defaults is None:
         raise EngineUnavailableError("the model is still loading; retry shortly")
     params = to_sampling(body, state.defaults, vocab_size=info.vocab_size, guide=tools.guide)
     messages = [m.model_dump(exclude_none=True) for m in body.messages]
-    template, urls = split_messages(messages)
+    template, refs = split_messages(messages)
     kwargs = body.mm_processor_kwargs.model_dump() if body.mm_processor_kwargs else None
-    budget = ImageBudget.from_request(kwargs, state.media.config.max_image_pixels)
-    images = await state.media.load_many(urls, image_params(template))
+    parts = await load_parts(state.media, refs, kwargs)
     prompt = ChatPrompt(
-        attach_images(template, images, budget),
+        attach_media(template, parts),
         cache_salt=body.cache_salt,
         tools=tools.template_tools,
     )

@@ -24,21 +24,31 @@ from vlserve.errors import EngineError, VLServeError
 @dataclass(frozen=True)
 class Completion:
     """Who the response is for and how to build it: id, model name, the per-event observer,
-    whether to parse tool calls and to report logprobs."""
+    whether to parse tool calls, to report logprobs, and video tokens (requests with videos)."""
 
     id: str
     model: str
     track: Callable[[TokenEvent], None]
     parse_tools: bool = False
     logprobs: bool = False
+    videos: bool = False
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> p.Usage:
+def usage(
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int,
+    video_tokens: int | None = None,
+) -> p.Usage:
+    """``video_tokens`` appears in ``prompt_tokens_details`` only when given (requests with
+    videos): the usage of other requests stays what it was."""
     return p.Usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
-        prompt_tokens_details=p.PromptTokensDetails(cached_tokens=cached_tokens),
+        prompt_tokens_details=p.PromptTokensDetails(
+            cached_tokens=cached_tokens, video_tokens=video_tokens
+        ),
     )
 
 
@@ -119,11 +129,13 @@ class Choices:
         ]
         self.prompt_tokens = 0
         self.cached_tokens = 0
+        self.video_tokens = 0
 
     def add(self, event: TokenEvent) -> tuple[ChoiceBuilder, list[Piece]]:
         self.out.track(event)
         self.prompt_tokens = event.num_prompt_tokens
         self.cached_tokens = event.num_cached_tokens
+        self.video_tokens = event.num_video_tokens
         if event.finished:
             raise_if_failed(event)
         builder = self.builders[event.index]
@@ -131,7 +143,8 @@ class Choices:
 
     def usage(self) -> p.Usage:
         completion = sum(b.completion_tokens for b in self.builders)
-        return usage(self.prompt_tokens, completion, self.cached_tokens)
+        videos = self.video_tokens if self.out.videos else None
+        return usage(self.prompt_tokens, completion, self.cached_tokens, videos)
 
 
 async def collect(events: RequestStream, out: Completion) -> p.ChatCompletion:

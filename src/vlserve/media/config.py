@@ -1,4 +1,4 @@
-"""MediaConfig: the limits and guards that apply to every image a request brings."""
+"""MediaConfig: the limits and guards that apply to every image and video a request brings."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ ALLOWED_FORMATS: frozenset[str] = frozenset({"png", "jpeg", "webp", "gif", "bmp"
 
 @dataclass(frozen=True)
 class MediaConfig:
-    """Limits for image inputs; every field is validated (and domains normalised) on creation."""
+    """Limits for image and video inputs; every field is validated (and domains normalised) on
+    creation. A per-request count of 0 turns that kind of input off."""
 
     # Downsize (keeping the aspect ratio) so that width*height <= this; the prototype's
     # MAX_IMAGE_PIXELS (2,621,440 is about 1.6K x 1.6K).
@@ -22,6 +23,19 @@ class MediaConfig:
     # Encoded size cap: data URL payload, HTTP body or local file.
     max_image_bytes: int = 20 * 1024 * 1024
     max_images_per_request: int = 16
+    # Videos (media/video.py): encoded size, frames sampled per video at most, duration.
+    max_video_bytes: int = 64 * 1024 * 1024
+    max_video_frames: int = 64
+    max_video_seconds: float = 3600.0
+    max_videos_per_request: int = 4
+    # Frames x pixels of all the videos of one request, split evenly among them.
+    video_pixel_budget: int = 25_165_824
+    # Each sampled frame at most (768 tokens of 32x32, qwen-vl-utils' VIDEO_MAX_PIXELS).
+    max_video_frame_pixels: int = 786_432
+    # Frame size a video header may claim; refused above, before decoding (8K is 33.2 M).
+    max_video_decode_pixels: int = 36_000_000
+    # Wall clock for opening and decoding one video (a decode slot is held meanwhile).
+    video_decode_timeout_s: float = 30.0
     # Qwen's processor fails on images whose long side is over 200x the short one: refuse those
     # here with a clear message instead of inside the engine.
     max_aspect_ratio: float = 200.0
@@ -50,12 +64,16 @@ class MediaConfig:
             "max_image_pixels",
             "max_decode_pixels",
             "max_image_bytes",
-            "max_images_per_request",
+            "max_video_bytes",
+            "max_video_frame_pixels",
+            "max_video_decode_pixels",
             "max_concurrent_fetches",
             "max_concurrent_decodes",
         ):
             _require_int(name, getattr(self, name), minimum=1)
         _require_int("max_redirects", self.max_redirects, minimum=0)
+        _require_int("max_images_per_request", self.max_images_per_request, minimum=0)
+        self._check_video()
         _require_int("decoded_cache_bytes", self.decoded_cache_bytes, minimum=0)
         if self.max_image_pixels > self.max_decode_pixels:
             raise ValueError(
@@ -71,6 +89,16 @@ class MediaConfig:
         self._check_local_path()
         # Frozen: normalise through object.__setattr__, once, here.
         object.__setattr__(self, "allowed_media_domains", _normalise_domains(self))
+
+    def _check_video(self) -> None:
+        _require_int("max_videos_per_request", self.max_videos_per_request, minimum=0)
+        # Qwen3-VL's temporal patch is two frames.
+        _require_int("max_video_frames", self.max_video_frames, minimum=2)
+        _require_positive_number("max_video_seconds", self.max_video_seconds)
+        _require_positive_number("video_decode_timeout_s", self.video_decode_timeout_s)
+        # Two frames of one 32x32 patch for each video a request may bring, at the least.
+        least = 2 * 32 * 32 * max(self.max_videos_per_request, 1)
+        _require_int("video_pixel_budget", self.video_pixel_budget, minimum=least)
 
     def _check_local_path(self) -> None:
         path = self.allowed_local_media_path

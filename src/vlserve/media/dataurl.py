@@ -1,4 +1,5 @@
-"""Strict parsing of ``data:image/...;base64,...`` URLs into raw bytes."""
+"""Strict parsing of ``data:image/...;base64,...`` and ``data:video/...;base64,...`` URLs into
+raw bytes."""
 
 from __future__ import annotations
 
@@ -22,6 +23,17 @@ _MIME_ALIASES: dict[str, str] = {
     "x-bmp": "bmp",
     "x-ms-bmp": "bmp",
 }
+# Video MIME subtypes, mapped to the container names the messages use; the decoder sniffs the
+# real container again (media/video.py).
+_VIDEO_MIME: dict[str, str] = {
+    "mp4": "mp4",
+    "x-m4v": "mp4",
+    "quicktime": "mov",
+    "webm": "webm",
+    "x-matroska": "mkv",
+    "matroska": "mkv",
+}
+VIDEO_FORMATS: frozenset[str] = frozenset(_VIDEO_MIME.values())
 # RFC 2045 token characters, the grammar of a MIME type and of its parameters.
 _TOKEN = r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _MEDIA_TYPE = re.compile(rf"({_TOKEN})/({_TOKEN})")
@@ -29,10 +41,11 @@ _PARAMETER = re.compile(rf"{_TOKEN}=(?:{_TOKEN}|\"[^\"\\]*\")")
 _NOT_BASE64 = "not a valid base64 data URL"
 
 
-def parse_data_url(url: str, *, max_bytes: int) -> tuple[str, bytes]:
-    """Return ``(format, data)`` of an image data URL, e.g. ``("png", b"\\x89PNG...")``.
+def parse_data_url(url: str, *, max_bytes: int, kind: str = "image") -> tuple[str, bytes]:
+    """Return ``(format, data)`` of an image (or, with ``kind="video"``, a video) data URL,
+    e.g. ``("png", b"\\x89PNG...")``.
 
-    Strict: the media type must be an allowed image type, the payload must be standard base64
+    Strict: the media type must be an allowed type of ``kind``, the payload must be standard base64
     (no whitespace, no URL-safe alphabet, correct padding) and decode to at most ``max_bytes``.
     The declared type is only a first filter: the decoder checks the real format again.
     """
@@ -41,10 +54,11 @@ def parse_data_url(url: str, *, max_bytes: int) -> tuple[str, bytes]:
     header, comma, payload = url[5:].partition(",")
     if not comma:
         raise MediaError(f"{_NOT_BASE64}: there is no ',' before the data")
-    image_format = _parse_header(header)
+    media_format = _parse_header(header, kind)
+    too_large = f"{kind} is larger than the {max_bytes} bytes allowed"
     # Refuse an oversized payload before decoding it: 4 base64 characters carry 3 bytes.
     if len(payload) > 4 * ((max_bytes + 2) // 3):
-        raise MediaError(f"image is larger than the {max_bytes} bytes allowed")
+        raise MediaError(too_large)
     not_base64 = f"{_NOT_BASE64}: the data is not standard padded base64"
     # The length check refuses missing padding; validate=True refuses anything outside the
     # standard alphabet (whitespace included) and misplaced padding.
@@ -62,25 +76,38 @@ def parse_data_url(url: str, *, max_bytes: int) -> tuple[str, bytes]:
     ):
         raise MediaError(not_base64)
     if not data:
-        raise MediaError("image data is empty")
+        raise MediaError(f"{kind} data is empty")
     if len(data) > max_bytes:
-        raise MediaError(f"image is larger than the {max_bytes} bytes allowed")
-    return image_format, data
+        raise MediaError(too_large)
+    return media_format, data
 
 
-def _parse_header(header: str) -> str:
-    """Check ``image/<type>[;param=value]*;base64`` and return the format name."""
+def _parse_header(header: str, kind: str) -> str:
+    """Check ``<kind>/<type>[;param=value]*;base64`` and return the format name."""
     parts = header.split(";")
     if len(parts) < 2 or parts[-1].lower() != "base64":
-        raise MediaError(f"{_NOT_BASE64}: only ';base64' image data URLs are accepted")
+        raise MediaError(f"{_NOT_BASE64}: only ';base64' {kind} data URLs are accepted")
     match = _MEDIA_TYPE.fullmatch(parts[0])
     if match is None:
         raise MediaError(f"{_NOT_BASE64}: the media type is missing or malformed")
     if not all(_PARAMETER.fullmatch(p) for p in parts[1:-1]):
         raise MediaError(f"{_NOT_BASE64}: a media type parameter is malformed")
-    kind, subtype = match.group(1).lower(), match.group(2).lower()
-    if kind != "image":
-        raise MediaError(f"data URL media type '{kind}/{subtype}' is not an image")
+    declared, subtype = match.group(1).lower(), match.group(2).lower()
+    if declared != kind:
+        article = "an" if kind[0] in "aeiou" else "a"
+        raise MediaError(
+            f"data URL media type '{declared}/{subtype}' is not {article} {kind}"
+            + (" (send videos as video_url parts)" if declared == "video" else "")
+            + (" (send images as image_url parts)" if declared == "image" else "")
+        )
+    if kind == "video":
+        video_format = _VIDEO_MIME.get(subtype)
+        if video_format is None:
+            allowed = ", ".join(sorted(VIDEO_FORMATS))
+            raise MediaError(
+                f"video format '{_printable(subtype)}' is not allowed (allowed: {allowed})"
+            )
+        return video_format
     image_format = _MIME_ALIASES.get(subtype)
     if image_format is None or image_format not in ALLOWED_FORMATS:
         raise MediaError(format_not_allowed(subtype))

@@ -1,4 +1,5 @@
-"""http(s) image fetching: guarded connections, manual redirects, a deadline and a byte cap."""
+"""http(s) media fetching (images, videos): guarded connections, manual redirects, a deadline
+and a byte cap."""
 
 from __future__ import annotations
 
@@ -23,9 +24,14 @@ from vlserve.media.netguard import (
 )
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
+# What each kind asks for (the Accept header); the decoder checks what comes back anyway.
+ACCEPT = {
+    "image": "image/png,image/jpeg,image/webp,image/gif,image/bmp;q=0.9,*/*;q=0.1",
+    "video": "video/mp4,video/webm,video/quicktime,video/x-matroska;q=0.9,*/*;q=0.1",
+}
 _HEADERS = {
     "User-Agent": "vlserve-media/1",
-    "Accept": "image/png,image/jpeg,image/webp,image/gif,image/bmp;q=0.9,*/*;q=0.1",
+    "Accept": ACCEPT["image"],
     # Images are compressed already; a compressed body would be a zip-bomb vector.
     "Accept-Encoding": "identity",
 }
@@ -41,8 +47,8 @@ def _allow_every_address(address: object) -> bool:
     return True
 
 
-class ImageFetcher:
-    """Fetches image bytes over http(s) for ``MediaLoader``; one per server, shared by requests.
+class MediaFetcher:
+    """Fetches media bytes over http(s) for ``MediaLoader``; one per server, shared by requests.
 
     ``policy`` and ``resolver`` default to the configuration's rule and the system resolver;
     tests pass their own to exercise the guard without public DNS.
@@ -62,12 +68,15 @@ class ImageFetcher:
         self._client: httpx.AsyncClient | None = None
         self._semaphore = asyncio.Semaphore(config.max_concurrent_fetches)
 
-    async def fetch(self, url: str) -> bytes:
-        """The body of ``url`` (at most ``max_image_bytes``); raises only ``MediaError``."""
+    async def fetch(self, url: str, *, max_bytes: int | None = None, what: str = "image") -> bytes:
+        """The body of ``url`` (at most ``max_bytes``, by default ``max_image_bytes``); raises
+        only ``MediaError``. ``what`` ("image", "video") words the messages and the Accept
+        header; everything else (guard, redirects, deadline) is the same for every kind."""
         timeout_s = self._config.fetch_timeout_s
+        cap = self._config.max_image_bytes if max_bytes is None else max_bytes
         async with self._semaphore:
             try:
-                return await asyncio.wait_for(self._follow(url), timeout_s)
+                return await asyncio.wait_for(self._follow(url, cap, what), timeout_s)
             except MediaError:
                 raise
             except asyncio.TimeoutError:
@@ -96,11 +105,13 @@ class ImageFetcher:
             )
         return self._client
 
-    async def _follow(self, url: str) -> bytes:
+    async def _follow(self, url: str, cap: int, what: str) -> bytes:
         client = self._get_client()
         current = url
+        headers = {"Accept": ACCEPT.get(what, ACCEPT["image"])}
         for _ in range(self._config.max_redirects + 1):
-            request = client.build_request("GET", self._checked_url(current, url))
+            checked = self._checked_url(current, url, what)
+            request = client.build_request("GET", checked, headers=headers)
             response = await client.send(request, stream=True)
             try:
                 if response.status_code in _REDIRECTS:
@@ -115,37 +126,36 @@ class ImageFetcher:
                     raise MediaError(
                         f"could not fetch {shown_url(url)}: HTTP {response.status_code}"
                     )
-                return await self._read_body(response, url)
+                return await self._read_body(response, url, cap, what)
             finally:
                 await response.aclose()
         raise MediaError(
             f"could not fetch {shown_url(url)}: more than {self._config.max_redirects} redirects"
         )
 
-    def _checked_url(self, current: str, original: str) -> httpx.URL:
+    def _checked_url(self, current: str, original: str, what: str) -> httpx.URL:
         """``current`` parsed by the same parser that will connect, then scheme and host checked."""
         hop = "" if current == original else " (redirected)"
         try:
             parsed = httpx.URL(current)
         except (httpx.InvalidURL, ValueError, TypeError):
-            raise MediaError(f"not a valid image URL{hop}: {shown_url(current)}") from None
+            raise MediaError(f"not a valid {what} URL{hop}: {shown_url(current)}") from None
         if parsed.scheme not in ("http", "https"):
             raise MediaError(
                 f"could not fetch {shown_url(original)}: redirected to a non-http(s) URL"
             )
         host = parsed.raw_host.decode("ascii", "replace").lower()
         if not host:
-            raise MediaError(f"not a valid image URL{hop}: it has no host")
+            raise MediaError(f"not a valid {what} URL{hop}: it has no host")
         if not host_allowed(host, self._config.allowed_media_domains):
             raise MediaError(
-                f"image host '{shown_url(host)}'{hop} is not in the allowed media domains"
+                f"{what} host '{shown_url(host)}'{hop} is not in the allowed media domains"
             )
         return parsed
 
-    async def _read_body(self, response: httpx.Response, url: str) -> bytes:
-        cap = self._config.max_image_bytes
+    async def _read_body(self, response: httpx.Response, url: str, cap: int, what: str) -> bytes:
         too_large = MediaError(
-            f"could not fetch {shown_url(url)}: image is larger than {cap} bytes"
+            f"could not fetch {shown_url(url)}: {what} is larger than {cap} bytes"
         )
         declared = response.headers.get("content-length", "")
         # Content-Length may only shorten the wait: the cap is enforced on the bytes read.
@@ -193,6 +203,9 @@ def _caused_by(exc: BaseException, kind: type[BaseException]) -> bool:
             return True
         seen = seen.__cause__ or seen.__context__
     return False
+
+
+ImageFetcher = MediaFetcher  # its name when it fetched only images
 
 
 class _GuardedTransport(httpx.AsyncBaseTransport):

@@ -1,12 +1,19 @@
-"""MediaLoader: an image URL from a request → a safe RGB PIL image, without blocking the loop."""
+"""MediaLoader: the image and video URLs of a request → decoded media, without blocking the loop.
+
+One path for every kind: the source dispatch (data URL, guarded http(s) fetch, allowed local
+file), the byte caps, the worker threads and the errors are shared; a ``MediaKind`` says what
+differs (its name, byte cap, count per request and decoder).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import re
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from PIL import Image
 
@@ -15,21 +22,50 @@ from vlserve.lru import BytesLRU
 from vlserve.media.config import MediaConfig
 from vlserve.media.dataurl import parse_data_url
 from vlserve.media.decode import decode_image
-from vlserve.media.fetch import ImageFetcher
+from vlserve.media.fetch import MediaFetcher
 from vlserve.media.local import is_local_reference, read_local_file
 from vlserve.media.netguard import AddressPolicy, Resolver, system_resolver
+from vlserve.media.video import DecodedVideo, VideoLimits, decode_video
 
 T = TypeVar("T")
 # RFC 3986 scheme, kept short: it is echoed in the error message.
 _SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]{0,15}):")
 
 
+@dataclass(frozen=True)
+class MediaKind(Generic[T]):
+    """What one kind of media brings to the shared loading path."""
+
+    name: str  # "image" or "video": the data URL's type, the Accept header, the word in errors
+    max_bytes: int  # encoded size: data URL payload, HTTP body or local file
+    max_count: int  # per request; 0 turns the kind off
+    decode: Callable[[bytes], T]  # blocking, run in a worker thread; raises only MediaError
+    cached: bool = False  # keep decoded results in the loader's LRU (by the bytes' hash)
+
+
+def video_limits(config: MediaConfig, videos: int, max_pixels: int | None = None) -> VideoLimits:
+    """The limits of each of a request's ``videos``: the server's, the pixel budget split
+    evenly among them, each frame at most ``max_pixels`` (clamped to the server's)."""
+    total = config.video_pixel_budget // max(videos, 1)
+    frame = min(max_pixels or config.max_video_frame_pixels, config.max_video_frame_pixels, total)
+    return VideoLimits(
+        max_bytes=config.max_video_bytes,
+        max_frames=config.max_video_frames,
+        max_seconds=config.max_video_seconds,
+        max_decode_pixels=config.max_video_decode_pixels,
+        max_pixels=frame,
+        max_total_pixels=total,
+        deadline_s=config.video_decode_timeout_s,
+    )
+
+
 class MediaLoader:
-    """Loads the images of requests: data URLs, http(s) URLs and allowed local files.
+    """Loads the images and videos of requests: data URLs, http(s) URLs and allowed local files.
 
     One per server. Decoding runs in worker threads (at most ``max_concurrent_decodes`` at
-    once), fetching on the event loop with httpx (at most ``max_concurrent_fetches`` at once).
-    Every failure is a ``MediaError`` whose message can be shown to the client.
+    once, images and videos together), fetching on the event loop with httpx (at most
+    ``max_concurrent_fetches`` at once). Every failure is a ``MediaError`` whose message can be
+    shown to the client.
     """
 
     def __init__(
@@ -41,48 +77,73 @@ class MediaLoader:
     ) -> None:
         # address_policy/resolver exist for tests of the network guard; the server passes neither.
         self.config = config
-        self._fetcher = ImageFetcher(config, policy=address_policy, resolver=resolver)
+        self._fetcher = MediaFetcher(config, policy=address_policy, resolver=resolver)
         self._decode_slots = asyncio.Semaphore(config.max_concurrent_decodes)
         # the same bytes always decode to the same image: repeated images skip decoding
         self._decoded: BytesLRU[Image.Image] = BytesLRU(
             config.decoded_cache_bytes, size=lambda im: im.width * im.height * len(im.getbands())
         )
+        self.image_kind: MediaKind[Image.Image] = MediaKind(
+            "image",
+            config.max_image_bytes,
+            config.max_images_per_request,
+            self._decode_image,
+            cached=True,
+        )
 
-    async def load(self, url: str) -> Image.Image:
-        """One image as RGB, downsized to ``max_image_pixels``; raises ``MediaError``."""
+    def video_kind(
+        self, limits: VideoLimits, fps: float = 2.0, max_frames: int | None = None
+    ) -> MediaKind[DecodedVideo]:
+        """Videos decoded under ``limits``, sampled at ``fps``, at most ``max_frames``."""
+        decode = functools.partial(decode_video, config=limits, fps=fps, max_frames=max_frames)
+        return MediaKind("video", limits.max_bytes, self.config.max_videos_per_request, decode)
+
+    async def load(self, url: str, kind: MediaKind[T] | None = None) -> T:
+        """One item of ``kind`` (by default an RGB image downsized to ``max_image_pixels``);
+        raises ``MediaError``."""
+        what: MediaKind[Any] = kind or self.image_kind
+        name = what.name
         if not isinstance(url, str):
-            raise MediaError("image URL must be a string")
+            raise MediaError(f"{name} URL must be a string")
         if not url:
-            raise MediaError("image URL is empty")
+            raise MediaError(f"{name} URL is empty")
         match = _SCHEME.match(url)
         scheme = match.group(1).lower() if match else ""
         if scheme == "data":
-            return await self._in_worker(self._decode_data_url, url)
+            return await self._in_worker(self._decode_data_url, url, what)
         if scheme in ("http", "https"):
-            data = await self._fetcher.fetch(url)
-            return await self._in_worker(self._decode, data)
+            data = await self._fetcher.fetch(url, max_bytes=what.max_bytes, what=name)
+            return await self._in_worker(self._decode, data, what)
         if is_local_reference(url):
-            return await self._in_worker(self._decode_local_file, url)
-        what = (
-            f"image URL scheme '{scheme}' is not supported" if scheme else "not a valid image URL"
+            return await self._in_worker(self._decode_local_file, url, what)
+        wrong = f"{name} URL scheme '{scheme}' is not supported" if scheme else None
+        raise MediaError(
+            f"{wrong or f'not a valid {name} URL'} (use a data: URL, http(s): URL or allowed "
+            "local file)"
         )
-        raise MediaError(f"{what} (use a data: URL, http(s): URL or allowed local file)")
 
     async def load_many(
-        self, urls: Sequence[str], params: Sequence[str] | None = None
-    ) -> list[Image.Image]:
-        """The images of one request, loaded concurrently, in order.
+        self,
+        urls: Sequence[str],
+        params: Sequence[str] | None = None,
+        kinds: Sequence[MediaKind[Any]] | None = None,
+    ) -> list[Any]:
+        """The media of one request (``kinds[i]`` of ``urls[i]``, images by default), loaded
+        concurrently, returned in order.
 
-        Errors name the image by its 1-based position ("image 2: ..."), and carry ``params[i]``
-        (the request field of image i) as their ``param``; the first failing image (by
-        position) is reported and the others are cancelled.
+        Counts are checked first, per kind. Errors name the item by its kind and 1-based
+        position among its kind ("image 2: ...", "video 1: ..."), and carry ``params[i]`` (the
+        request field of item i) as their ``param``; the first failing item (by position) is
+        reported and the others are cancelled.
         """
-        limit = self.config.max_images_per_request
-        if len(urls) > limit:
-            raise MediaError(f"too many images: {len(urls)}, at most {limit} allowed per request")
+        kinds = list(kinds) if kinds is not None else [self.image_kind] * len(urls)
+        labels = _labels(kinds)
+        _check_counts(kinds, labels, params)
         if not urls:
             return []
-        tasks = [asyncio.ensure_future(self.load(url)) for url in urls]
+        tasks = [
+            asyncio.ensure_future(self.load(url, k)) for url, k in zip(urls, kinds, strict=True)
+        ]
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         finally:
@@ -90,11 +151,12 @@ class MediaLoader:
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-        for position, task in enumerate(tasks, start=1):
+        for i, task in enumerate(tasks):
             error = None if task.cancelled() else task.exception()
             if isinstance(error, MediaError):
-                param = error.param or (params[position - 1] if params else None)
-                raise MediaError(f"image {position}: {error.message}", param=param) from error
+                param = error.param or (params[i] if params else None)
+                code = f"invalid_{kinds[i].name}"
+                raise MediaError(f"{labels[i]}: {error.message}", param=param, code=code) from error
             if error is not None:
                 raise error
         return [task.result() for task in tasks]
@@ -116,29 +178,67 @@ class MediaLoader:
         if not task.cancelled():
             task.exception()  # mark an abandoned task's error as seen: no "never retrieved" log
 
-    def _decode_data_url(self, url: str) -> Image.Image:
+    def _decode_data_url(self, url: str, kind: MediaKind[T]) -> T:
         # The same URL text always parses to the same bytes: a repeated data URL skips the
         # base64 check and decode too (about 2 ms for a 600 kB PNG, holding the GIL).
         key = b"url:" + hashlib.blake2b(url.encode(), digest_size=16).digest()
-        image = self._decoded.get(key)
-        if image is None:
-            _, data = parse_data_url(url, max_bytes=self.config.max_image_bytes)
-            image = decode_image(data, self.config)
-            self._decoded.put(key, image)
-        return image
+        found = self._decoded.get(key) if kind.cached else None
+        if found is None:
+            _, data = parse_data_url(url, max_bytes=kind.max_bytes, kind=kind.name)
+            found = kind.decode(data)
+            if kind.cached:
+                self._decoded.put(key, found)
+        return found  # type: ignore[return-value]
 
-    def _decode_local_file(self, url: str) -> Image.Image:
-        data = read_local_file(
-            url, self.config.allowed_local_media_path, self.config.max_image_bytes
-        )
-        return self._decode(data)
+    def _decode_local_file(self, url: str, kind: MediaKind[T]) -> T:
+        root = self.config.allowed_local_media_path
+        return self._decode(read_local_file(url, root, kind.max_bytes, kind.name), kind)
 
-    def _decode(self, data: bytes) -> Image.Image:
-        """``decode_image``, or the image those exact bytes decoded to before (never mutated by
-        anyone: the processor copies)."""
+    def _decode(self, data: bytes, kind: MediaKind[T]) -> T:
+        """``kind.decode``, or what those exact bytes decoded to before (cached kinds; never
+        mutated by anyone: the processor copies)."""
+        if not kind.cached:
+            return kind.decode(data)
         key = b"bytes:" + hashlib.blake2b(data, digest_size=16).digest()
-        image = self._decoded.get(key)
-        if image is None:
-            image = decode_image(data, self.config)
-            self._decoded.put(key, image)
-        return image
+        found = self._decoded.get(key)
+        if found is None:
+            found = kind.decode(data)
+            self._decoded.put(key, found)
+        return found  # type: ignore[return-value]
+
+    def _decode_image(self, data: bytes) -> Image.Image:
+        return decode_image(data, self.config)
+
+
+def _labels(kinds: Sequence[MediaKind[Any]]) -> list[str]:
+    """ "image 1", "video 1", "image 2", ...: each item's kind and position among its kind."""
+    seen: dict[str, int] = {}
+    labels = []
+    for kind in kinds:
+        seen[kind.name] = seen.get(kind.name, 0) + 1
+        labels.append(f"{kind.name} {seen[kind.name]}")
+    return labels
+
+
+def _check_counts(
+    kinds: Sequence[MediaKind[Any]], labels: Sequence[str], params: Sequence[str] | None
+) -> None:
+    """Refuse, before loading anything, a kind that is off or brought too many times; the
+    error names the first item over the limit."""
+    counts: dict[str, int] = {}
+    for kind in kinds:
+        counts[kind.name] = counts.get(kind.name, 0) + 1
+    seen: dict[str, int] = {}
+    for i, kind in enumerate(kinds):
+        seen[kind.name] = seen.get(kind.name, 0) + 1
+        if seen[kind.name] <= kind.max_count:
+            continue
+        if kind.max_count == 0:
+            reason = f"{kind.name} inputs are turned off on this server"
+        else:
+            reason = (
+                f"too many {kind.name}s: {counts[kind.name]}, at most {kind.max_count} allowed "
+                "per request"
+            )
+        param = params[i] if params else None
+        raise MediaError(f"{labels[i]}: {reason}", param=param, code=f"invalid_{kind.name}")
