@@ -178,6 +178,7 @@ def limited(
         "--max-video-seconds", "30",
         "--max-video-frames", "4",
         "--limit-mm-per-prompt", "image=4,video=2",
+        "--kv-cache-tokens", "1024",
     )  # fmt: skip
     yield srv
     stop_server(srv)
@@ -326,3 +327,16 @@ def _http(routes: dict[str, tuple[int, bytes]]) -> Iterator[str]:
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_a_video_that_could_never_fit_is_a_400(limited: ServerProcess) -> None:
+    """4 frames of 1280x720 (2 patches of about 768 tokens) cannot fit a 1024-token KV cache:
+    refused before any frame reaches the vision tower, counted with the video's tokens."""
+    r = _post(limited, _messages(video_url(make_clip(1280, 720, frames=4, fps=2))))
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error"
+    assert "more than the server's KV cache of 1024 tokens" in error["message"]
+    prompt = int(error["message"].split("needs ")[1].split(" prompt")[0])
+    assert prompt > 1024
+    _still_serves(limited)
