@@ -123,7 +123,7 @@ def test_no_data_exits_1_like_the_prototype(tmp_path: Path) -> None:
     assert cli.run(args) == 1
 
 
-HEAVY = ("torch", "transformers", "fastapi", "uvicorn", "pydantic", "PIL", "numpy", "httpx")
+HEAVY = ("torch", "transformers", "fastapi", "uvicorn", "pydantic", "PIL", "numpy", "httpx", "av")
 
 
 def test_bench_imports_no_server_stack() -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from vlserve.bench.client import RequestResult
 from vlserve.bench.config import BenchConfig
-from vlserve.bench.dataset import Dataset, load_dataset
+from vlserve.bench.dataset import Dataset, load_dataset, media_per_request
 from vlserve.bench.metrics import endpoint_breakdown, summarize
 from vlserve.bench.progress import Progress
 from vlserve.bench.report import ResultsWriter, completed_ids, format_table, write_summary
@@ -88,6 +88,7 @@ def run_dataset(config: BenchConfig, dataset: Dataset, *, print_table: bool = Tr
         dataset_size=len(dataset.requests),
         skipped_lines=len(dataset.issues),
         resumed=len(skip),
+        media=media_per_request(dataset.requests),
     )
     write_summary(summary, out.resolved_summary_path)
     if print_table:
@@ -133,7 +134,13 @@ def _execute(
 
 
 def build_summary(
-    config: BenchConfig, outcome: RunOutcome, *, dataset_size: int, skipped_lines: int, resumed: int
+    config: BenchConfig,
+    outcome: RunOutcome,
+    *,
+    dataset_size: int,
+    skipped_lines: int,
+    resumed: int,
+    media: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """summarize() plus what was run, against what, and when."""
     out = config.output
@@ -150,6 +157,7 @@ def build_summary(
         "dataset_requests": dataset_size,
         "dataset_lines_skipped": skipped_lines,
         "resumed_ids_skipped": resumed,
+        "dataset_media": media,  # images and videos per dataset request
         "config": jsonable(dataclasses.asdict(config)),
     }
     return summary

@@ -24,6 +24,7 @@ from vlserve.bench.config import (
     normalize_endpoint,
 )
 from vlserve.bench.sweep_cli import add_sweep_flags, sweep_from_args
+from vlserve.bench.video_cli import add_video_flags, video_fields
 
 log = logging.getLogger("vlserve.bench")
 
@@ -33,6 +34,7 @@ DEFAULT_URL = "http://127.0.0.1:9000/v1/chat/completions"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     _dataset_flags(parser.add_argument_group("dataset"))
+    add_video_flags(parser.add_argument_group("synthetic videos (--dataset random)"))
     _target_flags(parser.add_argument_group("target"))
     _load_flags(parser.add_argument_group("load"))
     _request_flags(parser.add_argument_group("requests"))
@@ -290,6 +292,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         random_input_len=args.random_input_len,
         random_images=args.random_images,
         random_image_sizes=sizes,
+        **video_fields(args, synthetic=kind == "random"),
         random_turns=args.random_turns,
         random_followup_len=args.random_followup_len,
         num_random=args.num_requests or 100,

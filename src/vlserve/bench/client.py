@@ -40,6 +40,7 @@ class RequestResult:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     total_tokens: int | None = None
+    video_tokens: int | None = None  # usage.prompt_tokens_details.video_tokens (vlserve's)
     ttft_s: float | None = None
     latency_s: float = 0.0  # final attempt: sent → last byte
     chunk_times_s: list[float] = field(default_factory=list)
@@ -70,6 +71,7 @@ class RequestResult:
         """Forget the last attempt's outcome before retrying."""
         self.error = self.http_status = self.response = self.finish_reason = None
         self.prompt_tokens = self.completion_tokens = self.total_tokens = self.ttft_s = None
+        self.video_tokens = None
         self.chunk_times_s = []
         self.retryable = False
         self.retry_after_s = None
@@ -251,6 +253,9 @@ def _take_usage(usage: Any, result: RequestResult) -> None:
     if total is None and result.prompt_tokens is not None and result.completion_tokens is not None:
         total = result.prompt_tokens + result.completion_tokens
     result.total_tokens = total
+    details = usage.get("prompt_tokens_details")
+    # vlserve's extension; other servers omit it (or send null, or other details only)
+    result.video_tokens = _int(details.get("video_tokens")) if isinstance(details, dict) else None
 
 
 def error_message(body: Any) -> str:

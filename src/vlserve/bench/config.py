@@ -41,6 +41,10 @@ class DatasetConfig:
     random_input_len: int = 128
     random_images: int = 0
     random_image_sizes: tuple[tuple[int, int], ...] = ((448, 448),)
+    random_videos: int = 0  # synthetic videos per request (needs PyAV: the video extra)
+    random_video_sizes: tuple[tuple[int, int], ...] = ((320, 240),)
+    random_video_seconds: float = 4.0
+    random_video_fps: float = 30.0
     random_turns: int = 1  # user turns per synthetic conversation; 1: single requests
     random_followup_len: int = 32  # tokens of each synthetic turn after the first
     num_random: int = 100
@@ -61,6 +65,19 @@ class DatasetConfig:
             raise ValueError("the number of synthetic requests must be > 0")
         if not self.random_image_sizes:
             raise ValueError("at least one random image size is needed")
+        self._check_videos()
+
+    def _check_videos(self) -> None:
+        if self.random_videos < 0:
+            raise ValueError("--random-videos must be >= 0")
+        if not self.random_video_sizes:
+            raise ValueError("at least one random video size is needed")
+        if any(w % 2 or h % 2 for w, h in self.random_video_sizes):
+            raise ValueError("--random-video-size must be even in both dimensions (H.264 4:2:0)")
+        if not 0 < self.random_video_seconds <= 3600:
+            raise ValueError("--random-video-seconds must lie in (0, 3600]")
+        if not 0 < self.random_video_fps <= 240:
+            raise ValueError("--random-video-fps must lie in (0, 240]")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@ synthetic → BenchRequest."""
 
 from __future__ import annotations
 
-import base64
 import glob
 import json
 import logging
@@ -13,19 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from vlserve.bench.config import DatasetConfig
+from vlserve.bench.inline import MediaInliner, MediaKind
 from vlserve.bench.synthetic import random_text, synthetic_messages
+from vlserve.bench.video import synthetic_videos
 
 log = logging.getLogger("vlserve.bench")
 
 Message = dict[str, Any]
-
-_MAGIC = (
-    (b"\x89PNG", "image/png"),
-    (b"\xff\xd8\xff", "image/jpeg"),
-    (b"GIF8", "image/gif"),
-    (b"BM", "image/bmp"),
-)
-_SUFFIX_MIME = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
 
 
 @dataclass(frozen=True)
@@ -69,6 +62,31 @@ class Dataset:
     issues: list[DatasetIssue] = field(default_factory=list)
 
 
+def media_per_request(requests: list[BenchRequest]) -> dict[str, dict[str, Any]]:
+    """Images and videos per dataset request (a conversation: all its turns), for the summary."""
+    counts: dict[str, list[int]] = {"images": [], "videos": []}
+    for request in requests:
+        contents = [m.get("content") for m in request.messages]
+        contents += [turn.content for turn in request.followups]
+        kinds = [
+            part.get("type")
+            for content in contents
+            if isinstance(content, list)
+            for part in content
+            if isinstance(part, dict)
+        ]
+        counts["images"].append(kinds.count("image_url"))
+        counts["videos"].append(kinds.count("video_url"))
+    return {
+        name: {
+            "total": sum(values),
+            "mean": round(sum(values) / len(values), 3) if values else 0.0,
+            "max": max(values, default=0),
+        }
+        for name, values in counts.items()
+    }
+
+
 def sample_dir() -> Path:
     """The small dataset shipped with vlserve (every JSONL format, PNG/JPEG/WebP images)."""
     return Path(__file__).resolve().parent.parent / "data" / "sample"
@@ -93,14 +111,19 @@ def load_dataset(config: DatasetConfig) -> Dataset:
 
 
 def random_dataset(config: DatasetConfig) -> Dataset:
-    """Synthetic conversations: the first turn has the images and the long text, later turns are
-    short new questions. One turn draws exactly what a single request always drew (same seed,
-    same data)."""
+    """Synthetic conversations: the first turn has the images, videos and the long text, later
+    turns are short new questions. One turn draws exactly what a single request always drew
+    (same seed, same data); the videos come from their own generator (seeded too)."""
     rng = random.Random(config.seed)
+    videos = synthetic_videos(config)
     requests = []
     for i in range(config.num_random):
         messages = synthetic_messages(
-            rng, config.random_input_len, config.random_image_sizes, config.random_images
+            rng,
+            config.random_input_len,
+            config.random_image_sizes,
+            config.random_images,
+            videos.urls(i) if videos else (),
         )
         followups = tuple(
             Turn(random_text(config.random_followup_len, rng))
@@ -112,9 +135,9 @@ def random_dataset(config: DatasetConfig) -> Dataset:
 
 def image_dataset(path: str, prompt: str) -> Dataset:
     """``-f IMAGE``: one request, the image then ``prompt``; its id is the file name (stable)."""
-    inliner = ImageInliner(None)
+    inliner = MediaInliner(None)
     try:
-        url = inliner.inline(path, Path.cwd())
+        url = inliner.inline(path, Path.cwd(), "image")
     except ValueError as exc:
         return Dataset(issues=[DatasetIssue(path, str(exc))])
     content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": prompt}]
@@ -124,7 +147,7 @@ def image_dataset(path: str, prompt: str) -> Dataset:
 def load_jsonl(patterns: list[str] | tuple[str, ...], base_dir: str | None) -> Dataset:
     """Read every file the glob ``patterns`` match; bad lines become issues, never errors."""
     dataset = Dataset()
-    inliner = ImageInliner(base_dir)
+    inliner = MediaInliner(base_dir)
     seen: dict[str, int] = {}
     for pattern in patterns:
         paths = _expand(pattern)
@@ -147,7 +170,7 @@ def _expand(pattern: str) -> list[Path]:
     return [Path(p) for p in sorted(glob.glob(str(path), recursive=True)) if Path(p).is_file()]
 
 
-def _load_file(path: Path, inliner: ImageInliner, dataset: Dataset, seen: dict[str, int]) -> None:
+def _load_file(path: Path, inliner: MediaInliner, dataset: Dataset, seen: dict[str, int]) -> None:
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -170,7 +193,7 @@ def _load_file(path: Path, inliner: ImageInliner, dataset: Dataset, seen: dict[s
         dataset.requests.append(replace(request, id=record_id))
 
 
-def _parse_line(record: Any, inliner: ImageInliner, here: Path, where: str) -> BenchRequest:
+def _parse_line(record: Any, inliner: MediaInliner, here: Path, where: str) -> BenchRequest:
     """A request (id "" when the line has none) from one JSONL value."""
     if isinstance(record, dict) and "turns" in record:
         return parse_conversation(record, inliner, here, where)
@@ -179,7 +202,7 @@ def _parse_line(record: Any, inliner: ImageInliner, here: Path, where: str) -> B
 
 
 def parse_record(
-    record: Any, inliner: ImageInliner, here: Path
+    record: Any, inliner: MediaInliner, here: Path
 ) -> tuple[str | None, list[Message], int | None]:
     """One JSONL value in any supported format → (id or None, messages, max_tokens or None)."""
     if isinstance(record, list):
@@ -193,24 +216,28 @@ def parse_record(
     if "messages" in record:
         return record_id, _messages(record["messages"], inliner, here), max_tokens
     images = [*_as_list(record.get("image_url")), *_as_list(record.get("image_path"))]
+    videos = [*_as_list(record.get("video_url")), *_as_list(record.get("video_path"))]
     text = record.get("prompt", record.get("text"))
-    if not images and text is None:
-        raise ValueError("no 'messages', 'prompt', 'text', 'image_url' or 'image_path' field")
+    if not images and not videos and text is None:
+        raise ValueError(f"no {', '.join(map(repr, _REQUEST_FIELDS))} field")
     if text is not None and not isinstance(text, str):
         raise ValueError("'prompt'/'text' must be a string")
-    # Images first, then the question: the order Qwen-VL's own examples use.
-    parts: list[Message] = [_image_part(url, inliner, here) for url in images]
+    # Images and videos first, then the question: the order Qwen-VL's own examples use.
+    parts: list[Message] = [_media_part("image", url, inliner, here) for url in images]
+    parts += [_media_part("video", url, inliner, here) for url in videos]
     if text:
         parts.append({"type": "text", "text": text})
-    content: Any = parts if images else text
+    content: Any = parts if images or videos else text
     return record_id, [{"role": "user", "content": content}], max_tokens
 
 
-_NOT_WITH_TURNS = ("messages", "prompt", "text", "image_url", "image_path")
+_MEDIA_FIELDS = ("image_url", "image_path", "video_url", "video_path")
+_REQUEST_FIELDS = ("messages", "prompt", "text", *_MEDIA_FIELDS)
+_NOT_WITH_TURNS = _REQUEST_FIELDS
 
 
 def parse_conversation(
-    record: dict[str, Any], inliner: ImageInliner, here: Path, where: str
+    record: dict[str, Any], inliner: MediaInliner, here: Path, where: str
 ) -> BenchRequest:
     """``{"id", "turns": [turn, …], "system"?, "max_tokens"?}`` → a request with followups.
 
@@ -234,7 +261,7 @@ def parse_conversation(
     return BenchRequest(record_id, messages, where, parsed[0].max_tokens, tuple(parsed[1:]))
 
 
-def _turn(value: Any, index: int, default: int | None, inliner: ImageInliner, here: Path) -> Turn:
+def _turn(value: Any, index: int, default: int | None, inliner: MediaInliner, here: Path) -> Turn:
     try:
         max_tokens = default
         if isinstance(value, dict):
@@ -255,7 +282,7 @@ def _max_tokens(value: Any) -> int | None:
     return value
 
 
-def _messages(value: Any, inliner: ImageInliner, here: Path) -> list[Message]:
+def _messages(value: Any, inliner: MediaInliner, here: Path) -> list[Message]:
     if not isinstance(value, list) or not value:
         raise ValueError("'messages' must be a non-empty list")
     messages = []
@@ -270,7 +297,7 @@ def _messages(value: Any, inliner: ImageInliner, here: Path) -> list[Message]:
     return messages
 
 
-def _content(content: Any, inliner: ImageInliner, here: Path) -> Any:
+def _content(content: Any, inliner: MediaInliner, here: Path) -> Any:
     if content is None or isinstance(content, str):
         return content
     if not isinstance(content, list):
@@ -279,71 +306,37 @@ def _content(content: Any, inliner: ImageInliner, here: Path) -> Any:
     for index, part in enumerate(content):
         if not isinstance(part, dict):
             raise ValueError(f"content part {index} is not an object")
-        kind = part.get("type")
-        if kind == "image_url":
-            url = part.get("image_url")
-            url = url.get("url") if isinstance(url, dict) else url
-            part = {
-                **part,
-                "image_url": {**_dict(part.get("image_url")), "url": _inline(url, inliner, here)},
-            }
-        elif kind == "image":  # Qwen-style {"type": "image", "image": path}
-            part = _image_part(part.get("image"), inliner, here)
-        parts.append(part)
+        parts.append(_part(part, inliner, here))
     return parts
 
 
-def _image_part(url: Any, inliner: ImageInliner, here: Path) -> Message:
-    return {"type": "image_url", "image_url": {"url": _inline(url, inliner, here)}}
+def _part(part: Message, inliner: MediaInliner, here: Path) -> Message:
+    """One content part with its local image or video inlined; other parts as they are."""
+    kind = part.get("type")
+    if kind in ("image_url", "video_url"):  # OpenAI / vLLM: {"url": …} or a bare string
+        value = part.get(kind)
+        url = value.get("url") if isinstance(value, dict) else value
+        media: MediaKind = "image" if kind == "image_url" else "video"
+        return {**part, kind: {**_dict(value), "url": _inline(media, url, inliner, here)}}
+    if kind == "image":  # Qwen-style {"type": "image", "image": path}
+        return _media_part("image", part.get("image"), inliner, here)
+    if kind == "video":  # Qwen-style {"type": "video", "video": path}
+        return _media_part("video", part.get("video"), inliner, here)
+    return part
 
 
-def _inline(url: Any, inliner: ImageInliner, here: Path) -> str:
+def _media_part(kind: MediaKind, url: Any, inliner: MediaInliner, here: Path) -> Message:
+    """An OpenAI-style part: ``image_url`` or (vLLM's) ``video_url``."""
+    return {"type": f"{kind}_url", f"{kind}_url": {"url": _inline(kind, url, inliner, here)}}
+
+
+def _inline(kind: MediaKind, url: Any, inliner: MediaInliner, here: Path) -> str:
+    if kind == "video" and isinstance(url, list):
+        raise ValueError("a video must be one file or URL (a list of frames is not supported)")
     if not isinstance(url, str) or not url:
-        raise ValueError("an image URL or path must be a non-empty string")
-    return inliner.inline(url, here)
-
-
-class ImageInliner:
-    """Local image paths → data URLs, each file read and encoded once before any timing."""
-
-    def __init__(self, base_dir: str | None) -> None:
-        self.base_dir = Path(base_dir).expanduser() if base_dir else None
-        self._cache: dict[Path, str] = {}
-
-    def inline(self, url: str, here: Path) -> str:
-        """Keep data: and http(s): URLs; resolve a path under base_dir, the JSONL's folder, cwd."""
-        if url.startswith(("data:", "http://", "https://")):
-            return url
-        path = self.resolve(url.removeprefix("file://"), here)
-        cached = self._cache.get(path)
-        if cached is None:
-            data = path.read_bytes()
-            cached = f"data:{_mime(data, path)};base64,{base64.b64encode(data).decode('ascii')}"
-            self._cache[path] = cached
-        return cached
-
-    def resolve(self, name: str, here: Path) -> Path:
-        path = Path(name).expanduser()
-        candidates = [path] if path.is_absolute() else []
-        if not path.is_absolute():
-            if self.base_dir is not None:
-                candidates.append(self.base_dir / path)
-            candidates += [here / path, path]
-        for candidate in candidates:
-            if candidate.is_file():
-                return candidate.resolve()
-        raise ValueError(f"image not found: {name} (looked in {', '.join(map(str, candidates))})")
-
-
-def _mime(data: bytes, path: Path) -> str:
-    for magic, mime in _MAGIC:
-        if data.startswith(magic):
-            return mime
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return _SUFFIX_MIME.get(
-        path.suffix.lower(), f"image/{path.suffix.lower().lstrip('.') or 'png'}"
-    )
+        article = "an" if kind == "image" else "a"
+        raise ValueError(f"{article} {kind} URL or path must be a non-empty string")
+    return inliner.inline(url, here, kind)
 
 
 def _as_list(value: Any) -> list[Any]:

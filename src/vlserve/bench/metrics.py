@@ -25,24 +25,41 @@ def percentile(sorted_values: Sequence[float], p: float) -> float:
     return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (rank - low)
 
 
-def distribution_ms(values_s: Iterable[float], percentiles: Sequence[float]) -> dict[str, Any]:
-    """count, mean, std, min, median, chosen percentiles and max, in milliseconds."""
-    values = sorted(v * 1000.0 for v in values_s)
-    if not values:
+def distribution(values: Iterable[float], percentiles: Sequence[float]) -> dict[str, Any]:
+    """count, mean, std, min, median, chosen percentiles and max."""
+    ordered = sorted(values)
+    if not ordered:
         return {"count": 0}
-    mean = sum(values) / len(values)
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / len(values))
+    mean = sum(ordered) / len(ordered)
+    std = math.sqrt(sum((v - mean) ** 2 for v in ordered) / len(ordered))
     stats: dict[str, Any] = {
-        "count": len(values),
+        "count": len(ordered),
         "mean": mean,
         "std": std,
-        "min": values[0],
-        "median": percentile(values, 50),
+        "min": ordered[0],
+        "median": percentile(ordered, 50),
     }
     for p in percentiles:
-        stats[percentile_key(p)] = percentile(values, p)
-    stats["max"] = values[-1]
+        stats[percentile_key(p)] = percentile(ordered, p)
+    stats["max"] = ordered[-1]
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in stats.items()}
+
+
+def distribution_ms(values_s: Iterable[float], percentiles: Sequence[float]) -> dict[str, Any]:
+    """``distribution`` of seconds, in milliseconds."""
+    return distribution((v * 1000.0 for v in values_s), percentiles)
+
+
+def video_token_summary(
+    successful: Sequence[RequestResult], percentiles: Sequence[float]
+) -> dict[str, Any] | None:
+    """Video tokens per request (``usage.prompt_tokens_details.video_tokens``) over the
+    successful requests that reported them, with their total; None when none did (servers
+    other than vlserve do not report them)."""
+    values = [r.video_tokens for r in successful if r.video_tokens is not None]
+    if not values:
+        return None
+    return {**distribution(values, percentiles), "total": sum(values)}
 
 
 def percentile_key(p: float) -> str:
@@ -112,6 +129,7 @@ def summarize(
         "requests_retried": sum(r.retry_count > 0 for r in results),
     }
     summary.update(token_summary(successful, duration_s))
+    summary["video_tokens"] = video_token_summary(successful, percentiles)
     summary["ttft_ms"] = distribution_ms(
         (r.ttft_s for r in successful if r.ttft_s is not None), percentiles
     )

@@ -43,6 +43,7 @@ def result_record(result: RequestResult) -> dict[str, Any]:
         "sent_at_s": round(result.sent_at_s, 6),
         "queued_ms": _ms(result.queued_s),
         "x_request_id": result.x_request_id,
+        "video_tokens": result.video_tokens,  # null: no video, or a server that does not say
     }
     if result.conversation_id is not None:
         record["conversation_id"] = result.conversation_id
@@ -138,25 +139,14 @@ def format_table(summary: dict[str, Any]) -> str:
     lines = ["", " vlserve bench ".center(width, "="), *(_row(k, v, width) for k, v in rows)]
     if summary.get("usage_note"):
         lines.append(f"Note: {summary['usage_note']}")
+    lines += _video_lines(summary, width)
     for key, title in (
         ("ttft_ms", "Time to first token"),
         ("tpot_ms", "Time per output token (excl. 1st)"),
         ("itl_ms", "Inter-token latency"),
         ("e2el_ms", "End-to-end latency"),
     ):
-        stats = summary.get(key) or {}
-        if not stats.get("count"):
-            continue
-        lines.append(f" {title} ".center(width, "-"))
-        for name, value in stats.items():
-            if name not in ("count", "std", "p50"):  # p50 is the median, shown once
-                lines.append(
-                    _row(
-                        f"{name.capitalize() if not name.startswith('p') else name.upper()} (ms)",
-                        value,
-                        width,
-                    )
-                )
+        lines += _stats_block(title, summary.get(key) or {}, " (ms)", width)
     if len(summary.get("turns") or ()) > 1:
         lines += _turn_lines(summary["turns"], width)
     endpoints = summary.get("endpoints") or {}
@@ -173,6 +163,35 @@ def format_table(summary: dict[str, Any]) -> str:
         lines += [f"{count:>6}  {kind}" for kind, count in summary["errors"].items()]
     lines.append("=" * width)
     return "\n".join(lines)
+
+
+def _stats_block(title: str, stats: dict[str, Any], unit: str, width: int) -> list[str]:
+    """A distribution's block: mean, median, percentiles, max (and total when it has one)."""
+    if not stats.get("count"):
+        return []
+    lines = [f" {title} ".center(width, "-")]
+    for name, value in stats.items():
+        if name not in ("count", "std", "p50"):  # p50 is the median, shown once
+            label = name.upper() if name.startswith("p") else name.capitalize()
+            lines.append(_row(f"{label}{unit if name != 'total' else ''}", value, width))
+    return lines
+
+
+def _video_lines(summary: dict[str, Any], width: int) -> list[str]:
+    """Videos per dataset request and video tokens per request: n/a when the dataset has videos
+    but the server reports no video tokens (only vlserve does); nothing for video-free runs."""
+    media = (summary.get("run") or {}).get("dataset_media") or {}
+    videos = media.get("videos") or {}
+    lines = []
+    if videos.get("total"):
+        lines.append(_row("Videos per request (dataset mean)", float(videos["mean"]), width))
+    tokens = summary.get("video_tokens")
+    if tokens:
+        lines += _stats_block("Video tokens per request", tokens, "", width)
+    elif videos.get("total"):
+        lines.append(_row("Video tokens per request", None, width))
+        lines.append("Note: the server reported no usage.prompt_tokens_details.video_tokens")
+    return lines
 
 
 def _turn_lines(turns: list[dict[str, Any]], width: int) -> list[str]:

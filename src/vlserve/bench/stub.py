@@ -44,6 +44,8 @@ class StubSettings:
     prompt_tokens: int = 10
     record: bool = False  # keep every request body and its answer for GET /stub/requests
     distinct: bool = False  # answers tagged with the request's number instead of "t0 t1 …"
+    # per video_url part, reported as usage.prompt_tokens_details.video_tokens (0: omitted)
+    video_tokens: int = 0
 
 
 class StubServer:
@@ -157,7 +159,7 @@ class StubServer:
             return web.Response()
         await asyncio.sleep(s.ttft_ms / 1000.0)
         if not body.get("stream"):
-            return web.json_response(self._completion(tokens))
+            return web.json_response(self._completion(tokens, body))
         return await self._stream(request, body, action, tokens)
 
     async def _stream(
@@ -215,13 +217,13 @@ class StubServer:
             )
         include_usage = (body.get("stream_options") or {}).get("include_usage")
         if s.usage and include_usage:
-            await resp.write(frame({**base, "choices": [], "usage": self._usage(n)}))
+            await resp.write(frame({**base, "choices": [], "usage": self._usage(n, body)}))
         if s.done:
             await resp.write(frame("[DONE]"))
         await resp.write_eof()
         return resp
 
-    def _completion(self, tokens: list[str]) -> dict[str, Any]:
+    def _completion(self, tokens: list[str], body: dict[str, Any]) -> dict[str, Any]:
         s = self.settings
         result: dict[str, Any] = {
             "id": "chatcmpl-stub",
@@ -240,12 +242,22 @@ class StubServer:
             ],
         }
         if s.usage:
-            result["usage"] = self._usage(len(tokens))
+            result["usage"] = self._usage(len(tokens), body)
         return result
 
-    def _usage(self, n: int) -> dict[str, int]:
+    def _usage(self, n: int, body: dict[str, Any]) -> dict[str, Any]:
         p = self.settings.prompt_tokens
-        return {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
+        usage: dict[str, Any] = {"prompt_tokens": p, "completion_tokens": n, "total_tokens": p + n}
+        if self.settings.video_tokens:
+            videos = sum(
+                part.get("type") == "video_url"
+                for message in body.get("messages") or ()
+                if isinstance(message.get("content"), list)
+                for part in message["content"]
+                if isinstance(part, dict)
+            )
+            usage["prompt_tokens_details"] = {"video_tokens": videos * self.settings.video_tokens}
+        return usage
 
 
 def _drop(request: web.Request) -> None:

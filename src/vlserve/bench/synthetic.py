@@ -1,4 +1,5 @@
-"""Synthetic load without data: random text of a given token length and random PNG images."""
+"""Synthetic load without data: random text of a given token length, random PNG images, and
+the videos ``vlserve.bench.video`` makes."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import base64
 import random
 import struct
 import zlib
+from collections.abc import Sequence
 
 # Common English words that are each one token, with their leading space, in the Qwen2/Qwen3
 # vocabulary (checked with the real BPE ranks) and in most other byte-level BPE vocabularies:
@@ -76,12 +78,15 @@ def synthetic_messages(
     input_len: int,
     image_sizes: tuple[tuple[int, int], ...],
     num_images: int,
+    video_urls: Sequence[str] = (),
 ) -> list[dict[str, object]]:
-    """One user message: ``num_images`` random images (sizes cycled) then random text."""
+    """One user message: ``num_images`` random images (sizes cycled), the videos (data URLs
+    made by ``vlserve.bench.video``), then random text."""
     parts: list[dict[str, object]] = []
     for index in range(num_images):
         width, height = image_sizes[index % len(image_sizes)]
         url = png_data_url(random_png(width, height, rng))
         parts.append({"type": "image_url", "image_url": {"url": url}})
+    parts += [{"type": "video_url", "video_url": {"url": url}} for url in video_urls]
     parts.append({"type": "text", "text": random_text(input_len, rng)})
     return [{"role": "user", "content": parts}]

@@ -1,4 +1,8 @@
-"""Video clips made in memory with PyAV, for the video tests and benchmarks (no files needed)."""
+"""Video clips made in memory with PyAV, for the video tests and benchmarks (no files needed).
+
+The clip maker itself lives with the benchmark client (``vlserve.bench.video``), which makes
+synthetic videos with it; this module adds what only tests need (audio-only files, patched
+headers)."""
 
 from __future__ import annotations
 
@@ -7,47 +11,9 @@ import struct
 
 import numpy as np
 
+from vlserve.bench.video import level, make_clip
 
-def level(index: int) -> int:
-    """The grey level of frame ``index`` of a flat clip: distinct from its neighbours, so a
-    decoded frame's level tells which frame it is."""
-    return 16 + (index % 56) * 4
-
-
-def make_clip(
-    width: int = 64,
-    height: int = 48,
-    frames: int = 20,
-    fps: int = 10,
-    *,
-    codec: str = "libx264",
-    container: str = "mp4",
-    gop: int | None = None,
-    gradient: bool = False,
-) -> bytes:
-    """A clip encoded in memory: flat frames at ``level(i)``, or a moving gradient (frames
-    that differ everywhere, closer to real video for timing)."""
-    import av
-
-    buffer = io.BytesIO()
-    ramp = np.linspace(0, 255, width, dtype=np.float32)[None, :, None]
-    with av.open(buffer, "w", format=container) as output:
-        options = {"preset": "ultrafast"} if codec == "libx264" else {}
-        stream = output.add_stream(codec, rate=fps, options=options)
-        stream.width, stream.height = width, height
-        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
-        if gop:
-            stream.codec_context.gop_size = gop
-        for i in range(frames):
-            if gradient:
-                image = np.broadcast_to((ramp + i * 3) % 256, (height, width, 3)).astype(np.uint8)
-            else:
-                image = np.full((height, width, 3), level(i), np.uint8)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(image, format="rgb24")):
-                output.mux(packet)
-        for packet in stream.encode():
-            output.mux(packet)
-    return buffer.getvalue()
+__all__ = ["level", "make_audio", "make_clip", "patch_box"]
 
 
 def make_audio(container: str = "mp4") -> bytes:
