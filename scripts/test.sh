@@ -25,6 +25,8 @@ PYTHONPATH=.venv-tf457 "$PY" -m pytest -q -p no:cacheprovider \
     tests/integration/test_engine_exactness.py \
     tests/integration/test_prefix_cache.py \
     tests/unit/test_api_special_tokens.py \
+    tests/unit/test_video_prompt.py \
     tests/unit/test_guided.py \
     tests/integration/test_tools_scripted.py \
-    tests/integration/test_chat_api.py -k "exactness or pressure or health or images or stream_deltas or logits or hit or processor or tool or mask or never_appear"
+    tests/integration/test_video_api.py \
+    tests/integration/test_chat_api.py -k "exactness or pressure or health or images or stream_deltas or logits or hit or processor or tool or mask or never_appear or video"
