@@ -57,13 +57,17 @@ def _still_serves(srv: ServerProcess) -> None:
 def refused(
     srv: ServerProcess, url: str, message: str, *, param: str = PARAM, **body: Any
 ) -> dict[str, Any]:
-    """A fast 400 in OpenAI's shape whose message starts with ``message``; then a good
-    request is still answered."""
+    """A fast 400 in OpenAI's shape, through the official client, whose message starts with
+    ``message``; then a good request is still answered."""
+    client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="-", max_retries=0)
     start = time.monotonic()
-    r = _post(srv, _messages(url), **body)
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(
+            model=srv.model, messages=_messages(url), max_tokens=2, extra_body=body or None
+        )
     elapsed = time.monotonic() - start
-    assert r.status_code == 400, r.text
-    error = r.json()["error"]
+    assert caught.value.status_code == 400
+    error = caught.value.response.json()["error"]
     assert error["type"] == "invalid_request_error" and error["param"] == param, error
     assert error["message"].startswith(message), error["message"]
     assert "Traceback" not in error["message"] and "av." not in error["message"]
