@@ -333,7 +333,7 @@ def test_detail_and_processor_kwargs_change_the_image_tokens(
         client, server, "low", extra_body={"mm_processor_kwargs": {"max_pixels": 4096}}
     )
     assert tiny < capped
-    for bad in ({"min_pixels": 10, "max_pixels": 5}, {"max_pixels": 0}, {"fps": 2}):
+    for bad in ({"min_pixels": 10, "max_pixels": 5}, {"max_pixels": 0}, {"fps": 0}, {"size": 2}):
         with pytest.raises(openai.BadRequestError) as info:
             _image_tokens(client, server, None, extra_body={"mm_processor_kwargs": bad})
         assert info.value.body["param"].startswith("mm_processor_kwargs")  # type: ignore[index]
