@@ -125,6 +125,38 @@ def test_the_same_bytes_are_decoded_once(
     assert [im.size for im in other] == [(20, 10), (10, 20)]  # other bytes: another image
 
 
+def test_the_same_video_is_decoded_once_per_sampling(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The next turn of a chat about one video skips decoding; another fps decodes again."""
+    import vlserve.media.loader as loader_module
+    from vlserve.testing.video import make_clip
+
+    calls: list[float] = []
+    real = loader_module.decode_video
+
+    def counting(data: bytes, config: Any, fps: float = 2.0, max_frames: Any = None) -> Any:
+        calls.append(fps)
+        return real(data, config, fps, max_frames)
+
+    monkeypatch.setattr(loader_module, "decode_video", counting)
+    url = "data:video/mp4;base64," + base64.b64encode(make_clip(frames=40)).decode()
+
+    async def turns() -> list[Any]:
+        loader = MediaLoader(MediaConfig())
+        limits = loader_module.video_limits(loader.config, 1)
+        try:
+            return [
+                await loader.load(url, loader.video_kind(limits, fps, 64))
+                for fps in (2.0, 2.0, 2.0, 1.0)
+            ]
+        finally:
+            await loader.aclose()
+
+    videos = asyncio.run(turns())
+    assert calls == [2.0, 1.0]
+    assert videos[0] is videos[1] is videos[2] and videos[0].key
+    assert len(videos[3].frames) < len(videos[0].frames) and videos[3].key != videos[0].key
+
+
 def test_image_count_is_capped() -> None:
     config = MediaConfig(max_images_per_request=2)
     with pytest.raises(MediaError, match="too many images: 3, at most 2 allowed per request"):

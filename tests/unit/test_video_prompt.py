@@ -154,3 +154,47 @@ def test_a_video_encodes_as_its_temporal_patches(runner) -> None:  # type: ignor
     torch.testing.assert_close(a[0], b[0], rtol=0, atol=1e-5)
     for x, y in zip(a[1], b[1], strict=True):
         torch.testing.assert_close(x, y, rtol=0, atol=1e-5)
+
+
+def test_seen_videos_skip_the_video_processor(runner) -> None:  # type: ignore[no-untyped-def]
+    """The same decoded video (the next turn: the loader hands out the same frames) is processed
+    once per pixel bounds, and the processor leaves the shared frames untouched."""
+    from vlserve.engine.preprocess import Preprocessor
+    from vlserve.lru import BytesLRU
+
+    pre = runner.preprocess
+    calls = []
+    real = pre.processor.video_processor
+
+    class Counting:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def __call__(self, **kw: Any) -> Any:
+            calls.append(1)
+            return real(**kw)
+
+    processor = type("P", (), {})()
+    processor.tokenizer = pre.processor.tokenizer
+    processor.apply_chat_template = pre.processor.apply_chat_template
+    processor.video_processor = Counting()
+    cached = Preprocessor(processor, pre._image_token_id, 2, BytesLRU(1 << 26))
+    cached._video_marker = pre._video_marker
+    video = _video(96, 64, 40, 8)
+    before = video.frames.copy()
+    part = {"type": "video", "video": video}
+    first = _prepare_with(cached, [{"role": "user", "content": [part]}])
+    second = _prepare_with(
+        cached, [{"role": "user", "content": [{"type": "text", "text": "x"}, part]}]
+    )
+    assert len(calls) == 1
+    assert [v.key for v in first.visuals] == [v.key for v in second.visuals]
+    _prepare_with(cached, [{"role": "user", "content": [{**part, "max_pixels": 32 * 32}]}])
+    assert len(calls) == 2  # other bounds: processed again
+    assert (video.frames == before).all()
+
+
+def _prepare_with(pre, messages: list[dict]):  # type: ignore[no-untyped-def]
+    from vlserve.engine.prompt import ChatPrompt
+
+    return pre(ChatPrompt(messages))

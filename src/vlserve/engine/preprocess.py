@@ -17,7 +17,7 @@ import torch
 
 from vlserve.engine.prompt import ChatPrompt, PreparedPrompt, VisualInput
 from vlserve.engine.sequence import ImageSpan
-from vlserve.engine.video_input import ProcessedVideo, process_video, size_get
+from vlserve.engine.video_input import ProcessedVideo, frames_key, process_video, size_get
 from vlserve.errors import InvalidRequestError
 from vlserve.lru import BytesLRU
 
@@ -125,11 +125,12 @@ class Preprocessor:
         low, high = part.get("min_pixels"), part.get("max_pixels")
         if part["type"] == "image":
             return self._process(part["image"], low, high)
-        video = process_video(self.processor.video_processor, part["video"], low, high)
-        found = self.cache.get(video.key)  # the same frames again: one copy of their pixels
+        # the same frames with the same bounds again (the next turn): the processor is skipped
+        key = b"video:" + frames_key(part["video"]) + f"{low}:{high}".encode()
+        found = self.cache.get(key)
         if found is None:
-            self.cache.put(video.key, video)
-            return video
+            found = process_video(self.processor.video_processor, part["video"], low, high)
+            self.cache.put(key, found)
         return found
 
     def _process(

@@ -92,10 +92,21 @@ def process_video(
     if len(times) != int(grid[0, 0]):
         raise ValueError("the video processor made an unexpected number of temporal patches")
     h = hashlib.blake2b(digest_size=16)
-    h.update(b"video")
+    h.update(b"video" + frames_key(video))
     h.update(str((frames.shape, tuple(grid.view(-1).tolist()), times)).encode())
-    h.update(memoryview(frames).cast("B") if frames.flags.c_contiguous else frames.tobytes())
     return ProcessedVideo(h.digest(), out["pixel_values_videos"], grid, tuple(times))
+
+
+def frames_key(video: Any) -> bytes:
+    """What a decoded video's frames are a function of: the decoder's key (its bytes, sampling
+    and limits), else a hash of the frames themselves."""
+    if video.key:
+        return bytes(video.key)
+    frames = video.frames
+    h = hashlib.blake2b(digest_size=16)
+    h.update(str((frames.shape, tuple(video.frames_indices), video.fps)).encode())
+    h.update(memoryview(frames).cast("B") if frames.flags.c_contiguous else frames.tobytes())
+    return h.digest()
 
 
 def patch_times(indices: Any, fps: float, temporal: int) -> list[float]:

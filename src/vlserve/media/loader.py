@@ -41,6 +41,7 @@ class MediaKind(Generic[T]):
     max_count: int  # per request; 0 turns the kind off
     decode: Callable[[bytes], T]  # blocking, run in a worker thread; raises only MediaError
     cached: bool = False  # keep decoded results in the loader's LRU (by the bytes' hash)
+    variant: bytes = b""  # the decoder's settings, part of the cache key (a video's sampling)
 
 
 def video_limits(config: MediaConfig, videos: int, max_pixels: int | None = None) -> VideoLimits:
@@ -79,10 +80,9 @@ class MediaLoader:
         self.config = config
         self._fetcher = MediaFetcher(config, policy=address_policy, resolver=resolver)
         self._decode_slots = asyncio.Semaphore(config.max_concurrent_decodes)
-        # the same bytes always decode to the same image: repeated images skip decoding
-        self._decoded: BytesLRU[Image.Image] = BytesLRU(
-            config.decoded_cache_bytes, size=lambda im: im.width * im.height * len(im.getbands())
-        )
+        # the same bytes (and settings) always decode to the same image or frames: repeated
+        # media (the next turn of a conversation) skip decoding
+        self._decoded: BytesLRU[Any] = BytesLRU(config.decoded_cache_bytes, size=_decoded_size)
         self.image_kind: MediaKind[Image.Image] = MediaKind(
             "image",
             config.max_image_bytes,
@@ -96,7 +96,15 @@ class MediaLoader:
     ) -> MediaKind[DecodedVideo]:
         """Videos decoded under ``limits``, sampled at ``fps``, at most ``max_frames``."""
         decode = functools.partial(decode_video, config=limits, fps=fps, max_frames=max_frames)
-        return MediaKind("video", limits.max_bytes, self.config.max_videos_per_request, decode)
+        settings = repr((float(fps), max_frames, limits)).encode()
+        return MediaKind(
+            "video",
+            limits.max_bytes,
+            self.config.max_videos_per_request,
+            decode,
+            cached=True,
+            variant=hashlib.blake2b(settings, digest_size=16).digest(),
+        )
 
     async def load(self, url: str, kind: MediaKind[T] | None = None) -> T:
         """One item of ``kind`` (by default an RGB image downsized to ``max_image_pixels``);
@@ -181,7 +189,7 @@ class MediaLoader:
     def _decode_data_url(self, url: str, kind: MediaKind[T]) -> T:
         # The same URL text always parses to the same bytes: a repeated data URL skips the
         # base64 check and decode too (about 2 ms for a 600 kB PNG, holding the GIL).
-        key = b"url:" + hashlib.blake2b(url.encode(), digest_size=16).digest()
+        key = b"url:" + kind.variant + hashlib.blake2b(url.encode(), digest_size=16).digest()
         found = self._decoded.get(key) if kind.cached else None
         if found is None:
             _, data = parse_data_url(url, max_bytes=kind.max_bytes, kind=kind.name)
@@ -199,7 +207,7 @@ class MediaLoader:
         mutated by anyone: the processor copies)."""
         if not kind.cached:
             return kind.decode(data)
-        key = b"bytes:" + hashlib.blake2b(data, digest_size=16).digest()
+        key = b"bytes:" + kind.variant + hashlib.blake2b(data, digest_size=16).digest()
         found = self._decoded.get(key)
         if found is None:
             found = kind.decode(data)
@@ -208,6 +216,13 @@ class MediaLoader:
 
     def _decode_image(self, data: bytes) -> Image.Image:
         return decode_image(data, self.config)
+
+
+def _decoded_size(item: Any) -> int:
+    """Bytes a decoded image or video holds (RGB pixels)."""
+    if isinstance(item, DecodedVideo):
+        return int(item.frames.nbytes)
+    return item.width * item.height * len(item.getbands())
 
 
 def _labels(kinds: Sequence[MediaKind[Any]]) -> list[str]:

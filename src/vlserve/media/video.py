@@ -9,6 +9,7 @@ cost follows the number of sampled frames, not the length of the video (docs/med
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import time
@@ -103,6 +104,9 @@ class DecodedVideo:
     frames_indices: tuple[int, ...]
     timestamps: tuple[float, ...]  # seconds from the start of the stream
     frames_decoded: int  # frames the decoder produced to reach the sampled ones (cost)
+    # what the frames are a function of: the bytes, the sampling and the limits (the engine's
+    # caches key on it instead of hashing the frames)
+    key: bytes = b""
 
     def metadata(self) -> dict[str, Any]:
         """The fields of ``transformers.video_utils.VideoMetadata`` for these frames."""
@@ -164,7 +168,17 @@ def decode_video(
         frames_indices=tuple(indices),
         timestamps=tuple(i / info.fps for i in indices),
         frames_decoded=decoded,
+        key=_content_key(data, fps, limit, min_frames, config),
     )
+
+
+def _content_key(data: bytes, fps: float, frames: int, min_frames: int, config: Any) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(
+        repr((float(fps), frames, min_frames, config.max_pixels, config.max_total_pixels)).encode()
+    )
+    h.update(data)
+    return h.digest()
 
 
 def check_stream(info: StreamInfo, config: VideoLimits) -> None:
