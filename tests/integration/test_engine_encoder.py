@@ -177,3 +177,31 @@ def test_stopping_the_engine_answers_every_request_in_flight(tiny_model_path: Pa
     assert last.finished and last.error is not None and last.error.status == 503
     assert "shutting down" in str(last.error)
     assert engine.num_running == 0 and engine.num_waiting == 0
+
+
+def test_a_full_encoder_cache_hit_skips_the_encoder_thread(tiny_model_path: Path) -> None:
+    """A prompt whose images are all in the encoder cache (and a text-only one) is encoded on
+    the preprocessing thread: it never queues behind another request's vision forward."""
+    engine = AsyncEngine(EngineConfig(str(tiny_model_path)), DeviceInfo("cpu", torch.float32))
+    threads: list[str] = []
+
+    async def scenario() -> list[list[int]]:
+        runner = engine.runner
+        assert runner is not None
+        real = runner.encode
+
+        def tracking(prompts: list[Any], **kw: Any) -> list[Any]:
+            threads.append(threading.current_thread().name)
+            return real(prompts, **kw)
+
+        runner.encode = tracking  # type: ignore[method-assign]
+        first = await _tokens(engine, "miss", salt="a")
+        second = await _tokens(engine, "hit", salt="b")  # another salt: no prefix-cache hit
+        text = ChatPrompt([{"role": "user", "content": [{"type": "text", "text": "hi"}]}])
+        stream = await engine.generate(text, GREEDY5, "text")
+        assert len([t async for event in stream for t in event.token_ids]) == 5
+        return [first, second]
+
+    first, second = _run(engine, scenario)
+    assert first == second
+    assert threads == ["vlserve-encoder"]  # only the miss

@@ -178,18 +178,29 @@ class AsyncEngine:
         self, prompt: ChatPrompt, params: SamplingParams, request_id: str
     ) -> RequestStream:
         """Prepare (preprocessing thread) → fit and admit (400/429 before any image work) →
-        encode (encoder thread) → queue. Returns the request's event stream."""
-        runner, loop = self._require_ready()
+        encode (encoder thread, unless the encoder cache holds every image and video patch
+        already: then the preprocessing thread finished it, and a cache hit never queues behind
+        another request's vision forward) → queue. Returns the request's event stream."""
+        _, loop = self._require_ready()
         aio = asyncio.get_running_loop()
         guide = None
         if params.guide is not None:  # a 400 for a bad schema comes before any image work
             guide = await aio.run_in_executor(self._compile, self._guides().compile, params.guide)
-        prepared = await aio.run_in_executor(self._prep, runner.preprocess, prompt)
+        prepared, encoded = await aio.run_in_executor(self._prep, self._prepare, prompt)
         params = self._fit(prepared, params, loop.scheduler.blocks.capacity_tokens)
         with self._lock:
             loop.scheduler.check_admissible(prepared.num_tokens, params.max_tokens or 0, params.n)
-        encoded = await self._encode(prepared)
+        if encoded is None:
+            encoded = await self._encode(prepared)
         return self._submit(encoded, params, request_id, guide)
+
+    def _prepare(self, prompt: ChatPrompt) -> tuple[PreparedPrompt, EncodedPrompt | None]:
+        """Preprocessing thread: the prepared prompt, and its encoding when that needs no
+        device work (text only, or every visual input's features in the encoder cache)."""
+        runner = self._loaded()
+        prepared = runner.preprocess(prompt)
+        hit = runner.encode_cached(prepared) if self._encoder is not None else None
+        return prepared, hit
 
     def _guides(self) -> GuideCompiler:
         """The grammar compiler, on the grammar thread only. Made by the first request with a

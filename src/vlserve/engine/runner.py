@@ -119,6 +119,18 @@ class ModelRunner:
             encoded.append(EncodedPrompt(prompt, positions, delta, mine))
         return encoded
 
+    def encode_cached(self, prompt: PreparedPrompt) -> EncodedPrompt | None:
+        """``encode`` without device work: the prompt's encoding when the encoder cache holds
+        the features of all its visual inputs (or it has none), else None. Any thread."""
+        features = []
+        for visual in prompt.visuals:
+            found = self.encoder_cache.get(visual.key)
+            if found is None:
+                return None
+            features.append(found)
+        positions, delta = self._positions(prompt)
+        return EncodedPrompt(prompt, positions, delta, tuple(features))
+
     def image_features(self, images: Seq[VisualInput]) -> dict[bytes, ImageFeatures]:
         """Features of ``images`` by key: cached ones reused, the others computed and cached."""
         found: dict[bytes, ImageFeatures] = {}

