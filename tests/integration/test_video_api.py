@@ -289,6 +289,15 @@ def test_prompt_tokens_grow_with_fps_and_max_frames(server: ServerProcess) -> No
     ]
     assert counts[0] < counts[1] < counts[2]
     assert counts[3] == counts[0]  # 4 frames either way
+    # exactly: 4, 8 and 16 frames make 2, 4 and 8 temporal patches of 64x48 frames (resized to
+    # 64x64: 4 tokens), each patch with its "<t seconds>" label and vision start and end
+    videos = [
+        _post(server, messages, mm_processor_kwargs={"fps": fps}).json()["usage"]
+        for fps in (0.5, 1.0, 2.0)
+    ]
+    assert [u["prompt_tokens_details"]["video_tokens"] for u in videos] == [8, 16, 32]
+    per_patch = (counts[2] - counts[0]) / 6
+    assert per_patch == (counts[1] - counts[0]) / 2 and per_patch > 4
 
 
 def test_frames_over_the_limit_are_clamped_not_refused(limited: ServerProcess) -> None:
