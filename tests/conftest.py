@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import base64
+import contextlib
+import http.server
 import io
 import os
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,11 +20,37 @@ __all__ = [
     "free_port",
     "load_checkpoint",
     "png_data_url",
+    "serve_routes",
     "start_server",
     "stop_server",
 ]
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@contextlib.contextmanager
+def serve_routes(routes: dict[str, tuple[int, bytes]], content_type: str) -> Iterator[str]:
+    """Serve ``routes`` (path → (status, body); others 404) on loopback; yield the base URL."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            status, body = routes.get(self.path, (404, b""))
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
 
 
 def png_data_url(

@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import ServerProcess, png_data_url
+from tests.conftest import ServerProcess, png_data_url, serve_routes
 
 pytestmark = pytest.mark.integration
 
@@ -184,29 +184,9 @@ def test_local_file_below_allowed_path(server: ServerProcess) -> None:
 
 
 def test_image_over_http(server: ServerProcess) -> None:
-    import http.server
-    import threading
-
     payload = base64.b64decode(png_data_url().split(",", 1)[1])
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            if self.path != "/red.png":
-                self.send_error(404)
-                return
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(payload)))
-            self.end_headers()
-            self.wfile.write(payload)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{httpd.server_address[1]}/red.png"
+    with serve_routes({"/red.png": (200, payload)}, "image/png") as base:
+        url = base + "/red.png"
         r = _post(server, {"model": server.model, "messages": _image(url), "max_tokens": 2})
         assert r.status_code == 200, r.text
         missing = _post(
@@ -214,8 +194,6 @@ def test_image_over_http(server: ServerProcess) -> None:
         )
         assert missing.status_code == 400
         assert "404" in missing.json()["error"]["message"]
-    finally:
-        httpd.shutdown()
 
 
 @pytest.mark.parametrize("size", [(30000, 150), (150, 30000), (23000, 115)])

@@ -6,10 +6,7 @@ the server still answers; the success paths go through the engine's video suppor
 from __future__ import annotations
 
 import base64
-import contextlib
 import functools
-import http.server
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import ServerProcess, png_data_url, start_server, stop_server
+from tests.conftest import ServerProcess, png_data_url, serve_routes, start_server, stop_server
 
 pytest.importorskip("av")
 
@@ -145,7 +142,7 @@ def test_sources_follow_the_image_rules(server: ServerProcess, tmp_path: Path) -
     outside.write_bytes(CLIP)
     refused(server, f"file://{outside}", "video 1: local video file is outside the allowed")
     refused(server, "ftp://example.com/a.mp4", "video 1: video URL scheme 'ftp' is not supported")
-    with _http({"/gone": (404, b"")}) as base:
+    with serve_routes({"/gone": (404, b"")}, "video/mp4") as base:
         refused(server, base + "/gone", "video 1: could not fetch")
 
 
@@ -205,7 +202,7 @@ def test_over_the_byte_limit(limited: ServerProcess) -> None:
     big = make_clip(320, 240, frames=30, gradient=True)
     assert len(big) > 20000
     refused(limited, video_url(big), "video 1: video is larger than the 20000 bytes allowed")
-    with _http({"/big.mp4": (200, big)}) as base:
+    with serve_routes({"/big.mp4": (200, big)}, "video/mp4") as base:
         refused(limited, base + "/big.mp4", "video 1: could not fetch")
     (limited.media_dir / "big.mp4").write_bytes(big)
     refused(limited, f"file://{limited.media_dir / 'big.mp4'}", "video 1: video is larger than")
@@ -310,36 +307,8 @@ def test_local_file_and_http_videos(server: ServerProcess) -> None:
     (server.media_dir / "clip.mp4").write_bytes(CLIP)
     expected = _prompt_tokens(server, _messages(video_url(CLIP)))
     assert _prompt_tokens(server, _messages(f"file://{server.media_dir / 'clip.mp4'}")) == expected
-    with _http({"/clip.mp4": (200, CLIP)}) as base:
+    with serve_routes({"/clip.mp4": (200, CLIP)}, "video/mp4") as base:
         assert _prompt_tokens(server, _messages(base + "/clip.mp4")) == expected
-
-
-# --- a loopback HTTP server for the fetch path ---------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _http(routes: dict[str, tuple[int, bytes]]) -> Iterator[str]:
-    """Serves ``routes`` (path → (status, body)) on loopback; yields the base URL."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            status, body = routes.get(self.path, (404, b""))
-            self.send_response(status)
-            self.send_header("Content-Type", "video/mp4")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 def test_a_video_that_could_never_fit_is_a_400(limited: ServerProcess) -> None:
