@@ -228,10 +228,16 @@ def test_video_turned_off(no_video: ServerProcess) -> None:
     assert r.status_code == 200, r.text
 
 
-def test_image_only_usage_has_no_video_tokens(server: ServerProcess) -> None:
-    r = _post(server, [{"role": "user", "content": [_image_part(png_data_url())]}])
+def test_usage_details_name_the_media_the_request_brought(server: ServerProcess) -> None:
+    """OpenAI's ``image_tokens`` with images, our ``video_tokens`` with videos, neither for text."""
+    r = _post(server, [{"role": "user", "content": [_image_part(png_data_url(224, 320))]}])
     assert r.status_code == 200, r.text
+    assert r.json()["usage"]["prompt_tokens_details"] == {"cached_tokens": 0, "image_tokens": 70}
+    r = _post(server, [{"role": "user", "content": "hi"}])
     assert list(r.json()["usage"]["prompt_tokens_details"]) == ["cached_tokens"]
+    both = _post(server, _messages(video_url(CLIP), images=(png_data_url(224, 320),)))
+    details = both.json()["usage"]["prompt_tokens_details"]
+    assert details["image_tokens"] == 70 and details["video_tokens"] == 8
 
 
 # --- success paths (the engine's video support) ------------------------------------------------------

@@ -291,3 +291,8 @@ def test_video_tokens_appear_only_for_requests_with_videos() -> None:
         "video_tokens": 6,
     }
     assert usage(10, 2, 0, 0).model_dump()["prompt_tokens_details"]["video_tokens"] == 0
+    assert usage(10, 2, 0, 6, 4).model_dump()["prompt_tokens_details"] == {
+        "cached_tokens": 0,
+        "image_tokens": 4,
+        "video_tokens": 6,
+    }

@@ -71,6 +71,8 @@ async def load_parts(
     return parts
 
 
-def has_video(messages: Sequence[dict[str, Any]]) -> bool:
-    """Whether template messages (placeholders or loaded parts) hold a video."""
-    return any(p.get("type") == "video" for m in messages for p in m["content"])
+def media_kinds(messages: Sequence[dict[str, Any]]) -> frozenset[str]:
+    """The media kinds ("image", "video") that template messages (placeholders or loaded
+    parts) hold."""
+    kinds = {p.get("type") for m in messages for p in m["content"]}
+    return frozenset(kinds & {"image", "video"})

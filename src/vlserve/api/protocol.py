@@ -229,6 +229,7 @@ class ModelList(BaseModel):
 
 class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    image_tokens: int | None = None  # images' tokens (OpenAI's field), only with images
     video_tokens: int | None = None  # video frames' tokens, only when the request had videos
 
     @model_serializer(mode="wrap")

@@ -18,7 +18,7 @@ from vlserve.api.chat import attach_media, split_messages
 from vlserve.api.convert import DEFAULT_MAX_N, SamplingDefaults, check_supported, to_sampling
 from vlserve.api.faults import FaultInjector
 from vlserve.api.metrics import Metrics, RequestRecord
-from vlserve.api.multimodal import has_video, load_parts
+from vlserve.api.multimodal import load_parts, media_kinds
 from vlserve.api.serving import Completion, collect, stream_chunks
 from vlserve.api.tools import ToolPlan
 from vlserve.api.tools import plan as plan_tools
@@ -192,7 +192,7 @@ async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> R
         functools.partial(_track, record),
         parse_tools=tools.parse_calls,
         logprobs=bool(body.logprobs),
-        videos=has_video(prompt.messages),
+        media=media_kinds(prompt.messages),
     )
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)

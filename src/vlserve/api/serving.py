@@ -24,14 +24,15 @@ from vlserve.errors import EngineError, VLServeError
 @dataclass(frozen=True)
 class Completion:
     """Who the response is for and how to build it: id, model name, the per-event observer,
-    whether to parse tool calls, to report logprobs, and video tokens (requests with videos)."""
+    whether to parse tool calls, to report logprobs, and which media kinds the request brought
+    (their tokens are reported)."""
 
     id: str
     model: str
     track: Callable[[TokenEvent], None]
     parse_tools: bool = False
     logprobs: bool = False
-    videos: bool = False
+    media: frozenset[str] = frozenset()  # "image", "video"
 
 
 def usage(
@@ -39,15 +40,16 @@ def usage(
     completion_tokens: int,
     cached_tokens: int,
     video_tokens: int | None = None,
+    image_tokens: int | None = None,
 ) -> p.Usage:
-    """``video_tokens`` appears in ``prompt_tokens_details`` only when given (requests with
-    videos): the usage of other requests stays what it was."""
+    """``image_tokens`` (OpenAI's field) and ``video_tokens`` (ours) appear in
+    ``prompt_tokens_details`` only when given (requests with images, with videos)."""
     return p.Usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
         prompt_tokens_details=p.PromptTokensDetails(
-            cached_tokens=cached_tokens, video_tokens=video_tokens
+            cached_tokens=cached_tokens, image_tokens=image_tokens, video_tokens=video_tokens
         ),
     )
 
@@ -129,12 +131,14 @@ class Choices:
         ]
         self.prompt_tokens = 0
         self.cached_tokens = 0
+        self.image_tokens = 0
         self.video_tokens = 0
 
     def add(self, event: TokenEvent) -> tuple[ChoiceBuilder, list[Piece]]:
         self.out.track(event)
         self.prompt_tokens = event.num_prompt_tokens
         self.cached_tokens = event.num_cached_tokens
+        self.image_tokens = event.num_image_tokens
         self.video_tokens = event.num_video_tokens
         if event.finished:
             raise_if_failed(event)
@@ -143,8 +147,10 @@ class Choices:
 
     def usage(self) -> p.Usage:
         completion = sum(b.completion_tokens for b in self.builders)
-        videos = self.video_tokens if self.out.videos else None
-        return usage(self.prompt_tokens, completion, self.cached_tokens, videos)
+        media = self.out.media
+        videos = self.video_tokens if "video" in media else None
+        images = self.image_tokens if "image" in media else None
+        return usage(self.prompt_tokens, completion, self.cached_tokens, videos, images)
 
 
 async def collect(events: RequestStream, out: Completion) -> p.ChatCompletion:

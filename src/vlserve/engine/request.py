@@ -126,6 +126,7 @@ class TokenEvent:
     finish_reason: FinishReason | None = None
     error: VLServeError | None = None
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    num_image_tokens: int = 0  # prompt tokens that are images' placeholders
     num_video_tokens: int = 0  # prompt tokens that are video frames' placeholders
     queue_s: float | None = None  # time from arrival to the first prefill, once scheduled
     index: int = 0  # the choice (0..n-1) this event belongs to

@@ -50,6 +50,7 @@ class Sequence:
     num_cached_tokens: int = 0
     chunk_end: int | None = None  # a prefill step computes tokens [num_cached_tokens, chunk_end)
     num_prefix_hit_tokens: int = 0  # of the prompt, at its first admission: usage's cached_tokens
+    num_image_tokens: int = 0  # of the prompt: usage's image_tokens
     num_video_tokens: int = 0  # of the prompt: usage's video_tokens
     scheduled_time: float | None = None  # when its first prefill started
     num_preemptions: int = 0
@@ -81,6 +82,7 @@ class Sequence:
             prompt=prompt,
             image_spans=tuple(image.span for image in prepared.visuals),
             cache_salt=prepared.cache_salt,
+            num_image_tokens=prepared.num_image_tokens,
             num_video_tokens=prepared.num_video_tokens,
         )
 
@@ -124,6 +126,7 @@ class Sequence:
             finish,
             error,
             num_cached_tokens=self.num_prefix_hit_tokens,
+            num_image_tokens=self.num_image_tokens,
             num_video_tokens=self.num_video_tokens,
             queue_s=queued,
             index=self.index,
