@@ -161,10 +161,20 @@ def test_short_prompts_share_one_prefill_step() -> None:
 
 
 def test_queue_limit_gives_overloaded() -> None:
-    s = _sched(max_queue=1)
+    """One row, a queue of one: the first request takes the free row (running or not yet),
+    the second waits, the third is refused; and the same once the first runs."""
+    s = _sched(max_queue=1, max_num_seqs=1)
     s.add(_seq("a", 3))
+    s.add(_seq("b", 3))  # a is still waiting, but the free row is its
     with pytest.raises(OverloadedError):
-        s.add(_seq("b", 3))
+        s.add(_seq("c", 3))
+    ran = _sched(max_queue=1, max_num_seqs=1)
+    ran.add(_seq("a", 3))
+    assert _run_prefill(ran) == ["a"]
+    ran.add(_seq("b", 3))
+    with pytest.raises(OverloadedError):
+        ran.add(_seq("c", 3))
+    assert _sched(max_queue=0, max_num_seqs=2).add(_seq("a", 3)) is None  # a free row: no queue
 
 
 def test_request_that_can_never_fit_is_refused_at_once() -> None:

@@ -129,7 +129,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default: 2048 on CPU, 8192 on accelerators)",
     )
     b.add_argument(
-        "--max-queue", type=int, default=256, help="waiting requests beyond which new ones get 429"
+        "--max-queue",
+        type=int,
+        default=256,
+        help="requests waiting beyond the batch's free rows, past which new ones get 429",
     )
     b.add_argument(
         "--encoder-thread",

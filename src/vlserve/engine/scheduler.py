@@ -59,7 +59,8 @@ class SchedulerConfig:
     # uncached prompt tokens per prefill step (longer prompts are chunked); None: the engine
     # picks by device (CPU_PREFILL_TOKENS / DEVICE_PREFILL_TOKENS)
     max_prefill_tokens: int | None = None
-    max_queue: int = 256  # waiting requests beyond which submit() answers 429
+    # requests waiting beyond the batch's free rows, past which admission answers 429
+    max_queue: int = 256
     reserve_fraction: float = 0.01  # of the KV blocks kept free at admission, for growth
 
     def __post_init__(self) -> None:
@@ -93,7 +94,10 @@ class Scheduler(Generic[S]):
 
     def check_admissible(self, num_prompt_tokens: int, max_tokens: int, count: int = 1) -> None:
         """Raise now what ``add`` would raise for ``count`` such sequences: 400 if one could
-        never be admitted whatever else runs, 429 if the waiting queue has no room for all."""
+        never be admitted whatever else runs, 429 if the queue has no room for all. The queue is
+        the waiting sequences that cannot start at the next step: those the free rows of the
+        batch will take are not queued, whether or not the inference thread has taken them yet
+        (otherwise whether a request is refused would depend on that thread's timing)."""
         budget = self.blocks.capacity_tokens
         if num_prompt_tokens + max_tokens > budget:
             raise ContextLengthError(
@@ -102,7 +106,8 @@ class Scheduler(Generic[S]):
                 "(--kv-cache-tokens); shorten the prompt or lower max_tokens",
                 param="max_tokens",
             )
-        if len(self.waiting) + count > self.config.max_queue:
+        free_rows = max(0, self.config.max_num_seqs - len(self.running))
+        if len(self.waiting) + count - free_rows > self.config.max_queue:
             raise OverloadedError(
                 f"server is at capacity ({len(self.running)} running, {len(self.waiting)} "
                 "waiting); retry later"
