@@ -43,6 +43,7 @@ def test_a_count_of_zero_turns_a_kind_off() -> None:
         ("video_decode_timeout_s", -1, "video_decode_timeout_s must be a finite number > 0"),
         ("max_concurrent_fetches", 0, "max_concurrent_fetches must be"),
         ("max_concurrent_decodes", 0, "max_concurrent_decodes must be"),
+        ("max_concurrent_video_decodes", 0, "max_concurrent_video_decodes must be"),
         ("max_redirects", -1, "max_redirects must be an integer >= 0"),
         ("fetch_timeout_s", 0, "fetch_timeout_s must be a finite number > 0"),
         ("fetch_timeout_s", float("inf"), "fetch_timeout_s must be a finite number > 0"),

@@ -373,3 +373,39 @@ def test_a_cancelled_load_frees_its_decode_slot_when_the_decode_ends() -> None:
             await loader.aclose()
 
     assert asyncio.run(scenario()).size == (4, 4)
+
+
+def test_slow_videos_never_hold_an_image_decode_slot(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every video slot taken by decodes that have not finished: an image still loads at once
+    (videos and images have their own worker slots)."""
+    import threading
+
+    import vlserve.media.loader as loader_module
+    from vlserve.testing.video import make_clip
+
+    release = threading.Event()
+    real = loader_module.decode_video
+
+    def stuck(data: bytes, config: Any, fps: float = 2.0, max_frames: Any = None) -> Any:
+        release.wait(10)
+        return real(data, config, fps, max_frames)
+
+    monkeypatch.setattr(loader_module, "decode_video", stuck)
+    clip = "data:video/mp4;base64," + base64.b64encode(make_clip()).decode()
+
+    async def main() -> tuple[bool, Any]:
+        loader = MediaLoader(MediaConfig(max_concurrent_decodes=1, max_concurrent_video_decodes=1))
+        kind = loader.video_kind(loader_module.video_limits(loader.config, 1))
+        try:
+            videos = [asyncio.ensure_future(loader.load(clip, kind)) for _ in range(2)]
+            image = await asyncio.wait_for(loader.load(png_url()), timeout=5)
+            waiting = not any(v.done() for v in videos)
+            release.set()
+            await asyncio.gather(*videos)
+            return waiting, image
+        finally:
+            release.set()
+            await loader.aclose()
+
+    waiting, image = asyncio.run(main())
+    assert waiting and image.mode == "RGB"

@@ -47,6 +47,9 @@ class MediaConfig:
     # Parts of decoding hold the GIL: on 2 cores, 4 threads stalled the event loop ~150 ms,
     # 2 threads ~60 ms, at the same throughput (benchmarks/media_decode.py).
     max_concurrent_decodes: int = 2
+    # Videos decoded at once, apart from images: a slow video (up to its decode deadline) never
+    # holds a slot an image is waiting for. PyAV releases the GIL while it decodes.
+    max_concurrent_video_decodes: int = 2
     # Decoded images kept by the hash of their encoded bytes (LRU, RGB pixels counted): the same
     # image in the next turn of a conversation skips decoding. 0 turns it off.
     decoded_cache_bytes: int = 256 * 1024 * 1024
@@ -69,6 +72,7 @@ class MediaConfig:
             "max_video_decode_pixels",
             "max_concurrent_fetches",
             "max_concurrent_decodes",
+            "max_concurrent_video_decodes",
         ):
             _require_int(name, getattr(self, name), minimum=1)
         _require_int("max_redirects", self.max_redirects, minimum=0)

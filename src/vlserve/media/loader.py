@@ -79,7 +79,11 @@ class MediaLoader:
         # address_policy/resolver exist for tests of the network guard; the server passes neither.
         self.config = config
         self._fetcher = MediaFetcher(config, policy=address_policy, resolver=resolver)
-        self._decode_slots = asyncio.Semaphore(config.max_concurrent_decodes)
+        # worker-thread slots per kind: videos never take the images' slots
+        self._decode_slots = {
+            "image": asyncio.Semaphore(config.max_concurrent_decodes),
+            "video": asyncio.Semaphore(config.max_concurrent_video_decodes),
+        }
         # the same bytes (and settings) always decode to the same image or frames: repeated
         # media (the next turn of a conversation) skip decoding
         self._decoded: BytesLRU[Any] = BytesLRU(config.decoded_cache_bytes, size=_decoded_size)
@@ -118,12 +122,12 @@ class MediaLoader:
         match = _SCHEME.match(url)
         scheme = match.group(1).lower() if match else ""
         if scheme == "data":
-            return await self._in_worker(self._decode_data_url, url, what)
+            return await self._in_worker(name, self._decode_data_url, url, what)
         if scheme in ("http", "https"):
             data = await self._fetcher.fetch(url, max_bytes=what.max_bytes, what=name)
-            return await self._in_worker(self._decode, data, what)
+            return await self._in_worker(name, self._decode, data, what)
         if is_local_reference(url):
-            return await self._in_worker(self._decode_local_file, url, what)
+            return await self._in_worker(name, self._decode_local_file, url, what)
         wrong = f"{name} URL scheme '{scheme}' is not supported" if scheme else None
         raise MediaError(
             f"{wrong or f'not a valid {name} URL'} (use a data: URL, http(s): URL or allowed "
@@ -173,18 +177,14 @@ class MediaLoader:
         """Close the HTTP client; the loader must not be used afterwards."""
         await self._fetcher.aclose()
 
-    async def _in_worker(self, function: Callable[..., T], *args: object) -> T:
-        await self._decode_slots.acquire()
+    async def _in_worker(self, kind: str, function: Callable[..., T], *args: object) -> T:
+        slots = self._decode_slots[kind]
+        await slots.acquire()
         task = asyncio.ensure_future(asyncio.to_thread(function, *args))
         # A thread cannot be stopped: when our caller gives up (client gone), the decode runs on,
         # so its slot is released when the thread ends, not when the caller is cancelled.
-        task.add_done_callback(self._release_decode_slot)
+        task.add_done_callback(functools.partial(_release_decode_slot, slots))
         return await asyncio.shield(task)
-
-    def _release_decode_slot(self, task: asyncio.Future[Any]) -> None:
-        self._decode_slots.release()
-        if not task.cancelled():
-            task.exception()  # mark an abandoned task's error as seen: no "never retrieved" log
 
     def _decode_data_url(self, url: str, kind: MediaKind[T]) -> T:
         # The same URL text always parses to the same bytes: a repeated data URL skips the
@@ -222,6 +222,12 @@ def _digest(data: bytes) -> bytes:
     """The cache key of a request's media bytes: SHA-256 (hardware-accelerated on current
     CPUs: 0.6 ms for an 800 kB data URL, against 1.7 ms for BLAKE2b), on every request."""
     return hashlib.sha256(data).digest()[:16]
+
+
+def _release_decode_slot(slots: asyncio.Semaphore, task: asyncio.Future[Any]) -> None:
+    slots.release()
+    if not task.cancelled():
+        task.exception()  # mark an abandoned task's error as seen: no "never retrieved" log
 
 
 def _decoded_size(item: Any) -> int:
