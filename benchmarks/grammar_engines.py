@@ -41,6 +41,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 VOCAB = 151936  # model logits width
 EOS_IDS = [151645, 151643]  # <|im_end|>, <|endoftext|>
@@ -330,7 +331,37 @@ class XGrammarEngine:
         self.apply(logits, bitmask)
 
 
-class LLGuidanceEngine:
+class _TorchKernelApply:
+    """Mask application for the engines whose torch kernel takes no row indices: gather the
+    rows, mask, scatter back; ``eager_apply`` runs the kernel undecorated (no torch.compile)."""
+
+    eager_apply: bool
+    _eager_kernel: Any
+    _inplace: Any  # the library's apply_token_bitmask_inplace
+
+    def _init_kernel(self, kernel, inplace, eager_apply: bool) -> None:
+        self._eager_kernel = (
+            getattr(kernel, "_torchdynamo_orig_callable", None) or kernel.__wrapped__
+        )
+        self._inplace = inplace
+        self.eager_apply = eager_apply
+
+    def apply(self, logits, bitmask, indices=None):
+        if indices is not None:
+            sub = logits[indices]
+            self.apply(sub, bitmask[indices])
+            logits[indices] = sub
+            return
+        if self.eager_apply:
+            self._eager_kernel(logits, bitmask)
+        else:
+            self._inplace(logits, bitmask)
+
+    def apply_warmup(self, logits, bitmask):
+        self.apply(logits, bitmask)
+
+
+class LLGuidanceEngine(_TorchKernelApply):
     name = "llguidance"
     cache_note = "none for grammars; keep a template LLMatcher per schema and deep_copy() it"
     batch_fill_name = "LLExecutor (fill_next_token_bitmask_par)"
@@ -344,9 +375,11 @@ class LLGuidanceEngine:
         self.lt = llguidance.torch
         self.hf_tok = hf_tok
         self.version = llguidance.__version__
-        k = llguidance.torch.apply_token_bitmask_inplace_kernel
-        self._eager_kernel = getattr(k, "_torchdynamo_orig_callable", None) or k.__wrapped__
-        self.eager_apply = eager_apply
+        self._init_kernel(
+            llguidance.torch.apply_token_bitmask_inplace_kernel,
+            llguidance.torch.apply_token_bitmask_inplace,
+            eager_apply,
+        )
 
     def setup(self):
         import llguidance.hf
@@ -412,22 +445,8 @@ class LLGuidanceEngine:
     def rollback(self, m, n) -> bool:
         return m.rollback(n)
 
-    def apply(self, logits, bitmask, indices=None):
-        if indices is not None:  # no indices argument: gather, mask, scatter back
-            sub = logits[indices]
-            self.apply(sub, bitmask[indices])
-            logits[indices] = sub
-            return
-        if self.eager_apply:
-            self._eager_kernel(logits, bitmask)
-        else:
-            self.lt.apply_token_bitmask_inplace(logits, bitmask)
 
-    def apply_warmup(self, logits, bitmask):
-        self.apply(logits, bitmask)
-
-
-class OutlinesCoreEngine:
+class OutlinesCoreEngine(_TorchKernelApply):
     name = "outlines-core"
     cache_note = "none; keep Index objects in your own dict (Guide(index) is cheap)"
     batch_fill_name = None
@@ -440,9 +459,9 @@ class OutlinesCoreEngine:
         self.okt = okt
         self.hf_tok = hf_tok
         self.version = _dist_version("outlines_core")
-        k = okt._apply_token_bitmask_inplace_kernel
-        self._eager_kernel = getattr(k, "_torchdynamo_orig_callable", None) or k.__wrapped__
-        self.eager_apply = eager_apply
+        self._init_kernel(
+            okt._apply_token_bitmask_inplace_kernel, okt.apply_token_bitmask_inplace, eager_apply
+        )
 
     def setup(self):
         """outlines-core wants {token bytes: [ids]} without the EOS; byte-level BPE strings are
@@ -504,20 +523,6 @@ class OutlinesCoreEngine:
     def rollback(self, m, n) -> bool:
         m.rollback_state(n)
         return True
-
-    def apply(self, logits, bitmask, indices=None):
-        if indices is not None:
-            sub = logits[indices]
-            self.apply(sub, bitmask[indices])
-            logits[indices] = sub
-            return
-        if self.eager_apply:
-            self._eager_kernel(logits, bitmask)
-        else:
-            self.okt.apply_token_bitmask_inplace(logits, bitmask)
-
-    def apply_warmup(self, logits, bitmask):
-        self.apply(logits, bitmask)
 
 
 def _dist_version(dist: str) -> str:

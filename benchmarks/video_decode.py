@@ -25,6 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from media_decode import best_of
 
 from vlserve.testing.video import make_audio, make_clip, patch_box
 
@@ -53,15 +54,6 @@ def hostile_inputs(clip: bytes) -> list[tuple[str, bytes]]:
         ("6144x6144 H.264 frame", make_clip(6144, 6144, 1, 10, gradient=True)),
         ("4-s clip, 10 kB byte limit", clip),
     ]
-
-
-def best_of(repeats: int, function: Callable[[], object]) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def outcome(function: Callable[[], object]) -> str:

@@ -19,6 +19,7 @@ __all__ = [
     "ServerProcess",
     "free_port",
     "load_checkpoint",
+    "mutate",
     "png_data_url",
     "serve_routes",
     "start_server",
@@ -26,6 +27,15 @@ __all__ = [
 ]
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def mutate(seed: bytes, edits: list[tuple[int, int]], cut: int) -> bytes:
+    """``seed`` with each ``(position, value)`` byte edit applied (positions wrap), then cut to
+    its first ``cut`` bytes (at least one): the media fuzzers' mutation of real files."""
+    data = bytearray(seed)
+    for position, value in edits:
+        data[position % len(data)] = value
+    return bytes(data[: max(cut, 1)])
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from tests.conftest import mutate
 from vlserve.errors import MediaError
 from vlserve.media import MediaConfig, decode_image, fit_within, parse_data_url
 
@@ -362,10 +363,7 @@ _SEEDS = [
 def test_decode_fuzz_mutated_real_images(
     seed: bytes, edits: list[tuple[int, int]], cut: int
 ) -> None:
-    data = bytearray(seed)
-    for position, value in edits:
-        data[position % len(data)] = value
-    _decode_or_media_error(bytes(data[: max(cut, 1)] if cut < len(data) else data))
+    _decode_or_media_error(mutate(seed, edits, cut))
 
 
 @settings(max_examples=200, deadline=None)

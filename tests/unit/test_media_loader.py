@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from tests.conftest import mutate
 from vlserve.errors import MediaError
 from vlserve.media import MediaConfig, MediaLoader
 
@@ -347,10 +348,7 @@ def test_loader_fuzz_videos_only_media_errors() -> None:
         mime=st.sampled_from(["video/mp4", "video/webm", "video/quicktime"]),
     )
     def mutated_clips(seed: bytes, edits: list[tuple[int, int]], cut: int, mime: str) -> None:
-        data = bytearray(seed)
-        for position, value in edits:
-            data[position % len(data)] = value
-        payload = base64.b64encode(bytes(data[:cut])).decode()
+        payload = base64.b64encode(mutate(seed, edits, cut)).decode()
         loop.run_until_complete(attempt(f"data:{mime};base64,{payload}"))
 
     try:

@@ -13,6 +13,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from tests.conftest import mutate
+
 av = pytest.importorskip("av")
 
 from vlserve.errors import MediaError  # noqa: E402
@@ -276,10 +278,7 @@ def _decode_or_media_error(data: bytes) -> None:
 def test_decode_fuzz_mutated_real_videos(
     seed: bytes, edits: list[tuple[int, int]], cut: int
 ) -> None:
-    data = bytearray(seed)
-    for position, value in edits:
-        data[position % len(data)] = value
-    _decode_or_media_error(bytes(data[: max(cut, 1)] if cut < len(data) else data))
+    _decode_or_media_error(mutate(seed, edits, cut))
 
 
 @settings(max_examples=150, deadline=None)
