@@ -173,12 +173,13 @@ def decode_video(
 
 
 def _content_key(data: bytes, fps: float, frames: int, min_frames: int, config: Any) -> bytes:
-    h = hashlib.blake2b(digest_size=16)
-    h.update(
+    """What the frames are a function of. SHA-256, as the loader's keys: hardware-accelerated,
+    about 3x BLAKE2b's speed on these CPUs."""
+    h = hashlib.sha256(
         repr((float(fps), frames, min_frames, config.max_pixels, config.max_total_pixels)).encode()
     )
     h.update(data)
-    return h.digest()
+    return h.digest()[:16]
 
 
 def check_stream(info: StreamInfo, config: VideoLimits) -> None:
