@@ -12,10 +12,13 @@
 #         2. the tiny model served on CUDA in bf16, driven by `vlserve bench` at concurrency
 #            1, 8 and 32, with and without the encoder thread,
 #         3. benchmarks/gpu_realsize.py (the real 8B dimensions, random weights),
+#         4. benchmarks/prefix_cache.py at the 8B dimensions (--load-format dummy): multi-turn
+#            TTFT with and without the prefix and encoder caches,
 #       and write every result into one JSON file (--out, default device_check.json).
 #       --dry-run: the same steps on the CPU, shrunk (a subset of the exactness test, one server
-#       at concurrency 1 with 4 requests, gpu_realsize --smoke), so CI checks the script without
-#       a GPU (tests/integration/test_device_check.py).
+#       at concurrency 1 with 4 requests, gpu_realsize --smoke, the prefix cache on the tiny
+#       model with 2 conversations), so CI checks the script without a GPU
+#       (tests/integration/test_device_check.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,7 +34,7 @@ while [ $# -gt 0 ]; do
         --wheels) WHEELS="$2"; shift 2 ;;
         --out) OUT="$2"; shift 2 ;;
         --dry-run) DRY=1; shift ;;
-        -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
 done
@@ -77,8 +80,10 @@ export VLSERVE_CACHE_DIR="$WORK/cache" TOKENIZERS_PARALLELISM=false PYTHONUNBUFF
 
 if [ "$DRY" = 1 ]; then
     DEVICE=cpu; DTYPE=float32; LEVELS=(1); REQUESTS=4; K="chunked"; SMOKE=(--smoke --batches 1)
+    PREFIX=(--shapes tiny --conversations 2 --concurrency 2 --max-tokens 4)
 else
     DEVICE=cuda; DTYPE=bfloat16; LEVELS=(1 8 32); REQUESTS=64; K=""; SMOKE=()
+    PREFIX=(--shapes 8b --conversations 8 --concurrency 4)
     "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device")'
 fi
 started=$(date +%s)
@@ -125,6 +130,12 @@ timeout 420 "$PY" benchmarks/gpu_realsize.py --device "$DEVICE" ${SMOKE[@]+"${SM
 echo "${PIPESTATUS[0]}" > "$WORK/realsize.rc"
 set -e
 
+echo "== 4. prefix and encoder caches, multi-turn"
+set +e
+timeout 240 "$PY" benchmarks/prefix_cache.py --device "$DEVICE" --dtype "$DTYPE" "${PREFIX[@]}" 2>&1 | tee "$WORK/prefix.txt"
+echo "${PIPESTATUS[0]}" > "$WORK/prefix.rc"
+set -e
+
 "$PY" - "$WORK" "$OUT" "$DEVICE" "$DRY" "$(( $(date +%s) - started ))" <<'EOF'
 import json, pathlib, sys
 work, out, device, dry, seconds = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
@@ -143,9 +154,12 @@ result = {
     "bench": bench,
     "gpu_realsize": {"exit_code": int((work / "realsize.rc").read_text()),
                      "output": (work / "realsize.txt").read_text()[-4000:]},
+    "prefix_cache": {"exit_code": int((work / "prefix.rc").read_text()),
+                     "output": (work / "prefix.txt").read_text()[-3000:]},
 }
 pathlib.Path(out).write_text(json.dumps(result, indent=1))
-ok = result["exactness"]["exit_code"] == 0 and result["gpu_realsize"]["exit_code"] == 0 and bench
+codes = [result[k]["exit_code"] for k in ("exactness", "gpu_realsize", "prefix_cache")]
+ok = not any(codes) and bench
 print(f"results in {out} ({seconds} s): {'OK' if ok else 'FAILED'}")
 sys.exit(0 if ok else 1)
 EOF

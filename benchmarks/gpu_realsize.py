@@ -16,67 +16,16 @@ import argparse
 import asyncio
 import random
 import sys
+import tempfile
 import time
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-REAL_8B = {
-    "text_config": {
-        "hidden_size": 4096,
-        "intermediate_size": 12288,
-        "num_hidden_layers": 36,
-        "num_attention_heads": 32,
-        "num_key_value_heads": 8,
-        "head_dim": 128,
-        "vocab_size": 151936,
-        "max_position_embeddings": 262144,
-        "rope_theta": 5_000_000,
-        "rope_scaling": {
-            "rope_type": "default",
-            "mrope_section": [24, 20, 20],
-            "mrope_interleaved": True,
-        },
-        "rms_norm_eps": 1e-6,
-        "tie_word_embeddings": False,
-        "hidden_act": "silu",
-    },
-    "vision_config": {
-        "depth": 27,
-        "hidden_size": 1152,
-        "intermediate_size": 4304,
-        "num_heads": 16,
-        "patch_size": 16,
-        "temporal_patch_size": 2,
-        "spatial_merge_size": 2,
-        "in_channels": 3,
-        "out_hidden_size": 4096,
-        "num_position_embeddings": 2304,
-        "deepstack_visual_indexes": [8, 16, 24],
-        "hidden_act": "gelu_pytorch_tanh",
-    },
-    "image_token_id": 151655,
-    "video_token_id": 151656,
-    "vision_start_token_id": 151652,
-    "vision_end_token_id": 151653,
-    "tie_word_embeddings": False,
-}
-SMOKE = {
-    "hidden_size": 128,
-    "intermediate_size": 256,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 32,
-    "rope_scaling": {"rope_type": "default", "mrope_section": [6, 5, 5], "mrope_interleaved": True},
-}
-SMOKE_VISION = {
-    "depth": 2,
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_heads": 2,
-    "out_hidden_size": 128,
-    "deepstack_visual_indexes": [0, 1],
-}
+if TYPE_CHECKING:
+    from vlserve.engine.device import DeviceInfo
+
 MAX_TOKENS = 64
 
 
@@ -86,22 +35,17 @@ def _sync(device: torch.device) -> None:
         module.synchronize()
 
 
-def build_model(device: torch.device, dtype: torch.dtype, smoke: bool) -> torch.nn.Module:
-    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+def build_model(model_dir: Path, info: DeviceInfo) -> torch.nn.Module:
+    """Random weights of ``model_dir``'s shape, made on the device (``--load-format dummy``)."""
+    from vlserve.engine.runner import load_model
 
-    spec = {k: (dict(v) if isinstance(v, dict) else v) for k, v in REAL_8B.items()}
-    if smoke:
-        spec["text_config"].update(SMOKE)
-        spec["vision_config"].update(SMOKE_VISION)
-    config = Qwen3VLConfig(**spec)
-    config._attn_implementation = "sdpa"
     start = time.perf_counter()
-    with torch.device(device):
-        model = Qwen3VLForConditionalGeneration._from_config(config, dtype=dtype)
-    _sync(device)
+    model = load_model(str(model_dir), info, "dummy")
+    _sync(info.torch_device)
     params = sum(p.numel() for p in model.parameters())
     print(
-        f"built {params / 1e9:.2f} B parameters on {device} in {time.perf_counter() - start:.1f} s"
+        f"built {params / 1e9:.2f} B parameters on {info.torch_device} in "
+        f"{time.perf_counter() - start:.1f} s"
     )
     return model.eval()
 
@@ -177,7 +121,7 @@ def _requests(count: int, rng: random.Random):  # type: ignore[no-untyped-def]
 
 def serve_tokens_per_s(
     model,
-    tiny_dir,
+    model_dir,
     device_info,
     max_num_seqs: int,  # type: ignore[no-untyped-def]
     num_requests: int,
@@ -190,10 +134,10 @@ def serve_tokens_per_s(
     from vlserve.engine.scheduler import SchedulerConfig
 
     engine = AsyncEngine(
-        EngineConfig(str(tiny_dir), SchedulerConfig(max_num_seqs=max_num_seqs)),
+        EngineConfig(str(model_dir), SchedulerConfig(max_num_seqs=max_num_seqs)),
         device_info,
         runner_factory=lambda cache: ModelRunner(
-            tiny_dir, device_info, model=model, encoder_cache=cache
+            model_dir, device_info, model=model, encoder_cache=cache
         ),
     )
     engine.start()
@@ -230,19 +174,26 @@ def main() -> int:
     args = parser.parse_args()
 
     from vlserve.engine.device import resolve_device
-    from vlserve.testing import ensure_tiny_model
+    from vlserve.testing.tiny_model import QWEN3_VL_8B, TINY, write_model_files
 
     begin = time.perf_counter()
     info = resolve_device(args.device, args.dtype)
+    # config, processor, tokenizer and generation config (the real vocabulary); no weights
+    with tempfile.TemporaryDirectory(prefix="vlserve-realsize-") as tmp:
+        model_dir = Path(tmp)
+        write_model_files(model_dir, shape=TINY if args.smoke else QWEN3_VL_8B)
+        return measure(args, info, model_dir, begin)
+
+
+def measure(args: argparse.Namespace, info: DeviceInfo, model_dir: Path, begin: float) -> int:
     device = info.torch_device
-    tiny_dir = ensure_tiny_model()  # processor, tokenizer and generation config: the real vocab
-    model = build_model(device, info.dtype, args.smoke)
+    model = build_model(model_dir, info)
     if device.type == "cuda":
         print(f"device: {torch.cuda.get_device_name(device)}")
 
     from vlserve.engine.runner import ModelRunner
 
-    runner = ModelRunner(tiny_dir, info, model=model)
+    runner = ModelRunner(model_dir, info, model=model)
     bandwidth = copy_bandwidth(device, 64 if args.smoke else 2048)
     weight_bytes = decode_weight_bytes(model)
     floor_s = weight_bytes / bandwidth
@@ -262,9 +213,9 @@ def main() -> int:
         if time.perf_counter() - begin > args.budget_s:
             print(f"{n:>5}  skipped: past the {args.budget_s:.0f} s budget")
             continue
-        batched = serve_tokens_per_s(model, tiny_dir, info, n, n, seed=n)
+        batched = serve_tokens_per_s(model, model_dir, info, n, n, seed=n)
         if unbatched is None:  # one request at a time: the rate does not depend on the load
-            unbatched = serve_tokens_per_s(model, tiny_dir, info, 1, 4, seed=0)
+            unbatched = serve_tokens_per_s(model, model_dir, info, 1, 4, seed=0)
         print(f"{n:>5} {batched:>14.1f} {unbatched:>16.1f} {batched / unbatched:>6.2f}")
     print(f"\ntotal {time.perf_counter() - begin:.0f} s")
     return 0

@@ -29,4 +29,5 @@ PYTHONPATH=.venv-tf457 "$PY" -m pytest -q -p no:cacheprovider \
     tests/unit/test_guided.py \
     tests/integration/test_tools_scripted.py \
     tests/integration/test_video_api.py \
-    tests/integration/test_chat_api.py -k "exactness or pressure or health or images or stream_deltas or logits or hit or processor or tool or mask or never_appear or video"
+    tests/integration/test_serve_startup.py \
+    tests/integration/test_chat_api.py -k "exactness or pressure or health or images or stream_deltas or logits or hit or processor or tool or mask or never_appear or video or dummy"

@@ -16,6 +16,7 @@ class ServerConfig:
     served_model_names: tuple[str, ...] = ()  # empty: the model path is the name
     device: str = "auto"
     dtype: str = "auto"
+    load_format: str = "auto"  # dummy: random weights of the config's shape (vLLM's name)
     default_max_tokens: int = 2048
     max_n: int = 16  # choices per request
     request_timeout_s: float = 600.0
@@ -50,6 +51,8 @@ class ServerConfig:
             raise ValueError(
                 f"dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}"
             )
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
         if self.max_n < 1:
             raise ValueError("max_n must be at least 1")
         if self.default_max_tokens < 1:

@@ -37,3 +37,6 @@ def test_device_check_dry_run_writes_one_results_file(tmp_path: Path) -> None:
         result["gpu_realsize"]["exit_code"] == 0
         and "batched tok/s" in result["gpu_realsize"]["output"]
     )
+    prefix = result["prefix_cache"]
+    assert prefix["exit_code"] == 0, prefix["output"]
+    assert "identical answers with and without the caches (8 turns)  PASS" in prefix["output"]

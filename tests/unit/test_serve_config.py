@@ -71,3 +71,14 @@ def test_defaults_match_the_prototype(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     assert c.media.max_image_pixels == 2_621_440
     assert c.encoder_thread and not _config(["--no-encoder-thread"]).encoder_thread
+
+
+def test_load_format_is_auto_unless_dummy_is_asked_for() -> None:
+    assert _config(["--model", "/m"]).load_format == "auto"
+    assert _config(["--model", "/m", "--load-format", "dummy"]).load_format == "dummy"
+    with pytest.raises(SystemExit):
+        _config(["--model", "/m", "--load-format", "pt"])
+    from vlserve.config import ServerConfig
+
+    with pytest.raises(ValueError, match="load_format"):
+        ServerConfig(model_path="/m", load_format="safetensors")

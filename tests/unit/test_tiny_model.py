@@ -292,3 +292,25 @@ def test_transformers_457_loads_and_agrees(tiny_dir: Path, model: Any, processor
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["version"] == "4.57.1"
     assert result["tokens"] == greedy_tokens(model, processor)
+
+
+@pytest.mark.parametrize("name", ["SMALL", "QWEN3_VL_8B"])
+def test_other_shapes_write_a_valid_qwen3_vl(name: str, tmp_path: Path) -> None:
+    from vlserve.testing import tiny_model
+
+    shape = getattr(tiny_model, name)
+    tiny_model.write_model_files(tmp_path, shape=shape)
+    assert not (tmp_path / "model.safetensors").exists()  # served with --load-format dummy
+    config = transformers.AutoConfig.from_pretrained(tmp_path)
+    text, vision = config.text_config, config.vision_config
+    assert sum(text.rope_scaling["mrope_section"]) * 2 == text.head_dim == shape.head_dim
+    assert vision.out_hidden_size == text.hidden_size == shape.text_hidden
+    assert max(vision.deepstack_visual_indexes) < vision.depth == shape.vision_depth
+    with torch.device("meta"):
+        model = transformers.Qwen3VLForConditionalGeneration(config)
+    head = model.lm_head.weight.numel()
+    layers = sum(p.numel() for p in model.model.language_model.layers.parameters())
+    assert head == 151936 * shape.text_hidden
+    # what the shapes are for: layers against the output head, as the docs say
+    expected = {"SMALL": (0.2, 0.25), "QWEN3_VL_8B": (10, 12)}[name]
+    assert expected[0] < layers / head < expected[1]

@@ -53,6 +53,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="auto: bfloat16 on accelerators, float32 on cpu",
     )
     m.add_argument(
+        "--load-format",
+        default="auto",
+        choices=["auto", "dummy"],
+        help="dummy (vLLM's name): random weights of the shape in the model directory's "
+        "config.json, for benchmarks without a checkpoint; the directory needs no weights",
+    )
+    m.add_argument(
         "--default-max-tokens",
         type=int,
         default=2048,
@@ -226,6 +233,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         served_model_names=names,
         device=args.device,
         dtype=args.dtype,
+        load_format=args.load_format,
         default_max_tokens=args.default_max_tokens,
         max_n=args.max_n,
         request_timeout_s=args.request_timeout,
@@ -300,6 +308,7 @@ def serve(config: ServerConfig, faults: FaultInjector | None = None) -> int:
             config.scheduler,
             config.request_timeout_s,
             config.encoder_thread,
+            load_format=config.load_format,
             default_max_tokens=config.default_max_tokens,
             max_image_tokens=config.max_image_tokens_per_request,
             kv_cache_tokens=config.kv_cache_tokens,

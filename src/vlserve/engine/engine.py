@@ -47,6 +47,7 @@ class EngineConfig:
     request_timeout_s: float = 600.0
     encoder_thread: bool = True  # off: images are encoded inside the prefill
     encoder_batch_patches: int | None = None  # None: 0 (one request at a time) on CPU, else 32768
+    load_format: str = "auto"  # "dummy": random weights of config.json's shape (ModelRunner)
     default_max_tokens: int = 2048  # when a request gives none (capped by context and KV cache)
     max_image_tokens: int = 16_384  # all images of one request together
     kv_cache_tokens: int | None = None  # None: a fraction of free memory (see kv_cache_blocks)
@@ -106,7 +107,11 @@ class AsyncEngine:
         cache_bytes = config.encoder_cache_mb * 1024 * 1024
         self._runner_factory = runner_factory or (
             lambda cache: ModelRunner(
-                config.model_path, device, encoder_cache=cache, image_cache_bytes=cache_bytes
+                config.model_path,
+                device,
+                encoder_cache=cache,
+                image_cache_bytes=cache_bytes,
+                load_format=config.load_format,
             )
         )
         self._state = EngineState.LOADING

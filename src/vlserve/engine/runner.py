@@ -41,12 +41,11 @@ class ModelRunner:
         model: torch.nn.Module | None = None,
         encoder_cache: BytesLRU[ImageFeatures] | None = None,
         image_cache_bytes: int = 0,
+        load_format: str = "auto",
     ) -> None:
-        """Load from ``model_path``; or, with ``model`` (already on the device), take only the
-        processor, tokenizer and generation config from ``model_path`` (benchmarks build real-size
-        random models in memory this way)."""
-        from transformers import Qwen3VLForConditionalGeneration
-
+        """Load from ``model_path`` (``load_format``: see ``load_model``); or, with ``model``
+        (already on the device), take only the processor, tokenizer and generation config from
+        ``model_path``."""
         self.device = device
         self.model_path = str(model_path)
         processor = AutoProcessor.from_pretrained(self.model_path)
@@ -54,10 +53,7 @@ class ModelRunner:
         # prompts on another: Rust tokenizers must not be shared across threads that mutate them.
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path)
         if model is None:
-            model = Qwen3VLForConditionalGeneration.from_pretrained(
-                self.model_path, dtype=device.dtype, attn_implementation="sdpa"
-            )
-            model.to(device.torch_device)
+            model = load_model(self.model_path, device, load_format)
         self.model = model.eval()
         self.generation_config = _load_generation_config(self.model_path)
         self.eos_token_ids = _eos_ids(self.generation_config, self.tokenizer)
@@ -262,6 +258,27 @@ class ModelRunner:
             for k in range(layers)
         ]
         return embeds, mask, deepstack
+
+
+def load_model(path: str, device: DeviceInfo, load_format: str = "auto") -> torch.nn.Module:
+    """The checkpoint in ``path`` on ``device``. With ``load_format="dummy"`` (vLLM's name), random
+    weights of the shape in ``path/config.json``, made on the device itself from seed 0: a
+    real-size model without a checkpoint, and the same weights in every process that asks."""
+    from transformers import AutoConfig, Qwen3VLForConditionalGeneration
+
+    if load_format == "dummy":
+        config = AutoConfig.from_pretrained(path)
+        config._attn_implementation = "sdpa"
+        torch.manual_seed(0)
+        with torch.device(device.torch_device):
+            model = Qwen3VLForConditionalGeneration._from_config(config, dtype=device.dtype)
+        return model.to(device.dtype)  # 4.57 keeps config.json's dtype for the text layers
+    if load_format != "auto":
+        raise ValueError(f"load_format must be auto or dummy, got {load_format!r}")
+    model = Qwen3VLForConditionalGeneration.from_pretrained(
+        path, dtype=device.dtype, attn_implementation="sdpa"
+    )
+    return model.to(device.torch_device)
 
 
 def _prefill_inputs(

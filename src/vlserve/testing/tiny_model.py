@@ -1,4 +1,11 @@
-"""Build (and cache) a tiny random-weights Qwen3-VL checkpoint with the real Qwen vocabulary."""
+"""Build (and cache) a tiny random-weights Qwen3-VL checkpoint with the real Qwen vocabulary.
+
+Other shapes (``SMALL``, ``QWEN3_VL_8B``) share every file but the weights: benchmarks whose
+result depends on the model's proportions write them with ``write_model_files(shape=...)`` and
+serve them with ``--load-format dummy``. The tiny model's layers are about 1% of its 151936-row
+output head, so its step time is that head's and its vision tower is nearly free; Qwen3-VL-8B's
+layers are about 11 times its head.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -23,7 +31,38 @@ from vlserve.testing.tokenizer import (
 # Bump whenever the files written change: it is part of the cache key.
 BUILDER_VERSION = 2  # 2: the chat template renders tools, tool calls and results
 VOCAB_SIZE = 151_936
-TEXT_HIDDEN = 64
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Widths and depths of a random checkpoint; everything else (vocabulary, template,
+    processor, special tokens) is the same for every shape."""
+
+    name: str
+    text_hidden: int
+    text_layers: int
+    text_intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    mrope_section: tuple[int, int, int]  # sums to head_dim / 2
+    vision_hidden: int
+    vision_depth: int
+    vision_intermediate: int
+    vision_heads: int
+    deepstack: tuple[int, ...]  # vision layers whose outputs feed the first text layers
+
+
+TINY = ModelShape("tiny", 64, 2, 128, 4, 2, 32, (6, 5, 5), 64, 2, 128, 2, (0, 1))
+# The text layers of the issue's decode-step measurement (benchmarks/kv_memory.py builds the same
+# in memory); heads 4:1 and deepstack layers placed as in Qwen3-VL-8B (8, 16, 24 of 27). 187M
+# parameters, 156M of them the embeddings and the head.
+SMALL = ModelShape("small", 512, 8, 1024, 8, 2, 64, (12, 10, 10), 256, 8, 1024, 4, (2, 5, 7))
+# The released Qwen3-VL-8B-Instruct's dimensions.
+QWEN3_VL_8B = ModelShape(
+    "8b", 4096, 36, 12288, 32, 8, 128, (24, 20, 20), 1152, 27, 4304, 16, (8, 16, 24)
+)
+TEXT_HIDDEN = TINY.text_hidden
 DTYPES = ("bfloat16", "float32")
 # Untied head: real rows get logits of this standard deviation, so the distribution is peaked
 # (like a trained model's) and rows left at zero (no tokenizer entry, or added tokens) never win.
@@ -33,7 +72,9 @@ _INIT_STD = 0.02
 _IDS = added_token_ids()
 
 
-def tiny_config(*, tied: bool = False, dtype: str = "bfloat16") -> dict[str, Any]:
+def tiny_config(
+    *, tied: bool = False, dtype: str = "bfloat16", shape: ModelShape = TINY
+) -> dict[str, Any]:
     """``config.json`` in the legacy form (``rope_scaling`` + ``rope_theta``) both 4.57 and 5.x read."""
     text = {
         "attention_bias": False,
@@ -41,21 +82,21 @@ def tiny_config(*, tied: bool = False, dtype: str = "bfloat16") -> dict[str, Any
         "bos_token_id": _IDS["<|endoftext|>"],
         "dtype": dtype,
         "eos_token_id": _IDS["<|im_end|>"],
-        "head_dim": 32,
+        "head_dim": shape.head_dim,
         "hidden_act": "silu",
-        "hidden_size": TEXT_HIDDEN,
+        "hidden_size": shape.text_hidden,
         "initializer_range": _INIT_STD,
-        "intermediate_size": 128,
+        "intermediate_size": shape.text_intermediate,
         "max_position_embeddings": 262_144,
         "model_type": "qwen3_vl_text",
-        "num_attention_heads": 4,
-        "num_hidden_layers": 2,
-        "num_key_value_heads": 2,
+        "num_attention_heads": shape.heads,
+        "num_hidden_layers": shape.text_layers,
+        "num_key_value_heads": shape.kv_heads,
         "rms_norm_eps": 1e-6,
         # Sections sum to head_dim / 2 (t, h, w frequencies), interleaved as in the release.
         "rope_scaling": {
             "mrope_interleaved": True,
-            "mrope_section": [6, 5, 5],
+            "mrope_section": list(shape.mrope_section),
             "rope_type": "default",
         },
         "rope_theta": 5_000_000,
@@ -64,18 +105,18 @@ def tiny_config(*, tied: bool = False, dtype: str = "bfloat16") -> dict[str, Any
         "vocab_size": VOCAB_SIZE,
     }
     vision = {
-        "deepstack_visual_indexes": [0, 1],
-        "depth": 2,
+        "deepstack_visual_indexes": list(shape.deepstack),
+        "depth": shape.vision_depth,
         "hidden_act": "gelu_pytorch_tanh",
-        "hidden_size": 64,
+        "hidden_size": shape.vision_hidden,
         "in_channels": 3,
         "initializer_range": _INIT_STD,
-        "intermediate_size": 128,
+        "intermediate_size": shape.vision_intermediate,
         "model_type": "qwen3_vl",
-        "num_heads": 2,
+        "num_heads": shape.vision_heads,
         "num_position_embeddings": 2304,
         # Vision tokens are added to text embeddings: the merger must output the text width.
-        "out_hidden_size": TEXT_HIDDEN,
+        "out_hidden_size": shape.text_hidden,
         "patch_size": 16,
         "spatial_merge_size": 2,
         "temporal_patch_size": 2,
@@ -193,9 +234,11 @@ def save_weights(state: dict[str, Any], path: Path, dtype: str) -> None:
     path.chmod(0o644)
 
 
-def write_model_files(out_dir: Path, *, tied: bool = False, dtype: str = "bfloat16") -> None:
-    """Write every file of a tiny checkpoint except its weights (``model.safetensors``)."""
-    _write_json(out_dir / "config.json", tiny_config(tied=tied, dtype=dtype))
+def write_model_files(
+    out_dir: Path, *, tied: bool = False, dtype: str = "bfloat16", shape: ModelShape = TINY
+) -> None:
+    """Write every file of a checkpoint except its weights (``model.safetensors``)."""
+    _write_json(out_dir / "config.json", tiny_config(tied=tied, dtype=dtype, shape=shape))
     _write_json(out_dir / "generation_config.json", generation_config())
     for name, data in processor_configs().items():
         _write_json(out_dir / name, data)
