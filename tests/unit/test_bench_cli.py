@@ -91,6 +91,9 @@ def test_dataset_kinds() -> None:
     c = config("--dataset", "random", "--num-requests", "7", "--random-image-size", "64x32")
     assert (c.dataset.kind, c.dataset.num_random, c.load.num_requests) == ("random", 7, None)
     assert c.dataset.random_image_sizes == ((64, 32),)
+    # a warm-up draws requests of its own, after the timed ones (runner.warmup_requests)
+    c = config("--dataset", "random", "--num-requests", "7", "--warmup", "3")
+    assert (c.dataset.num_random, c.load.num_requests, c.load.warmup) == (10, 7, 3)
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,12 @@ import pytest
 
 from vlserve.bench.config import LoadConfig
 from vlserve.bench.dataset import BenchRequest
-from vlserve.bench.runner import EndpointRouter, arrival_offsets, plan_requests
+from vlserve.bench.runner import (
+    EndpointRouter,
+    arrival_offsets,
+    plan_requests,
+    warmup_requests,
+)
 
 
 def test_round_robin_is_strict_and_independent_of_ids() -> None:
@@ -81,3 +86,30 @@ def test_plan_sends_each_once_by_default_and_cycles_with_stable_unique_ids() -> 
     endless = plan_requests(requests(2), LoadConfig(duration_s=1.0))
     assert len(list(itertools.islice(endless, 100))) == 100
     assert list(plan_requests([], LoadConfig(num_requests=3))) == []
+
+
+def test_warm_up_uses_requests_the_timed_run_never_sends(caplog: pytest.LogCaptureFixture) -> None:
+    """A server's prefix and media caches must not have seen a timed request in the warm-up."""
+    data = requests(5)
+    warm = warmup_requests(data, LoadConfig(num_requests=3, warmup=2))
+    timed = [r for _, r in plan_requests(data, LoadConfig(num_requests=3))]
+    assert [r.id for r in warm] == ["q3", "q4"]
+    assert not {r.id for r in warm} & {r.id for r in timed}
+    assert "repeats timed requests" not in caplog.text
+    assert warmup_requests(data, LoadConfig(num_requests=3)) == []
+
+
+@pytest.mark.parametrize(
+    "load",
+    [
+        LoadConfig(warmup=2),  # the dataset once: all of it is timed
+        LoadConfig(num_requests=4, warmup=2),  # one spare, two wanted
+        LoadConfig(duration_s=5.0, warmup=2),  # cycled for a duration
+    ],
+)
+def test_without_a_surplus_the_warm_up_repeats_and_says_so(
+    load: LoadConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    warm = warmup_requests(requests(5), load)
+    assert len(warm) == 2
+    assert "repeats timed requests" in caplog.text

@@ -295,7 +295,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         **video_fields(args, synthetic=kind == "random"),
         random_turns=args.random_turns,
         random_followup_len=args.random_followup_len,
-        num_random=args.num_requests or 100,
+        # the warm-up's own requests come after the timed ones (runner.warmup_requests)
+        num_random=(args.num_requests or 100) + args.warmup,
         limit=args.limit,
         shuffle=args.shuffle,
         seed=args.seed,
@@ -319,7 +320,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         request_rate=args.rate_limit or args.request_rate,
         burstiness=args.burstiness,
         arrival="constant" if args.rate_limit else "poisson",
-        num_requests=None if kind == "random" else args.num_requests,
+        num_requests=_timed_count(args, kind),
         duration_s=args.duration,
         ramp_up_s=args.ramp_up,
         warmup=args.warmup,
@@ -336,6 +337,14 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     )
     retry = RetryPolicy(max_retries=args.max_retries, retry_delay_s=args.retry_delay)
     return BenchConfig(dataset=dataset, request=request, retry=retry, load=load, output=output)
+
+
+def _timed_count(args: argparse.Namespace, kind: str) -> int | None:
+    """Requests the timed run sends: ``--num-requests`` (None: the dataset once). A random
+    dataset is drawn to size, plus the warm-up's own requests, which the timed run must skip."""
+    if kind != "random":
+        return args.num_requests
+    return (args.num_requests or 100) if args.warmup else None
 
 
 def _parse_size(text: str) -> tuple[int, int]:

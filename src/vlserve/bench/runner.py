@@ -116,6 +116,29 @@ def plan_requests(
     return itertools.islice(planned, load.num_requests)
 
 
+def warmup_requests(requests: Sequence[BenchRequest], load: LoadConfig) -> list[BenchRequest]:
+    """The warm-up's ``--warmup`` requests: ones the timed run never sends (the dataset past
+    ``--num-requests``; `--dataset random` draws that many extra), so no server cache has seen a
+    timed request's prompt or images before it is timed. Without such a surplus the warm-up
+    repeats timed requests, and says so: a prefix or media cache may then favor them."""
+    count = load.warmup
+    if count == 0 or not requests:
+        return []
+    cycled = load.duration_s is not None or load.num_requests is None
+    timed = len(requests) if cycled else min(load.num_requests or 0, len(requests))
+    spare = list(requests[timed:])
+    if len(spare) >= count:
+        return spare[:count]
+    log.warning(
+        "the dataset has %d request(s) beyond the %d timed, fewer than --warmup %d: the warm-up "
+        "repeats timed requests, which a server's prefix or media caches may then answer faster",
+        len(spare),
+        timed,
+        count,
+    )
+    return list(itertools.islice(itertools.cycle([*spare, *requests[:timed]]), count))
+
+
 def pending_plan(
     requests: Sequence[BenchRequest], load: LoadConfig, done_ids: Container[str]
 ) -> Iterator[tuple[str, BenchRequest]]:
@@ -334,7 +357,7 @@ async def run_benchmark(
         turns = TurnEncoder(config.request, model, requests) if is_multi_turn(requests) else None
         bodies = {} if turns else {r.id: build_body(r, config.request, model) for r in requests}
         if config.load.warmup:
-            warm = itertools.islice(itertools.cycle(requests), config.load.warmup)
+            warm = warmup_requests(requests, config.load)
             warm_plan = ((f"warmup-{i}", r) for i, r in enumerate(warm))
             warm_results: list[RequestResult] = []
             warm_phase = _Phase(config, session, bodies, warm_results.append, turns)
