@@ -81,7 +81,9 @@ def serve_and_bench(
             # six cycles, so that the ramp (one cycle at lower concurrency) is a small part
             cycle_s = results[ramp_level]["e2el_ms"]["median"] / 1000
             n = max(requests or 0, 6 * ramp_level)
-            results["ramped"] = run(ramp_level, n, "--ramp-up", f"{cycle_s:.2f}")
+            # new images (a seed of its own): the burst run's are in the server's caches
+            seed = str(1000 + ramp_level)
+            results["ramped"] = run(ramp_level, n, "--ramp-up", f"{cycle_s:.2f}", "--seed", seed)
         return results
     finally:
         stop_server(server)
