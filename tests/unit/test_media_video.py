@@ -151,6 +151,36 @@ def test_frames_go_through_the_qwen3_vl_video_processor(tiny_model_path: Path) -
 # --- hostile input: each refused fast, with a clear MediaError -------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("rotation", "dark_edge"),
+    [(0, "left"), (-90, "top"), (90, "bottom"), (180, "right"), (270, "top")],
+)
+def test_frames_are_turned_upright_by_the_display_matrix(rotation: int, dark_edge: str) -> None:
+    """A phone's portrait clip is landscape frames plus a rotation: the model must see it as a
+    player shows it. The stored gradient runs dark (left) to bright (right)."""
+    clip = make_clip(64, 32, frames=4, gradient=True, rotation=rotation)
+    frames = decode_video(clip, LIMITS, fps=2.0).frames
+    height, width = frames.shape[1:3]
+    assert (height, width) == ((64, 32) if rotation % 180 else (32, 64))
+    grey = frames[0].mean(axis=2)
+    edges = {
+        "left": grey[:, :4].mean(),
+        "right": grey[:, -4:].mean(),
+        "top": grey[:4].mean(),
+        "bottom": grey[-4:].mean(),
+    }
+    assert min(edges, key=edges.__getitem__) == dark_edge
+
+
+def test_only_quarter_turns_are_applied() -> None:
+    from vlserve.media.video import upright
+
+    frame = np.arange(24, dtype=np.uint8).reshape(2, 4, 3)
+    assert upright(frame, 0) is frame and upright(frame, 45) is frame
+    assert upright(frame, -90).shape == (4, 2, 3)
+    assert np.array_equal(upright(frame, 180), frame[::-1, ::-1])
+
+
 def test_empty_and_oversized_data_are_refused() -> None:
     refused(b"", "video data is empty")
     refused(CLIP, f"larger than the {len(CLIP) - 1} bytes", VideoLimits(max_bytes=len(CLIP) - 1))

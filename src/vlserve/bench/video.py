@@ -55,10 +55,13 @@ def make_clip(
     gop: int | None = None,
     gradient: bool = False,
     shift: tuple[int, int, int] = (0, 0, 0),
+    rotation: int = 0,
 ) -> bytes:
     """A clip encoded in memory: flat frames at ``level(i)``, or a horizontal gradient moving
     ``_GRADIENT_STEP`` levels a frame (frames that differ everywhere, closer to real video for
-    timing), each RGB channel shifted by ``shift``. H.264 and VP9 in 4:2:0 need even sizes."""
+    timing), each RGB channel shifted by ``shift``. H.264 and VP9 in 4:2:0 need even sizes.
+    ``rotation``: the display matrix's counter-clockwise degrees (a phone's portrait video is
+    landscape frames with -90)."""
     av = require_av()
     buffer = io.BytesIO()
     with av.open(buffer, "w", format=container) as output:
@@ -69,6 +72,8 @@ def make_clip(
         stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
         if gop:
             stream.codec_context.gop_size = gop
+        if rotation:
+            stream.set_display_rotation(rotation)
         ramp = [int(k * 255 / (width - 1)) if width > 1 else 0 for k in range(width)]
         for i in range(frames):
             if gradient:

@@ -315,8 +315,18 @@ def _read_frames(
             decoded += 1
             last = frame
         rgb = reformatter.reformat(last, size[0], size[1], "rgb24", interpolation="AREA")
-        frames.append(rgb.to_ndarray())
+        frames.append(upright(rgb.to_ndarray(), last.rotation))
     return frames, decoded
+
+
+def upright(frame: np.ndarray, rotation: int) -> np.ndarray:
+    """``frame`` as players show it: turned by its display matrix's ``rotation`` (degrees
+    counter-clockwise; phones store portrait video as landscape frames and -90). Quarter turns
+    only, as FFmpeg's autorotate; any other angle is left as stored."""
+    turns = round(rotation / 90)
+    if turns % 4 == 0 or abs(rotation - 90 * turns) > 2:
+        return frame
+    return np.ascontiguousarray(np.rot90(frame, turns % 4))  # rot90: counter-clockwise
 
 
 def _frames(
