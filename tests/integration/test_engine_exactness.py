@@ -51,15 +51,17 @@ def _video(
     size: tuple[int, int] | None = None,
     frames: int | None = None,
     moving: bool | None = None,
+    shift: tuple[int, int, int] = (0, 0, 0),
 ):  # type: ignore[no-untyped-def]
-    """A decoded clip: flat frames or a moving gradient (same size, different content)."""
+    """A decoded clip: flat frames or a moving gradient (same size, different content), the
+    gradient's channels shifted by ``shift``."""
     from vlserve.media.video import VideoLimits, decode_video
     from vlserve.testing.video import make_clip
 
     size = size or rng.choice(CLIP_SIZES)
     frames = frames or rng.choice(CLIP_FRAMES)
     moving = rng.random() < 0.5 if moving is None else moving
-    data = make_clip(size[0], size[1], frames=frames, fps=10, gradient=moving)
+    data = make_clip(size[0], size[1], frames=frames, fps=10, gradient=moving, shift=shift)
     return decode_video(data, VideoLimits(), fps=2.0)
 
 
@@ -114,11 +116,13 @@ def _swap_images(rng: random.Random, messages: list[dict]) -> list[dict]:
 def _swap(rng: random.Random, part: dict) -> dict:
     if part["type"] == "image":
         return {"type": "image", "image": _image(rng, part["image"].size)}
-    if part["type"] == "video":  # same size and frame times, the other content
+    if part["type"] == "video":  # same size and frame times, other content
         old = part["video"]
         size = (old.frames.shape[2], old.frames.shape[1])
-        moving = bool(old.frames[0].std() > 0)
-        return {"type": "video", "video": _video(rng, size, old.total_num_frames, not moving)}
+        # a gradient shifted at random: unlike any fresh clip (flat, or unshifted) and unlike
+        # another swap of the same prompt (two equal swaps would rightly hit each other's blocks)
+        shift = (rng.randrange(1, 256), rng.randrange(256), rng.randrange(256))
+        return {"type": "video", "video": _video(rng, size, old.total_num_frames, True, shift)}
     return part
 
 
