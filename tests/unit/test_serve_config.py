@@ -82,3 +82,10 @@ def test_load_format_is_auto_unless_dummy_is_asked_for() -> None:
 
     with pytest.raises(ValueError, match="load_format"):
         ServerConfig(model_path="/m", load_format="safetensors")
+
+
+def test_media_flag_defaults_are_media_config_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vlserve.media.config import MediaConfig
+
+    monkeypatch.delenv("MAX_IMAGE_PIXELS", raising=False)
+    assert _config(["--model", "/m"]).media == MediaConfig()

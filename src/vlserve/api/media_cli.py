@@ -9,6 +9,7 @@ import os
 from vlserve.media.config import MediaConfig
 
 MODALITIES = ("image", "video")
+_DEFAULT = MediaConfig()  # the flags' defaults are its defaults, never a second copy
 
 
 def add_media_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,12 +21,14 @@ def _add_image_arguments(i: argparse._ArgumentGroup) -> None:
     i.add_argument(
         "--max-image-pixels",
         type=int,
-        default=int(os.environ.get("MAX_IMAGE_PIXELS") or 2621440),
+        default=int(os.environ.get("MAX_IMAGE_PIXELS") or _DEFAULT.max_image_pixels),
         help="larger images are downsized to this many pixels (env MAX_IMAGE_PIXELS)",
     )
-    i.add_argument("--max-images-per-request", type=int, default=16)
-    i.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024)
-    i.add_argument("--image-fetch-timeout", type=float, default=10.0, metavar="SECONDS")
+    i.add_argument("--max-images-per-request", type=int, default=_DEFAULT.max_images_per_request)
+    i.add_argument("--max-image-bytes", type=int, default=_DEFAULT.max_image_bytes)
+    i.add_argument(
+        "--image-fetch-timeout", type=float, default=_DEFAULT.fetch_timeout_s, metavar="SECONDS"
+    )
     i.add_argument(
         "--allowed-local-media-path",
         default=None,
@@ -51,22 +54,32 @@ def _add_video_arguments(v: argparse._ArgumentGroup) -> None:
     v.add_argument(
         "--max-video-frames",
         type=int,
-        default=64,
+        default=_DEFAULT.max_video_frames,
         help="frames sampled per video at most (the default of mm_processor_kwargs.max_frames, "
         "and its cap)",
     )
-    v.add_argument("--max-video-seconds", type=float, default=3600.0, help="longer videos get 400")
+    v.add_argument(
+        "--max-video-seconds",
+        type=float,
+        default=_DEFAULT.max_video_seconds,
+        help="longer videos get 400",
+    )
     v.add_argument(
         "--max-video-bytes",
         type=int,
-        default=64 * 1024 * 1024,
+        default=_DEFAULT.max_video_bytes,
         help="encoded size of one video (data URL, HTTP body or local file)",
     )
-    v.add_argument("--max-videos-per-request", type=int, default=4, help="0 turns video inputs off")
+    v.add_argument(
+        "--max-videos-per-request",
+        type=int,
+        default=_DEFAULT.max_videos_per_request,
+        help="0 turns video inputs off",
+    )
     v.add_argument(
         "--video-pixel-budget",
         type=int,
-        default=25_165_824,
+        default=_DEFAULT.video_pixel_budget,
         metavar="PIXELS",
         help="sampled frames x pixels of all of a request's videos together, split evenly "
         "among them; frames are downsized to fit",
