@@ -15,6 +15,16 @@ _torch_spec() {
     fi
 }
 
+_check_disk() {
+    # Fail early and say why when the disk cannot take the install (x86_64 torch is ~5.5 GB).
+    local free_gb
+    free_gb="$(df -Pk "$1" | awk 'NR == 2 { print int($4 / 1048576) }')"
+    if [ "$free_gb" -lt "$2" ]; then
+        echo "[vlserve] only ${free_gb} GB free under $1; installing torch needs about $2 GB" >&2
+        return 1
+    fi
+}
+
 ensure_venv() {
     if [ ! -x "$PY" ]; then
         echo "[vlserve] creating $VENV"
@@ -25,6 +35,7 @@ ensure_venv() {
     have="$(cat "$VENV/.vlserve-stamp" 2>/dev/null || true)"
     if [ "$want" != "$have" ]; then
         if ! "$PY" -c "import torch, torchvision" 2>/dev/null; then
+            _check_disk "$VENV" 7
             echo "[vlserve] installing $(_torch_spec)"
             # shellcheck disable=SC2046
             "$PY" -m pip install -q $(_torch_spec)
