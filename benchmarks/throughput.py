@@ -12,14 +12,20 @@ image, max_tokens 64 with ignore_eos, at several concurrencies, against:
 Prints output tokens/s, requests/s, TTFT and end-to-end p50/p99, and the ratios against the
 targets of issue 3. Concurrency 8 runs twice on the batched server: with all users starting at
 once (they then stay in step, so every request arrives in a burst of 8) and with the users spread
-over one request cycle (`vlserve bench --ramp-up`), the steady state the TTFT target is about. Timings on a shared 2-core machine are noisy: compare ratios within one run.
+over one request cycle (`vlserve bench --ramp-up`), the steady state the TTFT target is about.
 
-    .venv/bin/python benchmarks/throughput.py [--concurrency 1 8 32] [--requests N]
+Timings on a shared 2-core machine are noisy, and noise only ever slows a run down. So the batched
+server, the previous engine, the in-process engine and generate run in interleaved rounds
+(`--rounds`, default 3), each round on new images, and each is reported by its best round, the
+same rule for all; every round's figure is printed too. The unbatched server runs one round.
+
+    .venv/bin/python benchmarks/throughput.py [--concurrency 1 8 32] [--requests N] [--rounds R]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import shlex
@@ -27,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from _baseline import BASELINE_REV, worktree_src
@@ -36,57 +43,55 @@ IMAGE = "448x448"
 INPUT_LEN = 16
 
 
-def bench(base_url: str, model: str, concurrency: int, out: Path, *load: str) -> dict:
-    """Run `vlserve bench` (closed loop, random 448x448 images) and return its summary."""
+def bench(
+    base_url: str, model: str, concurrency: int, out: Path, *load: str, seed: int | None = None
+) -> dict:
+    """Run `vlserve bench` (closed loop, random 448x448 images; ``seed`` picks them, default the
+    concurrency) and return its summary."""
     name = out / f"c{concurrency}-{len(list(out.glob('*.summary.json')))}"
     cmd = [
         sys.executable, "-m", "vlserve", "bench", "--url", base_url, "--model", model,
         "--dataset", "random", "--random-images", "1", "--random-image-size", IMAGE,
         "--random-input-len", str(INPUT_LEN), "--max-concurrency", str(concurrency),
         "--max-tokens", str(MAX_TOKENS), "--ignore-eos", "--temperature", "0",
-        "--seed", str(concurrency), "--output", f"{name}.jsonl", "--summary",
+        "--seed", str(concurrency if seed is None else seed), "--output", f"{name}.jsonl", "--summary",
         f"{name}.summary.json", "--no-plots", "--no-progress", "--log-level", "WARNING", *load,
     ]  # fmt: skip
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return json.loads(Path(f"{name}.summary.json").read_text())
 
 
-def serve_and_bench(
-    model_path: Path,
-    label: str,
-    extra: list[str],
-    levels: list[int],
-    requests: int | None,
-    workdir: Path,
-    ramp_level: int | None = None,
-    src: Path | None = None,
-) -> dict[int | str, dict]:
-    """Each level with all users starting at once; then ``ramp_level`` again with its users
-    spread over one request cycle (`--ramp-up` = that level's E2E p50), under key "ramped".
-    ``src``: serve that source tree's vlserve (the previous engine) instead of this one."""
-    from vlserve.testing.server import start_server, stop_server
+class Served:
+    """A `vlserve serve` process (``src``: that source tree's vlserve, the previous engine) and
+    closed-loop runs against it."""
 
-    env = {"PYTHONPATH": str(src)} if src is not None else None
-    server = start_server(model_path, workdir / label, *extra, env=env)
+    def __init__(
+        self, model_path: Path, label: str, extra: list[str], workdir: Path, src: Path | None = None
+    ) -> None:
+        from vlserve.testing.server import start_server
 
-    def run(c: int, n: int, *load: str) -> dict:
+        self.workdir = workdir / label
+        env = {"PYTHONPATH": str(src)} if src is not None else None
+        self.server = start_server(model_path, self.workdir, *extra, env=env)
+
+    def run(self, c: int, n: int, seed: int, *load: str) -> dict:
         return bench(
-            server.base_url, server.model, c, workdir / label,
-            "--num-requests", str(n), "--warmup", str(min(c, 4)), *load,
+            self.server.base_url, self.server.model, c, self.workdir,
+            "--num-requests", str(n), "--warmup", str(min(c, 4)), *load, seed=seed,
         )  # fmt: skip
 
-    try:
-        results: dict[int | str, dict] = {c: run(c, requests or max(16, 2 * c)) for c in levels}
-        if ramp_level in results:
-            # six cycles, so that the ramp (one cycle at lower concurrency) is a small part
-            cycle_s = results[ramp_level]["e2el_ms"]["median"] / 1000
-            n = max(requests or 0, 6 * ramp_level)
-            # new images (a seed of its own): the burst run's are in the server's caches
-            seed = str(1000 + ramp_level)
-            results["ramped"] = run(ramp_level, n, "--ramp-up", f"{cycle_s:.2f}", "--seed", seed)
-        return results
-    finally:
-        stop_server(server)
+    def ramped(self, c: int, burst: dict, requests: int | None) -> dict:
+        """Level ``c`` again with its users spread over one request cycle (`--ramp-up` = the
+        burst run's E2E p50), for six cycles so that the ramp is a small part; new images (a seed
+        of its own), as the burst run's are in the server's caches."""
+        cycle_s = burst["e2el_ms"]["median"] / 1000
+        n = max(requests or 0, 6 * c)
+        return self.run(c, n, 1000 + c, "--ramp-up", f"{cycle_s:.2f}")
+
+    def close(self) -> None:
+        from vlserve.testing.server import stop_server
+
+        stop_server(self.server)
 
 
 def _rss_kib(pid: int) -> tuple[int, int]:
@@ -146,51 +151,40 @@ def soak(
         )
 
 
-def ceiling(model_path: Path, levels: list[int]) -> dict[int, float]:
-    """Output tokens/s of processor + generate on left-padded batches (fp32, CPU)."""
-    import torch
-    import transformers
-    from PIL import Image
-    from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
+class Generate:
+    """Processor + ``model.generate`` on left-padded batches (fp32, CPU), one after the other."""
 
-    from vlserve.bench.synthetic import random_text
+    def __init__(self, model_path: Path) -> None:
+        import torch
+        import transformers
+        from transformers import AutoProcessor, Qwen3VLForConditionalGeneration
 
-    processor = AutoProcessor.from_pretrained(model_path)
-    processor.tokenizer.padding_side = "left"
-    model = Qwen3VLForConditionalGeneration.from_pretrained(model_path, dtype=torch.float32).eval()
-    rng = random.Random(0)
-    padding = (
-        {"processor_kwargs": {"padding": True}}
-        if int(transformers.__version__.split(".")[0]) >= 5
-        else {"padding": True}
-    )
+        self.processor = AutoProcessor.from_pretrained(model_path)
+        self.processor.tokenizer.padding_side = "left"
+        self.model = Qwen3VLForConditionalGeneration.from_pretrained(
+            model_path, dtype=torch.float32
+        ).eval()
+        self.rng = random.Random(0)
+        major = int(transformers.__version__.split(".")[0])
+        self.padding = {"processor_kwargs": {"padding": True}} if major >= 5 else {"padding": True}
+        self.run(2)  # warm up
 
-    def run(batch: int) -> float:
-        conversations = []
-        for _ in range(batch):
-            image = Image.frombytes("RGB", (448, 448), rng.randbytes(448 * 448 * 3))
-            conversations.append(
-                [
-                    {
-                        "role": "user",
-                        "content": [
-                            {"type": "image", "image": image},
-                            {"type": "text", "text": random_text(INPUT_LEN, rng)},
-                        ],
-                    }
-                ]
-            )
+    def run(self, batch: int) -> float:
+        """Output tokens/s of one batch of ``batch`` new requests."""
+        import torch
+
+        conversations = [[{"role": "user", "content": _parts(self.rng)}] for _ in range(batch)]
         start = time.perf_counter()
-        inputs = processor.apply_chat_template(
+        inputs = self.processor.apply_chat_template(
             conversations,
             tokenize=True,
             add_generation_prompt=True,
             return_dict=True,
             return_tensors="pt",
-            **padding,
+            **self.padding,
         )
         with torch.inference_mode():
-            out = model.generate(
+            out = self.model.generate(
                 **inputs,
                 max_new_tokens=MAX_TOKENS,
                 min_new_tokens=MAX_TOKENS,
@@ -203,64 +197,71 @@ def ceiling(model_path: Path, levels: list[int]) -> dict[int, float]:
         assert out.shape[1] - inputs["input_ids"].shape[1] == MAX_TOKENS
         return batch * MAX_TOKENS / elapsed
 
-    run(2)  # warm up
-    return {c: max(run(c) for _ in range(2)) for c in levels}
 
-
-def in_process(model_path: Path, levels: list[int], requests: int | None) -> dict[int, float]:
-    """Output tokens/s of the same closed loop through ``AsyncEngine.generate`` in this process:
-    no HTTP, no media decoding, no JSON; images built before timing."""
-    import asyncio
-
-    import torch
+def _parts(rng: random.Random) -> list[dict]:
+    """One request's content: a random 448x448 image (built untimed) and ~16 random words."""
     from PIL import Image
 
     from vlserve.bench.synthetic import random_text
-    from vlserve.engine.device import DeviceInfo
-    from vlserve.engine.engine import AsyncEngine, EngineConfig
-    from vlserve.engine.prompt import ChatPrompt
-    from vlserve.engine.request import SamplingParams
-    from vlserve.engine.scheduler import SchedulerConfig
 
-    engine = AsyncEngine(
-        EngineConfig(str(model_path), SchedulerConfig(max_num_seqs=32)),
-        DeviceInfo("cpu", torch.float32),
-    )
-    engine.start()
-    rng = random.Random(1)
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+    image = Image.frombytes("RGB", (448, 448), rng.randbytes(448 * 448 * 3))
+    return [
+        {"type": "image", "image": image},
+        {"type": "text", "text": random_text(INPUT_LEN, rng)},
+    ]
 
-    def prompt() -> ChatPrompt:
-        image = Image.frombytes("RGB", (448, 448), rng.randbytes(448 * 448 * 3))
-        text = random_text(INPUT_LEN, rng)
-        parts = [{"type": "image", "image": image}, {"type": "text", "text": text}]
-        return ChatPrompt([{"role": "user", "content": parts}])
 
-    async def level(c: int) -> float:
-        n = requests or max(16, 2 * c)
-        prompts = [prompt() for _ in range(n)]
+class InProcess:
+    """The same closed loop through ``AsyncEngine.generate`` in this process: no HTTP, no media
+    decoding, no JSON; images built before timing."""
+
+    def __init__(self, model_path: Path) -> None:
+        import asyncio
+
+        import torch
+
+        from vlserve.engine.device import DeviceInfo
+        from vlserve.engine.engine import AsyncEngine, EngineConfig
+        from vlserve.engine.request import SamplingParams
+        from vlserve.engine.scheduler import SchedulerConfig
+
+        self.engine = AsyncEngine(
+            EngineConfig(str(model_path), SchedulerConfig(max_num_seqs=32)),
+            DeviceInfo("cpu", torch.float32),
+        )
+        self.engine.start()
+        self.rng = random.Random(1)
+        self.params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True)
+        self.runs = 0
+        asyncio.run(self.engine.wait_ready())
+        self.run(1, 4)  # warm up
+
+    def run(self, c: int, n: int) -> float:
+        """Output tokens/s of ``n`` new requests from ``c`` users in a closed loop."""
+        import asyncio
+
+        from vlserve.engine.prompt import ChatPrompt
+
+        prompts = [ChatPrompt([{"role": "user", "content": _parts(self.rng)}]) for _ in range(n)]
+        self.runs += 1
         tokens = 0
 
         async def user(k: int) -> None:
             nonlocal tokens
             for i in range(k, n, c):
-                stream = await engine.generate(prompts[i], params, f"c{c}-{i}")
-                async for event in stream:
+                request_id = f"r{self.runs}-{i}"
+                async for event in await self.engine.generate(prompts[i], self.params, request_id):
                     tokens += len(event.token_ids)
 
-        start = time.perf_counter()
-        await asyncio.gather(*(user(k) for k in range(c)))
-        return tokens / (time.perf_counter() - start)
+        async def level() -> float:
+            start = time.perf_counter()
+            await asyncio.gather(*(user(k) for k in range(c)))
+            return tokens / (time.perf_counter() - start)
 
-    async def main() -> dict[int, float]:
-        await engine.wait_ready()
-        await level(min(levels))  # warm up
-        return {c: await level(c) for c in levels}
+        return asyncio.run(level())
 
-    try:
-        return asyncio.run(main())
-    finally:
-        engine.shutdown()
+    def close(self) -> None:
+        self.engine.shutdown()
 
 
 def _row(label: str, c: int, s: dict) -> str:
@@ -304,6 +305,13 @@ def main() -> int:
         default="",
         help="extra `vlserve serve` flags for both servers (one string)",
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="interleaved rounds of the batched server, previous engine, in-process engine and "
+        "generate; each is reported by its best round (default 3)",
+    )
     args = parser.parse_args()
 
     from vlserve.testing import ensure_tiny_model
@@ -314,46 +322,72 @@ def main() -> int:
         work = Path(tmp)
         extra = shlex.split(args.server_args)
         seqs = ["--max-num-seqs", str(args.max_num_seqs), *extra]
-        batched = serve_and_bench(
-            model_path, "batched", seqs, levels, args.requests, work, ramp_level=8
-        )
-        unbatched = serve_and_bench(
-            model_path, "unbatched", ["--max-num-seqs", "1", *extra], levels, args.requests, work
-        )
-        previous = (
-            serve_and_bench(
-                model_path,
-                "previous",
-                seqs,
-                levels,
-                args.requests,
-                work,
-                src=worktree_src(args.baseline_rev),
-            )  # fmt: skip
-            if args.baseline_rev
-            else {}
-        )
-        _report(
-            levels,
-            batched,
-            unbatched,
-            previous,
-            ceiling(model_path, levels),
-            in_process(model_path, levels, args.requests),
-        )
+        runs, ramped = interleaved(model_path, work, seqs, levels, args)
+        unbatched = Served(model_path, "unbatched", ["--max-num-seqs", "1", *extra], work)
+        try:
+            single = {c: unbatched.run(c, _requests(args, c), c) for c in levels}
+        finally:
+            unbatched.close()
+        _report(levels, runs, ramped, single)
         if args.soak_s > 0:
             soak(model_path, args.soak_s, levels[-1], args.max_num_seqs, work)
     return 0
 
 
+def _requests(args: argparse.Namespace, c: int) -> int:
+    return args.requests or max(16, 2 * c)
+
+
+Result = dict | float  # a served run's `vlserve bench` summary, or an in-process run's tok/s
+
+
+def _tok(result: Result) -> float:
+    return result if isinstance(result, float) else result["output_token_throughput"]
+
+
+def interleaved(
+    model_path: Path, work: Path, seqs: list[str], levels: list[int], args: argparse.Namespace
+) -> tuple[dict[str, dict[int, list[Result]]], dict | None]:
+    """Every contender at every level, round after round (each round on new images); then the
+    batched server's c=8 with its users spread. Returns each contender's runs by level."""
+    with contextlib.ExitStack() as stack:
+        batched = Served(model_path, "batched", seqs, work)
+        stack.callback(batched.close)
+        contenders: dict[str, Callable[[int, int], Result]] = {
+            "batched": lambda c, r: batched.run(c, _requests(args, c), c + 100 * r)
+        }
+        if args.baseline_rev:
+            src = worktree_src(args.baseline_rev)
+            previous = Served(model_path, "previous", seqs, work, src=src)
+            stack.callback(previous.close)
+            contenders["previous"] = lambda c, r: previous.run(c, _requests(args, c), c + 100 * r)
+        engine = InProcess(model_path)
+        stack.callback(engine.close)
+        contenders["engine"] = lambda c, r: engine.run(c, _requests(args, c))
+        generate = Generate(model_path)
+        contenders["generate"] = lambda c, r: generate.run(c)
+        runs: dict[str, dict[int, list[Result]]] = {
+            name: {c: [] for c in levels} for name in contenders
+        }
+        for r in range(args.rounds):
+            for c in levels:
+                for name, run in contenders.items():
+                    runs[name][c].append(run(c, r))
+        ramped = None
+        if 8 in levels:
+            ramped = batched.ramped(8, max(runs["batched"][8], key=_tok), args.requests)  # type: ignore[arg-type]
+        return runs, ramped
+
+
 def _report(
     levels: list[int],
-    batched: dict[int | str, dict],
-    unbatched: dict[int | str, dict],
-    previous: dict[int | str, dict],
-    ceil: dict[int, float],
-    engine: dict[int, float],
+    runs: dict[str, dict[int, list[Result]]],
+    ramped: dict | None,
+    unbatched: dict[int, dict],
 ) -> None:
+    best = {name: {c: max(rs, key=_tok) for c, rs in by.items()} for name, by in runs.items()}
+    batched, previous = best["batched"], best.get("previous", {})
+    ceil, engine = best["generate"], best["engine"]
     print(
         f"\nrequests: one {IMAGE} image + ~{INPUT_LEN} words, max_tokens {MAX_TOKENS}, "
         "ignore_eos, greedy, streaming; tiny Qwen3-VL, fp32, CPU"
@@ -364,38 +398,43 @@ def _report(
     )
     for label, table in (("batched", batched), ("unbatched", unbatched), ("previous", previous)):
         for c in levels if table else ():
-            print(_row(label, c, table[c]))
-    if "ramped" in batched:
-        print(_row("ramped", 8, batched["ramped"]) + "   (users spread over one cycle)")
+            print(_row(label, c, table[c]))  # type: ignore[arg-type]
+    if ramped is not None:
+        print(_row("ramped", 8, ramped) + "   (users spread over one cycle)")
     for c in levels:
         print(
             f"{'generate':<10} {c:>4} {ceil[c]:>10.1f}   (processor + generate, one after the other)"
         )
     for c in levels:
         print(f"{'engine':<10} {c:>4} {engine[c]:>10.1f}   (AsyncEngine in-process, no HTTP/media)")
+    print("\nrounds, interleaved (output tok/s; each row above is its best):")
+    for name, by_level in runs.items():
+        for c, results in by_level.items():
+            print(f"  {name:<10} {c:>4}  " + " / ".join(f"{_tok(x):.0f}" for x in results))
+
     top, low = levels[-1], levels[0]
-    tok = batched[top]["output_token_throughput"]
+    tok = _tok(batched[top])
     print("\nratios:")
     print(
         _verdict(
-            f"c={top}: batched / unbatched output tok/s",
-            tok / unbatched[top]["output_token_throughput"],
+            f"c={top}: batched / unbatched (one round) tok/s",
+            tok / _tok(unbatched[top]),
             4.0,
         )
     )
     print(_verdict(f"c={top}: batched / in-process generate", tok / ceil[top], 0.70))
     print(_verdict(f"c={top}: served / in-process engine", tok / engine[top], 0.90))
     if previous:
-        old = previous[top]["output_token_throughput"]
+        old = _tok(previous[top])
         print(_verdict(f"c={top}: batched / previous engine, same run", tok / old, 1.0))
     if low == 1:
-        single = batched[1]["output_token_throughput"] / ceil[1]
+        single = _tok(batched[1]) / ceil[1]
         print(_verdict("c=1: served / in-process generate (batch 1)", single, 1.0))
-    if "ramped" in batched and low != 8:
+    if ramped is not None and low != 8:
         base = batched[low]["ttft_ms"]["median"]
-        ramped = batched["ramped"]["ttft_ms"]["median"] / base
+        spread = ramped["ttft_ms"]["median"] / base
         print(
-            _verdict(f"TTFT p50 c=8 / c={low}, users spread", ramped, 2.0, higher_is_better=False)
+            _verdict(f"TTFT p50 c=8 / c={low}, users spread", spread, 2.0, higher_is_better=False)
         )
         at_once = batched[8]["ttft_ms"]["median"] / base
         print(
