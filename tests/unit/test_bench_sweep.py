@@ -9,7 +9,7 @@ import pytest
 
 from vlserve.bench import cli
 from vlserve.bench.client import RequestResult
-from vlserve.bench.config import SweepConfig
+from vlserve.bench.config import BenchConfig, SweepConfig
 from vlserve.bench.sweep import RatePoint, best_point, drive, keep_up_ratio, next_rate, passes
 
 
@@ -143,3 +143,21 @@ def test_sweep_flags() -> None:
 def test_bad_sweep_flags_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.run(sweep_args(*argv)) == 2
     assert "vlserve bench: error:" in capsys.readouterr().err
+
+
+def _texts(config: BenchConfig, rate: float) -> list[str]:
+    from vlserve.bench.sweep import rate_dataset
+
+    return [str(r.messages) for r in rate_dataset(config, rate).requests]
+
+
+def test_each_rate_draws_its_own_synthetic_requests_the_same_on_resume() -> None:
+    """A caching server must not answer one rate from what an earlier rate sent."""
+    config = cli.config_from_args(
+        sweep_args("--dataset", "random", "--random-input-len", "8", "--num-requests", "5")
+    )
+    first, second = _texts(config, 2.0), _texts(config, 4.0)
+    assert len(first) == len(second) == 5
+    assert not set(first) & set(second)
+    assert _texts(config, 2.0) == first  # a resumed sweep draws the same again
+    assert _texts(config, 2.00001) == first  # the rate as named in files and on resume

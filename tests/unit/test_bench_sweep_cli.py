@@ -46,6 +46,7 @@ def test_sweep_writes_table_and_files_and_resumes(stub: StubProcess, tmp_path: P
     first = sweep(stub, tmp_path, "20,40")
     assert table_rates(first.stdout) == ["20.00", "40.00"]
     assert "Highest passing rate" in first.stdout
+    assert "every rate sends the same 6 requests" in first.stderr  # files: no fresh data per rate
     assert stub.stats()["num_requests"] == 12
     out = tmp_path / "out"
     summary = json.loads((out / "run.sweep.json").read_text())

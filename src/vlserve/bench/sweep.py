@@ -13,6 +13,12 @@ so a resumed sweep asks for the same rates again and finds them done:
    failing one is within ``precision`` of the passing one;
 3. never more than ``max_runs`` runs.
 
+Each rate sends requests no earlier rate sent, where it can: ``--dataset random`` is drawn anew for
+each rate, from a seed of that rate's own (so a resumed sweep draws the same again). Otherwise a
+server's prefix and media caches would answer later rates partly from what earlier rates sent,
+and its capacity would look higher than it is. A dataset from files is the same at every rate,
+and the sweep says so.
+
 A rate passes when at least 90% of its requests succeed, the server keeps up (``keep_up_ratio``
 at least ``KEEP_UP``: past saturation completions stop growing with arrivals) and, with
 ``--goodput``, at least ``slo_attainment`` of the requests meet every SLO.
@@ -251,11 +257,17 @@ def point_record(
     return record
 
 
+def rate_dataset(config: BenchConfig, rate: float) -> Dataset:
+    """The synthetic dataset of the run at ``rate``: drawn from a seed of that rate's own."""
+    offset = int.from_bytes(hashlib.sha256(rate_key(rate).encode()).digest()[:4], "big")
+    return load_dataset(dataclasses.replace(config.dataset, seed=config.dataset.seed + offset))
+
+
 def measure(
-    config: BenchConfig, dataset: Dataset, rate: float, paths: SweepPaths, fingerprint: str
+    config: BenchConfig, dataset: Dataset | None, rate: float, paths: SweepPaths, fingerprint: str
 ) -> dict[str, Any] | None:
-    """One run at ``rate`` from scratch (a rate's numbers come from one uninterrupted run);
-    None when interrupted."""
+    """One run at ``rate`` from scratch (a rate's numbers come from one uninterrupted run) of
+    ``dataset``, or with None of the rate's own synthetic one; None when interrupted."""
     out = config.output
     rate_config = dataclasses.replace(
         config,
@@ -269,7 +281,8 @@ def measure(
         ),
     )
     log.info("sweep: offered rate %s req/s -> %s", rate_key(rate), rate_config.output.results_path)
-    report = run_dataset(rate_config, dataset, print_table=False)
+    requests = dataset if dataset is not None else rate_dataset(config, rate)
+    report = run_dataset(rate_config, requests, print_table=False)
     if report.exit_code == 130 or report.summary is None or report.outcome is None:
         return None
     keep_up = keep_up_ratio(report.outcome.results)
@@ -302,10 +315,18 @@ def sweep_summary(
 def run_sweep(config: BenchConfig, sweep: SweepConfig) -> int:
     """``vlserve bench --sweep``: 0 when some rate passed, 1 when none did (or no data), 130 when
     interrupted."""
-    dataset = load_dataset(config.dataset)
-    if not dataset.requests:
-        log.error("no requests to send (%d line(s) skipped)", len(dataset.issues))
-        return 1
+    dataset = None  # synthetic: drawn for each rate
+    if config.dataset.kind != "random":
+        dataset = load_dataset(config.dataset)
+        if not dataset.requests:
+            log.error("no requests to send (%d line(s) skipped)", len(dataset.issues))
+            return 1
+        log.warning(
+            "every rate sends the same %d requests: a server with prefix or media caches may "
+            "answer later rates partly from earlier ones (restart it between rates, or use "
+            "--dataset random, which is drawn anew for each rate)",
+            len(dataset.requests),
+        )
     paths = SweepPaths.of(config.output)
     fingerprint = workload_fingerprint(config)
     done = load_done(paths.lines, fingerprint) if config.output.resume else {}
