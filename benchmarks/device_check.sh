@@ -80,7 +80,7 @@ export VLSERVE_CACHE_DIR="$WORK/cache" TOKENIZERS_PARALLELISM=false PYTHONUNBUFF
 
 if [ "$DRY" = 1 ]; then
     DEVICE=cpu; DTYPE=float32; LEVELS=(1); REQUESTS=4; K="chunked"; SMOKE=(--smoke --batches 1)
-    PREFIX=(--shapes tiny --conversations 2 --concurrency 2 --max-tokens 4)
+    PREFIX=(--shapes tiny --conversations 2 --rounds 1 --concurrency 2 --max-tokens 4)
 else
     DEVICE=cuda; DTYPE=bfloat16; LEVELS=(1 8 32); REQUESTS=64; K=""; SMOKE=()
     PREFIX=(--shapes 8b --conversations 8 --concurrency 4)

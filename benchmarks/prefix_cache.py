@@ -2,10 +2,12 @@
 with and without the prefix and encoder caches.
 
 A closed loop (`vlserve bench --random-turns 4`, streaming, greedy, ignore_eos) against a random
-model served twice: with the defaults, and with `--no-prefix-cache --encoder-cache-mb 0`. Each
-turn carries the whole history (the same image, the server's real answers). Prints TTFT p50 and
-p99 per turn index for both servers and the cached / uncached ratio of turns 2-4 (target
-<= 0.25), and checks that both servers gave identical answers.
+model served twice at once: with the defaults, and with `--no-prefix-cache --encoder-cache-mb 0`.
+Each turn carries the whole history (the same image, the server's real answers). The two servers
+take turns, round by round (``--rounds``, each on new images), so that a slow minute of a shared
+machine falls on both. Prints TTFT p50 and p99 per turn index over all rounds for both servers and
+the cached / uncached ratio of turns 2-4 (target <= 0.25), and checks that both servers gave
+identical answers.
 
 The ratio depends on the model's proportions, so ``--shapes`` runs several (in order):
 - ``tiny``, the test checkpoint: its layers are 1% of its 151936-row output head, so a turn's
@@ -16,49 +18,44 @@ The ratio depends on the model's proportions, so ``--shapes`` runs several (in o
 ``small`` and ``8b`` are served with ``--load-format dummy`` (random weights, no checkpoint).
 
     .venv/bin/python benchmarks/prefix_cache.py [--shapes tiny,small] [--device cpu]
-        [--conversations 12] [--concurrency 4] [--max-tokens 32]
+        [--conversations 8] [--rounds 2] [--concurrency 4] [--max-tokens 32]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vlserve.testing.server import ServerProcess
 
 TURNS = 4
 
 
-def run(
-    model_path: Path, label: str, flags: list[str], args: argparse.Namespace, work: Path
-) -> tuple[dict, dict[str, str]]:
-    from vlserve.testing.server import start_server, stop_server
-
-    server = start_server(model_path, work / label, *flags, timeout_s=900)
-    out = work / f"{label}.jsonl"
-    try:
-        cmd = [
-            sys.executable, "-m", "vlserve", "bench", "--url", server.base_url,
-            "--model", server.model, "--dataset", "random", "--random-turns", str(TURNS),
-            "--random-images", "1", "--random-image-size", args.image_size,
-            "--random-input-len", "16", "--random-followup-len", "16",
-            "--num-requests", str(args.conversations), "--max-concurrency", str(args.concurrency),
-            "--max-tokens", str(args.max_tokens), "--ignore-eos", "--temperature", "0",
-            "--seed", "0", "--output", str(out), "--summary", f"{out}.summary.json",
-            "--no-plots", "--no-progress", "--log-level", "WARNING",
-        ]  # fmt: skip
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    finally:
-        stop_server(server)
-    summary = json.loads(Path(f"{out}.summary.json").read_text())
-    answers = {}
-    for line in out.read_text().splitlines():
-        row = json.loads(line)
-        if row.get("success"):
-            answers[row["request_id"]] = row.get("response") or ""
-    return summary, answers
+def bench_rows(
+    server: ServerProcess, label: str, seed: int, args: argparse.Namespace, work: Path
+) -> list[dict]:
+    """One round: ``args.conversations`` conversations (images and words drawn from ``seed``)
+    against ``server``; returns its result rows."""
+    out = work / f"{label}-{seed}.jsonl"
+    cmd = [
+        sys.executable, "-m", "vlserve", "bench", "--url", server.base_url,
+        "--model", server.model, "--dataset", "random", "--random-turns", str(TURNS),
+        "--random-images", "1", "--random-image-size", args.image_size,
+        "--random-input-len", "16", "--random-followup-len", "16",
+        "--num-requests", str(args.conversations), "--max-concurrency", str(args.concurrency),
+        "--max-tokens", str(args.max_tokens), "--ignore-eos", "--temperature", "0",
+        "--seed", str(seed), "--output", str(out), "--no-plots", "--no-progress",
+        "--log-level", "WARNING",
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return [json.loads(line) for line in out.read_text().splitlines()]
 
 
 def main() -> int:
@@ -66,7 +63,13 @@ def main() -> int:
     parser.add_argument("--shapes", default="tiny,small", help="tiny, small, 8b; in order")
     parser.add_argument("--device", default="cpu", help="the servers' --device")
     parser.add_argument("--dtype", default="auto", help="the servers' --dtype")
-    parser.add_argument("--conversations", type=int, default=12)
+    parser.add_argument("--conversations", type=int, default=8, help="per round")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="rounds, alternating between the two servers, each on new images (default 2)",
+    )
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--image-size", default="448x448", help="WxH of the conversation's image")
@@ -96,35 +99,67 @@ def main() -> int:
 def compare(
     model_path: Path, shape: str, flags: list[str], args: argparse.Namespace, work: Path
 ) -> bool:
-    """Serve one model with and without the caches; print the table; True if answers agree."""
-    cached, cached_answers = run(model_path, "cached", flags, args, work)
-    cold, cold_answers = run(
-        model_path, "uncached", [*flags, "--no-prefix-cache", "--encoder-cache-mb", "0"], args, work
-    )
+    """Serve one model with and without the caches, in alternating rounds; print the table;
+    True if the answers agree."""
+    from vlserve.testing.server import start_server, stop_server
+
+    uncached = [*flags, "--no-prefix-cache", "--encoder-cache-mb", "0"]
+    rows: dict[str, list[dict]] = {"cached": [], "uncached": []}
+    servers: list[ServerProcess] = []
+    try:
+        for label, extra in (("cached", flags), ("uncached", uncached)):
+            servers.append(start_server(model_path, work / label, *extra, timeout_s=900))
+        for seed in range(args.rounds):
+            for label, server in zip(rows, servers, strict=True):
+                rows[label] += [
+                    {**row, "round": seed} for row in bench_rows(server, label, seed, args, work)
+                ]
+    finally:
+        for server in servers:
+            stop_server(server)
+    total = args.rounds * args.conversations
     print(
-        f"\n{args.conversations} conversations of {TURNS} turns about one {args.image_size} image, "
-        f"concurrency {args.concurrency}, max_tokens {args.max_tokens}; {shape} random Qwen3-VL on "
-        f"{args.device} ({args.dtype})"
+        f"\n{total} conversations ({args.rounds} rounds, alternating) of {TURNS} turns about one "
+        f"{args.image_size} image, concurrency {args.concurrency}, max_tokens {args.max_tokens}; "
+        f"{shape} random Qwen3-VL on {args.device} ({args.dtype})"
     )
     print(
         f"{'turn':>4} {'prompt tok':>10} {'cached p50':>11} {'p99':>7} {'uncached p50':>13} {'p99':>7} {'ratio':>6}   (TTFT ms)"
     )
     ratios = []
-    for warm, cool in zip(cached["turns"], cold["turns"], strict=True):
-        turn = warm["turn"] + 1
-        ratio = warm["ttft_ms"]["median"] / cool["ttft_ms"]["median"]
-        if turn > 1:
+    for turn in range(TURNS):
+        warm, cool = (_ttfts(rows[label], turn) for label in ("cached", "uncached"))
+        ratio = _pct(warm, 50) / _pct(cool, 50)
+        if turn > 0:
             ratios.append(ratio)
-        prompt = warm.get("prompt_tokens_mean") or 0
+        prompts = [r["prompt_tokens"] for r in rows["cached"] if r.get("turn") == turn]
+        prompt = statistics.mean(p for p in prompts if p) if any(prompts) else 0
         print(
-            f"{turn:>4} {prompt:>10.0f} {warm['ttft_ms']['median']:>11.1f} {warm['ttft_ms']['p99']:>7.1f} "
-            f"{cool['ttft_ms']['median']:>13.1f} {cool['ttft_ms']['p99']:>7.1f} {ratio:>6.2f}"
+            f"{turn + 1:>4} {prompt:>10.0f} {_pct(warm, 50):>11.1f} {_pct(warm, 99):>7.1f} "
+            f"{_pct(cool, 50):>13.1f} {_pct(cool, 99):>7.1f} {ratio:>6.2f}"
         )  # fmt: skip
     worst = max(ratios)
     print(f"  turns 2-{TURNS}: cached / uncached TTFT p50, worst turn  {worst:.2f}  (target <= 0.25)  {'PASS' if worst <= 0.25 else 'MISS'}")  # fmt: skip
-    same = cached_answers == cold_answers and len(cached_answers) == args.conversations * TURNS
-    print(f"  identical answers with and without the caches ({len(cached_answers)} turns)  {'PASS' if same else 'FAIL'}")  # fmt: skip
+    answers = {label: _answers(rows[label]) for label in rows}
+    same = answers["cached"] == answers["uncached"] and len(answers["cached"]) == total * TURNS
+    print(f"  identical answers with and without the caches ({len(answers['cached'])} turns)  {'PASS' if same else 'FAIL'}")  # fmt: skip
     return same
+
+
+def _ttfts(rows: list[dict], turn: int) -> list[float]:
+    return [r["ttft_ms"] for r in rows if r.get("turn") == turn and r.get("success")]
+
+
+def _pct(values: list[float], q: float) -> float:
+    from vlserve.bench.metrics import percentile
+
+    return percentile(sorted(values), q) if values else float("nan")
+
+
+def _answers(rows: list[dict]) -> dict[tuple[int, str], str]:
+    return {
+        (r["round"], r["request_id"]): r.get("response") or "" for r in rows if r.get("success")
+    }
 
 
 if __name__ == "__main__":
