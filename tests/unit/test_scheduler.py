@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field
 
 import pytest
@@ -137,8 +138,10 @@ def test_a_long_prompt_is_chunked_and_interleaved_with_decode_steps() -> None:
     assert _run_prefill(s) == ["huge"] and huge.num_cached_tokens == 10  # the first chunk
     s.add(_seq("a", 6, first=100))
     s.add(_seq("b", 30, first=200))
-    # the chunked prompt takes half the budget while others wait; "a" fits in the rest
-    assert _run_prefill(s) == ["huge", "a"] and huge.num_cached_tokens == 15
+    # two newcomers wait: the chunk narrows to 10 // 3 tokens to leave them room; "a" takes
+    # 6 (its width is 5, but a chunk never stops one short of a prompt's end); "b" would pad
+    # a third row to 6
+    assert _run_prefill(s) == ["huge", "a"] and huge.num_cached_tokens == 13
     assert _decode(s) == ["a"]  # a chunk ran: the running rows' turn
     assert _run_prefill(s) == ["huge", "b"]  # b is chunked too: 5 of its 30 tokens
     steps = 0
@@ -149,15 +152,62 @@ def test_a_long_prompt_is_chunked_and_interleaved_with_decode_steps() -> None:
     assert huge.num_cached_tokens == 40 and steps < 20
 
 
-def test_short_prompts_share_one_prefill_step() -> None:
+def test_a_prefill_step_is_budgeted_as_padded_rows() -> None:
+    """A prefill batch is right-padded to its longest row: 3 rows of 4 cost 12 positions."""
     s = _sched(max_prefill_tokens=10)
     for name, first in (("a", 0), ("b", 100), ("c", 200)):
         s.add(_seq(name, 4, first=first))
-    assert _run_prefill(s) == ["a", "b", "c"]  # 12 tokens: the last one chunked...
-    assert [q.num_cached_tokens for q in s.running] == [4, 4, 2]
-    assert _decode(s) == ["a", "b"]  # a chunk ran: the others decode, c waits a step
-    assert _run_prefill(s) == ["c"]
+    assert _run_prefill(s) == ["a", "b"]  # 2 x 4; a third row would make 3 x 4 > 10
+    assert _run_prefill(s) == ["c"]  # no chunk is in progress: the newcomer goes first
     assert _decode(s) == ["a", "b", "c"]
+    s = _sched(max_prefill_tokens=64)
+    s.add(_seq("long", 60))
+    s.add(_seq("short", 4, first=500))
+    assert _run_prefill(s) == ["long"]  # beside 60 tokens, "short" would cost 2 x 60
+
+
+def test_short_newcomers_beside_a_long_prompt_start_in_one_step() -> None:
+    s = _sched(max_prefill_tokens=64, max_num_seqs=16, blocks=256)
+    huge = _seq("huge", 400)
+    s.add(huge)
+    assert _run_prefill(s) == ["huge"] and huge.num_cached_tokens == 64
+    names = [f"s{i}" for i in range(7)]
+    for i, name in enumerate(names):
+        s.add(_seq(name, 6, first=1000 + 100 * i))
+    plan = s.schedule()
+    # the chunk narrows to 64 // 8 tokens and all seven join it: 8 rows x 8 positions
+    assert [q.request_id for q in plan.seqs] == ["huge", *names]
+    widths = [(q.chunk_end or q.num_tokens) - q.num_cached_tokens for q in plan.seqs]
+    assert widths == [8] + [6] * 7
+
+
+def test_every_prefill_step_fits_its_padded_budget_and_everyone_finishes() -> None:
+    rng = random.Random(5)
+    for budget in (8, 16, 64):
+        s = _sched(blocks=400, max_prefill_tokens=budget, max_num_seqs=6)
+        seqs = []
+        for step in range(400):
+            if step < 150 and rng.random() < 0.3:
+                seq = _seq(f"r{step}", rng.choice([2, 5, 9, 30, 120]), first=1000 * step)
+                seq.max_new = rng.randint(1, 6)
+                seqs.append(seq)
+                s.add(seq)
+            if not s.has_work():
+                continue
+            plan = s.schedule()
+            if plan.is_prefill:
+                widths = [(q.chunk_end or q.num_tokens) - q.num_cached_tokens for q in plan.seqs]
+                # a row takes one token past its width rather than leave only its last token
+                assert len(widths) * (max(widths) - 1) <= budget, widths
+            for seq in plan.seqs:
+                end = (seq.chunk_end or seq.num_tokens) if plan.is_prefill else seq.num_tokens
+                seq.chunk_end = None
+                s.blocks.commit(seq, end)
+                if end == seq.num_tokens:
+                    seq.token_ids.append(7)
+                    if len(seq.token_ids) - seq.num_prompt_tokens >= seq.max_new:
+                        s.finish(seq)
+        assert not s.has_work() and all(q.status is SequenceStatus.FINISHED for q in seqs)
 
 
 def test_queue_limit_gives_overloaded() -> None:

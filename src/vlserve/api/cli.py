@@ -131,7 +131,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-prefill-tokens",
         type=int,
         default=None,
-        help="prompt tokens computed in one prefill step; longer prompts are prefilled in "
+        help="token positions computed in one prefill step (rows x the longest row's new "
+        "tokens: a batch is padded to its longest row); longer prompts are prefilled in "
         "chunks, interleaved with decode steps, so nobody waits for a whole long prompt "
         "(default: 2048 on CPU, 8192 on accelerators)",
     )
