@@ -183,10 +183,12 @@ def test_short_newcomers_beside_a_long_prompt_start_in_one_step() -> None:
 
 def test_every_prefill_step_fits_its_padded_budget_and_everyone_finishes() -> None:
     rng = random.Random(5)
-    for budget in (8, 16, 64):
-        s = _sched(blocks=400, max_prefill_tokens=budget, max_num_seqs=6)
+    for budget, blocks in ((2, 400), (8, 400), (16, 400), (64, 400), (16, 40)):
+        s = _sched(blocks=blocks, max_prefill_tokens=budget, max_num_seqs=6)
         seqs = []
-        for step in range(400):
+        for step in range(20_000):  # arrivals for 150 steps, then until everyone is done
+            if step >= 150 and not s.has_work():
+                break
             if step < 150 and rng.random() < 0.3:
                 seq = _seq(f"r{step}", rng.choice([2, 5, 9, 30, 120]), first=1000 * step)
                 seq.max_new = rng.randint(1, 6)

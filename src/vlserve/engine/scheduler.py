@@ -140,7 +140,8 @@ class Scheduler(Generic[S]):
         cfg = self.config
         budget = cfg.max_prefill_tokens or DEVICE_PREFILL_TOKENS
         joining = min(len(self.waiting), max(cfg.max_num_seqs - len(self.running), 0))
-        share = budget // (1 + joining)  # of a prompt being chunked, while newcomers wait
+        # of a prompt being chunked, while newcomers wait (at least a token: it always moves on)
+        share = max(budget // (1 + joining), 1)
         planned: list[S] = []
         longest = 0  # new tokens of the widest row planned: every row is padded to it
         for seq in partial:
