@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -315,18 +316,46 @@ def _read_frames(
             decoded += 1
             last = frame
         rgb = reformatter.reformat(last, size[0], size[1], "rgb24", interpolation="AREA")
-        frames.append(upright(rgb.to_ndarray(), last.rotation))
+        frames.append(upright(rgb.to_ndarray(), *orientation(last)))
     return frames, decoded
 
 
-def upright(frame: np.ndarray, rotation: int) -> np.ndarray:
-    """``frame`` as players show it: turned by its display matrix's ``rotation`` (degrees
-    counter-clockwise; phones store portrait video as landscape frames and -90). Quarter turns
-    only, as FFmpeg's autorotate; any other angle is left as stored."""
-    turns = round(rotation / 90)
-    if turns % 4 == 0 or abs(rotation - 90 * turns) > 2:
+# The display matrix's rotation part (signs of a, b, c, d) -> quarter turns counter-clockwise
+_QUARTER_TURNS = {(1, 0, 0, 1): 0, (0, -1, 1, 0): 1, (-1, 0, 0, -1): 2, (0, 1, -1, 0): 3}
+
+
+def orientation(frame: Any) -> tuple[int, bool]:
+    """How players show a decoded frame, as FFmpeg's autorotate does: ``(turns, mirrored)``,
+    turn it ``turns`` quarter turns counter-clockwise, then mirror it left to right. From the
+    display matrix in its side data (phones store portrait video as landscape frames and -90;
+    a front camera may store a mirror); only quarter turns and mirrors, any other matrix is
+    left as stored. Without the matrix bytes (older PyAV), its rotation angle alone."""
+    matrix = next(
+        (bytes(d) for d in frame.side_data if getattr(d.type, "name", "") == "DISPLAYMATRIX"),
+        None,
+    )
+    if matrix is None or len(matrix) != 36:
+        rotation = frame.rotation or 0
+        turns = round(rotation / 90)
+        return (turns % 4, False) if abs(rotation - 90 * turns) <= 2 else (0, False)
+    values = struct.unpack("<9i", matrix)
+    entries = [values[i] / 65536 for i in (0, 1, 3, 4)]  # a, b, c, d: 16.16 fixed point
+    a, b, c, d = signs = tuple(round(x) for x in entries)
+    if any(abs(x - s) > 0.02 for x, s in zip(entries, signs, strict=True)):
+        return 0, False
+    # a mirror after the rotation negates the matrix's first column: undo it to read the turns
+    mirrored = a * d - b * c < 0
+    turns = _QUARTER_TURNS.get((-a, b, -c, d) if mirrored else signs)
+    return (0, False) if turns is None else (turns, mirrored)
+
+
+def upright(frame: np.ndarray, turns: int, mirrored: bool = False) -> np.ndarray:
+    """``frame`` (rows, columns, channels) turned ``turns`` quarter turns counter-clockwise,
+    then mirrored left to right; the frame itself when neither."""
+    if turns % 4 == 0 and not mirrored:
         return frame
-    return np.ascontiguousarray(np.rot90(frame, turns % 4))  # rot90: counter-clockwise
+    out = np.rot90(frame, turns % 4)  # counter-clockwise
+    return np.ascontiguousarray(out[:, ::-1] if mirrored else out)
 
 
 def _frames(
