@@ -182,37 +182,20 @@ def test_only_quarter_turns_are_applied() -> None:
     assert np.array_equal(upright(frame, 0, mirrored=True), frame[:, ::-1])
 
 
-def _marked_clip(rotation: int, hflip: bool, vflip: bool) -> tuple[bytes, np.ndarray]:
-    """A 64x32 clip, black with a white block in its top-left corner, whose display matrix turns
-    it ``rotation`` degrees counter-clockwise, then mirrors it (FFmpeg's and PyAV's meaning);
-    and the frame as a player shows it, built from that meaning with numpy."""
-    import av
-
-    stored = np.zeros((32, 64, 3), np.uint8)
-    stored[:8, :16] = 255
-    buffer = io.BytesIO()
-    with av.open(buffer, "w", format="mp4") as output:
-        stream = output.add_stream("libx264", rate=10, options={"preset": "ultrafast"})
-        stream.width, stream.height, stream.pix_fmt = 64, 32, "yuv420p"
-        stream.set_display_rotation(rotation, hflip=hflip, vflip=vflip)
-        for _ in range(4):
-            for packet in stream.encode(av.VideoFrame.from_ndarray(stored, format="rgb24")):
-                output.mux(packet)
-        for packet in stream.encode():
-            output.mux(packet)
-    shown = np.rot90(stored, rotation // 90)
-    shown = shown[:, ::-1] if hflip else shown
-    return buffer.getvalue(), shown[::-1] if vflip else shown
-
-
 @pytest.mark.parametrize("rotation", [0, 90, 180, 270])
 @pytest.mark.parametrize(("hflip", "vflip"), [(False, False), (True, False), (False, True)])
 def test_mirrored_display_matrices_are_applied_after_the_turn(
     rotation: int, hflip: bool, vflip: bool
 ) -> None:
     """A front camera may store a mirror image: a player mirrors it back. All eight orientations
-    (vflip is hflip after another half turn); the white corner must land where it is shown."""
-    clip, shown = _marked_clip(rotation, hflip, vflip)
+    (vflip is hflip after another half turn), against the matrix's meaning (turn the stored frame
+    counter-clockwise, then mirror it) applied with numpy; the white corner shows where."""
+    stored = decode_video(make_clip(64, 32, frames=4, corner=True), LIMITS, fps=2.0).frames[0]
+    assert stored[:6, :14].mean() > 200 and stored[10:, 20:].mean() < 100  # the corner shows
+    shown = np.rot90(stored, rotation // 90)
+    shown = shown[:, ::-1] if hflip else shown
+    shown = shown[::-1] if vflip else shown
+    clip = make_clip(64, 32, frames=4, corner=True, rotation=rotation, hflip=hflip, vflip=vflip)
     frame = decode_video(clip, LIMITS, fps=2.0).frames[0]
     assert frame.shape == shown.shape
     assert np.abs(frame.astype(int) - shown.astype(int)).mean() < 8  # codec noise only

@@ -56,12 +56,16 @@ def make_clip(
     gradient: bool = False,
     shift: tuple[int, int, int] = (0, 0, 0),
     rotation: int = 0,
+    hflip: bool = False,
+    vflip: bool = False,
+    corner: bool = False,
 ) -> bytes:
     """A clip encoded in memory: flat frames at ``level(i)``, or a horizontal gradient moving
     ``_GRADIENT_STEP`` levels a frame (frames that differ everywhere, closer to real video for
     timing), each RGB channel shifted by ``shift``. H.264 and VP9 in 4:2:0 need even sizes.
     ``rotation``: the display matrix's counter-clockwise degrees (a phone's portrait video is
-    landscape frames with -90)."""
+    landscape frames with -90), then ``hflip`` / ``vflip`` mirrors (FFmpeg's meaning); ``corner``
+    whitens the top-left quarter of each frame, to see where a player shows it."""
     av = require_av()
     buffer = io.BytesIO()
     with av.open(buffer, "w", format=container) as output:
@@ -72,8 +76,8 @@ def make_clip(
         stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
         if gop:
             stream.codec_context.gop_size = gop
-        if rotation:
-            stream.set_display_rotation(rotation)
+        if rotation or hflip or vflip:
+            stream.set_display_rotation(rotation, hflip=hflip, vflip=vflip)
         ramp = [int(k * 255 / (width - 1)) if width > 1 else 0 for k in range(width)]
         for i in range(frames):
             if gradient:
@@ -86,6 +90,10 @@ def make_clip(
                 rgba = pixels * height
             else:
                 rgba = bytes((level(i),) * 3 + (255,)) * (width * height)
+            if corner:
+                row, white = 4 * width, 4 * (width // 4)
+                top = b"\xff" * white + rgba[white:row]
+                rgba = top * (height // 4) + rgba[row * (height // 4) :]
             # rgba: the one packed RGB format PyAV builds a frame from bytes in
             frame = av.VideoFrame.from_bytes(rgba, width, height, format="rgba")
             for packet in stream.encode(frame):
