@@ -314,6 +314,10 @@ def main() -> int:
     )
     args = parser.parse_args()
 
+    from vlserve.engine import openmp
+
+    # what `vlserve serve` applies, here for the in-process rows and every server started below
+    openmp.apply_defaults()
     from vlserve.testing import ensure_tiny_model
 
     model_path = ensure_tiny_model()

@@ -286,6 +286,9 @@ def run(args: argparse.Namespace) -> int:
 
 def serve(config: ServerConfig, faults: FaultInjector | None = None) -> int:
     """Run the server until SIGINT/SIGTERM (exit 0) or a fatal engine error (exit 1)."""
+    from vlserve.engine import openmp
+
+    openmp.apply_defaults()  # before anything below imports torch
     import uvicorn
 
     from vlserve.api.app import begin_drain, create_app
