@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -218,6 +219,12 @@ def test_request_ids(hard: ServerProcess) -> None:
     ids = {_chat(hard).headers["x-request-id"] for _ in range(2)}
     assert len(ids) == 2
     assert httpx.get(hard.base_url + "/nope").headers["x-request-id"]
+
+
+def test_startup_log_names_the_openmp_wait_policy(hard: ServerProcess) -> None:
+    # `vlserve serve` sets OMP_WAIT_POLICY=PASSIVE before torch loads unless the user set it
+    expected = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+    assert f"dtype float32, OMP_WAIT_POLICY={expected}\n" in hard.log_path.read_text()
 
 
 def test_log_line_per_request(hard: ServerProcess) -> None:

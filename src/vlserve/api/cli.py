@@ -303,7 +303,7 @@ def serve(config: ServerConfig, faults: FaultInjector | None = None) -> int:
     except DeviceUnavailableError as exc:
         log.error("%s", exc.message)
         return 3
-    log.info("device %s, dtype %s", device.type, device.dtype_name)
+    log.info("device %s, dtype %s, %s", device.type, device.dtype_name, openmp.describe())
     fatal: list[BaseException] = []
     metrics = Metrics()
     engine = AsyncEngine(

@@ -27,3 +27,8 @@ def apply_defaults() -> None:
         log.debug("torch is already loaded: %s would not take effect", ", ".join(unset))
         return
     os.environ.update(unset)
+
+
+def describe() -> str:
+    """The settings in effect, for the startup log: ``OMP_WAIT_POLICY=PASSIVE``."""
+    return " ".join(f"{k}={os.environ.get(k, '(unset)')}" for k in DEFAULTS)
