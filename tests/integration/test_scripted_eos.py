@@ -16,6 +16,7 @@ import pytest
 from tests.conftest import ServerProcess, png_data_url, start_server, stop_server
 from vlserve.testing.scripted_model import (
     DEFAULT_SCRIPT_IDS,
+    EOS_ID,
     INCOMPLETE_UTF8_SCRIPT_IDS,
     decode_script,
     ensure_scripted_model,
@@ -86,6 +87,35 @@ def test_ignore_eos_and_max_tokens_still_end_with_length(scripted: ServerProcess
     assert finish == "length" and usage.completion_tokens == len(DEFAULT_SCRIPT_IDS) + 4  # type: ignore[attr-defined]
     text, finish, _ = _chat(scripted, False, max_tokens=5)
     assert finish == "length" and text == decode_script(DEFAULT_SCRIPT_IDS[:5])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_logit_bias_bans_and_forces_tokens(scripted: ServerProcess, stream: bool) -> None:
+    """The script wins each step by about 64 logits: -100 takes a token out, +100 puts one in."""
+    script = decode_script(DEFAULT_SCRIPT_IDS)
+    extra = len(DEFAULT_SCRIPT_IDS) + 3
+    # EOS banned: the script, then no end until max_tokens
+    text, finish, usage = _chat(scripted, stream, max_tokens=extra, logit_bias={str(EOS_ID): -100})
+    assert text.startswith(script) and len(text) > len(script) and finish == "length"
+    assert usage.completion_tokens == extra  # type: ignore[attr-defined]
+    # the first script token banned: the answer starts otherwise
+    first = {str(DEFAULT_SCRIPT_IDS[0]): -100}
+    text, _, _ = _chat(scripted, stream, max_tokens=1, logit_bias=first)
+    assert text != decode_script(DEFAULT_SCRIPT_IDS[:1])
+    # a token forced: every step, sampled or greedy
+    forced = DEFAULT_SCRIPT_IDS[1]
+    for temperature in (0, 1.0):
+        text, finish, _ = _chat(
+            scripted, stream, max_tokens=3, logit_bias={str(forced): 100}, temperature=temperature
+        )
+        assert text == decode_script((forced,) * 3) and finish == "length"
+
+
+def test_logit_bias_outside_the_vocabulary_is_a_400(scripted: ServerProcess) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        _chat(scripted, False, max_tokens=1, logit_bias={"151936": -100})
+    assert info.value.body["param"] == "logit_bias"  # type: ignore[index]
+    assert "keys are token ids from 0 to 151935" in info.value.body["message"]  # type: ignore[index]
 
 
 def test_a_prefix_cache_hit_gives_the_same_answer(scripted: ServerProcess) -> None:

@@ -112,13 +112,46 @@ def test_stop_and_stop_token_ids() -> None:
         ({"n": 3}, "n"),  # above max_n=2
         ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true
         ({"logprobs": False, "top_logprobs": 2}, "top_logprobs"),
-        ({"logit_bias": {"1": 2.0}}, "logit_bias"),
     ],
 )
 def test_unsupported_values_are_refused_by_name(fields: dict, param: str) -> None:
     with pytest.raises(InvalidRequestError) as info:
         check_supported(_req(**fields), max_n=2)
     assert info.value.param == param
+
+
+def test_logit_bias_reaches_the_sampling_params_as_sorted_pairs() -> None:
+    sp = _sp(_req(logit_bias={"999": -100, "0": 100.0, "7": 0.5}))
+    assert sp.logit_bias == ((0, 100.0), (7, 0.5), (999, -100.0))
+    assert _sp(_req()).logit_bias == () and _sp(_req(logit_bias={})).logit_bias == ()
+
+
+@pytest.mark.parametrize(
+    ("bias", "words"),
+    [
+        ({"1000": 1.0}, "Invalid key in 'logit_bias': '1000'; keys are token ids from 0 to 999"),
+        ({"-1": 1.0}, "'-1'"),
+        ({"007": 1.0}, "'007'"),  # "7" and "007" would name one token
+        ({"1e2": 1.0}, "'1e2'"),
+        ({"٣": 1.0}, "keys are token ids"),  # a digit, but not ASCII
+        ({"9" * 5000: 1.0}, "..."),  # no int() of thousands of digits
+        ({"5": 100.5}, "Invalid value in 'logit_bias' for token 5: 100.5; biases are from -100"),
+        ({"5": -101}, "for token 5: -101"),
+    ],
+)
+def test_bad_logit_bias_is_a_400_naming_it(bias: dict, words: str) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        _sp(_req(logit_bias=bias))
+    assert info.value.param == "logit_bias" and words in info.value.message
+
+
+def test_logit_bias_entries_nan_and_types_are_checked_by_the_schema() -> None:
+    from pydantic import ValidationError
+
+    _req(logit_bias={str(i): 1.0 for i in range(300)})  # OpenAI's limit
+    for bad in ({str(i): 1.0 for i in range(301)}, {"1": float("nan")}, {"1": "2"}, [1, 2]):
+        with pytest.raises(ValidationError):
+            _req(logit_bias=bad)
 
 
 def test_n_logprobs_and_formats_reach_the_sampling_params() -> None:

@@ -88,6 +88,25 @@ def test_presence_and_frequency_penalties_count_output_only() -> None:
     assert out.tolist() == [[0.0, -2.0, -1.5, 0.0]]
 
 
+def test_logit_bias_is_added_before_the_repetition_penalty() -> None:
+    # vLLM's order: (4 + 2) / 2 = 3 for the seen token 1, not 4 / 2 + 2 = 4
+    s = _state(prompt=(1,), temperature=0, repetition_penalty=2.0, logit_bias=((1, 2.0), (3, -5.0)))
+    out = apply_penalties(torch.tensor([[1.0, 4.0, -1.0, 3.0]]), [s])
+    assert out.tolist() == [[1.0, 3.0, -1.0, -2.0]]
+
+
+def test_logit_bias_steers_its_rows_only_greedy_sampled_and_in_logprobs() -> None:
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]] * 3)
+    banned = _state(temperature=0, logit_bias=((0, -100.0),), logprobs=1)
+    forced = _state(temperature=1.0, seed=3, logit_bias=((3, 100.0),))
+    plain = _state(temperature=0)
+    tokens, logprobs = sample(logits.clone(), [banned, forced, plain])
+    assert tokens == [1, 3, 0]
+    expected = torch.log_softmax(torch.tensor([-97.0, 2.0, 1.0, 0.0]), -1)
+    assert logprobs[0] == (expected[1].item(), [1], [expected[1].item()])
+    assert apply_penalties(logits, [plain] * 3) is logits  # no bias, no penalty: no copy
+
+
 def test_sample_updates_penalty_state_incrementally() -> None:
     s = _state(temperature=0, frequency_penalty=10.0)
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0]])

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from vlserve.api.protocol import MAX_STOP_STRINGS, ChatCompletionRequest
-from vlserve.engine.request import Guide, SamplingParams
+from vlserve.engine.request import MAX_LOGIT_BIAS, Guide, SamplingParams
 from vlserve.errors import InvalidRequestError
 
 MIN_TEMPERATURE = 1e-5  # below: greedy, as in vLLM
@@ -48,8 +48,6 @@ def check_supported(req: ChatCompletionRequest, max_n: int = DEFAULT_MAX_N) -> N
         )
     if req.top_logprobs is not None and not req.logprobs:
         raise InvalidRequestError("top_logprobs needs logprobs: true", param="top_logprobs")
-    if req.logit_bias:
-        _unsupported("logit_bias", "logit_bias is not supported")
     if (
         req.max_tokens is not None
         and req.max_completion_tokens is not None
@@ -60,8 +58,31 @@ def check_supported(req: ChatCompletionRequest, max_n: int = DEFAULT_MAX_N) -> N
         )
 
 
-def _unsupported(param: str, message: str) -> None:
-    raise InvalidRequestError(message, param=param, code="unsupported_parameter")
+def logit_bias(bias: dict[str, float] | None, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias`` (token id as a decimal string -> bias in [-100, 100]) as sorted
+    (id, bias) pairs; a 400 naming ``logit_bias`` for a key that is no token id of this model or
+    a bias out of range."""
+    pairs = []
+    for key, value in (bias or {}).items():
+        # short canonical decimals only: no two keys name one token ("7" and "007"), and int()
+        # never sees thousands of digits
+        decimal = len(key) <= 12 and key.isascii() and key.isdigit()
+        token = int(key) if decimal and key == str(int(key)) else None
+        if token is None or token >= vocab_size:
+            shown = key if len(key) <= 32 else key[:32] + "..."
+            raise InvalidRequestError(
+                f"Invalid key in 'logit_bias': {shown!r}; keys are token ids from 0 to "
+                f"{vocab_size - 1}",
+                param="logit_bias",
+            )
+        if not -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS:
+            raise InvalidRequestError(
+                f"Invalid value in 'logit_bias' for token {token}: {value}; biases are from "
+                f"{-MAX_LOGIT_BIAS:g} to {MAX_LOGIT_BIAS:g}",
+                param="logit_bias",
+            )
+        pairs.append((token, float(value)))
+    return tuple(sorted(pairs))
 
 
 def stop_strings(stop: str | list[str] | None) -> tuple[str, ...]:
@@ -113,4 +134,5 @@ def to_sampling(
         n=req.n,
         logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         guide=guide,
+        logit_bias=logit_bias(req.logit_bias, vocab_size),
     )

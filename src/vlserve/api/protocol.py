@@ -42,7 +42,8 @@ MAX_STOP_CHARS = 256
 MAX_STOP_TOKEN_IDS = 64
 MAX_TOKENS = 2**31 - 1  # larger than any context: the context check gives the precise limit
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # int64, as OpenAI's clients send
-MAX_LIST_FIELD = 128  # tools, logit_bias, metadata: refused or ignored, still bounded
+MAX_LIST_FIELD = 128  # tools, tool calls: bounded
+MAX_LOGIT_BIAS_ENTRIES = 300  # OpenAI's limit on logit_bias entries
 
 
 class FunctionCall(BaseModel):
@@ -174,8 +175,8 @@ class ChatCompletionRequest(BaseModel):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
     mm_processor_kwargs: MMProcessorKwargs | None = None
-    # Accepted only with values that change nothing; anything else is a 400 naming the field.
-    logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LIST_FIELD)
+    # token id (a decimal string, as OpenAI's) -> bias in [-100, 100]; checked in convert
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS_ENTRIES)
     store: bool | None = None
     metadata: dict[str, str] | None = Field(default=None, max_length=16)
 

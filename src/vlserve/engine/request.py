@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from vlserve.errors import VLServeError
 
 MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0  # OpenAI's bound on a logit_bias value
 
 
 class FinishReason(str, enum.Enum):
@@ -60,6 +61,8 @@ class SamplingParams:
     n: int = 1  # choices: one sequence each, sharing the prepared and encoded prompt
     logprobs: int | None = None  # None: off; k: the chosen token's log-probability and top k
     guide: Guide | None = None
+    # (token id, bias) pairs added to the model's logits before penalties (OpenAI's logit_bias)
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.n < 1:
@@ -78,6 +81,8 @@ class SamplingParams:
             raise ValueError("min_p must be in [0, 1]")
         if self.repetition_penalty <= 0:
             raise ValueError("repetition_penalty must be > 0")
+        if any(t < 0 or not -MAX_LOGIT_BIAS <= b <= MAX_LOGIT_BIAS for t, b in self.logit_bias):
+            raise ValueError(f"logit_bias needs token ids >= 0 and biases in ±{MAX_LOGIT_BIAS}")
 
     @property
     def greedy(self) -> bool:

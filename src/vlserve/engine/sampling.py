@@ -1,5 +1,5 @@
-"""Next tokens for a batch: penalties, grammar masks, temperature, top-k/top-p/min-p, each row
-with its own seed, and log-probabilities for the rows that ask.
+"""Next tokens for a batch: logit bias, penalties, grammar masks, temperature, top-k/top-p/min-p,
+each row with its own seed, and log-probabilities for the rows that ask.
 
 Every row's filters are applied to the whole batch at once (rows that do not use a filter get a
 neutral value). Penalty and grammar state is kept per request and updated with each token
@@ -7,7 +7,7 @@ neutral value). Penalty and grammar state is kept per request and updated with e
 from its own generator, so seeded sampling is reproducible whatever else is batched.
 
 Log-probabilities are those of the distribution the token is drawn from before truncation:
-log-softmax of the logits after penalties, the grammar mask and temperature (temperature 1 for
+log-softmax of the logits after bias, penalties, the grammar mask and temperature (1 for
 greedy rows); top-k, top-p and min-p do not change them (vLLM's ``processed_logprobs``). Only
 rows that ask pay for them.
 """
@@ -76,6 +76,13 @@ class SamplerState:
             self.seen[ids[(ids >= 0) & (ids < vocab_size)]] = True
         if params.presence_penalty or params.frequency_penalty:
             self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+        self.bias: tuple[torch.Tensor, torch.Tensor] | None = None  # (token ids, biases)
+        if params.logit_bias:
+            ids, values = zip(*params.logit_bias, strict=True)
+            self.bias = (
+                torch.tensor(ids, dtype=torch.long, device=device),
+                torch.tensor(values, dtype=torch.float32, device=device),
+            )
 
     def append(self, token_id: int) -> None:
         if self.guide is not None:
@@ -87,14 +94,19 @@ class SamplerState:
 
 
 def apply_penalties(logits: torch.Tensor, states: Sequence[SamplerState]) -> torch.Tensor:
-    """Repetition (Hugging Face: prompt and output, sign-aware), presence and frequency (OpenAI:
-    output only) penalties on (rows, vocab) logits; a new tensor when any applies."""
+    """OpenAI's logit bias (added to the model's logits), then the repetition (Hugging Face:
+    prompt and output, sign-aware), presence and frequency (OpenAI: output only) penalties on
+    (rows, vocab) logits, in vLLM's order; a new tensor when any applies."""
+    biased = [i for i, s in enumerate(states) if s.bias is not None]
     rep = [i for i, s in enumerate(states) if s.seen is not None]
     cnt = [i for i, s in enumerate(states) if s.counts is not None]
-    if not rep and not cnt:
+    if not biased and not rep and not cnt:
         return logits
     logits = logits.clone()
     dev = logits.device
+    for i in biased:
+        ids, values = states[i].bias  # type: ignore[misc]
+        logits[i, ids] += values
     if rep:
         index = torch.tensor(rep, device=dev)
         seen = torch.stack([states[i].seen for i in rep])  # type: ignore[misc]
