@@ -36,6 +36,23 @@ def test_health_and_models(server: ServerProcess) -> None:
     assert all(m["object"] == "model" for m in models["data"])
 
 
+def test_retrieve_model_by_any_accepted_name(client: openai.OpenAI, server: ServerProcess) -> None:
+    card = client.models.retrieve(server.model)
+    assert (card.id, card.object, card.owned_by) == (server.model, "model", "vlserve")
+    assert client.models.retrieve("alias-model").id == "alias-model"
+    path = str(server.model_path)  # a name with slashes, as a checkpoint path is
+    r = httpx.get(f"{server.base_url}/v1/models/{path.lstrip('/')}")
+    assert r.status_code == 404  # "/v1/models/" + "root/..." is not the path
+    r = httpx.get(f"{server.base_url}/v1/models/{path}")
+    assert r.status_code == 200 and r.json()["id"] == path
+    with pytest.raises(openai.NotFoundError) as info:
+        client.models.retrieve("no-such-model")
+    assert info.value.body["code"] == "model_not_found"  # type: ignore[index]
+    assert info.value.body["param"] == "model"  # type: ignore[index]
+    metrics = httpx.get(server.base_url + "/metrics").text
+    assert 'vlserve_requests_total{route="/v1/models/{model}",status="404"}' in metrics
+
+
 def test_text_string_content_and_usage(client: openai.OpenAI, server: ServerProcess) -> None:
     r = client.chat.completions.create(
         model=server.model, messages=[{"role": "user", "content": "What is 2 plus 2?"}], **GREEDY

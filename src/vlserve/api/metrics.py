@@ -107,6 +107,8 @@ class Metrics:
 
     def observe(self, record: RequestRecord, duration_s: float) -> None:
         route = record.path if record.path in KNOWN_ROUTES else "other"
+        if record.path.startswith("/v1/models/"):
+            route = "/v1/models/{model}"  # one series, whatever the names asked for
         self.requests.labels(route, str(record.status)).inc()
         if record.model is None:
             return  # not a generation (or refused before its model was known)

@@ -139,17 +139,38 @@ async def metrics(request: Request) -> Response:
 @router.get("/v1/models", response_model=p.ModelList, responses=_ERRORS)
 async def list_models(request: Request) -> p.ModelList:
     state = _state(request)
+    return p.ModelList(data=[_card(state, name) for name in state.listed_names])
+
+
+@router.get(
+    "/v1/models/{model:path}",
+    response_model=p.ModelCard,
+    responses=_errors(401, 404, 413, 431, 503),
+)
+async def retrieve_model(model: str, request: Request) -> p.ModelCard:
+    """OpenAI's "retrieve model": any name a request may use (names may hold slashes)."""
+    state = _state(request)
+    _check_model(state, model)
+    return _card(state, model)
+
+
+def _card(state: ServerState, name: str) -> p.ModelCard:
     info = state.engine.model_info
-    cards = [
-        p.ModelCard(
-            id=name,
-            created=state.started,
-            root=info.model_path if info else None,
-            max_model_len=info.max_model_len if info else None,
+    return p.ModelCard(
+        id=name,
+        created=state.started,
+        root=info.model_path if info else None,
+        max_model_len=info.max_model_len if info else None,
+    )
+
+
+def _check_model(state: ServerState, name: str) -> None:
+    if name not in state.model_names:
+        raise NotFoundError(
+            f"the model {name!r} does not exist; this server serves "
+            f"{', '.join(repr(n) for n in state.listed_names)}",
+            param="model",
         )
-        for name in state.listed_names
-    ]
-    return p.ModelList(data=cards)
 
 
 @router.post(
@@ -164,12 +185,7 @@ async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> R
     state = _state(request)
     if state.draining:
         raise _shutting_down()
-    if body.model not in state.model_names:
-        raise NotFoundError(
-            f"the model {body.model!r} does not exist; this server serves "
-            f"{', '.join(repr(n) for n in state.listed_names)}",
-            param="model",
-        )
+    _check_model(state, body.model)
     record = _record(request)
     record.model = body.model
     check_supported(body, state.max_n)
