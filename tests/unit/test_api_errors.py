@@ -46,6 +46,15 @@ def test_retry_after_on_429_and_503() -> None:
         ),
         ({"model": "m", "messages": [{"role": "user", "content": "x"}], "bogus": 1}, "bogus"),
         ({"messages": [{"role": "user", "content": "x"}]}, "model"),
+        (  # an object of the wrong type deep inside names its place, not "invalid JSON"
+            {
+                "model": "m",
+                "messages": [
+                    {"role": "user", "content": [{"type": "image_url", "image_url": "u"}]}
+                ],
+            },
+            "messages[0].content[0].image_url",
+        ),
     ],
 )
 def test_validation_errors_name_the_field(body: dict, param: str) -> None:
@@ -64,3 +73,13 @@ def test_loc_to_param_drops_union_tags() -> None:
     assert _loc_to_param(("body", "messages", 0, "content", "list[x]", 1, "text", "text")) == (
         "messages[0].content[1].text"
     )
+
+
+def test_broken_json_says_where_and_names_no_field() -> None:
+    error = {"type": "json_invalid", "loc": ("body", 28), "msg": "JSON decode error", "input": {}}
+    response = validation_error(
+        RequestValidationError([{**error, "ctx": {"error": "Expecting value"}}])
+    )
+    body = json.loads(response.body)["error"]
+    assert response.status_code == 400 and body["param"] is None
+    assert body["message"] == "request body is not valid JSON: Expecting value at character 28"

@@ -115,10 +115,16 @@ def validation_error(exc: RequestValidationError) -> JSONResponse:
         reverse=True,
     )
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
-    param = _loc_to_param(tuple(first.get("loc", ())))
-    if first.get("type") == "extra_forbidden":
+    loc = tuple(first.get("loc", ()))
+    param = _loc_to_param(loc)
+    if first.get("type") == "json_invalid":  # loc is ("body", character offset)
+        param = None
+        at = f" at character {loc[-1]}" if loc and isinstance(loc[-1], int) else ""
+        reason = (first.get("ctx") or {}).get("error") or first.get("msg")
+        message = f"request body is not valid JSON: {reason}{at}"
+    elif first.get("type") == "extra_forbidden":
         message = f"unsupported parameter: {param}"
-    elif first.get("type") in ("json_invalid", "model_attributes_type") or param is None:
+    elif param is None:  # the body itself is of the wrong shape (an array, a string...)
         message = f"request body is not valid JSON for this endpoint: {first.get('msg')}"
     else:
         message = f"{param}: {first.get('msg')}"
