@@ -172,6 +172,10 @@ def test_harmless_values_are_accepted() -> None:
             tool_choice="none",
             user="u",
             store=False,
+            metadata={"k": "v"},
+            service_tier="auto",
+            prompt_cache_key="conversation-1",
+            safety_identifier="user-hash",
         )
     )
 

@@ -177,8 +177,13 @@ class ChatCompletionRequest(BaseModel):
     mm_processor_kwargs: MMProcessorKwargs | None = None
     # token id (a decimal string, as OpenAI's) -> bias in [-100, 100]; checked in convert
     logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS_ENTRIES)
+    # OpenAI's hints that change no answer: accepted and ignored (nothing is stored; the prefix
+    # cache needs no key; abuse tracking is the operator's)
     store: bool | None = None
     metadata: dict[str, str] | None = Field(default=None, max_length=16)
+    service_tier: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
+    prompt_cache_key: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
+    safety_identifier: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
 
     @field_validator("messages", mode="before")
     @classmethod
@@ -210,8 +215,6 @@ class ChatCompletionRequest(BaseModel):
                 f"the messages hold {total} characters of text; at most {MAX_TOTAL_TEXT_CHARS}"
             )
         return messages
-
-    service_tier: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
 
 
 class ModelCard(BaseModel):
