@@ -72,7 +72,12 @@ def _openai_error(r: httpx.Response, status: int, type_: str) -> dict:
     ids=["none", "wrong", "no-scheme", "other-header"],
 )
 def test_v1_routes_need_a_key(hard: ServerProcess, headers: dict) -> None:
-    for method, path in (("GET", "/v1/models"), ("POST", "/v1/chat/completions"), ("GET", "/v1/x")):
+    for method, path in (
+        ("GET", "/v1/models"),
+        ("GET", f"/v1/models/{hard.model}"),
+        ("POST", "/v1/chat/completions"),
+        ("GET", "/v1/x"),
+    ):
         r = httpx.request(method, hard.base_url + path, headers=headers, json={})
         err = _openai_error(r, 401, "authentication_error")
         assert err["code"] == "invalid_api_key"
