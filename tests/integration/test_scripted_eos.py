@@ -111,6 +111,28 @@ def test_logit_bias_bans_and_forces_tokens(scripted: ServerProcess, stream: bool
         assert text == decode_script((forced,) * 3) and finish == "length"
 
 
+def test_logit_bias_reaches_every_choice_and_yields_to_the_grammar(scripted: ServerProcess) -> None:
+    forced = {str(DEFAULT_SCRIPT_IDS[1]): 100}
+    out = _client(scripted).chat.completions.create(
+        model=scripted.model,
+        messages=[{"role": "user", "content": "Hi"}],
+        max_tokens=3,
+        n=2,
+        temperature=1.0,
+        logit_bias=forced,
+    )
+    assert [c.message.content for c in out.choices] == [
+        decode_script(DEFAULT_SCRIPT_IDS[1:2] * 3)
+    ] * 2
+    # the grammar's mask comes after the bias: the forced token is refused where JSON forbids it
+    # (the first token must open the object) and wins where JSON allows it (inside a key)
+    text, _, _ = _chat(
+        scripted, False, max_tokens=2, logit_bias=forced, response_format={"type": "json_object"}
+    )
+    bang = decode_script(DEFAULT_SCRIPT_IDS[1:2])
+    assert text.startswith("{") and not text.startswith(bang) and text.endswith(bang)
+
+
 def test_logit_bias_outside_the_vocabulary_is_a_400(scripted: ServerProcess) -> None:
     with pytest.raises(openai.BadRequestError) as info:
         _chat(scripted, False, max_tokens=1, logit_bias={"151936": -100})
