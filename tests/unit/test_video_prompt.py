@@ -178,8 +178,9 @@ def test_seen_videos_skip_the_video_processor(runner) -> None:  # type: ignore[n
     processor.tokenizer = pre.processor.tokenizer
     processor.apply_chat_template = pre.processor.apply_chat_template
     processor.video_processor = Counting()
-    cached = Preprocessor(processor, pre._image_token_id, 2, BytesLRU(1 << 26))
-    cached._video_marker = pre._video_marker
+    cached = Preprocessor(
+        processor, pre._image_token_id, 2, BytesLRU(1 << 26), video_marker=pre._video_marker
+    )
     video = _video(96, 64, 40, 8)
     before = video.frames.copy()
     part = {"type": "video", "video": video}
@@ -198,3 +199,44 @@ def _prepare_with(pre, messages: list[dict]):  # type: ignore[no-untyped-def]
     from vlserve.engine.prompt import ChatPrompt
 
     return pre(ChatPrompt(messages))
+
+
+def test_the_video_marker_is_the_one_the_installed_processor_replaces(runner) -> None:  # type: ignore[no-untyped-def]
+    """4.57 and 5.25 replace the template's whole vision_start/video_pad/vision_end, 5.0-5.24
+    only the video_pad: asked of the processor, not guessed from the version."""
+    import transformers
+
+    from vlserve.engine.video_input import VIDEO_MARKERS, find_video_marker
+
+    marker = find_video_marker(runner.preprocess.processor, 4)
+    assert marker in VIDEO_MARKERS
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    if major == 5 and minor < 25:
+        assert marker == "<|video_pad|>"
+    elif (major, minor) in ((4, 57), (5, 25)):
+        assert marker == "<|vision_start|><|video_pad|><|vision_end|>"
+
+
+class _Drifted:
+    """The real processor, except that its prompts gain a token: a rendering vlserve does not
+    reproduce (as 5.25's was, before this check)."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def __call__(self, **kw: Any) -> Any:
+        out = self._real(**kw)
+        out["input_ids"] = torch.cat([torch.tensor([[27]]), out["input_ids"]], dim=1)
+        return out
+
+
+def test_a_processor_that_renders_videos_otherwise_is_refused_at_startup(runner) -> None:  # type: ignore[no-untyped-def]
+    from vlserve.engine.preprocess import Preprocessor
+    from vlserve.engine.video_input import VideoPromptMismatch
+
+    pre = runner.preprocess
+    with pytest.raises(VideoPromptMismatch, match="renders video prompts in a way vlserve"):
+        Preprocessor(_Drifted(pre.processor), pre._image_token_id, 2)

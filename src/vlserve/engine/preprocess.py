@@ -17,7 +17,13 @@ import torch
 
 from vlserve.engine.prompt import ChatPrompt, PreparedPrompt, VisualInput
 from vlserve.engine.sequence import ImageSpan
-from vlserve.engine.video_input import ProcessedVideo, frames_key, process_video, size_get
+from vlserve.engine.video_input import (
+    ProcessedVideo,
+    find_video_marker,
+    frames_key,
+    process_video,
+    size_get,
+)
 from vlserve.errors import InvalidRequestError
 from vlserve.lru import BytesLRU
 
@@ -55,6 +61,7 @@ class Preprocessor:
         merge_size: int,
         cache: BytesLRU[ProcessedImage | ProcessedVideo] | None = None,
         video_token_id: int | None = None,
+        video_marker: str | None = None,
     ) -> None:
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -65,12 +72,12 @@ class Preprocessor:
             video_token_id = int(self.tokenizer.convert_tokens_to_ids(VIDEO_TOKEN))
         self._video_token_id = video_token_id
         self._video_token = str(self.tokenizer.convert_ids_to_tokens(video_token_id))
-        # what the processor replaces by a video's placeholder (see engine/video_input.py)
-        pad_only = _replaces_video_pad_only(processor)
-        self._video_marker = (
-            self._video_token if pad_only else f"<|vision_start|>{self._video_token}<|vision_end|>"
-        )
         self._merge = merge_size * merge_size
+        # what the processor replaces by a video's patches, asked of the processor itself
+        # (engine/video_input.py): it changed between transformers versions
+        if video_marker is None:
+            video_marker = find_video_marker(processor, self._merge)
+        self._video_marker = video_marker
         self._token_types = "mm_token_type_ids" in getattr(processor, "model_input_names", ())
         self.cache: BytesLRU[ProcessedImage | ProcessedVideo] = (
             cache if cache is not None else BytesLRU(0)
@@ -223,17 +230,6 @@ VIDEO_TOKEN = "<|video_pad|>"
 
 def _kind(item: ProcessedImage | ProcessedVideo) -> str:
     return "video" if isinstance(item, ProcessedVideo) else "image"
-
-
-def _replaces_video_pad_only(processor: Any) -> bool:
-    """transformers 5.x's Qwen3-VL processor replaces only ``<|video_pad|>`` (its
-    ``replace_video_token``); 4.57's replaces ``<|vision_start|><|video_pad|><|vision_end|>``."""
-    for cls in type(processor).__mro__:
-        if cls.__name__ == "ProcessorMixin":
-            return False
-        if "replace_video_token" in cls.__dict__:
-            return True
-    return False
 
 
 def image_key(pixels_key: bytes, grid: torch.Tensor) -> bytes:

@@ -4,10 +4,11 @@ The frames (already sampled and downsized by ``media.video``) go through the mod
 processor with ``do_sample_frames=False``; every two frames make one temporal patch. The prompt
 gives each temporal patch its time and its placeholders, as the model's processor renders it:
 ``<{t:.1f} seconds><|vision_start|><|video_pad|>×n<|vision_end|>``, with ``t`` the mean of the
-patch's two frame times. Which text the processor replaces differs by transformers version:
-4.57 replaces the template's whole ``<|vision_start|><|video_pad|><|vision_end|>``, 5.x only the
-``<|video_pad|>`` (keeping the template's start and end around the patches). Both are followed,
-and a test checks the result against each version's processor token for token.
+patch's two frame times. Which text of the template the processor replaces has changed between
+transformers versions: 4.57 and 5.25 replace the whole ``<|vision_start|><|video_pad|><|vision_end|>``,
+5.0-5.24 only the ``<|video_pad|>`` (keeping the template's start and end around the patches).
+So it is not guessed from the version: ``find_video_marker`` asks the installed processor once, at
+startup, which rendering it makes of a small video, and refuses to start if it makes neither.
 
 The vision tower attends within one temporal patch at a time, and Qwen3-VL's ``get_rope_index``
 splits a video's grid into one grid per patch: so each patch becomes a ``VisualInput`` of its
@@ -121,3 +122,53 @@ def patch_times(indices: Any, fps: float, temporal: int) -> list[float]:
 
 def size_get(size: Any, name: str) -> Any:
     return size.get(name) if isinstance(size, dict) else getattr(size, name)
+
+
+# The two renderings processors have made of the template's video placeholder (see the module's
+# docstring): the text each one replaces by the patches.
+VIDEO_MARKERS = ("<|vision_start|><|video_pad|><|vision_end|>", "<|video_pad|>")
+
+
+class VideoPromptMismatch(RuntimeError):
+    """The installed processor renders video prompts in a way vlserve does not reproduce."""
+
+
+def find_video_marker(processor: Any, merge: int) -> str:
+    """Which template text (one of ``VIDEO_MARKERS``) the installed ``processor`` replaces by
+    a video's patches: the one whose expansion gives, token for token, the processor's own
+    prompt for a small synthetic video. Raises ``VideoPromptMismatch`` when none does."""
+    import numpy as np
+    from transformers.video_utils import VideoMetadata
+
+    from vlserve.media.video import DecodedVideo
+
+    frames = np.zeros((4, 64, 64, 3), dtype=np.uint8)
+    frames[:, ::2] = 200  # not one flat colour: any resize still sees an image
+    video = DecodedVideo(frames, 2.0, 8, 4.0, (0, 2, 5, 7), (0.0, 1.0, 2.5, 3.5), 4)
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "?"}]}]
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    kwargs: dict[str, Any] = {"do_sample_frames": False, "return_tensors": "pt"}
+    if hasattr(processor.video_processor, "cap_pixels_per_frame"):
+        kwargs["cap_pixels_per_frame"] = False
+    expected = processor(
+        text=[text],
+        videos=[video.frames],
+        video_metadata=[VideoMetadata(**video.metadata())],
+        **kwargs,
+    )["input_ids"][0].tolist()
+    ours = process_video(processor.video_processor, video)
+    pad = VIDEO_MARKERS[1]
+    for marker in VIDEO_MARKERS:
+        if text.count(marker) != 1:
+            continue
+        rendered = text.replace(marker, ours.placeholder(pad, merge))
+        if processor.tokenizer(rendered, add_special_tokens=False)["input_ids"] == expected:
+            return marker
+    import transformers
+
+    raise VideoPromptMismatch(
+        f"transformers {transformers.__version__}'s processor renders video prompts in a way "
+        "vlserve does not reproduce (checked at startup on a 4-frame video), so every video "
+        "prompt would be wrong; install a supported version (README, 'Supported versions'; "
+        "requirements/lock.txt pins the tested ones)"
+    )
