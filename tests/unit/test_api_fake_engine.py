@@ -166,3 +166,55 @@ def test_tool_choice_none_and_no_tools_leave_the_text(fake: FakeEngine) -> None:
         body = _body(messages=[{"role": "user", "content": CALL_TEXT}], **extra)
         message = asyncio.run(_with_app(fake, body)).json()["choices"][0]["message"]
         assert message == {"role": "assistant", "content": CALL_TEXT}
+
+
+def _video_body(clip: bytes, stream: bool) -> dict:
+    import base64
+
+    url = "data:video/mp4;base64," + base64.b64encode(clip).decode()
+    content = [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "hi"}]
+    return {"model": "fake", "messages": [{"role": "user", "content": content}], "stream": stream}
+
+
+async def _post_raw(fake: FakeEngine, body: dict) -> httpx.Response:
+    """As _with_app, but an unhandled error is answered (500) instead of raised in the test."""
+    app = create_app(ServerConfig(model_path="/models/fake", served_model_names=("fake",)), fake)  # type: ignore[arg-type]
+    async with app.router.lifespan_context(app):
+        for _ in range(100):
+            if app.state.vl.defaults is not None:
+                break
+            await asyncio.sleep(0.01)
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            return await http.post("/v1/chat/completions", json=body)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_bug_in_video_decoding_is_a_500_with_a_trace_not_a_400(
+    fake: FakeEngine,
+    stream: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """PyAV 19 removed an argument of av.open: every video raised TypeError, which was answered
+    400 "not a valid video", blaming the user. A non-PyAV error is the server's fault."""
+    pytest.importorskip("av")
+    import vlserve.media.video as video
+    from vlserve.testing.video import make_clip
+
+    clip, other = make_clip(), make_clip(frames=12)  # other: not in the decoded-media cache
+    ok = asyncio.run(_post_raw(fake, _video_body(clip, stream)))
+    assert ok.status_code == 200, ok.text
+    bad = asyncio.run(_post_raw(fake, _video_body(clip[: len(clip) // 2], stream)))
+    assert bad.status_code == 400 and bad.json()["error"]["param"] is not None
+
+    def removed_argument(*args: object, **kwargs: object) -> None:
+        raise TypeError("open() got an unexpected keyword argument 'metadata_errors'")
+
+    monkeypatch.setattr(video.av, "open", removed_argument)
+    with caplog.at_level("ERROR"):
+        resp = asyncio.run(_post_raw(fake, _video_body(other, stream)))
+    assert resp.status_code == 500
+    assert resp.json()["error"]["type"] == "internal_error"
+    assert "metadata_errors" not in resp.text  # no internals in the answer
+    assert any(r.exc_info and "metadata_errors" in str(r.exc_info[1]) for r in caplog.records)

@@ -218,6 +218,43 @@ def test_truncated_files_are_refused() -> None:
     refused(webm[: len(webm) // 2], "truncated: it ends before its stated duration")
 
 
+@pytest.mark.parametrize("where", ["av.open", "_read_frames"])
+def test_errors_that_are_not_pyavs_are_bugs_not_bad_input(
+    where: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only PyAV's own errors mean bad bytes (a 400 blaming the user). Anything else, such as
+    PyAV 19's TypeError for an argument it removed, must propagate (a 500 with a trace)."""
+    import vlserve.media.video as video
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise TypeError("open() got an unexpected keyword argument 'metadata_errors'")
+
+    if where == "av.open":
+        monkeypatch.setattr(video.av, "open", broken)
+    else:
+        monkeypatch.setattr(video, "_read_frames", broken)
+    with pytest.raises(TypeError, match="metadata_errors"):
+        decode_video(CLIP, LIMITS)
+
+
+def test_pyav_errors_are_bad_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    import vlserve.media.video as video
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise av.error.InvalidDataError(1094995529, "Invalid data found when processing input")
+
+    monkeypatch.setattr(video, "_read_frames", broken)
+    refused(CLIP, "truncated or corrupt")
+
+
+def test_open_arguments_follow_the_pyav_version() -> None:
+    from vlserve.media.video import _open_kwargs
+
+    assert _open_kwargs("18.1.0") == {"metadata_errors": "replace"}
+    assert _open_kwargs("17.1.0") == {"metadata_errors": "replace"}
+    assert _open_kwargs("19.0.2") == {}
+
+
 def test_huge_dimensions_are_refused_from_the_header() -> None:
     refused(CLIP, "64x48 pixels, more than the 3071 allowed", VideoLimits(max_decode_pixels=3071))
     fake = StreamInfo("h264", 65535, 65535, 30.0, 10.0, 300)

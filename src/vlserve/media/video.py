@@ -134,7 +134,8 @@ def decode_video(
     """Decode the frames of ``data`` sampled at ``fps``, at most ``max_frames`` (and the
     limits') of them, at least ``min_frames`` (Qwen3-VL needs 2: its temporal patch), evenly
     spread; each downsized to the pixel limits. Blocking and CPU-bound: call it in a worker
-    thread. Raises only ``MediaError``."""
+    thread. Bad bytes raise ``MediaError`` (a 400); only PyAV's own errors count as bad bytes,
+    so anything else (a bug, an incompatible PyAV) propagates and becomes a 500."""
     deadline = clock() + config.deadline_s
     if not data:
         raise MediaError("video data is empty")
@@ -155,9 +156,7 @@ def decode_video(
         budget = min(config.max_pixels, config.max_total_pixels // len(indices))
         size = fit_within((info.width, info.height), budget)
         frames, decoded = _read_frames(container, stream, info, indices, size, deadline, clock)
-    except MediaError:
-        raise
-    except Exception as exc:  # FFmpeg errors, or a demuxer returning nonsense mid-stream
+    except av.error.FFmpegError as exc:  # the demuxer or decoder refused the bytes
         raise MediaError("video data is truncated or corrupt") from exc
     finally:
         container.close()
@@ -239,16 +238,25 @@ def _is_an_image(name: str) -> str:
 
 
 def _open(data: bytes, container_format: str) -> Any:
+    # enable_drefs stays off: the mov demuxer must never open files the movie refers to.
+    options = {"enable_drefs": "0"} if container_format == "mov" else {}
     try:
-        # enable_drefs stays off: the mov demuxer must never open files the movie refers to.
-        options = {"enable_drefs": "0"} if container_format == "mov" else {}
-        return av.open(
-            io.BytesIO(data), format=container_format, options=options, metadata_errors="replace"
-        )
-    except Exception:
+        return av.open(io.BytesIO(data), format=container_format, options=options, **_OPEN_KW)
+    except av.error.FFmpegError:
         raise MediaError(
             f"video data is truncated or not a valid video (allowed: {ALLOWED_CONTAINERS})"
         ) from None
+
+
+def _open_kwargs(version: str) -> dict[str, str]:
+    """PyAV before 19 decodes metadata strictly unless told to replace bad UTF-8 (a hostile
+    title would raise UnicodeDecodeError); 19 always decodes it leniently (surrogateescape)
+    and removed the argument."""
+    major = int(version.split(".")[0])
+    return {"metadata_errors": "replace"} if major < 19 else {}
+
+
+_OPEN_KW = _open_kwargs(av.__version__)
 
 
 def _video_stream(container: Any) -> Any:
@@ -259,7 +267,11 @@ def _video_stream(container: Any) -> Any:
 
 
 def _stream_info(container: Any, stream: Any) -> StreamInfo:
+    if not stream.time_base or stream.time_base <= 0:  # PyAV gives None for a 0 denominator
+        raise MediaError("video stream has no valid time base")
     context = stream.codec_context
+    if context is None:  # FFmpeg has no decoder for the stream's codec id
+        raise MediaError("video codec is unknown or has no decoder")
     rate = stream.average_rate or stream.guessed_rate or stream.base_rate
     fps = float(rate) if rate else 0.0
     # The stream's duration, else the container's, else the frame count's (FFmpeg reads an
@@ -330,10 +342,9 @@ def orientation(frame: Any) -> tuple[int, bool]:
     display matrix in its side data (phones store portrait video as landscape frames and -90;
     a front camera may store a mirror); only quarter turns and mirrors, any other matrix is
     left as stored. Without the matrix bytes (older PyAV), its rotation angle alone."""
-    matrix = next(
-        (bytes(d) for d in frame.side_data if getattr(d.type, "name", "") == "DISPLAYMATRIX"),
-        None,
-    )
+    # by name: PyAV 19's side data iterates over types, 18's over the data itself
+    side_data = frame.side_data
+    matrix = bytes(side_data["DISPLAYMATRIX"]) if "DISPLAYMATRIX" in side_data else None
     if matrix is None or len(matrix) != 36:
         rotation = frame.rotation or 0
         turns = round(rotation / 90)
