@@ -418,8 +418,10 @@ def test_bad_arguments_fail_clearly(host: Host) -> None:
 
 @pytest.mark.skipif(tool("shellcheck") is None, reason="shellcheck not installed")
 def test_shellcheck_clean() -> None:
-    scripts = sorted((REPO / "deploy").rglob("*.sh"))
-    assert SCRIPT in scripts
+    scripts = sorted(
+        p for folder in ("deploy", "scripts", "benchmarks") for p in (REPO / folder).rglob("*.sh")
+    )
+    assert SCRIPT in scripts and REPO / "scripts" / "_env.sh" in scripts
     result = subprocess.run(
         [tool("shellcheck") or "", *map(str, scripts)], capture_output=True, text=True
     )
