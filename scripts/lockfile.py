@@ -19,8 +19,10 @@ it runs in vendor images and on hosts before anything is installed.
       with a metadata-only stub wheel standing in for each package the target has: fails when
       any dependency is missing from DIR.
 
-When torch is had, torchvision and torchaudio lose their pins: each release of them is built
-for one torch, so the resolver must pick the one that fits the target's torch.
+A target that has torch has what torch needs too (triton, the CUDA libraries, ...): those are
+had as well. When the target's torch is not one the lock pins, torchvision and torchaudio lose
+their pins: each release of them is built for one torch, so the resolver must pick the one that
+fits the target's torch.
 """
 
 from __future__ import annotations
@@ -87,9 +89,12 @@ def parse_have(specs: list[str]) -> dict[str, str]:
 def constraints(pins: list[Pin], have: dict[str, str], local: str = "") -> list[str]:
     """The lock's pins less those of ``have`` (pinned at ``have``'s version, with ``local``
     appended as a local version label when it has none), and less torchvision/torchaudio when
-    torch is had."""
+    the torch had is not one the lock pins."""
     out = [f"{name}=={stub_version(version, local)}" for name, version in sorted(have.items())]
-    dropped = set(have) | (TORCH_BOUND if "torch" in have else set())
+    locked_torch = {p.version.split("+")[0] for p in pins if p.name == "torch"}
+    torch = have.get("torch")
+    other_torch = torch is not None and torch.split("+")[0] not in locked_torch
+    dropped = set(have) | (TORCH_BOUND if other_torch else set())
     out += [pin.line for pin in pins if pin.name not in dropped]
     return out
 
@@ -191,7 +196,8 @@ def resolve(
     return [p for p in pins if normalize(p.split("==")[0]) not in have]
 
 
-def _torch_pin(lock: Path, python: str, uv_platform: str) -> dict[str, str]:
+def _compile(lines: str, python: str, uv_platform: str, *options: str) -> dict[str, str]:
+    """uv's pins for ``lines`` (requirements) on the target: {normalized name: version}."""
     out = _run(
         [
             _uv(),
@@ -200,20 +206,32 @@ def _torch_pin(lock: Path, python: str, uv_platform: str) -> dict[str, str]:
             "--quiet",
             "--no-header",
             "--no-annotate",
-            "--no-deps",
             "--python-version",
             python,
             "--python-platform",
             uv_platform,
-            "-c",
-            str(lock),
+            *options,
             "-",
         ],
-        input="torch\n",
+        input=lines,
         capture_output=True,
     ).stdout
-    name, _, version = out.strip().partition("==")
-    return {"torch": version}
+    pins = (line.split(" ")[0].partition("==") for line in out.splitlines() if "==" in line)
+    return {normalize(name): version for name, _, version in pins}
+
+
+def _with_torchs_closure(have: dict[str, str], lock: Path, python: str, uv_platform: str) -> None:
+    """A target that has torch has what torch needs there (triton, the CUDA libraries, sympy,
+    ...): add those to ``have`` (at the versions torch's own resolution picks, unless given);
+    torch itself at the lock's version for the target when ``have`` does not name it."""
+    if "torch" not in have:
+        have.update(_compile("torch\n", python, uv_platform, "--no-deps", "-c", str(lock)))
+    locked = have["torch"] in {p.version for p in read_lock(lock) if p.name == "torch"}
+    options = ("-c", str(lock)) if locked else ()  # the lock's versions of torch's own needs
+    for name, version in _compile(
+        f"torch=={have['torch']}\n", python, uv_platform, *options
+    ).items():
+        have.setdefault(name, version)
 
 
 def wheelhouse(args: argparse.Namespace) -> int:
@@ -223,8 +241,7 @@ def wheelhouse(args: argparse.Namespace) -> int:
         lines = (line.split("#")[0].strip() for line in Path(file).read_text().splitlines())
         specs += [line for line in lines if line]
     have = parse_have(specs)
-    if "torch" not in have:
-        have.update(_torch_pin(args.lock, args.python, uv_platform))
+    _with_torchs_closure(have, args.lock, args.python, uv_platform)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:

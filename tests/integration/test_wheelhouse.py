@@ -45,8 +45,9 @@ def test_the_h200_wheel_set_is_complete_split_and_free_of_what_the_host_has(
     done = _run("bash", "benchmarks/device_check.sh", "--prepare", str(out))
     assert done.returncode == 0, done.stdout + done.stderr
     assert "closure complete" in done.stdout
-    meta = json.loads((out / "have.json").read_text())
-    assert meta["have"] == {"torch": "2.11.0", "triton": "3.6.0", "transformers": "5.17.0"}
+    have = json.loads((out / "have.json").read_text())["have"]
+    assert {"torch": "2.11.0", "triton": "3.6.0", "transformers": "5.17.0"}.items() <= have.items()
+    assert "sympy" in have and any(n.startswith("nvidia") for n in have)  # torch's own needs
     names = _names(out)
     for had in ("torch", "triton", "transformers", "tokenizers"):
         assert had not in names, had  # the host has it (or only what it has needs it)
@@ -77,7 +78,8 @@ def test_an_aarch64_wheelhouse_beside_the_locks_torch(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "closure complete" in done.stdout
     have = json.loads((out / "have.json").read_text())["have"]
-    assert have == {"torch": "2.9.1", "torch-npu": "2.9.1"}
+    assert {"torch": "2.9.1", "torch-npu": "2.9.1"}.items() <= have.items()
+    assert not [n for n in have if n.startswith("nvidia")]  # aarch64's torch is a CPU build
     names = _names(out)
     assert "torch" not in names and "torch_npu" not in names
     assert names["torchvision"] == "0.24.1"  # the lock's aarch64 pair

@@ -116,6 +116,9 @@ def test_constraints_pin_what_the_target_has_and_free_torchs_companions() -> Non
     assert stubbed[0] == "torch==2.11.0+cu130"  # a local label already: kept
     assert "numpy==2.4.6" in stubbed
     assert lockfile.constraints(pins, {}) == [p.line for p in pins]
+    # the lock's own torch: its torchvision pin stays (one torchvision per torch release)
+    same = lockfile.constraints(pins, {"torch": "2.14.1"})
+    assert same == ["torch==2.14.1", *(p.line for p in pins[1:])]
 
 
 @pytest.mark.parametrize("spec", ["torch", "torch>=2", "torch==", "==2.1", "torch==2.1 ; x"])
