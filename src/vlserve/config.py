@@ -17,6 +17,7 @@ class ServerConfig:
     device: str = "auto"
     dtype: str = "auto"
     load_format: str = "auto"  # dummy: random weights of the config's shape (vLLM's name)
+    model_impl: str = "auto"  # transformers: HF's forward of the text stack (vLLM's name)
     default_max_tokens: int = 2048
     max_n: int = 16  # choices per request
     request_timeout_s: float = 600.0
@@ -53,6 +54,10 @@ class ServerConfig:
             )
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be auto or dummy, got {self.load_format!r}")
+        if self.model_impl not in ("auto", "vlserve", "transformers"):
+            raise ValueError(
+                f"model_impl must be auto, vlserve or transformers, got {self.model_impl!r}"
+            )
         if self.max_n < 1:
             raise ValueError("max_n must be at least 1")
         if self.default_max_tokens < 1:

@@ -84,6 +84,19 @@ def test_load_format_is_auto_unless_dummy_is_asked_for() -> None:
         ServerConfig(model_path="/m", load_format="safetensors")
 
 
+def test_model_impl_flag_env_and_validation(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _config(["--model", "/m"]).model_impl == "auto"
+    assert _config(["--model", "/m", "--model-impl", "transformers"]).model_impl == "transformers"
+    monkeypatch.setenv("VLSERVE_MODEL_IMPL", "vlserve")
+    assert _config(["--model", "/m"]).model_impl == "vlserve"
+    with pytest.raises(SystemExit):
+        _config(["--model", "/m", "--model-impl", "vllm"])
+    from vlserve.config import ServerConfig
+
+    with pytest.raises(ValueError, match="model_impl"):
+        ServerConfig(model_path="/m", model_impl="hf")
+
+
 def test_media_flag_defaults_are_media_config_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     from vlserve.media.config import MediaConfig
 

@@ -60,6 +60,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "config.json, for benchmarks without a checkpoint; the directory needs no weights",
     )
     m.add_argument(
+        "--model-impl",
+        default=_env("VLSERVE_MODEL_IMPL", "auto"),
+        choices=["auto", "vlserve", "transformers"],
+        help="the text stack's forward (vLLM's name): vlserve's own over the KV pool "
+        "(auto), or transformers' (the reference)",
+    )
+    m.add_argument(
         "--default-max-tokens",
         type=int,
         default=2048,
@@ -235,6 +242,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         device=args.device,
         dtype=args.dtype,
         load_format=args.load_format,
+        model_impl=args.model_impl,
         default_max_tokens=args.default_max_tokens,
         max_n=args.max_n,
         request_timeout_s=args.request_timeout,
@@ -313,6 +321,7 @@ def serve(config: ServerConfig, faults: FaultInjector | None = None) -> int:
             config.request_timeout_s,
             config.encoder_thread,
             load_format=config.load_format,
+            model_impl=config.model_impl,
             default_max_tokens=config.default_max_tokens,
             max_image_tokens=config.max_image_tokens_per_request,
             kv_cache_tokens=config.kv_cache_tokens,

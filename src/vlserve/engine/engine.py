@@ -48,6 +48,7 @@ class EngineConfig:
     encoder_thread: bool = True  # off: images are encoded inside the prefill
     encoder_batch_patches: int | None = None  # None: 0 (one request at a time) on CPU, else 32768
     load_format: str = "auto"  # "dummy": random weights of config.json's shape (ModelRunner)
+    model_impl: str = "auto"  # "transformers": HF's forward of the text stack (ModelRunner)
     default_max_tokens: int = 2048  # when a request gives none (capped by context and KV cache)
     max_image_tokens: int = 16_384  # all images of one request together
     kv_cache_tokens: int | None = None  # None: a fraction of free memory (see kv_cache_blocks)
@@ -112,6 +113,7 @@ class AsyncEngine:
                 encoder_cache=cache,
                 image_cache_bytes=cache_bytes,
                 load_format=config.load_format,
+                model_impl=config.model_impl,
             )
         )
         self._state = EngineState.LOADING

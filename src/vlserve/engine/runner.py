@@ -13,8 +13,10 @@ import torch
 import transformers
 from transformers import AutoProcessor, AutoTokenizer, GenerationConfig
 
+from vlserve.engine.attention import PoolAttention
 from vlserve.engine.device import DeviceInfo
 from vlserve.engine.kv_cache import PAD_ROW, KVPool, PagedCache, RowSpan, build_layout, row_bucket
+from vlserve.engine.model import Qwen3VLText
 from vlserve.engine.preprocess import Preprocessor
 from vlserve.engine.prompt import EncodedPrompt, ImageFeatures, PreparedPrompt, VisualInput
 from vlserve.engine.sequence import Sequence
@@ -28,6 +30,7 @@ _TF5 = int(transformers.__version__.split(".")[0]) >= 5
 # 5.x reads `cache=` and deprecates the old name. See FACTS.md.
 _CACHE_KW = "cache" if _TF5 else "past_key_values"
 DECODE_KV_BUCKET = 128  # decode reads are padded to a multiple of this many positions
+MODEL_IMPLS = ("auto", "vlserve", "transformers")  # vLLM's --model-impl, with our name for ours
 
 
 class ModelRunner:
@@ -42,10 +45,12 @@ class ModelRunner:
         encoder_cache: BytesLRU[ImageFeatures] | None = None,
         image_cache_bytes: int = 0,
         load_format: str = "auto",
+        model_impl: str = "auto",
     ) -> None:
         """Load from ``model_path`` (``load_format``: see ``load_model``); or, with ``model``
         (already on the device), take only the processor, tokenizer and generation config from
-        ``model_path``."""
+        ``model_path``. ``model_impl``: ``vlserve`` (or ``auto``) runs the text stack with our
+        compact forward over the pool (``engine.model``), ``transformers`` with HF's own."""
         self.device = device
         self.model_path = str(model_path)
         processor = AutoProcessor.from_pretrained(self.model_path)
@@ -70,6 +75,15 @@ class ModelRunner:
             video_token_id=int(self.model.config.video_token_id),
         )
         self.encoder_cache = encoder_cache if encoder_cache is not None else BytesLRU(0)
+        if model_impl not in MODEL_IMPLS:
+            raise ValueError(f"model_impl must be one of {MODEL_IMPLS}, got {model_impl!r}")
+        self.model_impl = "transformers" if model_impl == "transformers" else "vlserve"
+        self.text = (
+            Qwen3VLText(self.model.model.language_model, self.text_config)
+            if self.model_impl == "vlserve"
+            else None
+        )
+        log.info("text stack: %s forward (--model-impl %s)", self.model_impl, model_impl)
         self.pool: KVPool | None = None
         # Pad decode batches to row_bucket() sizes (shapes a device graph can capture); off on
         # CPU, where a padded row costs as much as a real one.
@@ -211,17 +225,22 @@ class ModelRunner:
         visual_mask, deepstack = None, None
         if is_prefill:
             embeds, visual_mask, deepstack = self._scatter_images(seqs, spans, embeds)
-        out = self.model.model.language_model(
-            inputs_embeds=embeds,
-            attention_mask=layout.mask,
-            position_ids=positions.to(dev),
-            use_cache=True,
-            visual_pos_masks=visual_mask,
-            deepstack_visual_embeds=deepstack,
-            **{_CACHE_KW: PagedCache(self.pool, layout)},
-        )
+        positions = positions.to(dev)
+        if self.text is not None:
+            attention = PoolAttention(self.pool, layout, self.text.scale)
+            hidden = self.text.forward(embeds, positions[1:], attention, visual_mask, deepstack)
+        else:
+            hidden = self.model.model.language_model(
+                inputs_embeds=embeds,
+                attention_mask=layout.mask,
+                position_ids=positions,
+                use_cache=True,
+                visual_pos_masks=visual_mask,
+                deepstack_visual_embeds=deepstack,
+                **{_CACHE_KW: PagedCache(self.pool, layout)},
+            ).last_hidden_state
         rows = torch.arange(len(seqs), device=dev)
-        last = out.last_hidden_state[rows, layout.last_index[: len(seqs)]]
+        last = hidden[rows, layout.last_index[: len(seqs)]]
         return self.model.lm_head(last).float()
 
     def _scatter_images(
