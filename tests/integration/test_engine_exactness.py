@@ -273,7 +273,7 @@ def _run_exactness(
             assert cached <= first_image, where
         plan["cached"] = cached
     block = engine.config.block_size
-    plain = not set(config) - {"model_impl"}  # the default caches and scheduling
+    plain = not set(config) - {"model_impl", "attention"}  # the default caches and scheduling
     for plan in plans:  # a finished prompt's full blocks are found again (no eviction here)
         if plan["kind"] == "follow" and plain and prefill_tokens >= 600:
             source = lengths[plan["after"]]
@@ -353,3 +353,37 @@ def test_videos_batch_exactly(tiny_model_path: Path) -> None:
         plan.update(delay_s=0.0, cancel_after=None, max_tokens=20)
     out = _run_exactness(tiny_model_path, seed, plans, prefill_tokens=rng.choice([64, 600]))
     assert max(out["steps"]["decode"]) > 1, out["steps"]
+
+
+@pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="runs in its own process (test below)"
+)
+def test_paged_decode_is_exact_inner(tiny_model_path: Path) -> None:
+    seed = int(os.environ.get("VLSERVE_TEST_SEED") or random.randrange(2**31))
+    print(f"VLSERVE_TEST_SEED={seed}")
+    plans = _plans(random.Random(seed), 6)
+    for plan in plans:  # the interpreter runs the kernel in Python: short answers
+        plan.update(max_tokens=min(plan["max_tokens"], 8))
+    for plan in plans[:3]:
+        plan.update(delay_s=0.0, cancel_after=None)
+    out = _run_exactness(tiny_model_path, seed, plans, attention="paged")
+    assert max(out["steps"]["decode"]) > 1, out["steps"]
+
+
+def test_paged_decode_kernel_is_exact_under_the_interpreter() -> None:
+    """The compact forward with decode attention through the Triton kernel (engine.paged_decode,
+    as on CUDA), run by Triton's interpreter on the CPU: greedy tokens equal generate."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider", __file__,
+         "-k", "paged_decode_is_exact_inner"],
+        env={**os.environ, "TRITON_INTERPRET": "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    assert "1 passed" in done.stdout

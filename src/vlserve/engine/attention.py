@@ -3,8 +3,9 @@ the keys each query may see read back.
 
 ``PoolAttention`` is the portable path (every device): new K/V go to their slots with
 ``index_copy_``; a step with cached positions gathers each row's blocks into a right-padded view
-and runs SDPA under the step's mask (``kv_cache.StepLayout``). A paged kernel that reads the
-pool in place plugs in here, behind the same call, chosen once at startup.
+and runs SDPA under the step's mask (``kv_cache.StepLayout``). With ``paged``, a decode step
+reads the pool in place instead (``engine.paged_decode``, a Triton kernel), behind the same
+call; the runner chooses once at startup.
 """
 
 from __future__ import annotations
@@ -13,15 +14,18 @@ import torch
 import torch.nn.functional as F
 
 from vlserve.engine.kv_cache import KVPool, StepLayout
+from vlserve.engine.paged_decode import paged_decode
 
 
 class PoolAttention:
-    """Attention of one forward over the pool (portable: gather + SDPA)."""
+    """Attention of one forward over the pool: portable (gather + SDPA), or with ``paged``, a
+    decode step (one query per row) through the paged kernel, which reads the pool in place."""
 
-    def __init__(self, pool: KVPool, layout: StepLayout, scale: float) -> None:
+    def __init__(self, pool: KVPool, layout: StepLayout, scale: float, paged: bool = False) -> None:
         self.pool = pool
         self.layout = layout
         self.scale = scale
+        self.paged = paged
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store the step's new K/V, (rows, q_len, kv_heads, dim), at their slots."""
@@ -38,8 +42,15 @@ class PoolAttention:
         """q (rows, heads, q_len, dim), k/v (rows, q_len, kv_heads, dim) → (rows, q_len,
         heads * dim)."""
         self.write(layer, k, v)
-        keys, values = self._read(layer, k, v)
         rows, heads, q_len, dim = q.shape
+        if self.paged and q_len == 1:
+            lay, pool = self.layout, self.pool
+            out = paged_decode(
+                q.view(rows, heads, dim), pool.keys[layer], pool.values[layer],
+                lay.block_tables, lay.context_lens, pool.block_size, self.scale,
+            )  # fmt: skip
+            return out.view(rows, 1, heads * dim)
+        keys, values = self._read(layer, k, v)
         kv_heads = keys.shape[1]
         groups = heads // kv_heads
         if groups > 1 and q_len == 1:

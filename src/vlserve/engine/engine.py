@@ -49,6 +49,7 @@ class EngineConfig:
     encoder_batch_patches: int | None = None  # None: 0 (one request at a time) on CPU, else 32768
     load_format: str = "auto"  # "dummy": random weights of config.json's shape (ModelRunner)
     model_impl: str = "auto"  # "transformers": HF's forward of the text stack (ModelRunner)
+    attention: str = "auto"  # decode attention: "paged" (Triton), "portable"; auto: by device
     default_max_tokens: int = 2048  # when a request gives none (capped by context and KV cache)
     max_image_tokens: int = 16_384  # all images of one request together
     kv_cache_tokens: int | None = None  # None: a fraction of free memory (see kv_cache_blocks)
@@ -114,6 +115,7 @@ class AsyncEngine:
                 image_cache_bytes=cache_bytes,
                 load_format=config.load_format,
                 model_impl=config.model_impl,
+                attention=config.attention,
             )
         )
         self._state = EngineState.LOADING

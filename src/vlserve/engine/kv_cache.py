@@ -74,6 +74,9 @@ class StepLayout:
     # the new ones (a prefill with nothing cached)
     mask: torch.Tensor  # (rows, 1, q_len, kv_len) bool: True where a query may attend
     last_index: torch.Tensor  # (rows,) the query index of each row's last real token
+    # for kernels that read the pool in place (engine/paged_decode.py)
+    block_tables: torch.Tensor  # (rows, width) int32, NULL_BLOCK past each row's blocks
+    context_lens: torch.Tensor  # (rows,) int32: the positions each row sees (its end)
 
 
 def bucket(n: int, step: int = 128) -> int:
@@ -132,6 +135,8 @@ def build_layout(
         read_blocks=None if fresh else table[:, : kv_len // block_size].reshape(-1).to(device),
         mask=mask.unsqueeze(1).to(device),
         last_index=(q_lens - 1).to(device),
+        block_tables=table.to(device, torch.int32),
+        context_lens=ends.to(device, torch.int32),
     )
 
 

@@ -46,11 +46,15 @@ class ModelRunner:
         image_cache_bytes: int = 0,
         load_format: str = "auto",
         model_impl: str = "auto",
+        attention: str = "auto",
     ) -> None:
         """Load from ``model_path`` (``load_format``: see ``load_model``); or, with ``model``
         (already on the device), take only the processor, tokenizer and generation config from
         ``model_path``. ``model_impl``: ``vlserve`` (or ``auto``) runs the text stack with our
-        compact forward over the pool (``engine.model``), ``transformers`` with HF's own."""
+        compact forward over the pool (``engine.model``), ``transformers`` with HF's own.
+        ``attention`` (the compact forward's decode steps): ``paged`` reads the pool in place
+        with the Triton kernel (``engine.paged_decode``), ``portable`` gathers; ``auto``: paged
+        on CUDA when triton imports."""
         self.device = device
         self.model_path = str(model_path)
         processor = AutoProcessor.from_pretrained(self.model_path)
@@ -83,7 +87,13 @@ class ModelRunner:
             if self.model_impl == "vlserve"
             else None
         )
-        log.info("text stack: %s forward (--model-impl %s)", self.model_impl, model_impl)
+        self.paged_decode = self.text is not None and _paged(attention, device)
+        log.info(
+            "text stack: %s forward (--model-impl %s), %s decode attention",
+            self.model_impl,
+            model_impl,
+            "paged (Triton)" if self.paged_decode else "portable",
+        )
         self.pool: KVPool | None = None
         # Pad decode batches to row_bucket() sizes (shapes a device graph can capture); off on
         # CPU, where a padded row costs as much as a real one.
@@ -227,7 +237,7 @@ class ModelRunner:
             embeds, visual_mask, deepstack = self._scatter_images(seqs, spans, embeds)
         positions = positions.to(dev)
         if self.text is not None:
-            attention = PoolAttention(self.pool, layout, self.text.scale)
+            attention = PoolAttention(self.pool, layout, self.text.scale, self.paged_decode)
             hidden = self.text.forward(embeds, positions[1:], attention, visual_mask, deepstack)
         else:
             hidden = self.model.model.language_model(
@@ -320,6 +330,21 @@ def _decode_inputs(seqs: Seq[Sequence], pad: int) -> tuple[torch.Tensor, torch.T
     delta = torch.tensor([seq.prompt.rope_delta for seq in seqs] + [0] * pad, dtype=torch.long)
     mrope = (pos + delta).expand(3, -1)
     return ids, torch.cat([pos.view(1, -1), mrope]).view(4, len(seqs) + pad, 1)
+
+
+def _paged(attention: str, device: DeviceInfo) -> bool:
+    """Whether decode steps read the pool with the Triton kernel."""
+    if attention not in ("auto", "paged", "portable"):
+        raise ValueError(f"attention must be auto, paged or portable, got {attention!r}")
+    if attention != "auto":
+        return attention == "paged"
+    if device.type != "cuda":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _load_generation_config(path: str) -> GenerationConfig | None:
