@@ -18,6 +18,7 @@ class ServerConfig:
     dtype: str = "auto"
     load_format: str = "auto"  # dummy: random weights of the config's shape (vLLM's name)
     model_impl: str = "auto"  # transformers: HF's forward of the text stack (vLLM's name)
+    enforce_eager: bool = False  # no decode graphs (vLLM's name)
     default_max_tokens: int = 2048
     max_n: int = 16  # choices per request
     request_timeout_s: float = 600.0

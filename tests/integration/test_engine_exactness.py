@@ -246,6 +246,7 @@ def _run_exactness(
         assert runner is not None
         eos = sorted(runner.eos_token_ids)
         preemptions = engine.loop.scheduler.num_preemptions  # type: ignore[union-attr]
+        graphs = runner.graphs
     finally:
         engine.shutdown()
     lengths = {}
@@ -273,14 +274,14 @@ def _run_exactness(
             assert cached <= first_image, where
         plan["cached"] = cached
     block = engine.config.block_size
-    plain = not set(config) - {"model_impl", "attention"}  # the default caches and scheduling
+    plain = not set(config) - {"model_impl", "attention", "decode_graph"}  # default caches
     for plan in plans:  # a finished prompt's full blocks are found again (no eviction here)
         if plan["kind"] == "follow" and plain and prefill_tokens >= 600:
             source = lengths[plan["after"]]
             assert plan["cached"] >= source // block * block, plan
         if plan["kind"] == "same" and plain and prefill_tokens >= 600:
             assert plan["cached"] == (lengths[plan["id"]] - 1) // block * block, plan
-    return {"steps": steps, "preemptions": preemptions, "plans": plans}
+    return {"steps": steps, "preemptions": preemptions, "plans": plans, "graphs": graphs}
 
 
 @pytest.mark.parametrize("model_impl", ["vlserve", "transformers"])
@@ -358,7 +359,10 @@ def test_videos_batch_exactly(tiny_model_path: Path) -> None:
 @pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1", reason="runs in its own process (test below)"
 )
-def test_paged_decode_is_exact_inner(tiny_model_path: Path) -> None:
+@pytest.mark.parametrize("decode_graph", ["none", "static"])
+def test_paged_decode_is_exact_inner(tiny_model_path: Path, decode_graph: str) -> None:
+    """Eager, and through the decode graphs' static buffers and row buckets (engine/graphs.py,
+    without a device to capture on)."""
     seed = int(os.environ.get("VLSERVE_TEST_SEED") or random.randrange(2**31))
     print(f"VLSERVE_TEST_SEED={seed}")
     plans = _plans(random.Random(seed), 6)
@@ -366,8 +370,12 @@ def test_paged_decode_is_exact_inner(tiny_model_path: Path) -> None:
         plan.update(max_tokens=min(plan["max_tokens"], 8))
     for plan in plans[:3]:
         plan.update(delay_s=0.0, cancel_after=None)
-    out = _run_exactness(tiny_model_path, seed, plans, attention="paged")
+    out = _run_exactness(tiny_model_path, seed, plans, attention="paged", decode_graph=decode_graph)
     assert max(out["steps"]["decode"]) > 1, out["steps"]
+    graphs = out["graphs"]
+    assert (graphs is not None) == (decode_graph == "static")
+    if graphs is not None:
+        assert sorted(graphs.graphs) == [1, 2, 4]  # max_num_seqs 4
 
 
 def test_paged_decode_kernel_is_exact_under_the_interpreter() -> None:
@@ -386,4 +394,4 @@ def test_paged_decode_kernel_is_exact_under_the_interpreter() -> None:
         timeout=900,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
-    assert "1 passed" in done.stdout
+    assert "2 passed" in done.stdout

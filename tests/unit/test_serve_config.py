@@ -97,6 +97,13 @@ def test_model_impl_flag_env_and_validation(monkeypatch: pytest.MonkeyPatch) -> 
         ServerConfig(model_path="/m", model_impl="hf")
 
 
+def test_enforce_eager_flag_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert _config(["--model", "/m"]).enforce_eager is False
+    assert _config(["--model", "/m", "--enforce-eager"]).enforce_eager is True
+    monkeypatch.setenv("VLSERVE_ENFORCE_EAGER", "1")
+    assert _config(["--model", "/m"]).enforce_eager is True
+
+
 def test_media_flag_defaults_are_media_config_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     from vlserve.media.config import MediaConfig
 

@@ -67,6 +67,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(auto), or transformers' (the reference)",
     )
     m.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        default=_env("VLSERVE_ENFORCE_EAGER", "") in ("1", "true"),
+        help="run every decode step eagerly (vLLM's name); by default, on CUDA, the decode "
+        "step is captured as a CUDA graph per row bucket at startup",
+    )
+    m.add_argument(
         "--default-max-tokens",
         type=int,
         default=2048,
@@ -243,6 +250,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         dtype=args.dtype,
         load_format=args.load_format,
         model_impl=args.model_impl,
+        enforce_eager=args.enforce_eager,
         default_max_tokens=args.default_max_tokens,
         max_n=args.max_n,
         request_timeout_s=args.request_timeout,
@@ -322,6 +330,7 @@ def serve(config: ServerConfig, faults: FaultInjector | None = None) -> int:
             config.encoder_thread,
             load_format=config.load_format,
             model_impl=config.model_impl,
+            decode_graph="none" if config.enforce_eager else "auto",
             default_max_tokens=config.default_max_tokens,
             max_image_tokens=config.max_image_tokens_per_request,
             kv_cache_tokens=config.kv_cache_tokens,

@@ -50,6 +50,9 @@ class EngineConfig:
     load_format: str = "auto"  # "dummy": random weights of config.json's shape (ModelRunner)
     model_impl: str = "auto"  # "transformers": HF's forward of the text stack (ModelRunner)
     attention: str = "auto"  # decode attention: "paged" (Triton), "portable"; auto: by device
+    # the decode step as a device graph per row bucket (engine/graphs.py): "auto" (CUDA graphs
+    # with paged attention), "none" (--enforce-eager), "static" (no capture: CPU tests)
+    decode_graph: str = "auto"
     default_max_tokens: int = 2048  # when a request gives none (capped by context and KV cache)
     max_image_tokens: int = 16_384  # all images of one request together
     kv_cache_tokens: int | None = None  # None: a fraction of free memory (see kv_cache_blocks)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 from vlserve.engine.block_manager import BlockManager
 from vlserve.engine.detokenizer import IncrementalDetokenizer
 from vlserve.engine.device import empty_cache, free_memory_bytes, is_out_of_memory
+from vlserve.engine.graphs import DecodeGraphs, graph_factory
 from vlserve.engine.guided import CompiledGuide, GuideMasker
 from vlserve.engine.prompt import ChatPrompt, EncodedPrompt
 from vlserve.engine.request import FinishReason, SamplingParams, TokenEvent, TokenLogprob
@@ -73,6 +74,10 @@ class EngineLoop:
             chunk = CPU_PREFILL_TOKENS if cpu else DEVICE_PREFILL_TOKENS
             scheduling = dataclasses.replace(scheduling, max_prefill_tokens=chunk)
         self.scheduler: Scheduler[Sequence] = Scheduler(scheduling, self.blocks)
+        make_graph = graph_factory(runner.device.type, config.decode_graph)
+        if make_graph is not None and runner.paged_decode:
+            runner.graphs = DecodeGraphs(runner, scheduling.max_num_seqs, make_graph)
+            runner.graphs.capture()
         self.masker = GuideMasker(runner.vocab_size, runner.device.torch_device)
 
     def new_sequence(

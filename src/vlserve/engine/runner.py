@@ -15,6 +15,7 @@ from transformers import AutoProcessor, AutoTokenizer, GenerationConfig
 
 from vlserve.engine.attention import PoolAttention
 from vlserve.engine.device import DeviceInfo
+from vlserve.engine.graphs import DecodeGraphs
 from vlserve.engine.kv_cache import PAD_ROW, KVPool, PagedCache, RowSpan, build_layout, row_bucket
 from vlserve.engine.model import Qwen3VLText
 from vlserve.engine.preprocess import Preprocessor
@@ -95,6 +96,7 @@ class ModelRunner:
             "paged (Triton)" if self.paged_decode else "portable",
         )
         self.pool: KVPool | None = None
+        self.graphs: DecodeGraphs | None = None  # captured decode steps (EngineLoop sets them)
         # Pad decode batches to row_bucket() sizes (shapes a device graph can capture); off on
         # CPU, where a padded row costs as much as a real one.
         self.pad_decode_rows = False
@@ -214,6 +216,9 @@ class ModelRunner:
         that stops before the end of its prompt has logits nobody samples)."""
         if self.pool is None:
             raise RuntimeError("the KV cache is not allocated")
+        graphs = self.graphs
+        if not is_prefill and graphs is not None and len(seqs) <= graphs.max_rows:
+            return graphs.run(seqs)
         dev = self.device.torch_device
         ends = ends if ends is not None else [s.num_tokens for s in seqs]
         spans = [
