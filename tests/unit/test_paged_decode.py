@@ -68,7 +68,7 @@ def test_kernel_matches_the_reference(case: tuple) -> None:  # type: ignore[type
 def test_the_kernel_under_tritons_interpreter() -> None:
     pytest.importorskip("triton")
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "kernel_matches"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", "kernel_matches or self_check"],
         cwd=REPO,
         env={**os.environ, "TRITON_INTERPRET": "1"},
         capture_output=True,
@@ -76,7 +76,7 @@ def test_the_kernel_under_tritons_interpreter() -> None:
         timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert f"{len(CASES)} passed" in done.stdout
+    assert f"{len(CASES) + 1} passed" in done.stdout
 
 
 def test_the_reference_is_the_portable_path() -> None:
@@ -105,3 +105,15 @@ def test_the_reference_is_the_portable_path() -> None:
     portable = PoolAttention(pool, layout, scale)(0, q.unsqueeze(2), k_new, v_new)
     expected = paged_decode_reference(q, keys, values, tables, lens, block, scale)
     torch.testing.assert_close(portable.view_as(expected), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_self_check_reports_a_kernel_that_cannot_run_here() -> None:
+    """On the CPU without the interpreter, Triton cannot launch: the runner is told why and
+    gathers instead (on CUDA, the same check guards against a kernel that disagrees)."""
+    from vlserve.engine.paged_decode import self_check
+
+    if INTERPRETED:
+        assert self_check(torch.device("cpu"), torch.float32) is None
+    else:
+        problem = self_check(torch.device("cpu"), torch.float32)
+        assert problem is not None and problem.split(":")[0].endswith("Error")

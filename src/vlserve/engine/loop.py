@@ -74,11 +74,26 @@ class EngineLoop:
             chunk = CPU_PREFILL_TOKENS if cpu else DEVICE_PREFILL_TOKENS
             scheduling = dataclasses.replace(scheduling, max_prefill_tokens=chunk)
         self.scheduler: Scheduler[Sequence] = Scheduler(scheduling, self.blocks)
-        make_graph = graph_factory(runner.device.type, config.decode_graph)
-        if make_graph is not None and runner.paged_decode:
-            runner.graphs = DecodeGraphs(runner, scheduling.max_num_seqs, make_graph)
-            runner.graphs.capture()
+        self._capture_decode_graphs(scheduling.max_num_seqs)
         self.masker = GuideMasker(runner.vocab_size, runner.device.torch_device)
+
+    def _capture_decode_graphs(self, max_rows: int) -> None:
+        """Decode graphs where the device has them (engine/graphs.py). A capture that fails
+        in auto mode leaves the steps eager, with the reason in the log: a server that works
+        beats one that does not start."""
+        runner = self.runner
+        make_graph = graph_factory(runner.device.type, self.config.decode_graph)
+        if make_graph is None or not runner.paged_decode:
+            return
+        graphs = DecodeGraphs(runner, max_rows, make_graph)
+        try:
+            graphs.capture()
+        except Exception:
+            if self.config.decode_graph != "auto":
+                raise
+            log.exception("capturing the decode step failed: decode steps stay eager")
+            return
+        runner.graphs = graphs
 
     def new_sequence(
         self,

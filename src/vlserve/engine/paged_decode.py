@@ -69,6 +69,24 @@ def paged_decode(
     return out
 
 
+def self_check(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Run the kernel once on ``device`` against the reference (a small random case, GQA,
+    several blocks): None when they agree, else why not (the runner then gathers instead)."""
+    try:
+        g = torch.Generator().manual_seed(0)
+        keys, values = (torch.randn(64, 2, 64, generator=g).to(device, dtype) for _ in range(2))
+        q = torch.randn(3, 8, 64, generator=g).to(device, dtype)
+        tables = torch.tensor([[1, 2, 3], [3, 0, 0], [2, 1, 0]], dtype=torch.int32, device=device)
+        lens = torch.tensor([40, 5, 17], dtype=torch.int32, device=device)
+        got = paged_decode(q, keys, values, tables, lens, 16, 0.125)
+        want = paged_decode_reference(q, keys, values, tables, lens, 16, 0.125)
+        error = float((got.float() - want.float()).abs().max())
+    except Exception as exc:  # a kernel that cannot compile or launch here
+        return f"{type(exc).__name__}: {exc}"
+    limit = 1e-4 if dtype == torch.float32 else 3e-2
+    return None if error <= limit else f"differs from the reference by {error:.3g}"
+
+
 _KERNEL = None
 
 

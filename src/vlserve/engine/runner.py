@@ -338,7 +338,8 @@ def _decode_inputs(seqs: Seq[Sequence], pad: int) -> tuple[torch.Tensor, torch.T
 
 
 def _paged(attention: str, device: DeviceInfo) -> bool:
-    """Whether decode steps read the pool with the Triton kernel."""
+    """Whether decode steps read the pool with the Triton kernel: asked for, or on CUDA when
+    triton imports and the kernel agrees with the reference there (else the gather, logged)."""
     if attention not in ("auto", "paged", "portable"):
         raise ValueError(f"attention must be auto, paged or portable, got {attention!r}")
     if attention != "auto":
@@ -349,7 +350,12 @@ def _paged(attention: str, device: DeviceInfo) -> bool:
         import triton  # noqa: F401
     except ImportError:
         return False
-    return True
+    from vlserve.engine.paged_decode import self_check
+
+    problem = self_check(device.torch_device, device.dtype)
+    if problem is not None:
+        log.warning("paged decode kernel unusable here (%s): decode attention gathers", problem)
+    return problem is None
 
 
 def _load_generation_config(path: str) -> GenerationConfig | None:
