@@ -10,17 +10,21 @@
 #       with --install-only (what a call installs stays in .device-deps on a warm machine).
 #   benchmarks/device_check.sh [--wheels DIR] [--install-only] [--out FILE] [--dry-run]
 #       on the GPU machine: install every wheel under DIR (into .device-deps, never online; none
-#       already there), then, in under 8 minutes,
-#         1. the engine exactness test on CUDA in fp32 (greedy tokens == model.generate),
-#         2. the tiny model served on CUDA in bf16, driven by `vlserve bench` at concurrency
-#            1, 8 and 32, with and without the encoder thread,
-#         3. benchmarks/gpu_realsize.py (the real 8B dimensions, random weights),
-#         4. benchmarks/prefix_cache.py at the 8B dimensions (--load-format dummy): multi-turn
-#            TTFT with and without the prefix and encoder caches,
-#       and write every result into one JSON file (--out, default device_check.json).
-#       --dry-run: the same steps on the CPU, shrunk (a subset of the exactness test, one server
-#       at concurrency 1 with 4 requests, gpu_realsize --smoke, the prefix cache on the tiny
-#       model with 2 conversations), so CI checks the script without a GPU
+#       already there), then, in about 7 minutes, each step within its own time budget:
+#         1. exactness on CUDA in fp32 (greedy tokens == model.generate), with the decode
+#            graphs (the default there) and with --enforce-eager,
+#         2. benchmarks/decode_step.py: one 8B decode step at batch 1 and 64 by forward (HF /
+#            ours), attention (gather / paged kernel) and graph, against the HBM floor, and
+#            torch.profiler's top 15 operations of a step at batch 1 and 64,
+#         3. benchmarks/gpu_realsize.py: the in-process engine at the 8B dimensions, 1 and 64
+#            users (448x448 image + 64 tokens each),
+#         4. the tiny model served in bf16 under `vlserve bench` at concurrency 1, 8 and 32,
+#            and at 1 with --enforce-eager,
+#         5. benchmarks/prefix_cache.py at the 8B dimensions: multi-turn TTFT with and without
+#            the prefix and encoder caches,
+#       rewriting one JSON file (--out, default device_check.json) after every step, so a run
+#       cut short keeps what it measured (benchmarks/_device_summary.py).
+#       --dry-run: the same steps on the CPU, shrunk, so CI checks the script without a GPU
 #       (tests/integration/test_device_check.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -39,7 +43,7 @@ while [ $# -gt 0 ]; do
         --out) OUT="$2"; shift 2 ;;
         --dry-run) DRY=1; shift ;;
         --install-only) INSTALL_ONLY=1; shift ;;
-        -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
         *) echo "unknown argument: $1" >&2; exit 2 ;;
     esac
 done
@@ -73,24 +77,47 @@ export PYTHONPATH="$PWD/src:$PWD:$DEPS${PYTHONPATH:+:$PYTHONPATH}"
 export VLSERVE_CACHE_DIR="$WORK/cache" TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 
 if [ "$DRY" = 1 ]; then
-    DEVICE=cpu; DTYPE=float32; LEVELS=(1); REQUESTS=4; K="chunked"; SMOKE=(--smoke --batches 1)
+    DEVICE=cpu; DTYPE=float32; LEVELS=(1); REQUESTS=4; K=(-k chunked)
+    DECODE=(--smoke --batches 1 4 --steps 3 --variants transformers vlserve-gather)
+    REALSIZE=(--smoke --batches 1)
     PREFIX=(--shapes tiny --conversations 2 --rounds 1 --concurrency 2 --max-tokens 4)
 else
-    DEVICE=cuda; DTYPE=bfloat16; LEVELS=(1 8 32); REQUESTS=64; K=""; SMOKE=()
-    PREFIX=(--shapes 8b --conversations 8 --concurrency 4)
+    DEVICE=cuda; DTYPE=bfloat16; LEVELS=(1 8 32); REQUESTS=64
+    K=(-k "not inner and not interpreter")
+    DECODE=(--batches 1 64)
+    REALSIZE=(--batches 1 64 --budget-s 70)
+    PREFIX=(--shapes 8b --conversations 4 --rounds 1 --concurrency 4 --max-tokens 16)
     "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device")'
 fi
 started=$(date +%s)
 "$PY" -c 'import sys, torch, transformers; print(sys.version.split()[0], torch.__version__, transformers.__version__, torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")' | tee "$WORK/env.txt"
 
-echo "== 1. exactness on $DEVICE (fp32)"
-set +e
-VLSERVE_TEST_DEVICE=$DEVICE timeout 300 "$PY" -m pytest -q -p no:cacheprovider \
-    tests/integration/test_engine_exactness.py ${K:+-k "$K"} 2>&1 | tee "$WORK/exactness.txt"
-echo "${PIPESTATUS[0]}" > "$WORK/exactness.rc"
-set -e
+summarize() {  # the results file as it stands: a run cut short keeps what it measured
+    "$PY" benchmarks/_device_summary.py "$WORK" "$OUT" "$DEVICE" "$DRY" "$(( $(date +%s) - started ))"
+}
+step() {  # NAME BUDGET_S COMMAND...: run within its own budget, keep its output and exit code
+    local name=$1 budget=$2; shift 2
+    echo "== $name (at most ${budget} s)"
+    local begin; begin=$(date +%s)
+    set +e
+    timeout "$budget" "$@" 2>&1 | tee "$WORK/$name.txt"
+    echo "${PIPESTATUS[0]} $(( $(date +%s) - begin ))" > "$WORK/$name.rc"
+    set -e
+    summarize >/dev/null || true
+}
 
-echo "== 2. the tiny model served on $DEVICE ($DTYPE), vlserve bench"
+# 1. greedy tokens == model.generate in fp32, with the decode graphs (CUDA's default) and without
+step exactness-graphs 70 env VLSERVE_TEST_DEVICE="$DEVICE" \
+    "$PY" -m pytest -q -p no:cacheprovider tests/integration/test_engine_exactness.py "${K[@]}"
+step exactness-eager 60 env VLSERVE_TEST_DEVICE="$DEVICE" VLSERVE_TEST_DECODE_GRAPH=none \
+    "$PY" -m pytest -q -p no:cacheprovider tests/integration/test_engine_exactness.py "${K[@]}"
+# 2. one 8B decode step by forward, attention and graph, against the HBM floor; profiler tables
+step decode-step 120 "$PY" benchmarks/decode_step.py --device "$DEVICE" --dtype "$DTYPE" \
+    --jsonl "$WORK/decode-step.jsonl" "${DECODE[@]}"
+# 3. the in-process engine at the 8B dimensions, 448x448 image + 64 tokens per request
+step realsize 80 "$PY" benchmarks/gpu_realsize.py --device "$DEVICE" --dtype "$DTYPE" "${REALSIZE[@]}"
+
+# 4. the tiny model served, vlserve bench (TPOT: what the host costs per token)
 MODEL=$("$PY" -c 'from vlserve.testing import ensure_tiny_model; print(ensure_tiny_model())')
 serve_and_bench() {  # $1: label, then extra serve flags
     local label=$1; shift
@@ -115,45 +142,17 @@ serve_and_bench() {  # $1: label, then extra serve flags
     done
     kill -TERM "$pid"; wait "$pid" || true
 }
-serve_and_bench encoder-thread
-[ "$DRY" = 1 ] || serve_and_bench no-encoder-thread --no-encoder-thread
+export -f serve_and_bench
+export PY MODEL DEVICE DTYPE WORK REQUESTS
+export LEVELS_WORDS="${LEVELS[*]}"
+# shellcheck disable=SC2016  # expanded by the inner bash
+step served 50 bash -c 'read -ra LEVELS <<< "$LEVELS_WORDS"; serve_and_bench default'
+if [ "$DRY" != 1 ]; then
+    # shellcheck disable=SC2016
+    step served-eager 25 bash -c 'LEVELS=(1); serve_and_bench eager --enforce-eager'
+fi
 
-echo "== 3. gpu_realsize"
-set +e
-timeout 420 "$PY" benchmarks/gpu_realsize.py --device "$DEVICE" ${SMOKE[@]+"${SMOKE[@]}"} 2>&1 | tee "$WORK/realsize.txt"
-echo "${PIPESTATUS[0]}" > "$WORK/realsize.rc"
-set -e
+# 5. prefix and encoder caches, multi-turn, at the 8B dimensions
+step prefix 60 "$PY" benchmarks/prefix_cache.py --device "$DEVICE" --dtype "$DTYPE" "${PREFIX[@]}"
 
-echo "== 4. prefix and encoder caches, multi-turn"
-set +e
-timeout 240 "$PY" benchmarks/prefix_cache.py --device "$DEVICE" --dtype "$DTYPE" "${PREFIX[@]}" 2>&1 | tee "$WORK/prefix.txt"
-echo "${PIPESTATUS[0]}" > "$WORK/prefix.rc"
-set -e
-
-"$PY" - "$WORK" "$OUT" "$DEVICE" "$DRY" "$(( $(date +%s) - started ))" <<'EOF'
-import json, pathlib, sys
-work, out, device, dry, seconds = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
-keep = ("request_throughput", "output_token_throughput", "ttft_ms", "tpot_ms", "e2el_ms", "completed", "failed", "duration_s")
-bench = {}
-for f in sorted(work.glob("bench-*.summary.json")):
-    summary = json.loads(f.read_text())
-    bench[f.name.removesuffix(".summary.json")] = {k: v for k, v in summary.items() if k.startswith(keep)}
-result = {
-    "device": device,
-    "dry_run": dry == "1",
-    "seconds": int(seconds),
-    "env": (work / "env.txt").read_text().strip(),
-    "exactness": {"exit_code": int((work / "exactness.rc").read_text()),
-                  "tail": (work / "exactness.txt").read_text()[-1500:]},
-    "bench": bench,
-    "gpu_realsize": {"exit_code": int((work / "realsize.rc").read_text()),
-                     "output": (work / "realsize.txt").read_text()[-4000:]},
-    "prefix_cache": {"exit_code": int((work / "prefix.rc").read_text()),
-                     "output": (work / "prefix.txt").read_text()[-3000:]},
-}
-pathlib.Path(out).write_text(json.dumps(result, indent=1))
-codes = [result[k]["exit_code"] for k in ("exactness", "gpu_realsize", "prefix_cache")]
-ok = not any(codes) and bench
-print(f"results in {out} ({seconds} s): {'OK' if ok else 'FAILED'}")
-sys.exit(0 if ok else 1)
-EOF
+summarize

@@ -85,6 +85,8 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="vlserve-prefix-") as tmp:
             work = Path(tmp)
             flags = ["--device", args.device, "--dtype", args.dtype]
+            if args.device != "cpu":  # two servers share one device: a KV cache each, not 80%
+                flags += ["--kv-cache-tokens", "131072"]
             if name == "tiny":
                 model_path = ensure_tiny_model()
             else:  # config, tokenizer and processor files only: random weights on the device

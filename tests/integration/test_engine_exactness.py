@@ -212,6 +212,8 @@ def _run_exactness(
 ) -> dict:
     rng = random.Random(seed)
     steps = {"prefill": [], "decode": []}  # type: ignore[var-annotated]
+    if os.environ.get("VLSERVE_TEST_DECODE_GRAPH"):  # device_check.sh: graphs off
+        config.setdefault("decode_graph", os.environ["VLSERVE_TEST_DECODE_GRAPH"])
     engine = AsyncEngine(
         EngineConfig(
             str(tiny_model_path),
