@@ -153,3 +153,44 @@ def test_logprobs_are_of_the_tempered_penalised_distribution_for_asking_rows_onl
 def test_logprobs_zero_gives_the_chosen_token_only() -> None:
     _, logprobs = sample(torch.tensor([[1.0, 0.0]]), [_state(vocab=2, temperature=0, logprobs=0)])
     assert logprobs[0] is not None and logprobs[0][1:] == ([], [])
+
+
+def test_a_step_reads_back_from_the_device_once(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Greedy, sampled (temperature, top-k, top-p, min-p, penalties, bias, seeds) and logprob
+    rows in one batch: the token ids and the logprobs come back in one copy, and no filter
+    reads a device value to decide anything (each such read is a host sync on an accelerator)."""
+    reads: list[str] = []
+    for name in ("tolist", "item", "__bool__", "__int__", "__float__"):
+        real = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _real=real, _name=name):  # type: ignore[no-untyped-def]
+            reads.append(_name)
+            return _real(self, *a)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    vocab = 50
+    states = [
+        _state(vocab=vocab, temperature=0.0),
+        _state(vocab=vocab, temperature=0.0, logprobs=3),
+        _state((1, 2), vocab, temperature=0.9, top_k=5, top_p=0.8, seed=3, logprobs=0),
+        _state(
+            (4,),
+            vocab,
+            temperature=1.2,
+            min_p=0.1,
+            repetition_penalty=1.3,
+            seed=5,
+            presence_penalty=0.5,
+            logit_bias=((7, 5.0),),
+        ),  # fmt: skip
+    ]
+    logits = torch.randn(4, vocab, generator=torch.Generator().manual_seed(0))
+    reads.clear()
+    tokens, logprobs = sample(logits, states)
+    assert reads == ["tolist"], reads
+    assert len(tokens) == 4 and all(isinstance(t, int) for t in tokens)
+    assert logprobs[0] is None and logprobs[3] is None
+    chosen, top_ids, top_values = logprobs[1]  # type: ignore[misc]
+    assert top_ids[0] == tokens[1] and chosen == top_values[0] and len(top_ids) == 3
+    assert all(isinstance(i, int) for i in top_ids)
+    assert logprobs[2] is not None and logprobs[2][1:] == ([], [])

@@ -10,6 +10,10 @@ Log-probabilities are those of the distribution the token is drawn from before t
 log-softmax of the logits after bias, penalties, the grammar mask and temperature (1 for
 greedy rows); top-k, top-p and min-p do not change them (vLLM's ``processed_logprobs``). Only
 rows that ask pay for them.
+
+Everything runs on the logits' device for the whole batch; a step reads back from it once
+(the token ids, with the logprobs of the rows that ask in the same copy), plus once more
+before the grammar masks when a row is guided (the grammar runs on the host).
 """
 
 from __future__ import annotations
@@ -160,36 +164,55 @@ def sample(
         index = torch.tensor(random_rows, device=logits.device)
         picked = _sample_rows(logits[index], [states[i] for i in random_rows])
         tokens[index] = picked
-    out = tokens.tolist()
-    logprobs = _logprobs(logits, tokens, states)
+    out, logprobs = _read_back(tokens, _logprob_tensors(logits, tokens, states), states)
     for state, token in zip(states, out, strict=True):
         state.append(token)
     return out, logprobs
 
 
-def _logprobs(
+def _logprob_tensors(
     logits: torch.Tensor, tokens: torch.Tensor, states: Sequence[SamplerState]
-) -> list[RowLogprobs | None]:
+) -> tuple[list[int], torch.Tensor] | None:
+    """For the rows that ask: (their indices, one (rows, 1 + 2k) float64 tensor on the device:
+    the chosen token's logprob, then the top k ids, then their logprobs)."""
     rows = [i for i, s in enumerate(states) if s.params.logprobs is not None]
-    result: list[RowLogprobs | None] = [None] * len(states)
     if not rows:
-        return result
+        return None
     dev = logits.device
     index = torch.tensor(rows, device=dev)
     temperature = torch.tensor(
         [states[i].params.temperature or 1.0 for i in rows], device=dev
     ).unsqueeze(1)
     logp = torch.log_softmax(logits[index] / temperature, dim=-1)
-    chosen = logp.gather(1, tokens[index].unsqueeze(1)).view(-1).clamp(min=MIN_LOGPROB)
+    chosen = logp.gather(1, tokens[index].unsqueeze(1)).clamp(min=MIN_LOGPROB)
     k = max(int(states[i].params.logprobs or 0) for i in rows)
-    top = torch.topk(logp, k, dim=-1) if k else None
-    chosen_list = chosen.tolist()
-    top_ids = top.indices.tolist() if top is not None else [[] for _ in rows]
-    top_vals = top.values.clamp(min=MIN_LOGPROB).tolist() if top is not None else top_ids
+    parts = [chosen.double()]
+    if k:
+        top = torch.topk(logp, k, dim=-1)  # ids are exact in float64 (below 2**53)
+        parts += [top.indices.double(), top.values.clamp(min=MIN_LOGPROB).double()]
+    return rows, torch.cat(parts, dim=1)
+
+
+def _read_back(
+    tokens: torch.Tensor,
+    logprobs: tuple[list[int], torch.Tensor] | None,
+    states: Sequence[SamplerState],
+) -> tuple[list[int], list[RowLogprobs | None]]:
+    """The step's one device-to-host copy: the token ids, with the logprobs when asked."""
+    result: list[RowLogprobs | None] = [None] * len(states)
+    if logprobs is None:
+        return tokens.tolist(), result
+    rows, table = logprobs
+    n = len(states)
+    flat = torch.cat([tokens.double(), table.reshape(-1)]).tolist()
+    width = table.shape[1]
+    k = (width - 1) // 2
     for j, i in enumerate(rows):
+        row = flat[n + j * width : n + (j + 1) * width]
         want = int(states[i].params.logprobs or 0)
-        result[i] = (chosen_list[j], top_ids[j][:want], top_vals[j][:want])
-    return result
+        ids = [int(t) for t in row[1 : 1 + k]]
+        result[i] = (row[0], ids[:want], row[1 + k : 1 + k + want])
+    return [int(t) for t in flat[:n]], result
 
 
 def probabilities(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
@@ -207,8 +230,8 @@ def probabilities(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tor
         use = torch.tensor([bool(k) for k in top_k], device=dev).unsqueeze(1)
         logits = logits.masked_fill(use & (logits < threshold), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    min_p = torch.tensor([p.min_p for p in params], device=dev).unsqueeze(1)
-    if bool((min_p > 0).any()):
+    if any(p.min_p > 0 for p in params):  # decided on the host: no device read
+        min_p = torch.tensor([p.min_p for p in params], device=dev).unsqueeze(1)
         probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
     top_p = [p.top_p for p in params]
     if any(p < 1.0 for p in top_p):
@@ -236,9 +259,7 @@ def _sample_rows(logits: torch.Tensor, states: Sequence[SamplerState]) -> torch.
     cdf = torch.cumsum(probs, dim=-1)
     target = draws.unsqueeze(1) * cdf[:, -1:]
     picked = torch.searchsorted(cdf, target, right=True).clamp(max=probs.shape[-1] - 1)
-    # never a zero-probability token, even where float rounding lands on one
-    chosen = picked.view(-1)
+    # never a zero-probability token, even where float rounding lands on one (decided on the
+    # device: no read back)
     zero = probs.gather(1, picked).view(-1) <= 0
-    if bool(zero.any()):
-        chosen = torch.where(zero, probs.argmax(dim=-1), chosen)
-    return chosen
+    return torch.where(zero, probs.argmax(dim=-1), picked.view(-1))
