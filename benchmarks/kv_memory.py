@@ -44,9 +44,9 @@ def memory_case() -> dict:
     peak = {"reserved": 0, "needed": 0, "rows": 0, "longest": 0}
     engine: AsyncEngine
 
-    def on_step(rows: int, is_prefill: bool) -> None:
+    def on_step(step) -> None:  # type: ignore[no-untyped-def]
         loop = engine.loop
-        if loop is None or is_prefill:
+        if loop is None or step.is_prefill:
             return
         running = loop.scheduler.running
         reserved = loop.blocks.num_used_blocks * loop.blocks.block_size

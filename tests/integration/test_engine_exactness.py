@@ -226,7 +226,7 @@ def _run_exactness(
         # fp32 on the CPU, or on VLSERVE_TEST_DEVICE (benchmarks/device_check.sh: cuda)
         DeviceInfo(os.environ.get("VLSERVE_TEST_DEVICE", "cpu"), torch.float32),
         hooks=EngineHooks(
-            on_step=lambda rows, prefill: steps["prefill" if prefill else "decode"].append(rows)
+            on_step=lambda step: steps["prefill" if step.is_prefill else "decode"].append(step.rows)
         ),
     )
     engine.start()

@@ -202,7 +202,10 @@ def test_metrics_render_prometheus_text() -> None:
     record.prompt_tokens, record.completion_tokens = 10, 5
     record.ttft_s, record.queue_s, record.finish_reason = 0.2, 0.01, "length"
     metrics.observe(record, 1.5)
-    metrics.batch_size.observe(4)
+    from vlserve.engine.request import StepStats
+
+    metrics.observe_step(StepStats(4, 4, False, 30, 120, 0, 0))  # a decode step of 4 rows
+    metrics.observe_step(StepStats(2, 300, True, 60, 120, 48, 1))  # a prefill, one preempted
     probe = RequestRecord(request_id="p", method="GET", path="/wp-admin/../x")
     probe.status = 404
     metrics.observe(probe, 0.001)
@@ -216,6 +219,13 @@ def test_metrics_render_prometheus_text() -> None:
         'vlserve_time_to_first_token_seconds_bucket{le="0.25"} 1.0',
         "vlserve_queue_time_seconds_count 1.0",
         'vlserve_batch_size_bucket{le="4.0"} 1.0',
+        "vlserve_batch_size_count 1.0",  # decode steps only
+        'vlserve_step_tokens_bucket{le="1.0"} 0.0',
+        'vlserve_step_tokens_bucket{le="8.0"} 1.0',
+        'vlserve_step_tokens_bucket{le="512.0"} 2.0',
+        "vlserve_preemptions_total 1.0",
+        "vlserve_prefix_cache_hit_tokens_total 48.0",
+        "vlserve_kv_cache_usage_ratio 0.5",
         "vlserve_num_requests_running 3.0",
         "vlserve_num_requests_waiting 7.0",
         'vlserve_request_finish_total{reason="length"} 1.0',

@@ -27,7 +27,6 @@ class Seq:
     block_hashes: list[bytes] = field(default_factory=list)
     num_cached_tokens: int = 0
     num_prompt_tokens: int = 0
-    chunk_end: int | None = None
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)
@@ -58,12 +57,11 @@ def _run_prefill(s: Scheduler[Seq], token: int = 7) -> list[str]:
     whose prompt is complete get their first token."""
     plan = s.schedule()
     assert plan.is_prefill
-    for seq in plan.seqs:
-        end = seq.chunk_end or seq.num_tokens
-        seq.chunk_end = None
-        s.blocks.commit(seq, end)
-        if end == seq.num_tokens:
-            seq.token_ids.append(token)
+    for row in plan.rows:
+        assert row.start == row.seq.num_cached_tokens
+        s.blocks.commit(row.seq, row.end)
+        if row.samples:
+            row.seq.token_ids.append(token)
     return [q.request_id for q in plan.seqs]
 
 
@@ -177,8 +175,9 @@ def test_short_newcomers_beside_a_long_prompt_start_in_one_step() -> None:
     plan = s.schedule()
     # the chunk narrows to 64 // 8 tokens and all seven join it: 8 rows x 8 positions
     assert [q.request_id for q in plan.seqs] == ["huge", *names]
-    widths = [(q.chunk_end or q.num_tokens) - q.num_cached_tokens for q in plan.seqs]
+    widths = [row.end - row.start for row in plan.rows]
     assert widths == [8] + [6] * 7
+    assert plan.num_tokens == 8 + 6 * 7
 
 
 def test_every_prefill_step_fits_its_padded_budget_and_everyone_finishes() -> None:
@@ -198,14 +197,15 @@ def test_every_prefill_step_fits_its_padded_budget_and_everyone_finishes() -> No
                 continue
             plan = s.schedule()
             if plan.is_prefill:
-                widths = [(q.chunk_end or q.num_tokens) - q.num_cached_tokens for q in plan.seqs]
+                widths = [row.end - row.start for row in plan.rows]
                 # a row takes one token past its width rather than leave only its last token
                 assert len(widths) * (max(widths) - 1) <= budget, widths
-            for seq in plan.seqs:
-                end = (seq.chunk_end or seq.num_tokens) if plan.is_prefill else seq.num_tokens
-                seq.chunk_end = None
+            else:  # a decode row computes its newest token
+                assert all(r.end - r.start == 1 == r.end - r.seq.num_tokens + 1 for r in plan.rows)
+            for row in plan.rows:
+                seq, end = row.seq, row.end
                 s.blocks.commit(seq, end)
-                if end == seq.num_tokens:
+                if row.samples:
                     seq.token_ids.append(7)
                     if len(seq.token_ids) - seq.num_prompt_tokens >= seq.max_new:
                         s.finish(seq)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -15,6 +16,9 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
+
+if TYPE_CHECKING:
+    from vlserve.engine.request import StepStats
 
 disable_created_metrics()  # the *_created series double the output and nothing here reads them
 
@@ -92,6 +96,23 @@ class Metrics:
         self.cached_tokens = Counter(
             "vlserve_prompt_cached_tokens", "prompt tokens served from the prefix cache", registry=r
         )
+        self.step_tokens = Histogram(
+            "vlserve_step_tokens",
+            "positions computed by each engine step (prefill and decode)",
+            buckets=(1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384),
+            registry=r,
+        )
+        self.preemptions = Counter(
+            "vlserve_preemptions", "running requests preempted for KV space", registry=r
+        )
+        self.prefix_hits = Counter(
+            "vlserve_prefix_cache_hit_tokens",
+            "prompt tokens the prefix cache gave requests as they started",
+            registry=r,
+        )
+        self.kv_usage = Gauge(
+            "vlserve_kv_cache_usage_ratio", "KV cache blocks in use after the last step", registry=r
+        )
         self.running = Gauge("vlserve_num_requests_running", "requests decoding", registry=r)
         self.waiting = Gauge("vlserve_num_requests_waiting", "requests queued", registry=r)
 
@@ -100,10 +121,16 @@ class Metrics:
         self.running.set_function(lambda: float(running()))
         self.waiting.set_function(lambda: float(waiting()))
 
-    def observe_step(self, rows: int, is_prefill: bool) -> None:
-        """The engine's ``on_step`` hook (inference thread): decode batch sizes."""
-        if not is_prefill:
-            self.batch_size.observe(rows)
+    def observe_step(self, step: StepStats) -> None:
+        """The engine's ``on_step`` hook (inference thread): the step's plan and the KV cache."""
+        if not step.is_prefill:
+            self.batch_size.observe(step.rows)
+        self.step_tokens.observe(step.tokens)
+        if step.preemptions:
+            self.preemptions.inc(step.preemptions)
+        if step.prefix_hit_tokens:
+            self.prefix_hits.inc(step.prefix_hit_tokens)
+        self.kv_usage.set(step.kv_blocks_used / max(step.kv_blocks_total, 1))
 
     def observe(self, record: RequestRecord, duration_s: float) -> None:
         route = record.path if record.path in KNOWN_ROUTES else "other"

@@ -24,7 +24,7 @@ from vlserve.engine.encoder import Encoder
 from vlserve.engine.guided import CompiledGuide, GuideCompiler
 from vlserve.engine.loop import EngineLoop
 from vlserve.engine.prompt import ChatPrompt, EncodedPrompt, ImageFeatures, PreparedPrompt
-from vlserve.engine.request import SamplingParams, TokenEvent
+from vlserve.engine.request import SamplingParams, StepStats, TokenEvent
 from vlserve.engine.runner import ModelRunner
 from vlserve.engine.scheduler import SchedulerConfig
 from vlserve.engine.sequence import Sequence
@@ -79,7 +79,7 @@ class EngineHooks:
     inference thread."""
 
     before_prefill: Callable[[str], None] | None = None  # request id; may raise: fails it only
-    on_step: Callable[[int, bool], None] | None = None  # rows, is_prefill
+    on_step: Callable[[StepStats], None] | None = None
     on_fatal: Callable[[BaseException], None] | None = None
 
 

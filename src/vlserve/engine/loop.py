@@ -15,7 +15,13 @@ from vlserve.engine.device import empty_cache, free_memory_bytes, is_out_of_memo
 from vlserve.engine.graphs import DecodeGraphs, graph_factory
 from vlserve.engine.guided import CompiledGuide, GuideMasker
 from vlserve.engine.prompt import ChatPrompt, EncodedPrompt
-from vlserve.engine.request import FinishReason, SamplingParams, TokenEvent, TokenLogprob
+from vlserve.engine.request import (
+    FinishReason,
+    SamplingParams,
+    StepStats,
+    TokenEvent,
+    TokenLogprob,
+)
 from vlserve.engine.runner import ModelRunner
 from vlserve.engine.sampling import RowLogprobs, SamplerState, sample
 from vlserve.engine.scheduler import (
@@ -23,6 +29,7 @@ from vlserve.engine.scheduler import (
     DEVICE_PREFILL_TOKENS,
     Scheduler,
     StepPlan,
+    StepRow,
 )
 from vlserve.engine.sequence import Sequence
 from vlserve.errors import EngineError, RequestTimeoutError, VLServeError
@@ -132,29 +139,39 @@ class EngineLoop:
                 self.step(plan)
 
     def step(self, plan: StepPlan[Sequence]) -> None:
-        seqs = self._before_prefill(plan.seqs) if plan.is_prefill else plan.seqs
-        if not seqs:
+        rows, hits = self._before_prefill(plan.rows) if plan.is_prefill else (plan.rows, 0)
+        if not rows:
             return
-        # a chunk of a long prompt computes tokens up to its chunk_end and samples nothing
-        ends = [min(seq.chunk_end or seq.num_tokens, seq.num_tokens) for seq in seqs]
-        for seq in seqs:
-            seq.chunk_end = None
-        done = [i for i, seq in enumerate(seqs) if ends[i] == seq.num_tokens]
+        seqs = [row.seq for row in rows]
+        done = [i for i, row in enumerate(rows) if row.samples]  # a chunk samples nothing
         ready = [seqs[i] for i in done]
         try:
-            logits = self.runner.run(seqs, plan.is_prefill, ends)
-            if len(done) < len(seqs):
+            logits = self.runner.run(seqs, plan.is_prefill, [row.end for row in rows])
+            if len(done) < len(rows):
                 logits = logits[done]
             tokens, logprobs = sample(logits, [seq.sampler for seq in ready], self.masker)
         except Exception as exc:
             self._fail(exc, seqs)
             return
-        for seq, end in zip(seqs, ends, strict=True):
-            self.blocks.commit(seq, end)
+        for row in rows:
+            self.blocks.commit(row.seq, row.end)
         if self.hooks.on_step is not None:
-            self.hooks.on_step(len(seqs), plan.is_prefill)
+            self.hooks.on_step(self._stats(rows, plan, hits))
         for seq, token, row_logprobs in zip(ready, tokens, logprobs, strict=True):
             self._on_token(seq, token, row_logprobs)
+
+    def _stats(
+        self, rows: list[StepRow[Sequence]], plan: StepPlan[Sequence], hits: int
+    ) -> StepStats:
+        return StepStats(
+            rows=len(rows),
+            tokens=sum(row.end - row.start for row in rows),
+            is_prefill=plan.is_prefill,
+            kv_blocks_used=self.blocks.num_used_blocks - 1,  # the null block is never free
+            kv_blocks_total=self.blocks.num_blocks - 1,
+            prefix_hit_tokens=hits,
+            preemptions=len(plan.preempted),
+        )
 
     def warm_up(self) -> None:
         """Two short generations (one with an image) through the real path, so the first user
@@ -183,23 +200,27 @@ class EngineLoop:
         self.blocks.reset_prefix_cache()
 
     # -- per-token bookkeeping ------------------------------------------------------------------
-    def _before_prefill(self, seqs: list[Sequence]) -> list[Sequence]:
+    def _before_prefill(self, rows: list[StepRow[Sequence]]) -> tuple[list[StepRow[Sequence]], int]:
         """Stamp first schedules and run the test hook one request at a time, so a request it
-        fails never takes its prefill batch-mates down with it."""
+        fails never takes its prefill batch-mates down with it. Returns the rows kept and the
+        prompt tokens the prefix cache gave the sequences starting now."""
         now = time.monotonic()
         kept = []
-        for seq in seqs:
+        hits = 0
+        for row in rows:
+            seq = row.seq
             if seq.scheduled_time is None:
                 seq.scheduled_time = now
                 seq.num_prefix_hit_tokens = min(seq.num_cached_tokens, seq.num_prompt_tokens)
+                hits += seq.num_prefix_hit_tokens
             try:
                 if self.hooks.before_prefill is not None:
                     self.hooks.before_prefill(seq.request_id)
             except Exception as exc:
                 self._fail(exc, [seq])
                 continue
-            kept.append(seq)
-        return kept
+            kept.append(row)
+        return kept, hits
 
     def _on_token(self, seq: Sequence, token: int, row_logprobs: RowLogprobs | None) -> None:
         if seq.detok is None:

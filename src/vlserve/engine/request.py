@@ -142,3 +142,16 @@ class TokenEvent:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one engine step did (the ``on_step`` hook: /metrics, benchmarks, tests)."""
+
+    rows: int
+    tokens: int  # positions computed (a prefill's padding not counted)
+    is_prefill: bool
+    kv_blocks_used: int
+    kv_blocks_total: int
+    prefix_hit_tokens: int  # prompt tokens found in the prefix cache, for rows starting now
+    preemptions: int  # running rows the scheduler preempted to make this step fit

@@ -7,7 +7,7 @@ Policy (nano-vllm's, with vLLM's recompute preemption and chunked prefill):
   newcomers go first, so a request waits for at most one decode step to start;
 - a prefill step computes at most ``max_prefill_tokens`` token positions, counted as the step
   computes them: a prefill batch is right-padded to its longest row, so rows x the longest row's
-  new tokens. A longer prompt is prefilled in chunks over several steps (``chunk_end``), and
+  new tokens. A longer prompt is prefilled in chunks over several steps (a row's ``end``), and
   while one is, prefill and decode steps alternate, so the running rows and the newcomers wait
   for one chunk, never for the whole prompt. While newcomers wait, a chunk is narrowed to leave
   them room (the budget over 1 + the newcomers that could join), so a burst of short requests
@@ -40,8 +40,6 @@ from vlserve.errors import ContextLengthError, OverloadedError
 class Schedulable(BlockSequence, Protocol):
     request_id: str
     num_prompt_tokens: int
-    chunk_end: int | None  # set for a prefill step: compute the tokens before it only
-
     status: SequenceStatus
 
     @property
@@ -79,13 +77,38 @@ class SchedulerConfig:
             raise ValueError("reserve_fraction must be in [0, 1)")
 
 
-@dataclass
-class StepPlan(Generic[S]):
-    """What the next step runs: a prefill of ``seqs`` or a decode step of them."""
+@dataclass(frozen=True)
+class StepRow(Generic[S]):
+    """One row of a step: ``seq`` computes its positions ``[start, end)`` (a decode row: its
+    newest token only). A prefill row that ends before the sequence does (a chunk) samples
+    nothing."""
 
-    seqs: list[S]
+    seq: S
+    start: int
+    end: int
+
+    @property
+    def samples(self) -> bool:
+        return self.end == self.seq.num_tokens
+
+
+@dataclass(frozen=True)
+class StepPlan(Generic[S]):
+    """What the next step runs: a prefill of ``rows`` or a decode step of them, and whom the
+    scheduler preempted to make room."""
+
+    rows: list[StepRow[S]]
     is_prefill: bool
     preempted: list[S]
+
+    @property
+    def seqs(self) -> list[S]:
+        return [row.seq for row in self.rows]
+
+    @property
+    def num_tokens(self) -> int:
+        """Positions the step computes (a prefill's rows are padded beyond these)."""
+        return sum(row.end - row.start for row in self.rows)
 
 
 class Scheduler(Generic[S]):
@@ -142,15 +165,14 @@ class Scheduler(Generic[S]):
         joining = min(len(self.waiting), max(cfg.max_num_seqs - len(self.running), 0))
         # of a prompt being chunked, while newcomers wait (at least a token: it always moves on)
         share = max(budget // (1 + joining), 1)
-        planned: list[S] = []
+        planned: list[StepRow[S]] = []
         longest = 0  # new tokens of the widest row planned: every row is padded to it
         for seq in partial:
             width = min(share, budget // (len(planned) + 1))
             if width < max(longest, 1):
                 break
-            seq.chunk_end = _chunk_end(seq, width)
-            longest = max(longest, seq.chunk_end - seq.num_cached_tokens)
-            planned.append(seq)
+            planned.append(_prefill_row(seq, width))
+            longest = max(longest, planned[-1].end - planned[-1].start)
         reserve = int(self.blocks.num_blocks * cfg.reserve_fraction)
         while self.waiting and len(self.running) < cfg.max_num_seqs:
             width = budget // (len(planned) + 1)  # the widest one more row may be
@@ -163,14 +185,13 @@ class Scheduler(Generic[S]):
             self.waiting.popleft()
             head.status = SequenceStatus.RUNNING
             self.running.append(head)
-            head.chunk_end = _chunk_end(head, width)
-            longest = max(longest, head.chunk_end - head.num_cached_tokens)
-            planned.append(head)
+            planned.append(_prefill_row(head, width))
+            longest = max(longest, planned[-1].end - planned[-1].start)
         return StepPlan(planned, True, [])
 
     def _decode(self) -> StepPlan[S]:
         preempted: list[S] = []
-        scheduled: list[S] = []
+        scheduled: list[StepRow[S]] = []
         for seq in list(self.running):
             if seq not in self.running or _prefilling(seq):  # preempted below, or mid-prefill
                 continue
@@ -182,13 +203,12 @@ class Scheduler(Generic[S]):
                     break
             else:
                 self.blocks.append(seq)
-                scheduled.append(seq)
+                scheduled.append(StepRow(seq, seq.num_tokens - 1, seq.num_tokens))
         return StepPlan(scheduled, False, preempted)
 
     def _preempt(self, seq: S) -> None:
         self.running.remove(seq)
         self.blocks.free(seq)
-        seq.chunk_end = None
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
@@ -226,8 +246,8 @@ def _prefilling(seq: Schedulable) -> bool:
     return seq.num_cached_tokens < seq.num_tokens - 1
 
 
-def _chunk_end(seq: Schedulable, budget: int) -> int:
-    """Where this step's prefill of ``seq`` stops: within ``budget``, but never one short of
-    the end (that last token would then be fed as a decode step)."""
+def _prefill_row(seq: S, budget: int) -> StepRow[S]:
+    """This step's prefill of ``seq``: from its first uncached position, within ``budget``, but
+    never stopping one short of the end (that last token would then be fed as a decode step)."""
     end = min(seq.num_tokens, seq.num_cached_tokens + budget)
-    return seq.num_tokens if end == seq.num_tokens - 1 else end
+    return StepRow(seq, seq.num_cached_tokens, seq.num_tokens if end == seq.num_tokens - 1 else end)

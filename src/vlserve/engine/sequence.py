@@ -48,7 +48,6 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)
     num_cached_tokens: int = 0
-    chunk_end: int | None = None  # a prefill step computes tokens [num_cached_tokens, chunk_end)
     num_prefix_hit_tokens: int = 0  # of the prompt, at its first admission: usage's cached_tokens
     num_image_tokens: int = 0  # of the prompt: usage's image_tokens
     num_video_tokens: int = 0  # of the prompt: usage's video_tokens
