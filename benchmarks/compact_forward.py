@@ -53,7 +53,9 @@ def main() -> None:
             for _ in range(args.steps):
                 step()
             times.setdefault(key, []).append((time.perf_counter() - t) * 1000 / args.steps)
-    print(f"decode step, context {CONTEXT}, {args.threads} thread(s), median of {args.rounds} rounds")
+    print(
+        f"decode step, context {CONTEXT}, {args.threads} thread(s), median of {args.rounds} rounds"
+    )
     print(f"{'batch':>5} {'vlserve ms':>11} {'transformers ms':>16} {'ratio':>6}")
     for batch in BATCHES:
         ours = statistics.median(times["vlserve", batch])
