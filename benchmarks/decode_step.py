@@ -30,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from gpu_realsize import _sync as sync
+from gpu_realsize import copy_bandwidth, decode_weight_bytes
 
 VARIANTS = {  # name: (model_impl, attention, decode graph)
     "transformers": ("transformers", "portable", "none"),
@@ -53,30 +55,11 @@ class Results:
                 f.write(line + "\n")
 
 
-def sync(device: torch.device) -> None:
-    module = getattr(torch, device.type, None)
-    if device.type != "cpu" and module is not None:
-        module.synchronize()
-
-
 def floor_ms(model: torch.nn.Module, device: torch.device, smoke: bool) -> tuple[float, float]:
-    """(decode weight GiB, floor ms per step): the language model and lm_head over a measured
-    device-to-device copy bandwidth (each byte read once and written once)."""
-    weights = sum(
-        p.numel() * p.element_size()
-        for name, p in model.named_parameters()
-        if "visual" not in name and "embed_tokens" not in name
-    )
-    src = torch.empty((64 if smoke else 2048) * 2**20, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    dst.copy_(src)
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(10):
-        dst.copy_(src)
-    sync(device)
-    bandwidth = 2 * src.numel() * 10 / (time.perf_counter() - start)
-    return weights / 2**30, weights / bandwidth * 1000
+    """(decode weight GiB, floor ms per step): the weights a decode step reads over the
+    device's measured copy bandwidth (gpu_realsize.py's measures)."""
+    weights = decode_weight_bytes(model)
+    return weights / 2**30, weights / copy_bandwidth(device, 64 if smoke else 2048) * 1000
 
 
 def prepared_rows(runner, batch: int):  # type: ignore[no-untyped-def]

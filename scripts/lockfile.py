@@ -170,52 +170,21 @@ def resolve(
     cfile.write_text("\n".join(constraints(read_lock(lock), have, "have")) + "\n")
     for name, version in have.items():
         write_stub(stubs, name, stub_version(version, "have"))
-    out = _run(
-        [
-            _uv(),
-            "pip",
-            "compile",
-            "--quiet",
-            "--no-header",
-            "--no-annotate",
-            "--python-version",
-            python,
-            "--python-platform",
-            uv_platform,
-            "--find-links",
-            str(stubs),
-            "-c",
-            str(cfile),
-            "--extra",
-            extras,
-            str(REPO / "pyproject.toml"),
-        ],
-        capture_output=True,
-    ).stdout
-    pins = [line.split(" ")[0] for line in out.splitlines() if "==" in line]
-    return [p for p in pins if normalize(p.split("==")[0]) not in have]
+    pins = _compile(
+        python, uv_platform, "--find-links", str(stubs), "-c", str(cfile), "--extra", extras,
+        str(REPO / "pyproject.toml"),
+    )  # fmt: skip
+    return [f"{name}=={version}" for name, version in pins.items() if name not in have]
 
 
-def _compile(lines: str, python: str, uv_platform: str, *options: str) -> dict[str, str]:
-    """uv's pins for ``lines`` (requirements) on the target: {normalized name: version}."""
+def _compile(python: str, uv_platform: str, *args: str, stdin: str | None = None) -> dict[str, str]:
+    """uv's pins on the target for the requirements in ``args`` (and ``stdin``, given as
+    ``-``): {normalized name: version}."""
     out = _run(
-        [
-            _uv(),
-            "pip",
-            "compile",
-            "--quiet",
-            "--no-header",
-            "--no-annotate",
-            "--python-version",
-            python,
-            "--python-platform",
-            uv_platform,
-            *options,
-            "-",
-        ],
-        input=lines,
-        capture_output=True,
-    ).stdout
+        [_uv(), "pip", "compile", "--quiet", "--no-header", "--no-annotate", "--python-version",
+         python, "--python-platform", uv_platform, *args],
+        input=stdin, capture_output=True,
+    ).stdout  # fmt: skip
     pins = (line.split(" ")[0].partition("==") for line in out.splitlines() if "==" in line)
     return {normalize(name): version for name, _, version in pins}
 
@@ -225,12 +194,13 @@ def _with_torchs_closure(have: dict[str, str], lock: Path, python: str, uv_platf
     ...): add those to ``have`` (at the versions torch's own resolution picks, unless given);
     torch itself at the lock's version for the target when ``have`` does not name it."""
     if "torch" not in have:
-        have.update(_compile("torch\n", python, uv_platform, "--no-deps", "-c", str(lock)))
+        have.update(
+            _compile(python, uv_platform, "--no-deps", "-c", str(lock), "-", stdin="torch\n")
+        )
     locked = have["torch"] in {p.version for p in read_lock(lock) if p.name == "torch"}
     options = ("-c", str(lock)) if locked else ()  # the lock's versions of torch's own needs
-    for name, version in _compile(
-        f"torch=={have['torch']}\n", python, uv_platform, *options
-    ).items():
+    found = _compile(python, uv_platform, *options, "-", stdin=f"torch=={have['torch']}\n")
+    for name, version in found.items():
         have.setdefault(name, version)
 
 
