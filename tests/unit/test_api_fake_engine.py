@@ -218,3 +218,40 @@ def test_a_bug_in_video_decoding_is_a_500_with_a_trace_not_a_400(
     assert resp.json()["error"]["type"] == "internal_error"
     assert "metadata_errors" not in resp.text  # no internals in the answer
     assert any(r.exc_info and "metadata_errors" in str(r.exc_info[1]) for r in caplog.records)
+
+
+def test_a_reply_sent_back_as_history_with_model_dump_is_accepted(fake: FakeEngine) -> None:
+    """`messages.append(reply.choices[0].message.model_dump())`: the SDK's dump carries refusal,
+    audio, function_call and annotations (null or empty); OpenAI accepts and ignores them."""
+    from openai.types.chat import ChatCompletionMessage
+
+    reply = ChatCompletionMessage(role="assistant", content="hello there", refusal=None)
+    dumped = reply.model_dump()
+    assert {"refusal", "audio", "function_call", "annotations"} <= set(dumped)
+    dumped["annotations"] = []
+    messages = [
+        {"role": "user", "content": "hi"},
+        dumped,
+        {"role": "user", "content": "and then"},
+    ]
+    resp = asyncio.run(_with_app(fake, {"model": "fake", "messages": messages}))
+    assert resp.status_code == 200, resp.text
+    prompt, _, _ = fake.calls[0]
+    assert [m["role"] for m in prompt.messages] == ["user", "assistant", "user"]
+    too_long = {**dumped, "refusal": "x" * 2_000_000}
+    bad = asyncio.run(_with_app(fake, {"model": "fake", "messages": [too_long]}))
+    assert bad.status_code == 400
+
+
+def test_a_tool_message_without_its_call_id_is_a_400(fake: FakeEngine) -> None:
+    messages = [
+        {"role": "user", "content": "weather?"},
+        {"role": "tool", "content": "22 degrees"},
+        {"role": "user", "content": "so?"},
+    ]
+    resp = asyncio.run(_with_app(fake, {"model": "fake", "messages": messages}))
+    assert resp.status_code == 400
+    error = resp.json()["error"]
+    assert error["param"] == "messages[1].tool_call_id"
+    assert error["type"] == "invalid_request_error" and "tool_call_id" in error["message"]
+    assert not fake.calls

@@ -102,6 +102,12 @@ def split_messages(
                 f"messages[{i}]: only assistant messages carry tool_calls",
                 param=f"messages[{i}].tool_calls",
             )
+        if role == "tool" and not message.get("tool_call_id"):
+            raise InvalidRequestError(
+                f"messages[{i}].tool_call_id is required: messages with role 'tool' must "
+                "answer a tool call by its id",
+                param=f"messages[{i}].tool_call_id",
+            )
         if content is None and not calls:
             raise InvalidRequestError(
                 f"messages[{i}].content is required (it may be null only beside tool_calls)",

@@ -71,6 +71,12 @@ class ChatMessage(BaseModel):
     name: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
     tool_calls: list[ToolCall] | None = Field(default=None, max_length=MAX_LIST_FIELD)
     tool_call_id: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
+    # What an earlier reply carries when a client sends it back as history
+    # (`reply.choices[0].message.model_dump()`): accepted, bounded and ignored, as OpenAI does.
+    refusal: str | None = Field(default=None, max_length=MAX_TEXT_CHARS)
+    audio: dict[str, Any] | None = Field(default=None, max_length=4)
+    function_call: FunctionCall | None = None
+    annotations: list[dict[str, Any]] | None = Field(default=None, max_length=MAX_LIST_FIELD)
 
 
 class FunctionDefinition(BaseModel):
