@@ -159,3 +159,31 @@ def test_special_tokens_in_tool_definitions_are_refused(scripted: ServerProcess)
     with pytest.raises(openai.BadRequestError) as info:
         _ask(scripted, ASK, tools=[evil])
     assert info.value.body["param"] == "tools"  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    "tool_choice",
+    ["auto", "required", {"type": "function", "function": {"name": "get_weather"}}],
+    ids=["auto", "required", "named"],
+)
+def test_no_streamed_chunk_repeats_a_call_index(scripted: ServerProcess, tool_choice: Any) -> None:
+    """OpenAI sends one entry per call per chunk; instructor reads the first entry of each index
+    only, so a start and its first arguments in two entries lost the arguments' head. Read as
+    that client does, every choice's call reassembles to valid JSON."""
+    seen: dict[tuple[int, int], str] = {}
+    for chunk in _client(scripted).chat.completions.create(
+        model=scripted.model, messages=ASK, tools=[WEATHER], tool_choice=tool_choice,
+        temperature=0, stream=True, n=2, max_tokens=100,
+    ):  # fmt: skip
+        for choice in chunk.choices:
+            indexes = [d.index for d in choice.delta.tool_calls or []]
+            assert len(indexes) == len(set(indexes)), chunk
+            firsts = {}
+            for delta in choice.delta.tool_calls or []:
+                firsts.setdefault(delta.index, delta)
+            for index, delta in firsts.items():
+                key = (choice.index, index)
+                seen[key] = seen.get(key, "") + (delta.function.arguments or "")
+    assert {c for c, _ in seen} == {0, 1}
+    for text in seen.values():
+        assert json.loads(text)["city"]

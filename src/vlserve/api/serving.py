@@ -170,26 +170,29 @@ async def collect(events: RequestStream, out: Completion) -> p.ChatCompletion:
 
 
 def _delta(pieces: list[Piece]) -> p.Delta | None:
-    """One delta for an event's pieces: its content, and its tool-call fragments."""
+    """One delta for an event's pieces: its content, and its tool-call fragments, one entry per
+    call (OpenAI's shape: a call's start and its first argument text share an entry; clients
+    such as instructor read only the first entry of an index in a chunk)."""
     text = "".join(x.text for x in pieces if isinstance(x, Content))
-    calls: list[p.DeltaToolCall] = []
+    calls: dict[int, p.DeltaToolCall] = {}
     for piece in pieces:
         if isinstance(piece, CallStart):
-            calls.append(
-                p.DeltaToolCall(
-                    index=piece.index,
-                    id=piece.id,
-                    type="function",
-                    function=p.DeltaFunction(name=piece.name, arguments=""),
-                )
+            calls[piece.index] = p.DeltaToolCall(
+                index=piece.index,
+                id=piece.id,
+                type="function",
+                function=p.DeltaFunction(name=piece.name, arguments=""),
             )
         elif isinstance(piece, CallArguments):
-            calls.append(
-                p.DeltaToolCall(index=piece.index, function=p.DeltaFunction(arguments=piece.text))
-            )
+            entry = calls.get(piece.index)
+            if entry is None:
+                entry = calls[piece.index] = p.DeltaToolCall(
+                    index=piece.index, function=p.DeltaFunction(arguments="")
+                )
+            entry.function.arguments = (entry.function.arguments or "") + piece.text
     if not text and not calls:
         return None
-    return p.Delta(content=text or None, tool_calls=calls or None)
+    return p.Delta(content=text or None, tool_calls=list(calls.values()) or None)
 
 
 async def stream_chunks(
