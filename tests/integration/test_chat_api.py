@@ -34,6 +34,9 @@ def test_health_and_models(server: ServerProcess) -> None:
     assert models["object"] == "list"
     assert [m["id"] for m in models["data"]] == [server.model, "alias-model"]
     assert all(m["object"] == "model" for m in models["data"])
+    # root names the served model, never the weights' path on the server's disk
+    assert all(m["root"] == server.model for m in models["data"])
+    assert str(server.model_path) not in httpx.get(server.base_url + "/v1/models").text
 
 
 def test_retrieve_model_by_any_accepted_name(client: openai.OpenAI, server: ServerProcess) -> None:

@@ -255,3 +255,20 @@ def test_a_tool_message_without_its_call_id_is_a_400(fake: FakeEngine) -> None:
     assert error["param"] == "messages[1].tool_call_id"
     assert error["type"] == "invalid_request_error" and "tool_call_id" in error["message"]
     assert not fake.calls
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {f"k{i}": "v" for i in range(17)},  # 16 pairs at most
+        {"k" * 65: "v"},  # keys up to 64 characters
+        {"k": "v" * 513},  # values up to 512
+    ],
+    ids=["pairs", "key", "value"],
+)
+def test_metadata_has_openais_limits(fake: FakeEngine, metadata: dict) -> None:
+    resp = asyncio.run(_with_app(fake, _body(metadata=metadata)))
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["param"].startswith("metadata")
+    ok = {f"k{i}": "v" * 512 for i in range(15)} | {"k" * 64: "v"}  # at the limits
+    assert asyncio.run(_with_app(fake, _body(metadata=ok))).status_code == 200

@@ -186,7 +186,10 @@ class ChatCompletionRequest(BaseModel):
     # OpenAI's hints that change no answer: accepted and ignored (nothing is stored; the prefix
     # cache needs no key; abuse tracking is the operator's)
     store: bool | None = None
-    metadata: dict[str, str] | None = Field(default=None, max_length=16)
+    # OpenAI's limits: 16 pairs, keys up to 64 characters, values up to 512
+    metadata: (
+        dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None
+    ) = Field(default=None, max_length=16)
     service_tier: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
     prompt_cache_key: str | None = Field(default=None, max_length=MAX_NAME_CHARS)
     safety_identifier: str | None = Field(default=None, max_length=MAX_NAME_CHARS)

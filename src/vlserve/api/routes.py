@@ -159,7 +159,7 @@ def _card(state: ServerState, name: str) -> p.ModelCard:
     return p.ModelCard(
         id=name,
         created=state.started,
-        root=info.model_path if info else None,
+        root=state.listed_names[0],  # the served name: the weights' path is not the client's
         max_model_len=info.max_model_len if info else None,
     )
 
