@@ -173,6 +173,18 @@ def test_oversized_headers_are_431(hard: ServerProcess) -> None:
     _ok_after(hard)
 
 
+@pytest.mark.parametrize("where", ["path", "query"])
+def test_an_oversized_request_line_is_431_not_echoed(hard: ServerProcess, where: str) -> None:
+    """The request line counts toward the header limit (README: above it, 431), also when the
+    whole head arrives in one read; before, a 100 KB path got a 404 that echoed it."""
+    target = "/v1/" + "a" * 100_000 if where == "path" else "/health?" + "q=1&" * 25_000
+    request = f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
+    status, body = _raw(hard, request)
+    assert status == 431, body[:200]
+    assert b'"headers_too_large"' in body and b"a" * 1000 not in body
+    _ok_after(hard)
+
+
 def test_too_many_headers_are_431(hard: ServerProcess) -> None:
     headers = {f"x-h{i}": "v" for i in range(40)}
     r = httpx.get(hard.base_url + "/health", headers=headers)

@@ -136,7 +136,9 @@ class RequestContextMiddleware:
             await send(message)
 
         try:
-            replay = await self._admit(headers, receive, send_with_id, record)
+            target = scope.get("raw_path") or scope["path"].encode()
+            line = len(scope["method"]) + len(target) + len(scope.get("query_string", b"")) + 12
+            replay = await self._admit(headers, receive, send_with_id, record, line)
             if replay is not None:
                 await self.app(scope, replay, send_with_id)
         except Exception:
@@ -158,8 +160,10 @@ class RequestContextMiddleware:
         receive: Receive,
         send: Send,
         record: RequestRecord,
+        request_line_bytes: int = 0,
     ) -> Receive | None:
-        """Check the headers and read the body under the cap; None if refused."""
+        """Check the request line and headers, and read the body under the cap; None if
+        refused."""
         close = ((b"connection", b"close"),)
         if len(headers) > self.max_headers:
             record.error_code = "too_many_headers"
@@ -167,10 +171,15 @@ class RequestContextMiddleware:
                 send, 431, f"more than {self.max_headers} request headers", "too_many_headers"
             )
             return None
-        # h11 caps only headers that arrive in pieces; a block read whole is checked here.
-        if sum(len(k) + len(v) + 4 for k, v in headers) > self.max_header_bytes:
+        # h11 caps only a head that arrives in pieces; one read whole is checked here, its
+        # request line included (a 100 KB URL is refused, not answered 404 with itself)
+        head = request_line_bytes + sum(len(k) + len(v) + 4 for k, v in headers)
+        if head > self.max_header_bytes:
             record.error_code = "headers_too_large"
-            message = f"request headers exceed the server's limit of {self.max_header_bytes} bytes"
+            message = (
+                "the request line and headers exceed the server's limit of "
+                f"{self.max_header_bytes} bytes"
+            )
             await send_error(send, 431, message, "headers_too_large", close)
             return None
         if _header(headers, b"transfer-encoding") is not None and (
