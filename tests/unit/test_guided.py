@@ -87,6 +87,25 @@ def test_bad_schemas_are_400s_naming_the_field(compiler: GuideCompiler) -> None:
     assert info.value.param == "tool_choice"
 
 
+@pytest.mark.parametrize(
+    ("schema", "says"),
+    [
+        ({"type": "integer", "minimum": -1e30}, "outside the 64-bit range"),
+        ({"type": "object", "properties": {"a": {"type": "integer", "maximum": 1e19}}}, "64-bit"),
+        ({"type": "array", "minItems": 1e20}, "minItems must be an integer"),
+    ],
+)
+def test_a_schema_error_says_what_is_wrong_not_the_engines_internals(
+    compiler: GuideCompiler, schema: dict, says: str
+) -> None:
+    with pytest.raises(InvalidRequestError) as info:
+        compiler.compile(Guide("json_schema", json.dumps(schema)))
+    message = info.value.message
+    assert says in message
+    for internal in ("Check failed", "MIN_INT64", "MAX_INT64", ".cc:", "/project/"):
+        assert internal not in message, message
+
+
 def test_compiled_grammars_are_cached_by_spec(compiler: GuideCompiler) -> None:
     guide = Guide("json_schema", json.dumps(SCHEMA))
     assert compiler.compile(guide) is compiler.compile(Guide("json_schema", json.dumps(SCHEMA)))

@@ -202,7 +202,11 @@ def _literal(text: str) -> Any:
 
 
 def _first_line(exc: BaseException) -> str:
-    """The error's first line without xgrammar's "[time] file.cc:line: " prefix."""
+    """What is wrong with the schema, in the error's first line, without xgrammar's internals:
+    its "[time] file.cc:line: " prefix and a failed check's "Check failed: (expr) is false: "."""
     lines = str(exc).strip().splitlines()
     text = re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", lines[0]) if lines else type(exc).__name__
-    return text[:300]
+    text = re.sub(r"^Check failed: \(.*?\) is false:? ?", "", text).strip()
+    if text.startswith("Integer exceeds"):
+        text = "an integer bound (minimum, maximum) is outside the 64-bit range"
+    return text[:300] or "it uses a construct the grammar engine does not support"
