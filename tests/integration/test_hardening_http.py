@@ -295,3 +295,22 @@ def test_metrics_count_requests_and_tokens(hard: ServerProcess) -> None:
         "vlserve_prompt_tokens_total",
     ):
         assert name in text
+
+
+def test_with_several_keys_each_keys_prefix_cache_is_its_own(hard: ServerProcess) -> None:
+    """Without cache_salt, a key holder could confirm another's prompt prefix through
+    cached_tokens. With several keys the prefix cache is salted by key: the same key still
+    hits, another key does not."""
+    text = " ".join(f"secret line {i} of the other tenant's prompt" for i in range(40))
+    body = {"model": hard.model, "messages": [{"role": "user", "content": text}], "max_tokens": 1}
+
+    def cached(key: str) -> int:
+        r = _chat(hard, dict(body), headers=_auth(key))
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+
+    assert cached(KEYS[0]) == 0
+    assert cached(KEYS[0]) > 200  # the same key: its own prefix, found again
+    assert cached(KEYS[1]) == 0  # another key learns nothing
+    assert cached(ENV_KEY) == 0
+    assert cached(KEYS[1]) > 200

@@ -52,6 +52,7 @@ def create_app(
             started=int(time.time()),
             faults=faults,
             max_n=config.max_n,
+            num_api_keys=len(config.api_keys),
         )
         app.state.vl = state
         app.state.loop = asyncio.get_running_loop()

@@ -16,17 +16,25 @@ class ApiKeys:
     def __bool__(self) -> bool:
         return bool(self._keys)
 
+    def __len__(self) -> int:
+        return len(self._keys)
+
     def check(self, authorization: bytes | None) -> bool:
+        return self.identify(authorization) is not None
+
+    def identify(self, authorization: bytes | None) -> int | None:
+        """Which key the header carries (its position), or None."""
         if authorization is None:
-            return False
+            return None
         scheme, _, token = authorization.partition(b" ")
         if scheme.lower() != b"bearer":
-            return False
+            return None
         token = token.strip()
-        matched = False
-        for key in self._keys:  # no early exit: every key is compared
-            matched |= hmac.compare_digest(token, key)
-        return matched
+        found = None
+        for i, key in enumerate(self._keys):  # no early exit: every key is compared
+            if hmac.compare_digest(token, key):
+                found = i
+        return found
 
 
 def parse_keys(values: list[str] | tuple[str, ...], env_value: str | None) -> tuple[str, ...]:

@@ -48,6 +48,7 @@ class RequestRecord:
     queue_s: float | None = None
     finish_reason: str | None = None
     error_code: str | None = None
+    api_key_index: int | None = None  # which of the server's API keys authenticated it
 
     def first_token(self) -> None:
         if self.ttft_s is None:

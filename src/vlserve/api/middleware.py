@@ -192,7 +192,8 @@ class RequestContextMiddleware:
         # Keys before the body: an unauthenticated client never makes the server buffer it.
         if self.keys and is_protected(record.path, metrics=self.metrics_auth):
             authorization = _header(headers, b"authorization")
-            if not self.keys.check(authorization):
+            record.api_key_index = self.keys.identify(authorization)
+            if record.api_key_index is None:
                 record.error_code = "invalid_api_key"
                 message = (
                     "missing API key: send 'Authorization: Bearer <key>'"

@@ -45,6 +45,7 @@ class ServerState:
     max_n: int = DEFAULT_MAX_N  # --max-n: the most choices a request may ask for
     faults: FaultInjector | None = None  # testing only (VLSERVE_FAULT_INJECT)
     started: int = 0
+    num_api_keys: int = 0  # with 2 or more, each key's requests share prefix-cache blocks only
     draining: bool = False  # SIGTERM received: new requests get 503
     drain_expired: bool = False  # the drain deadline passed: in-flight requests end with 503
     streams: set[RequestStream] = field(default_factory=set)  # in-flight generations
@@ -190,7 +191,7 @@ async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> R
     record.model = body.model
     check_supported(body, state.max_n)
     tools = plan_tools(body)
-    prompt, params = await _convert(state, body, tools)
+    prompt, params = await _convert(state, body, tools, _tenant_salt(state, record, body))
     if state.faults is not None:
         state.faults.track(record.request_id, body.user)
     try:
@@ -249,8 +250,19 @@ def _track(record: RequestRecord, event: TokenEvent) -> None:
             record.error_code = event.error.code
 
 
+def _tenant_salt(
+    state: ServerState, record: RequestRecord, body: p.ChatCompletionRequest
+) -> str | None:
+    """The prefix cache's salt: the request's ``cache_salt``, and with several API keys, the
+    key too, so one key holder cannot learn another's prompts from ``cached_tokens``
+    (requests under one key still share, and within it ``cache_salt`` splits further)."""
+    if state.num_api_keys < 2 or record.api_key_index is None:
+        return body.cache_salt
+    return f"key{record.api_key_index}:{body.cache_salt or ''}"
+
+
 async def _convert(
-    state: ServerState, body: p.ChatCompletionRequest, tools: ToolPlan
+    state: ServerState, body: p.ChatCompletionRequest, tools: ToolPlan, salt: str | None
 ) -> tuple[ChatPrompt, SamplingParams]:
     """The request as the engine takes it: template messages with decoded images and videos,
     the tools, and its sampling parameters."""
@@ -264,7 +276,7 @@ async def _convert(
     parts = await load_parts(state.media, refs, kwargs)
     prompt = ChatPrompt(
         attach_media(template, parts),
-        cache_salt=body.cache_salt,
+        cache_salt=salt,
         tools=tools.template_tools,
     )
     return prompt, params
