@@ -93,6 +93,7 @@ class DecodeGraphs:
         if runner.text is None or runner.pool is None or not runner.paged_decode:
             raise ValueError("decode graphs need the compact forward, paged attention and a pool")
         self.runner = runner
+        self.text, self.pool = runner.text, runner.pool
         self.make = make
         self.max_rows = row_bucket(max_rows)
         pool = runner.pool
@@ -129,9 +130,7 @@ class DecodeGraphs:
     @torch.inference_mode()
     def _forward(self, rows: int) -> torch.Tensor:
         """The decode step of the first ``rows`` buffer rows: logits (rows, vocab) float32."""
-        runner = self.runner
-        text, model = runner.text, runner.model
-        assert text is not None and runner.pool is not None
+        text, model = self.text, self.runner.model
         layout = StepLayout(
             rows=rows,
             q_len=1,
@@ -144,7 +143,7 @@ class DecodeGraphs:
             block_tables=self.tables[:rows],
             context_lens=self.lens[:rows],
         )
-        attention = PoolAttention(runner.pool, layout, text.scale, paged=True)
+        attention = PoolAttention(self.pool, layout, text.scale, paged=True)
         embeds = model.get_input_embeddings()(self.ids[:rows])
         hidden = text.forward(embeds, self.positions[:, :rows], attention)
         return model.lm_head(hidden[:, 0]).float()
@@ -154,13 +153,11 @@ class DecodeGraphs:
         n = len(seqs)
         rows = row_bucket(n)
         graph, out = self.graphs[rows]
-        block = self.runner.pool.block_size  # type: ignore[union-attr]
+        block = self.pool.block_size
         pos = [s.num_tokens - 1 for s in seqs]
-        width = max(-(-(p + 1) // block) for p in pos)
-        tables = torch.zeros(rows, width, dtype=torch.int32)
-        for r, seq in enumerate(seqs):
-            table = seq.block_table[:width]
-            tables[r, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        width = max(-(-(p + 1) // block) for p in pos)  # columns the longest row reads
+        padded = [s.block_table[:width] + [0] * (width - len(s.block_table[:width])) for s in seqs]
+        tables = torch.tensor(padded + [[0] * width] * (rows - n), dtype=torch.int32)
         ids = [s.token_ids[-1] for s in seqs] + [0] * (rows - n)
         mrope = [p + s.prompt.rope_delta for p, s in zip(pos, seqs, strict=True)] + [0] * (rows - n)
         slots = [
