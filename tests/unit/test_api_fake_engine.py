@@ -11,6 +11,7 @@ import pytest
 from vlserve.api.app import create_app
 from vlserve.config import ServerConfig
 from vlserve.engine.client import EngineState, ModelInfo
+from vlserve.engine.config import EngineConfig
 from vlserve.engine.prompt import ChatPrompt
 from vlserve.engine.request import FinishReason, SamplingParams, TokenEvent
 from vlserve.engine.stream import RequestStream
@@ -68,7 +69,7 @@ def fake() -> FakeEngine:
 
 
 async def _with_app(fake: FakeEngine, body: dict) -> httpx.Response:
-    app = create_app(ServerConfig(model_path="/models/fake", served_model_names=("fake",)), fake)  # type: ignore[arg-type]
+    app = create_app(ServerConfig(EngineConfig("/models/fake"), served_model_names=("fake",)), fake)  # type: ignore[arg-type]
     async with app.router.lifespan_context(app):
         for _ in range(100):  # the app marks itself ready once the engine is
             if app.state.vl.defaults is not None:
@@ -178,7 +179,7 @@ def _video_body(clip: bytes, stream: bool) -> dict:
 
 async def _post_raw(fake: FakeEngine, body: dict) -> httpx.Response:
     """As _with_app, but an unhandled error is answered (500) instead of raised in the test."""
-    app = create_app(ServerConfig(model_path="/models/fake", served_model_names=("fake",)), fake)  # type: ignore[arg-type]
+    app = create_app(ServerConfig(EngineConfig("/models/fake"), served_model_names=("fake",)), fake)  # type: ignore[arg-type]
     async with app.router.lifespan_context(app):
         for _ in range(100):
             if app.state.vl.defaults is not None:

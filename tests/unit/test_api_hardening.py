@@ -14,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from vlserve.api.auth import ApiKeys, parse_keys
+from vlserve.api.auth import ApiKeys
 from vlserve.api.faults import FaultInjector, InjectedFault
 from vlserve.api.metrics import Metrics, RequestRecord
 from vlserve.api.middleware import RequestContextMiddleware, log_line, request_id_from
@@ -32,16 +32,19 @@ def test_keys_accept_any_configured_key_only() -> None:
     assert not keys.check(b"Bearer ")
 
 
-def test_parse_keys_merges_flags_and_env() -> None:
-    assert parse_keys(["a", "b"], " c, ,a ") == ("a", "b", "c")
-    assert parse_keys([], None) == ()
+def test_api_keys_from_the_variable_are_split_and_deduplicated() -> None:
+    from vlserve import settings
+
+    config = settings.build(ServerConfig, None, {"VLSERVE_API_KEY": " c, ,a,c "})
+    assert config.api_keys == ("c", "a")
+    assert settings.build(ServerConfig, None, {}).api_keys == ()
 
 
 def test_config_refuses_blank_keys_and_tiny_limits() -> None:
     with pytest.raises(ValueError):
-        ServerConfig(model_path="m", api_keys=(" k",))
+        ServerConfig(api_keys=(" k",))
     with pytest.raises(ValueError):
-        ServerConfig(model_path="m", max_request_body_bytes=10)
+        ServerConfig(max_request_body_bytes=10)
 
 
 # -- request ids and the log line ----------------------------------------------------------------

@@ -36,7 +36,9 @@ def npu_config(**overrides: object) -> LaunchConfig:
 
 
 def test_one_instance_per_device_on_consecutive_ports() -> None:
-    specs = instance_specs(npu_config(serve_args=("--dtype", "bfloat16")), {"SERVER_PORT": "1"})
+    specs = instance_specs(
+        npu_config(serve_args=("--dtype", "bfloat16")), {"SERVER_PORT": "1", "VLSERVE_PORT": "2"}
+    )
     assert [s.name for s in specs] == ["instance-0", "instance-1", "instance-2"]
     for index, spec in enumerate(specs):
         port = str(9101 + index)
@@ -47,7 +49,7 @@ def test_one_instance_per_device_on_consecutive_ports() -> None:
         assert argv[-2:] == ["--dtype", "bfloat16"]
         assert spec.env["ASCEND_RT_VISIBLE_DEVICES"] == str(index)
         # The user's stray SERVER_PORT must not contradict the flag.
-        assert spec.env["SERVER_PORT"] == port
+        assert spec.env["SERVER_PORT"] == spec.env["VLSERVE_PORT"] == port
         assert spec.health_url == f"http://127.0.0.1:{port}/health"
 
 

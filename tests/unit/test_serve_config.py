@@ -49,7 +49,7 @@ def test_flags_win_over_env(monkeypatch: pytest.MonkeyPatch) -> None:
         ]
     )
     assert c.port == 9200 and c.model_names == ("a", "b")
-    assert c.scheduler.max_num_seqs == 4 and c.scheduler.max_queue == 7
+    assert c.engine.scheduler.max_num_seqs == 4 and c.engine.scheduler.max_queue == 7
 
 
 def test_defaults_match_the_prototype(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -70,38 +70,40 @@ def test_defaults_match_the_prototype(monkeypatch: pytest.MonkeyPatch) -> None:
         "auto",
     )
     assert c.media.max_image_pixels == 2_621_440
-    assert c.encoder_thread and not _config(["--no-encoder-thread"]).encoder_thread
+    assert c.engine.encoder_thread and not _config(["--no-encoder-thread"]).engine.encoder_thread
 
 
 def test_load_format_is_auto_unless_dummy_is_asked_for() -> None:
-    assert _config(["--model", "/m"]).load_format == "auto"
-    assert _config(["--model", "/m", "--load-format", "dummy"]).load_format == "dummy"
+    assert _config(["--model", "/m"]).engine.load_format == "auto"
+    assert _config(["--model", "/m", "--load-format", "dummy"]).engine.load_format == "dummy"
     with pytest.raises(SystemExit):
         _config(["--model", "/m", "--load-format", "pt"])
-    from vlserve.config import ServerConfig
+    from vlserve.engine.config import EngineConfig
 
-    with pytest.raises(ValueError, match="load_format"):
-        ServerConfig(model_path="/m", load_format="safetensors")
+    with pytest.raises(ValueError, match="--load-format"):
+        EngineConfig("/m", load_format="safetensors")
 
 
 def test_model_impl_flag_env_and_validation(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert _config(["--model", "/m"]).model_impl == "auto"
-    assert _config(["--model", "/m", "--model-impl", "transformers"]).model_impl == "transformers"
+    assert _config(["--model", "/m"]).engine.model_impl == "auto"
+    impl = _config(["--model", "/m", "--model-impl", "transformers"]).engine.model_impl
+    assert impl == "transformers"
     monkeypatch.setenv("VLSERVE_MODEL_IMPL", "vlserve")
-    assert _config(["--model", "/m"]).model_impl == "vlserve"
+    assert _config(["--model", "/m"]).engine.model_impl == "vlserve"
     with pytest.raises(SystemExit):
         _config(["--model", "/m", "--model-impl", "vllm"])
-    from vlserve.config import ServerConfig
+    from vlserve.engine.config import EngineConfig
 
-    with pytest.raises(ValueError, match="model_impl"):
-        ServerConfig(model_path="/m", model_impl="hf")
+    with pytest.raises(ValueError, match="--model-impl"):
+        EngineConfig("/m", model_impl="hf")
 
 
 def test_enforce_eager_flag_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert _config(["--model", "/m"]).enforce_eager is False
-    assert _config(["--model", "/m", "--enforce-eager"]).enforce_eager is True
+    assert _config(["--model", "/m"]).engine.enforce_eager is False
+    eager = _config(["--model", "/m", "--enforce-eager"]).engine
+    assert eager.enforce_eager is True and eager.decode_graph == "none"
     monkeypatch.setenv("VLSERVE_ENFORCE_EAGER", "1")
-    assert _config(["--model", "/m"]).enforce_eager is True
+    assert _config(["--model", "/m"]).engine.enforce_eager is True
 
 
 def test_media_flag_defaults_are_media_config_defaults(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,9 +18,9 @@ pytest.importorskip("av")
 from vlserve.api import protocol as p  # noqa: E402
 from vlserve.api.chat import MediaRef  # noqa: E402
 from vlserve.api.cli import add_arguments, config_from_args  # noqa: E402
-from vlserve.api.media_cli import parse_limit_mm_per_prompt  # noqa: E402
 from vlserve.api.multimodal import VideoOptions, load_parts  # noqa: E402
 from vlserve.api.serving import usage  # noqa: E402
+from vlserve.config import parse_limit_mm_per_prompt  # noqa: E402
 from vlserve.errors import InvalidRequestError, MediaError  # noqa: E402
 from vlserve.media import MediaConfig, MediaLoader  # noqa: E402
 from vlserve.media.loader import video_limits  # noqa: E402
@@ -121,7 +121,7 @@ def test_limit_mm_per_prompt_is_the_min_with_the_per_request_flags(
         (["--max-video-frames", "1"], "max_video_frames must be an integer >= 2"),
         (["--max-video-seconds", "0"], "max_video_seconds must be a finite number > 0"),
         (["--max-video-bytes", "0"], "max_video_bytes must be an integer >= 1"),
-        (["--max-videos-per-request", "-1"], "--max-videos-per-request must be >= 0"),
+        (["--max-videos-per-request", "-1"], "max_videos_per_request must be an integer >= 0"),
         (["--video-pixel-budget", "100"], "video_pixel_budget must be an integer >= 8192"),
         (["--limit-mm-per-prompt", "video=x"], "--limit-mm-per-prompt: video must be"),
     ],

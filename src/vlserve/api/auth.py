@@ -37,12 +37,6 @@ class ApiKeys:
         return found
 
 
-def parse_keys(values: list[str] | tuple[str, ...], env_value: str | None) -> tuple[str, ...]:
-    """Keys from repeated ``--api-key`` flags plus a comma-separated env value, deduplicated."""
-    keys = [*values, *(env_value or "").split(",")]
-    return tuple(dict.fromkeys(k.strip() for k in keys if k.strip()))
-
-
 _DOC_PATHS = frozenset({"/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"})
 
 

@@ -10,9 +10,10 @@ import functools
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from vlserve.engine.client import EngineState, ModelInfo
+from vlserve.engine.config import EngineConfig
 from vlserve.engine.device import (
     DeviceInfo,
     bind_thread,
@@ -26,7 +27,6 @@ from vlserve.engine.loop import EngineLoop
 from vlserve.engine.prompt import ChatPrompt, EncodedPrompt, ImageFeatures, PreparedPrompt
 from vlserve.engine.request import SamplingParams, StepStats, TokenEvent
 from vlserve.engine.runner import ModelRunner
-from vlserve.engine.scheduler import SchedulerConfig
 from vlserve.engine.sequence import Sequence
 from vlserve.engine.stream import RequestStream
 from vlserve.errors import (
@@ -38,39 +38,6 @@ from vlserve.errors import (
 from vlserve.lru import BytesLRU
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    model_path: str
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    request_timeout_s: float = 600.0
-    encoder_thread: bool = True  # off: images are encoded inside the prefill
-    encoder_batch_patches: int | None = None  # None: 0 (one request at a time) on CPU, else 32768
-    load_format: str = "auto"  # "dummy": random weights of config.json's shape (ModelRunner)
-    model_impl: str = "auto"  # "transformers": HF's forward of the text stack (ModelRunner)
-    attention: str = "auto"  # decode attention: "paged" (Triton), "portable"; auto: by device
-    # the decode step as a device graph per row bucket (engine/graphs.py): "auto" (CUDA graphs
-    # with paged attention), "none" (--enforce-eager), "static" (no capture: CPU tests)
-    decode_graph: str = "auto"
-    default_max_tokens: int = 2048  # when a request gives none (capped by context and KV cache)
-    max_image_tokens: int = 16_384  # all images of one request together
-    kv_cache_tokens: int | None = None  # None: a fraction of free memory (see kv_cache_blocks)
-    kv_cache_memory_fraction: float = 0.8  # of free device memory, on accelerators
-    block_size: int = 16
-    prefix_caching: bool = True
-    encoder_cache_mb: int = 256
-    decode_row_buckets: bool | None = None  # None: on accelerators (graph-ready shapes), not CPU
-
-    def __post_init__(self) -> None:
-        if self.request_timeout_s <= 0:
-            raise ValueError("request_timeout_s must be > 0")
-        if self.kv_cache_tokens is not None and self.kv_cache_tokens < self.block_size:
-            raise ValueError(f"kv_cache_tokens must be at least one block ({self.block_size})")
-        if not 0 < self.kv_cache_memory_fraction <= 1:
-            raise ValueError("kv_cache_memory_fraction must be in (0, 1]")
-        if self.encoder_cache_mb < 0 or self.default_max_tokens < 1 or self.block_size < 1:
-            raise ValueError("encoder_cache_mb >= 0, default_max_tokens >= 1, block_size >= 1")
 
 
 @dataclass(frozen=True)

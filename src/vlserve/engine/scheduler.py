@@ -35,6 +35,7 @@ from typing import Generic, Protocol, TypeVar
 from vlserve.engine.block_manager import BlockManager, BlockSequence
 from vlserve.engine.sequence import SequenceStatus
 from vlserve.errors import ContextLengthError, OverloadedError
+from vlserve.settings import check, option
 
 
 class Schedulable(BlockSequence, Protocol):
@@ -58,21 +59,37 @@ DEVICE_PREFILL_TOKENS = 8_192
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 32  # rows decoded together
+    max_num_seqs: int = option(
+        32,
+        group="batching",
+        min=1,
+        metavar="N",
+        help="requests decoded together in one batch (1 = no batching)",
+    )
     # uncached prompt tokens per prefill step (longer prompts are chunked); None: the engine
     # picks by device (CPU_PREFILL_TOKENS / DEVICE_PREFILL_TOKENS)
-    max_prefill_tokens: int | None = None
-    # requests waiting beyond the batch's free rows, past which admission answers 429
-    max_queue: int = 256
+    max_prefill_tokens: int | None = option(
+        None,
+        group="batching",
+        min=1,
+        metavar="N",
+        doc_default=f"{CPU_PREFILL_TOKENS} on CPU, {DEVICE_PREFILL_TOKENS} on accelerators",
+        help="token positions computed in one prefill step (rows x the longest row's new "
+        "tokens: a batch is padded to its longest row); longer prompts are prefilled in chunks "
+        "interleaved with decode steps, so nobody waits for a whole long prompt",
+    )
+    max_queue: int = option(
+        256,
+        group="batching",
+        min=0,
+        metavar="N",
+        help="requests waiting beyond the batch's free rows (those that cannot start at the "
+        "next step), past which new ones get 429 + Retry-After",
+    )
     reserve_fraction: float = 0.01  # of the KV blocks kept free at admission, for growth
 
     def __post_init__(self) -> None:
-        if self.max_num_seqs < 1:
-            raise ValueError("max_num_seqs must be at least 1")
-        if self.max_prefill_tokens is not None and self.max_prefill_tokens < 1:
-            raise ValueError("max_prefill_tokens must be at least 1")
-        if self.max_queue < 0:
-            raise ValueError("max_queue must be >= 0")
+        check(self)
         if not 0 <= self.reserve_fraction < 1:
             raise ValueError("reserve_fraction must be in [0, 1)")
 

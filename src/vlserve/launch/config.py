@@ -126,10 +126,17 @@ def instance_env(config: LaunchConfig, index: int, base_env: Mapping[str, str]) 
     """The inherited environment, pinned to one device, with the server's own variables agreeing
     with its flags (a stray SERVER_PORT in the user's shell must not confuse anyone)."""
     env = dict(base_env)
-    env["SERVER_HOST"] = config.instance_host
-    env["SERVER_PORT"] = str(config.instance_ports[index])
-    env["MODEL_PATH"] = config.model
-    env["DEVICE"] = config.device
+    pinned = {
+        "HOST": config.instance_host,
+        "PORT": str(config.instance_ports[index]),
+        "MODEL": config.model,
+        "DEVICE": config.device,
+    }
+    # VLSERVE_* is what `vlserve serve` reads first, the prototype's names next (the flags
+    # win over both); both are pinned, for scripts around the server that read the old ones.
+    aliases = {"HOST": "SERVER_HOST", "PORT": "SERVER_PORT", "MODEL": "MODEL_PATH"}
+    for name, value in pinned.items():
+        env[f"VLSERVE_{name}"] = env[aliases.get(name, name)] = value
     if config.device in VISIBLE_DEVICES_VAR:
         env[VISIBLE_DEVICES_VAR[config.device]] = config.device_ids[index]
     else:

@@ -6,6 +6,8 @@ import math
 import os
 from dataclasses import dataclass
 
+from vlserve.settings import check, option
+
 # Formats a data URL may declare and the decoder may accept.
 ALLOWED_FORMATS: frozenset[str] = frozenset({"png", "jpeg", "webp", "gif", "bmp"})
 
@@ -15,21 +17,62 @@ class MediaConfig:
     """Limits for image and video inputs; every field is validated (and domains normalised) on
     creation. A per-request count of 0 turns that kind of input off."""
 
-    # Downsize (keeping the aspect ratio) so that width*height <= this; the prototype's
-    # MAX_IMAGE_PIXELS (2,621,440 is about 1.6K x 1.6K).
-    max_image_pixels: int = 2_621_440
+    # The prototype's MAX_IMAGE_PIXELS (2,621,440 is about 1.6K x 1.6K).
+    max_image_pixels: int = option(
+        2_621_440,
+        group="images",
+        env_aliases=("MAX_IMAGE_PIXELS",),
+        min=1,
+        metavar="N",
+        help="larger images are downsized (aspect kept) to at most N pixels",
+    )
     # Refused before decoding above this (decompression bombs); read from the image header.
     max_decode_pixels: int = 50_000_000
-    # Encoded size cap: data URL payload, HTTP body or local file.
-    max_image_bytes: int = 20 * 1024 * 1024
-    max_images_per_request: int = 16
+    max_image_bytes: int = option(
+        20 * 1024 * 1024,
+        group="images",
+        min=1,
+        metavar="N",
+        doc_default="20 MiB",
+        help="encoded size cap of one image (data URL, HTTP body or local file)",
+    )
+    max_images_per_request: int = option(
+        16, group="images", min=0, metavar="N", help="more images get 400; 0 turns images off"
+    )
     # Videos (media/video.py): encoded size, frames sampled per video at most, duration.
-    max_video_bytes: int = 64 * 1024 * 1024
-    max_video_frames: int = 64
-    max_video_seconds: float = 3600.0
-    max_videos_per_request: int = 4
-    # Frames x pixels of all the videos of one request, split evenly among them.
-    video_pixel_budget: int = 25_165_824
+    max_video_bytes: int = option(
+        64 * 1024 * 1024,
+        group="videos",
+        min=1,
+        metavar="N",
+        doc_default="64 MiB",
+        help="encoded size cap of one video (data URL, HTTP body or local file)",
+    )
+    max_video_frames: int = option(
+        64,
+        group="videos",
+        min=2,  # Qwen3-VL's temporal patch is two frames
+        metavar="N",
+        help="frames sampled from one video at most (the default and cap of "
+        "mm_processor_kwargs.max_frames; more are spread evenly, never refused)",
+    )
+    max_video_seconds: float = option(
+        3600.0,
+        group="videos",
+        above=0,
+        metavar="SECONDS",
+        help="longer videos get 400 (read from the header, before decoding)",
+    )
+    max_videos_per_request: int = option(
+        4, group="videos", min=0, metavar="N", help="more videos get 400; 0 turns videos off"
+    )
+    video_pixel_budget: int = option(
+        25_165_824,
+        group="videos",
+        metavar="PIXELS",
+        help="frames x pixels of all of a request's videos together, split evenly among them; "
+        "frames are downsized to fit (the default is at most 12,288 video tokens)",
+    )
     # Each sampled frame at most (768 tokens of 32x32, qwen-vl-utils' VIDEO_MAX_PIXELS).
     max_video_frame_pixels: int = 786_432
     # Frame size a video header may claim; refused above, before decoding (8K is 33.2 M).
@@ -39,8 +82,15 @@ class MediaConfig:
     # Qwen's processor fails on images whose long side is over 200x the short one: refuse those
     # here with a clear message instead of inside the engine.
     max_aspect_ratio: float = 200.0
-    # Deadline for one whole fetch: DNS, connect, every redirect hop and the body together.
-    fetch_timeout_s: float = 10.0
+    fetch_timeout_s: float = option(
+        10.0,
+        group="images",
+        flag="--image-fetch-timeout",
+        above=0,
+        metavar="SECONDS",
+        help="deadline for fetching one image or video URL: DNS, connect, every redirect and "
+        "the body together",
+    )
     max_redirects: int = 3
     max_concurrent_fetches: int = 8
     # Images decoded at once, server-wide (one may briefly hold max_decode_pixels * 4 bytes).
@@ -53,21 +103,35 @@ class MediaConfig:
     # Decoded images kept by the hash of their encoded bytes (LRU, RGB pixels counted): the same
     # image in the next turn of a conversation skips decoding. 0 turns it off.
     decoded_cache_bytes: int = 256 * 1024 * 1024
-    # Local files (file:// URLs or absolute paths) are read only from below this directory;
-    # None refuses local files altogether.
-    allowed_local_media_path: str | None = None
-    # Hosts a URL may name (an entry also admits its subdomains); empty means any public host.
+    allowed_local_media_path: str | None = option(
+        None,
+        group="images",
+        metavar="DIR",
+        doc_default="off",
+        help="serve file:// and absolute-path images and videos from below DIR only",
+    )
     # Given in any case and with any iterable; stored lower-case as a tuple.
-    allowed_media_domains: tuple[str, ...] = ()
-    # Lets URLs reach loopback/private addresses: ONLY for tests and fully trusted networks.
-    allow_private_networks: bool = False
+    allowed_media_domains: tuple[str, ...] = option(
+        (),
+        group="images",
+        metavar="DOMAIN",
+        doc_default="any public host",
+        help="only fetch image and video URLs from these hosts (and their subdomains)",
+    )
+    # ONLY for tests and fully trusted networks.
+    allow_private_networks: bool = option(
+        False,
+        group="images",
+        flag="--allow-private-media-urls",
+        help="let image and video URLs reach loopback/private addresses",
+    )
 
     def __post_init__(self) -> None:
+        # Frozen: normalise through object.__setattr__, once, here.
+        object.__setattr__(self, "allowed_media_domains", _normalise_domains(self))
+        check(self)
         for name in (
-            "max_image_pixels",
             "max_decode_pixels",
-            "max_image_bytes",
-            "max_video_bytes",
             "max_video_frame_pixels",
             "max_video_decode_pixels",
             "max_concurrent_fetches",
@@ -76,7 +140,6 @@ class MediaConfig:
         ):
             _require_int(name, getattr(self, name), minimum=1)
         _require_int("max_redirects", self.max_redirects, minimum=0)
-        _require_int("max_images_per_request", self.max_images_per_request, minimum=0)
         self._check_video()
         _require_int("decoded_cache_bytes", self.decoded_cache_bytes, minimum=0)
         if self.max_image_pixels > self.max_decode_pixels:
@@ -84,21 +147,12 @@ class MediaConfig:
                 f"max_image_pixels ({self.max_image_pixels}) must not exceed "
                 f"max_decode_pixels ({self.max_decode_pixels})"
             )
-        _require_positive_number("fetch_timeout_s", self.fetch_timeout_s)
         _require_positive_number("max_aspect_ratio", self.max_aspect_ratio)
         if self.max_aspect_ratio < 1:
             raise ValueError(f"max_aspect_ratio must be >= 1, got {self.max_aspect_ratio!r}")
-        if not isinstance(self.allow_private_networks, bool):
-            raise ValueError("allow_private_networks must be True or False")
         self._check_local_path()
-        # Frozen: normalise through object.__setattr__, once, here.
-        object.__setattr__(self, "allowed_media_domains", _normalise_domains(self))
 
     def _check_video(self) -> None:
-        _require_int("max_videos_per_request", self.max_videos_per_request, minimum=0)
-        # Qwen3-VL's temporal patch is two frames.
-        _require_int("max_video_frames", self.max_video_frames, minimum=2)
-        _require_positive_number("max_video_seconds", self.max_video_seconds)
         _require_positive_number("video_decode_timeout_s", self.video_decode_timeout_s)
         # Two frames of one 32x32 patch for each video a request may bring, at the least.
         least = 2 * 32 * 32 * max(self.max_videos_per_request, 1)
@@ -108,7 +162,7 @@ class MediaConfig:
         path = self.allowed_local_media_path
         if path is None:
             return
-        if not isinstance(path, str) or not path:
+        if not path:
             raise ValueError("allowed_local_media_path must be a non-empty string or None")
         if not os.path.isabs(path):
             raise ValueError(f"allowed_local_media_path must be absolute, got {path!r}")
