@@ -149,3 +149,13 @@ def test_unsupported_setting_types_fail_loudly() -> None:
 
     with pytest.raises(TypeError, match="unsupported setting type"):
         list(settings.settings(Odd))
+
+
+def test_serve_exits_2_on_a_bad_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from vlserve.api import cli
+
+    monkeypatch.setenv("VLSERVE_LOG_LEVEL", "debug")
+    monkeypatch.setenv("VLSERVE_MAX_NUM_SEQS", "0")
+    assert cli.run(_parser().parse_args([])) == 2

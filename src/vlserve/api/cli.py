@@ -35,9 +35,7 @@ def config_from_args(
 
 def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
     try:
         config = config_from_args(args)
@@ -45,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         log.error("invalid configuration: %s", exc)
         return 2
+    logging.getLogger().setLevel(config.log_level.upper())
     if not os.path.isdir(config.model_path):
         log.error("model directory %s does not exist (--model or MODEL_PATH)", config.model_path)
         return 2
