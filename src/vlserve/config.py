@@ -71,6 +71,13 @@ class ServerConfig:
         choices=("critical", "error", "warning", "info", "debug"),
         help="one structured line per request at info (docs/HARDENING.md)",
     )
+    log_format: str = option(
+        "text",
+        group="server",
+        choices=("text", "json"),
+        help="json: every log line one JSON object (time, level, logger, message; a request "
+        "line's fields, client address and W3C trace id at the top level)",
+    )
     api_keys: tuple[str, ...] = option(
         (),
         group="limits",

@@ -14,10 +14,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
+from vlserve.api.accesslog import log_line
 from vlserve.api.auth import ApiKeys
 from vlserve.api.faults import FaultInjector, InjectedFault
 from vlserve.api.metrics import Metrics, RequestRecord
-from vlserve.api.middleware import RequestContextMiddleware, log_line, request_id_from
+from vlserve.api.middleware import RequestContextMiddleware, request_id_from
 from vlserve.api.protocol import ChatCompletionRequest
 from vlserve.config import ServerConfig
 

@@ -7,11 +7,11 @@ import argparse
 import logging
 import os
 import signal
-import sys
 from collections.abc import Mapping
 from types import FrameType
 
 from vlserve import settings
+from vlserve.api import accesslog
 from vlserve.api.faults import ENV_VAR as FAULT_ENV_VAR
 from vlserve.api.faults import FaultInjector
 from vlserve.config import ServerConfig
@@ -34,16 +34,14 @@ def config_from_args(
 
 
 def run(args: argparse.Namespace) -> int:
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    accesslog.configure("text", "info")
     try:
         config = config_from_args(args)
         faults = FaultInjector.from_spec(os.environ.get(FAULT_ENV_VAR))
     except ValueError as exc:
         log.error("invalid configuration: %s", exc)
         return 2
-    logging.getLogger().setLevel(config.log_level.upper())
+    accesslog.configure(config.log_format, config.log_level)
     if not os.path.isdir(config.model_path):
         log.error("model directory %s does not exist (--model or MODEL_PATH)", config.model_path)
         return 2
@@ -98,6 +96,8 @@ def serve(config: ServerConfig, faults: FaultInjector | None = None) -> int:
             host=config.host,
             port=config.port,
             log_level=config.log_level,
+            # json: uvicorn's own lines go through the root logger's formatter too
+            **({"log_config": None} if config.log_format == "json" else {}),
             timeout_graceful_shutdown=config.shutdown_timeout_s,  # type: ignore[arg-type]
             access_log=False,  # one line per request comes from vlserve.request instead
             # h11 explicitly: its header-size limit is the one enforced (httptools has none)

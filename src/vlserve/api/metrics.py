@@ -49,6 +49,9 @@ class RequestRecord:
     finish_reason: str | None = None
     error_code: str | None = None
     api_key_index: int | None = None  # which of the server's API keys authenticated it
+    client: str | None = None  # host:port of the peer (nginx's, behind launch)
+    trace_id: str | None = None  # W3C trace id: the client's traceparent's, or a new one
+    traceparent: str | None = None  # the client's, when it sent a valid one
 
     def first_token(self) -> None:
         if self.ttft_s is None:

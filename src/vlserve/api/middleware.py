@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
 import uuid
-from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from vlserve import tracecontext
+from vlserve.api.accesslog import log_line, request_fields
 from vlserve.api.auth import ApiKeys, is_protected
 from vlserve.api.errors import send_error
 from vlserve.api.metrics import Metrics, RequestRecord
@@ -22,7 +22,6 @@ MAX_REQUEST_ID_CHARS = 128
 # Printable, no spaces, quotes, commas or semicolons: safe in headers and log lines, and wide
 # enough for common id styles (UUIDs, base64, `vlserve bench`'s run-tag ids with @ and #).
 _UNSAFE_ID_CHARS = re.compile(r"[^A-Za-z0-9._:@#/+=~-]")
-_LOGFMT_SAFE = re.compile(r"[A-Za-z0-9._:/@+-]+")
 _QUIET_PATHS = frozenset({"/health", "/metrics"})  # polled every few seconds: logged at DEBUG
 _CLIENT_CLOSED = 499  # nginx's convention for "the client went away before the answer"
 # The only requests whose body is read; any other request that declares one is answered
@@ -49,30 +48,6 @@ def request_id_from(value: bytes | None) -> str:
         if cleaned:
             return cleaned
     return uuid.uuid4().hex
-
-
-def log_line(record: RequestRecord, e2e_s: float) -> str:
-    """One logfmt line; client-controlled values are quoted so they cannot forge fields or lines."""
-    fields: dict[str, Any] = {
-        "id": record.request_id,
-        "method": record.method,
-        "path": record.path,
-        "status": record.status,
-        "model": record.model,
-        "prompt_tokens": record.prompt_tokens,
-        "completion_tokens": record.completion_tokens,
-        "ttft_ms": None if record.ttft_s is None else round(record.ttft_s * 1000, 1),
-        "queue_ms": None if record.queue_s is None else round(record.queue_s * 1000, 1),
-        "e2e_ms": round(e2e_s * 1000, 1),
-        "finish_reason": record.finish_reason,
-        "error": record.error_code,
-    }
-    return "request " + " ".join(f"{k}={_logfmt(v)}" for k, v in fields.items() if v is not None)
-
-
-def _logfmt(value: object) -> str:
-    text = str(value)
-    return text if _LOGFMT_SAFE.fullmatch(text) else json.dumps(text)
 
 
 class RequestContextMiddleware:
@@ -121,6 +96,7 @@ class RequestContextMiddleware:
             path=scope["path"],
         )
         scope.setdefault("state", {})["record"] = record
+        _trace(record, scope)
         id_header = (b"x-request-id", record.request_id.encode())
         started = completed = False
 
@@ -260,7 +236,21 @@ class RequestContextMiddleware:
         self.metrics.observe(record, e2e_s)
         level = logging.DEBUG if record.path in _QUIET_PATHS else logging.INFO
         if log.isEnabledFor(level):
-            log.log(level, "%s", log_line(record, e2e_s))
+            extra = {"fields": request_fields(record, e2e_s), "event": "request"}
+            log.log(level, "%s", log_line(record, e2e_s), extra=extra)
+
+
+def _trace(record: RequestRecord, scope: Scope) -> None:
+    """The client's address and W3C trace context on the record; this request's span becomes
+    the current one, so the requests it makes (media fetches) carry it on."""
+    client = scope.get("client")
+    if client:
+        record.client = f"{client[0]}:{client[1]}"
+    incoming = tracecontext.TraceParent.parse(_header(scope["headers"], b"traceparent"))
+    span = incoming.child() if incoming is not None else tracecontext.TraceParent.new()
+    record.trace_id = span.trace_id
+    record.traceparent = incoming.header() if incoming is not None else None
+    tracecontext.current.set(span)
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:

@@ -12,6 +12,7 @@ from urllib.parse import urljoin
 import httpcore
 import httpx
 
+from vlserve import tracecontext
 from vlserve.errors import MediaError
 from vlserve.media.config import MediaConfig
 from vlserve.media.netguard import (
@@ -109,6 +110,9 @@ class MediaFetcher:
         client = self._get_client()
         current = url
         headers = {"Accept": ACCEPT.get(what, ACCEPT["image"])}
+        span = tracecontext.current.get()
+        if span is not None:  # the request's trace goes on to the media host (W3C Trace Context)
+            headers["traceparent"] = span.header()
         for _ in range(self._config.max_redirects + 1):
             checked = self._checked_url(current, url, what)
             request = client.build_request("GET", checked, headers=headers)
