@@ -5,10 +5,15 @@ mix of good requests (text, image, streamed, cut off mid-stream, a 65,000-token 
 a long prompt, several larger images) and bad ones (broken JSON, unknown fields, bad images,
 oversized bodies, unknown models, and issue 13's cases: bodies offered to routes that take none,
 a request over the image-token budget, 1,024 x 256 one-character parts), and prints one row per
-window. The verdict: no 5xx, every valid request succeeds, and RSS in the last third of the run
-within 10% of the middle third (the first third is warm-up).
+window. Issue 22's hostile shapes join the mix (``--no-hostile`` leaves them out): 8 MB bodies of
+nested empty arrays and of integers under an unknown field, a 2,000-property schema and a
+``^.{0,150000}$`` pattern, a 7000x7000 PNG, 4 x 1M-character prompts, and n=16 with 20
+top_logprobs and 1,000 tokens; each must end in a 200 or a 4xx, never a 5xx or a dropped
+connection. Meanwhile /health is polled every 100 ms. The verdict: no 5xx, every valid request
+succeeds, /health p99 within --health-p99-ms (250), peak RSS within --rss-bound-mib, and RSS in
+the last third of the run within 10% of the middle third (the first third is warm-up).
 
-    .venv/bin/python benchmarks/soak.py --duration-s 300 --concurrency 16
+    .venv/bin/python benchmarks/soak.py --duration-s 300 --concurrency 64
 """
 
 from __future__ import annotations
@@ -46,7 +51,43 @@ class Window:
     latencies_s: list[float] = field(default_factory=list)
 
 
-def _kinds(model: str, body_cap: int) -> list[tuple[str, int, bool, dict | bytes]]:
+def _png_plain(width: int, height: int) -> str:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (10, 200, 30)).save(buf, "PNG")  # a few KB, 49 MP decoded
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _hostile(model: str) -> list[tuple[str, int, bool | None, dict | bytes]]:
+    """Issue 22's shapes, with None for "a 200 or a 4xx, never a 5xx"."""
+    user = lambda content: [{"role": "user", "content": content}]  # noqa: E731
+    nested = b'{"zzz": [' + b",".join([b"[]"] * 2_500_000) + b"]}"  # 8 MB of empty arrays
+    ints = b'{"zzz": [' + b",".join([b"1234567"] * 1_000_000) + b"]}"  # 8 MB of integers
+    props = {f"p{i}": {"type": "string"} for i in range(2000)}
+    schema = {"type": "json_schema", "json_schema": {"name": "s", "schema": {
+        "type": "object", "properties": props}}}  # fmt: skip
+    pattern = {"type": "json_schema", "json_schema": {"name": "p", "schema": {
+        "type": "object", "properties": {"a": {"type": "string", "pattern": "^.{0,150000}$"}},
+        "required": ["a"]}}}  # fmt: skip
+    huge = {"type": "image_url", "image_url": {"url": _png_plain(7000, 7000)}}
+    text = "a " * 500_000  # 1M characters
+    return [
+        ("nested_body", 1, False, nested),
+        ("int_body", 1, False, ints),
+        ("big_schema", 1, None, {"model": model, "messages": user("x"), "max_tokens": 4,
+                                 "response_format": schema}),
+        ("slow_pattern", 1, None, {"model": model, "messages": user("x"), "max_tokens": 4,
+                                   "response_format": pattern}),
+        ("huge_image", 1, True, {"model": model, "max_tokens": 2, "messages": user([huge])}),
+        ("long_chars", 1, False, {"model": model, "max_tokens": 2,
+                                  "messages": [{"role": "user", "content": text}] * 4}),
+        ("big_n", 1, True, {"model": model, "messages": user("x"), "n": 16, "logprobs": True,
+                            "top_logprobs": 20, "max_tokens": 1000, "ignore_eos": True}),
+    ]  # fmt: skip
+
+
+def _kinds(model: str, body_cap: int) -> list[tuple[str, int, bool | None, dict | bytes]]:
     """(name, weight, valid, body): the traffic mix."""
     user = lambda content: [{"role": "user", "content": content}]  # noqa: E731
     image = _png(64)
@@ -81,9 +122,10 @@ def _kinds(model: str, body_cap: int) -> list[tuple[str, int, bool, dict | bytes
 
 
 async def _one(
-    session: aiohttp.ClientSession, url: str, kind: tuple[str, int, bool, dict | bytes]
-) -> tuple[bool, bool, float]:
-    """(valid, ok, latency): ok means 200 for valid requests and a 4xx for invalid ones."""
+    session: aiohttp.ClientSession, url: str, kind: tuple[str, int, bool | None, dict | bytes]
+) -> tuple[bool | None, bool, float]:
+    """(valid, ok, latency): ok means 200 for valid requests, a 4xx for invalid ones, and
+    either for the hostile shapes whose answer depends on the server's budgets (None)."""
     name, _, valid, body = kind
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     headers = {"content-type": "application/json", "x-request-id": f"soak-{name}"}
@@ -100,6 +142,7 @@ async def _one(
                 ok = payload.rstrip().endswith(b"data: [DONE]") and b'"error"' not in payload
             else:
                 ok = r.status == 200 if valid else 400 <= r.status < 500
+                ok = ok or (valid is None and r.status == 200)
             return valid, ok, time.perf_counter() - start
     except (aiohttp.ClientError, asyncio.TimeoutError):
         return valid, False, time.perf_counter() - start
@@ -116,9 +159,12 @@ def _rss_mib(pid: int) -> float:
 async def soak(url: str, pid: int, args: argparse.Namespace, model: str) -> int:
     rng = random.Random(args.seed)
     kinds = _kinds(model, args.max_request_body_bytes)
+    if args.hostile:
+        kinds += _hostile(model)
     weights = [k[1] for k in kinds]
     windows: list[Window] = []
     rss: list[float] = []
+    health_s: list[float] = []
     deadline = time.monotonic() + args.duration_s
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(timeout=timeout) as session:
@@ -137,8 +183,20 @@ async def soak(url: str, pid: int, args: argparse.Namespace, model: str) -> int:
                     w.invalid += 1
                     w.invalid_5xx += not ok
 
+        async def prober() -> None:  # the probe Kubernetes and launch rely on
+            while time.monotonic() < deadline:
+                start = time.perf_counter()
+                try:
+                    async with session.get(url + "/health") as r:
+                        await r.read()
+                except (aiohttp.ClientError, asyncio.TimeoutError):
+                    pass
+                health_s.append(time.perf_counter() - start)
+                await asyncio.sleep(0.1)
+
         windows.append(Window())
         tasks = [asyncio.create_task(worker()) for _ in range(args.concurrency)]
+        tasks.append(asyncio.create_task(prober()))
         print(f"{'t_s':>5} {'valid':>6} {'v_err%':>7} {'invalid':>7} {'i_5xx%':>7} {'p50_ms':>7} "
               f"{'p99_ms':>7} {'rss_mib':>8}")  # fmt: skip
         started = time.monotonic()
@@ -149,7 +207,7 @@ async def soak(url: str, pid: int, args: argparse.Namespace, model: str) -> int:
             rss.append(_rss_mib(pid))
             _print_row(time.monotonic() - started, w, rss[-1])
         await asyncio.gather(*tasks)
-    return _verdict(windows, rss)
+    return _verdict(windows, rss, health_s, args)
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -167,7 +225,9 @@ def _print_row(t: float, w: Window, rss_mib: float) -> None:
           f"{rss_mib:8.1f}", flush=True)  # fmt: skip
 
 
-def _verdict(windows: list[Window], rss: list[float]) -> int:
+def _verdict(
+    windows: list[Window], rss: list[float], health_s: list[float], args: argparse.Namespace
+) -> int:
     valid = sum(w.valid for w in windows)
     invalid = sum(w.invalid for w in windows)
     failed = sum(w.valid_failed for w in windows)
@@ -190,7 +250,22 @@ def _verdict(windows: list[Window], rss: list[float]) -> int:
         f"max {max(rss):.1f}; last/middle ratio {ratio:.3f} "
         f"({'flat' if ratio < 1.10 else 'GROWING'}; target < 1.10)"
     )
-    return 0 if failed == 0 and bad_5xx == 0 and ratio < 1.10 else 1
+    health_p99 = 1000 * _pct(health_s, 0.99)
+    print(
+        f"/health: {len(health_s)} probes, p50 {1000 * _pct(health_s, 0.5):.0f} ms, p99 "
+        f"{health_p99:.0f} ms, max {1000 * max(health_s, default=0):.0f} ms "
+        f"(target p99 <= {args.health_p99_ms:.0f} ms); peak RSS {max(rss):.1f} MiB "
+        f"(bound {args.rss_bound_mib:.0f} MiB)"
+    )
+    return (
+        0
+        if failed == 0
+        and bad_5xx == 0
+        and ratio < 1.10
+        and health_p99 <= args.health_p99_ms
+        and max(rss) <= args.rss_bound_mib
+        else 1
+    )
 
 
 def _start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str, str]:
@@ -228,6 +303,10 @@ def main() -> int:
     p.add_argument("--window-s", type=float, default=10)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--hostile", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--health-p99-ms", type=float, default=250.0)
+    p.add_argument("--rss-bound-mib", type=float, default=6144.0,
+                   help="peak server RSS allowed (docs/HARDENING.md)")  # fmt: skip
     p.add_argument("--max-request-body-bytes", type=int, default=16 << 20)
     p.add_argument("--url", help="an already running server (then --pid and --model are needed)")
     p.add_argument("--pid", type=int, help="its process id, for RSS")
