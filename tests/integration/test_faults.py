@@ -257,3 +257,37 @@ def test_dead_inference_thread_turns_unhealthy_and_exits_nonzero(
             stop_server(srv)
     assert code == 1
     assert "the inference thread died" in srv.log_path.read_text()
+
+
+def test_a_stuck_step_is_noticed_and_requests_still_time_out(
+    tiny_model_path: Path, tmp_path: Path
+) -> None:
+    """A device call that never returns (the ``hang`` fault): /health turns 503 "stalled" once
+    the engine has had work and no finished step for --engine-stall-timeout, new requests get
+    503, and the stuck request itself gets its 504 at --request-timeout, from the event loop."""
+    srv = start_server(
+        tiny_model_path,
+        tmp_path,
+        *("--engine-stall-timeout", "2", "--request-timeout", "5", "--shutdown-timeout", "2"),
+        env={"VLSERVE_FAULT_INJECT": "hang:stuck"},
+    )
+    try:
+        assert _health(srv)["status"] == "ok"
+        started = time.monotonic()
+        box: list[httpx.Response] = []
+        sender = threading.Thread(
+            target=lambda: box.append(httpx.post(_url(srv), json=_body(srv, 4, user="stuck"), timeout=60))
+        )
+        sender.start()
+        assert _wait_for(lambda: _health(srv)["status"] == "stalled", 30), srv.log_tail()
+        r = httpx.get(srv.base_url + "/health", timeout=10)
+        assert r.status_code == 503 and r.headers["x-vlserve-health"] == "stalled"
+        assert r.headers["retry-after"] == "5"
+        refused = httpx.post(_url(srv), json=_body(srv, 2), timeout=30)
+        assert refused.status_code == 503 and "stalled" in refused.json()["error"]["message"]
+        sender.join(60)
+        assert box and box[0].status_code == 504, box and box[0].text
+        assert box[0].json()["error"]["code"] == "request_timeout"
+        assert time.monotonic() - started < 30  # the timeout, not the stuck step, ended it
+    finally:
+        stop_server(srv)

@@ -288,3 +288,31 @@ def test_sigstop_while_starting_is_waited_out(tmp_path: Path) -> None:
         await sup.stop()
 
     run(scenario)
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        (b"HTTP/1.1 503 Service Unavailable\r\nX-Vlserve-Health: stalled\r\n\r\n", None),
+        (b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 5\r\nx-vlserve-health: stalled\r\n\r\n", None),
+        (b"HTTP/1.1 503 Service Unavailable\r\nretry-after: 5\r\n\r\n", 503),  # draining
+        (b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", 200),
+    ],
+)
+def test_a_stalled_engine_counts_as_no_answer(head: bytes, expected: int | None) -> None:
+    """/health's 503 with the stalled header (a stuck device call, the event loop still up) is
+    a hang for launch; any other 503 (draining, loading) is an answer."""
+
+    async def scenario() -> int | None:
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(head)
+            await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(answer, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            return await probe_status(f"http://127.0.0.1:{port}/health", 2.0)
+
+    assert asyncio.run(scenario()) == expected

@@ -3,13 +3,17 @@ inside the engine's inference step, so tests can prove one failure leaves the ot
 
 from __future__ import annotations
 
+import threading
+
 ENV_VAR = "VLSERVE_FAULT_INJECT"
 # error: an ordinary exception in the step; oom: one the engine recognises as device OOM;
-# crash: one that kills the inference thread (the server must then turn unhealthy and exit 1)
+# crash: one that kills the inference thread (the server must then turn unhealthy and exit 1);
+# hang: the step never returns, as a stuck device call (/health must then say "stalled")
 _KINDS = {
     "error": "injected fault",
     "oom": "injected fault: out of memory",
     "crash": "injected fault: the inference thread dies",
+    "hang": "injected fault: the step never returns",
 }
 
 
@@ -29,6 +33,7 @@ class FaultInjector:
     def __init__(self, kind: str, user: str) -> None:
         self.user = user
         self._error = InjectedCrash if kind == "crash" else InjectedFault
+        self._hang = kind == "hang"
         self._message = _KINDS[kind]
         self._ids: set[str] = set()
 
@@ -52,4 +57,6 @@ class FaultInjector:
         """The engine hook (inference thread)."""
         if request_id in self._ids:
             self._ids.discard(request_id)
+            if self._hang:
+                threading.Event().wait()  # forever: the thread is a daemon, exit ends it
             raise self._error(self._message)

@@ -210,7 +210,7 @@ class RequestContextMiddleware:
         while True:
             try:
                 event = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0))
-            except TimeoutError:
+            except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11
                 record.error_code = "body_timeout"
                 message = f"request body not received within {self.body_timeout_s:g} s"
                 await send_error(send, 408, message, "body_timeout", close)

@@ -27,6 +27,7 @@ from vlserve.engine.prompt import ChatPrompt
 from vlserve.engine.request import SamplingParams, TokenEvent
 from vlserve.engine.stream import RequestStream
 from vlserve.errors import ContextLengthError, EngineUnavailableError, NotFoundError
+from vlserve.launch.health import STALLED_HEADER
 from vlserve.media import MediaLoader
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ _CHAT_ERRORS = _errors(400, 401, 404, 413, 429, 431, 500, 503, 504)
     "/health",
     methods=["GET", "HEAD"],
     response_model=p.Health,
-    responses={503: {"model": p.Health, "description": "loading, draining or failed"}, **_LIMITS},
+    responses={503: {"model": p.Health, "description": "loading, draining, failed or stalled"}, **_LIMITS},
 )
 async def health(request: Request) -> Response:
     state = _state(request)
@@ -116,8 +117,12 @@ async def health(request: Request) -> Response:
     info = engine.model_info
     if engine.state is not EngineState.READY or state.draining or info is None:
         status = 503
-        body = {"status": "draining" if state.draining else engine.state.value}
-        return JSONResponse(body, status_code=status, headers={"Retry-After": "5"})
+        engine_state = engine.state
+        body = {"status": "draining" if state.draining else engine_state.value}
+        headers = {"Retry-After": "5"}
+        if engine_state is EngineState.STALLED and not state.draining:
+            headers[STALLED_HEADER] = "stalled"  # launch's probe reads the status line and this
+        return JSONResponse(body, status_code=status, headers=headers)
     return JSONResponse(
         {
             "status": "ok",
@@ -266,8 +271,13 @@ async def _convert(
 ) -> tuple[ChatPrompt, SamplingParams]:
     """The request as the engine takes it: template messages with decoded images and videos,
     the tools, and its sampling parameters."""
-    info = state.engine.model_info
-    if info is None or state.engine.state is not EngineState.READY or state.defaults is None:
+    info, engine_state = state.engine.model_info, state.engine.state
+    if engine_state is EngineState.STALLED:
+        raise EngineUnavailableError(
+            "the engine is stalled (no step finished for --engine-stall-timeout); retry shortly",
+            retry_after_s=5,
+        )
+    if info is None or engine_state is not EngineState.READY or state.defaults is None:
         raise EngineUnavailableError("the model is still loading; retry shortly")
     params = to_sampling(body, state.defaults, vocab_size=info.vocab_size, guide=tools.guide)
     messages = [m.model_dump(exclude_none=True) for m in body.messages]

@@ -14,6 +14,7 @@ from vlserve.engine.stream import RequestStream
 class EngineState(str, enum.Enum):
     LOADING = "loading"
     READY = "ready"
+    STALLED = "stalled"  # ready, but no step has finished for --engine-stall-timeout with work
     FAILED = "failed"
     STOPPED = "stopped"
 

@@ -29,6 +29,17 @@ class EngineConfig:
         metavar="SECONDS",
         help="a request unfinished after this many seconds ends with 504",
     )
+    engine_stall_timeout_s: float = option(
+        120.0,
+        group="server",
+        flag="--engine-stall-timeout",
+        min=0,
+        metavar="SECONDS",
+        help="with work pending and no engine step finished for this long, the engine counts "
+        "as stalled: /health answers 503 {\"status\": \"stalled\"} (so launch restarts the "
+        "instance and a liveness probe fails) and new requests get 503; 0 turns it off. One "
+        "step is one prefill chunk or one decode step: longer than a minute only when stuck",
+    )
     encoder_thread: bool = option(
         True,
         group="batching",

@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -117,6 +118,11 @@ class AsyncEngine:
     # -- lifecycle ------------------------------------------------------------------------------
     @property
     def state(self) -> EngineState:
+        limit = self.config.engine_stall_timeout_s
+        loop = self.loop
+        if self._state is EngineState.READY and loop is not None and limit > 0:  # noqa: SIM102
+            if loop.stalled_for(time.monotonic()) > limit:
+                return EngineState.STALLED
         return self._state
 
     @property
@@ -284,6 +290,8 @@ class AsyncEngine:
             functools.partial(self._abort, seqs),
             lambda: (seqs[0].num_prompt_tokens, sum(s.num_output_tokens for s in seqs)),
             n=params.n,
+            # enforced here too, on the event loop: a step that never returns cannot hold it
+            deadline=(seqs[0].deadline, self.config.request_timeout_s),
         )
         with self._lock:
             first = seqs[0]  # 429 for all the choices or none
@@ -303,6 +311,12 @@ class AsyncEngine:
     def _require_ready(self) -> tuple[ModelRunner, EngineLoop]:
         if self._state is EngineState.LOADING:
             raise EngineUnavailableError("the model is still loading; retry shortly")
+        if self.state is EngineState.STALLED:
+            raise EngineUnavailableError(
+                "the engine has finished no step for over "
+                f"{self.config.engine_stall_timeout_s:g} s (stalled); retry shortly",
+                retry_after_s=5,
+            )
         if self._state is not EngineState.READY or self.runner is None or self.loop is None:
             raise EngineUnavailableError("the engine is not running", retry_after_s=30)
         return self.runner, self.loop

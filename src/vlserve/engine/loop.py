@@ -70,6 +70,7 @@ class EngineLoop:
         self.runner = runner
         self.lock = lock
         self.hooks = hooks
+        self.progress_at: float | None = None  # since when work waits on a step (None: idle)
         blocks = max(kv_cache_tokens(config, runner) // config.block_size, 1)
         runner.allocate_kv(blocks + 1, config.block_size)  # + the null block
         buckets = config.decode_row_buckets
@@ -130,13 +131,23 @@ class EngineLoop:
         while True:
             with self.lock:
                 while not stopped() and not self.scheduler.has_work():
+                    self.progress_at = None
                     self.lock.wait()
                 if stopped():
                     return
+                if self.progress_at is None:  # work arrived after idling: the clock starts now
+                    self.progress_at = time.monotonic()
                 self._drop_cancelled()
                 plan = self.scheduler.schedule()
             if plan.seqs:
                 self.step(plan)
+            self.progress_at = time.monotonic()
+
+    def stalled_for(self, now: float) -> float:
+        """Seconds the engine has had work without finishing a step (0 while idle): read by
+        other threads, so a stuck device call is noticed outside the thread it holds."""
+        since = self.progress_at
+        return 0.0 if since is None else max(now - since, 0.0)
 
     def step(self, plan: StepPlan[Sequence]) -> None:
         rows, hits = self._before_prefill(plan.rows) if plan.is_prefill else (plan.rows, 0)

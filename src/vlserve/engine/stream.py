@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 from vlserve.engine.request import FinishReason, TokenEvent
-from vlserve.errors import VLServeError
+from vlserve.errors import RequestTimeoutError, VLServeError
 
 
 class RequestStream:
@@ -21,6 +22,7 @@ class RequestStream:
         abort: Callable[[], None],
         counts: Callable[[], tuple[int, int]],
         n: int = 1,
+        deadline: tuple[float, float] | None = None,
     ) -> None:
         self.request_id = request_id
         self.n = n
@@ -29,6 +31,9 @@ class RequestStream:
         self._queue = queue
         self._open = set(range(n))  # choices not finished yet
         self._finished = False
+        # (time.monotonic() deadline, the timeout it came from): past it the stream ends with a
+        # RequestTimeoutError whatever the inference thread does (it drops the request later)
+        self._deadline = deadline
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -37,7 +42,15 @@ class RequestStream:
         if self._finished:
             raise StopAsyncIteration
         try:
-            event = await self._queue.get()
+            if self._deadline is None:
+                event = await self._queue.get()
+            else:
+                remaining = self._deadline[0] - time.monotonic()
+                event = await asyncio.wait_for(self._queue.get(), max(remaining, 0.0))
+        except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11
+            timeout_s = self._deadline[1] if self._deadline else 0.0
+            self.fail(RequestTimeoutError(f"request exceeded the server's {timeout_s:g} s timeout"))
+            event = self._queue.get_nowait()
         except BaseException:
             self._abort()
             raise

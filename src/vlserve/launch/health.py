@@ -7,6 +7,9 @@ after readiness means the server is draining (it exits by itself within its shut
 or over its connection limit, and an engine that failed makes the server exit 1: none of those
 is a hang, and restarting a draining server would cut its in-flight requests short. A server
 that is stopped (SIGSTOP), deadlocked, or stuck on exit with its port closed does not answer.
+One 503 is a hang all the same: the one whose ``STALLED_HEADER`` says the engine has made no
+progress for ``--engine-stall-timeout`` (a device call that never returns, while the event loop
+still answers); the probe reports it as no answer.
 """
 
 from __future__ import annotations
@@ -17,7 +20,9 @@ import urllib.parse
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-# (url, timeout_s) -> HTTP status, or None when nothing answered.
+# `vlserve serve`'s /health sets it to "stalled" on its 503 when the engine is stuck.
+STALLED_HEADER = "x-vlserve-health"
+# (url, timeout_s) -> HTTP status, or None when nothing answered (or the engine is stalled).
 Probe = Callable[[str, float], Awaitable["int | None"]]
 
 
@@ -47,6 +52,9 @@ async def _get_status(url: str) -> int | None:
         writer.write(request.encode())
         await writer.drain()
         status_line = await reader.readline()
+        head = []
+        while len(head) < 100 and (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
+            head.append(line.lower())
     finally:
         writer.close()
         with contextlib.suppress(OSError):
@@ -54,6 +62,8 @@ async def _get_status(url: str) -> int | None:
     fields = status_line.split()
     if len(fields) < 2 or not fields[0].startswith(b"HTTP/") or not fields[1].isdigit():
         return None
+    if f"{STALLED_HEADER}: stalled".encode() in (h.strip() for h in head):
+        return None  # the event loop answers, but the engine makes no progress: a hang
     return int(fields[1])
 
 

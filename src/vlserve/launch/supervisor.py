@@ -291,7 +291,8 @@ class Supervisor:
             return
         stopped = is_stopped(proc.pid)
         logger.error(
-            "%s is hung: %d health checks in a row without an answer (%.1f s, timeout %g s each)"
+            "%s is hung: %d health checks in a row without an answer or with a stalled engine "
+            "(%.1f s, timeout %g s each)"
             "; pid %d%s, killing it and restarting",
             child.spec.name, detector.failures_in_a_row, time.monotonic() - silent_since,
             policy.health_timeout_s, proc.pid, " is stopped (SIGSTOP)" if stopped else "",
