@@ -62,8 +62,8 @@ class ServerConfig:
         flag="--shutdown-timeout",
         min=0,
         metavar=_SECONDS,
-        help="on SIGTERM: stop accepting, let in-flight requests finish for up to this long, "
-        "exit 0",
+        help="on SIGTERM: new requests and /health get 503 + Retry-After while in-flight "
+        "requests finish for up to this long; then the port closes and the server exits 0",
     )
     log_level: str = option(
         "info",

@@ -205,8 +205,13 @@ def _load_then_sigterm(srv: ServerProcess, max_tokens: int) -> list[object]:
     assert _wait_for(busy, 60), _health(srv)
     srv.proc.send_signal(signal.SIGTERM)
     time.sleep(0.5)
-    with pytest.raises(httpx.ConnectError):  # no longer accepting
-        httpx.get(srv.base_url + "/health", timeout=5)
+    # Still listening while it drains: newcomers get a clear 503 + Retry-After, not a refusal.
+    health = httpx.get(srv.base_url + "/health", timeout=5)
+    assert health.status_code == 503 and health.json()["status"] == "draining", health.text
+    assert int(health.headers["retry-after"]) >= 1
+    late = httpx.post(srv.base_url + "/v1/chat/completions", json=_body(srv, 1), timeout=5)
+    assert late.status_code == 503 and late.headers.get("retry-after"), late.text
+    assert late.json()["error"]["type"] == "service_unavailable", late.text
     runner.join(180)
     assert srv.proc.wait(timeout=60) == 0, srv.log_tail()
     return out[0]

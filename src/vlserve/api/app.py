@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI
@@ -100,6 +100,20 @@ def begin_drain(app: FastAPI, timeout_s: float) -> None:
     loop: asyncio.AbstractEventLoop | None = getattr(app.state, "loop", None)
     if state is not None and loop is not None:
         loop.call_soon_threadsafe(state.start_draining, timeout_s)
+
+
+async def wait_for_drain(app: FastAPI, timeout_s: float, force: Callable[[], bool]) -> float:
+    """After :func:`begin_drain`: wait, still listening, until no generation is in flight (the
+    drain's deadline ends the stragglers with 503), or ``force()`` turns true. Meanwhile new
+    requests and ``/health`` get 503 + Retry-After instead of a refused connection. Returns the
+    seconds of ``timeout_s`` left."""
+    state: ServerState | None = getattr(app.state, "vl", None)
+    deadline = time.monotonic() + timeout_s
+    while state is not None and state.draining and state.streams and not force():
+        if time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(0.05)
+    return max(0.0, deadline - time.monotonic())
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import signal
+import socket
 from collections.abc import Mapping
 from types import FrameType
 
@@ -57,7 +59,7 @@ def serve(config: ServerConfig, faults: FaultInjector | None = None) -> int:
     openmp.apply_defaults()  # before anything below imports torch
     import uvicorn
 
-    from vlserve.api.app import begin_drain, create_app
+    from vlserve.api.app import begin_drain, create_app, wait_for_drain
     from vlserve.api.http11 import with_header_timeout
     from vlserve.api.metrics import Metrics
     from vlserve.engine.device import resolve_device
@@ -89,6 +91,13 @@ def serve(config: ServerConfig, faults: FaultInjector | None = None) -> int:
             super().handle_exit(sig, frame)
             if first:
                 begin_drain(app, config.shutdown_timeout_s)
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            # uvicorn closes the listener first: a client would see "connection refused". Keep
+            # it open while in-flight generations finish, so newcomers get 503 + Retry-After.
+            left_s = await wait_for_drain(app, config.shutdown_timeout_s, lambda: self.force_exit)
+            self.config.timeout_graceful_shutdown = max(1, math.ceil(left_s))
+            await super().shutdown(sockets)
 
     server = Server(
         uvicorn.Config(
