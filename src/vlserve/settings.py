@@ -18,6 +18,7 @@ import types
 import typing
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "VLSERVE_"
@@ -56,7 +57,7 @@ def section(factory: Any) -> Any:
 class Setting:
     path: tuple[str, ...]  # field names from the root config
     option: Option
-    kind: type  # bool, int, float, str or tuple (of str)
+    kind: type  # bool, int, float, str, Path or tuple (of str)
     optional: bool  # None allowed (and the default)
     default: Any
 
@@ -92,7 +93,7 @@ def _kind(hint: Any) -> tuple[type, bool]:
         return _kind(inner)[0], True
     if typing.get_origin(hint) is tuple:
         return tuple, False
-    if hint in (bool, int, float, str):
+    if hint in (bool, int, float, str, Path):
         return hint, False
     raise TypeError(f"unsupported setting type {hint!r}")
 
@@ -133,9 +134,12 @@ def doc_default(s: Setting) -> str:
     return str(s.default)
 
 
-def build(cls: type, args: argparse.Namespace | None, environ: Mapping[str, str]) -> Any:
+def build(
+    cls: type, args: argparse.Namespace | None, environ: Mapping[str, str], **fixed: Any
+) -> Any:
     """``cls`` from the flags given, else the environment, else the defaults; an environment
-    value that does not parse raises ``ValueError`` naming the variable."""
+    value that does not parse raises ``ValueError`` naming the variable. ``fixed`` gives the
+    root's fields that are not settings (values a caller resolved itself)."""
     values: dict[tuple[str, ...], Any] = {}
     for s in settings(cls):
         if args is not None and hasattr(args, s.dest):
@@ -147,11 +151,16 @@ def build(cls: type, args: argparse.Namespace | None, environ: Mapping[str, str]
             if text.strip():
                 values[s.path] = _parse_env(s, name, text.strip())
                 break
-    return _construct(cls, (), values)
+    return _construct(cls, (), values, fixed)
 
 
-def _construct(cls: type, path: tuple[str, ...], values: Mapping[tuple[str, ...], Any]) -> Any:
-    kwargs: dict[str, Any] = {}
+def _construct(
+    cls: type,
+    path: tuple[str, ...],
+    values: Mapping[tuple[str, ...], Any],
+    fixed: Mapping[str, Any] | None = None,
+) -> Any:
+    kwargs: dict[str, Any] = dict(fixed or {})
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         here = (*path, f.name)
@@ -211,7 +220,10 @@ def _check_value(s: Setting, value: Any) -> None:
         raise ValueError(f"{name} must be {what}, got {value!r}")
 
 
-_WHAT = {int: "an integer", float: "a finite number", str: "a string", bool: "True or False"}
+_WHAT = {
+    int: "an integer", float: "a finite number", str: "a string", bool: "True or False",
+    Path: "a path",
+}  # fmt: skip
 
 
 def _bounds(o: Option) -> str:

@@ -11,7 +11,7 @@ import pytest
 from vlserve.cli import build_parser
 from vlserve.errors import VLServeError
 from vlserve.launch.cli import config_from_args
-from vlserve.launch.config import LaunchConfig, instance_specs, nginx_spec
+from vlserve.launch.config import DEFAULT_SERVE_COMMAND, LaunchConfig, instance_specs, nginx_spec
 from vlserve.launch.devices import (
     count_gpus,
     count_npus,
@@ -74,7 +74,7 @@ def test_cpu_instances_share_the_cores() -> None:
         ({"base_port": 8999}, "collides"),
         ({"base_port": 65534}, "out of range"),
         ({"num_instances": 0, "device_ids": ()}, "at least 1"),
-        ({"stop_timeout_s": 0}, "positive"),
+        ({"stop_timeout_s": 0}, "--stop-timeout-s / stop_timeout_s must be a finite number > 0"),
     ],
 )
 def test_config_validation(overrides: dict[str, object], message: str) -> None:
@@ -139,9 +139,28 @@ def _no_server_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
-def parse(*argv: str) -> LaunchConfig:
+def parse(*argv: str, env: dict[str, str] | None = None) -> LaunchConfig:
     args = build_parser(["launch"]).parse_args(["launch", *argv])
-    return config_from_args(args, {})
+    return config_from_args(args, env or {})
+
+
+def test_every_launch_setting_has_a_variable_and_the_flag_wins() -> None:
+    """launch's settings are declared once (vlserve.settings), like serve's."""
+    env = {"VLSERVE_MODEL": "/env-model", "VLSERVE_DEVICE": "cpu", "VLSERVE_NUM_INSTANCES": "2",
+           "VLSERVE_HEALTH_INTERVAL_S": "0.25", "VLSERVE_HUNG_AFTER": "5",
+           "VLSERVE_STATE_DIR": "/tmp/x", "SERVER_PORT": "7000", "VLSERVE_NGINX": "off"}  # fmt: skip
+    config = parse(env=env)
+    assert (config.model, config.device, config.num_instances) == ("/env-model", "cpu", 2)
+    assert (config.health_interval_s, config.hung_after, config.port) == (0.25, 5, 7000)
+    assert config.state_dir == Path("/tmp/x") and config.nginx == "off"
+    assert config.instance_ports == (7001, 7002)
+    config = parse("--model", "/flag", "--hung-after", "1", env=env)
+    assert (config.model, config.hung_after) == ("/flag", 1)
+    assert parse(env={"MODEL_PATH": "/old", "DEVICE": "cpu"}).model == "/old"
+    with pytest.raises(ValueError, match="VLSERVE_HUNG_AFTER='x'"):
+        parse(env={**env, "VLSERVE_HUNG_AFTER": "x"})
+    with pytest.raises(ValueError, match="--hung-after / hung_after must be an integer >= 0"):
+        parse(env={**env, "VLSERVE_HUNG_AFTER": "-1"})
 
 
 def test_cli_builds_the_config_and_passes_arguments_after_double_dash() -> None:
@@ -191,7 +210,7 @@ def test_front_url_reaches_wildcards_through_loopback(host: str, url: str) -> No
 
 def test_cli_hung_instance_flags_and_defaults() -> None:
     config = parse("--model", "/m", "--device", "cpu")
-    assert (config.health_interval_s, config.health_timeout_s, config.hung_after) == (2.0, 5.0, 3)
+    assert (config.health_interval_s, config.health_timeout_s, config.hung_after) == (1.0, 2.0, 3)
     config = parse("--model", "/m", "--device", "cpu", "--health-interval-s", "0.5",
                    "--health-timeout-s", "1.5", "--hung-after", "0")  # fmt: skip
     assert (config.health_interval_s, config.health_timeout_s, config.hung_after) == (0.5, 1.5, 0)
@@ -209,3 +228,35 @@ def test_nginx_is_not_subject_to_the_hang_rule() -> None:
     # Its /health is proxied to an instance: a stopped instance must not get nginx killed.
     assert not nginx_spec(["nginx"], npu_config(), {}).restart_if_hung
     assert all(spec.restart_if_hung for spec in instance_specs(npu_config(), {}))
+
+
+def test_launch_settings_share_only_the_pinned_variables_with_serve() -> None:
+    """Instances inherit launch's environment: a launch setting whose variable serve also read
+    would configure every instance by accident. Only the four that launch pins may overlap."""
+    from vlserve import settings
+    from vlserve.config import ServerConfig
+    from vlserve.launch.config import LaunchTarget
+
+    serve = set(settings.env_names(ServerConfig))
+    launch = set(settings.env_names(LaunchConfig)) | set(settings.env_names(LaunchTarget))
+    pinned = {"VLSERVE_HOST", "VLSERVE_PORT", "VLSERVE_MODEL", "VLSERVE_DEVICE"}
+    assert serve & launch == pinned
+    env = instance_specs(npu_config(), {"VLSERVE_PORT": "1", "VLSERVE_MODEL": "/x"})[0].env
+    assert {name: env[name] for name in pinned} == {
+        "VLSERVE_HOST": "127.0.0.1", "VLSERVE_PORT": "9101",
+        "VLSERVE_MODEL": "/models/qwen3-vl-8b", "VLSERVE_DEVICE": "npu",
+    }  # fmt: skip
+
+
+def test_nginx_waits_a_little_past_the_instances_request_timeout() -> None:
+    from vlserve.launch.config import nginx_read_timeout_s
+
+    default = npu_config(serve_command=DEFAULT_SERVE_COMMAND)
+    assert nginx_read_timeout_s(default, {}) == 630  # serve's default 600 s, plus 30
+    assert nginx_read_timeout_s(default, {"VLSERVE_REQUEST_TIMEOUT": "100.5"}) == 131
+    flagged = npu_config(serve_args=("--dtype", "bfloat16", "--request-timeout=1800"))
+    assert nginx_read_timeout_s(flagged, {"VLSERVE_REQUEST_TIMEOUT": "5"}) == 1830  # flag wins
+    # Another server behind launch: its timeouts are unknown, nginx waits an hour.
+    assert nginx_read_timeout_s(npu_config(serve_command=("vllm", "serve")), {}) == 3600
+    with pytest.raises(VLServeError, match="not valid for vlserve serve"):
+        nginx_read_timeout_s(npu_config(serve_args=("--request-timeout", "soon")), {})

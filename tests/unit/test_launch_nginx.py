@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
+import json
 import os
+import socket
 import stat
+import subprocess
+import threading
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -52,10 +60,38 @@ def test_proxy_settings_suit_long_streaming_requests() -> None:
         "proxy_next_upstream_tries 2;",
     ):
         assert expected in lines, expected
-    retry = next(line for line in lines if line.startswith("proxy_next_upstream "))
+    general, quick = _locations(render_http_block(CONFIG))
+    retry = next(line for line in general if line.startswith("proxy_next_upstream "))
     assert "http_503" in retry and "non_idempotent" in retry
     # A generation that outlived the read timeout must not be run again elsewhere.
     assert "timeout" not in retry.split()
+
+
+def _locations(text: str) -> tuple[list[str], list[str]]:
+    """The directives of ``location /`` and of the quick-reads location."""
+    lines = directives(text)
+    general = lines[lines.index("location / {") : lines.index("}", lines.index("location / {"))]
+    start = next(i for i, line in enumerate(lines) if line.startswith("location ~"))
+    return general, lines[start : lines.index("}", start)]
+
+
+def test_a_frozen_instance_fails_quick_reads_over_to_another() -> None:
+    """/health and /v1/models answer at once: silence is retried elsewhere after a few seconds
+    (a frozen instance accepts connections but never answers), unlike a generation."""
+    _, quick = _locations(render_http_block(CONFIG))
+    assert quick[0] == "location ~ ^/(health|v1/models)(/|$) {"
+    assert "proxy_read_timeout 5s;" in quick
+    retry = next(line for line in quick if line.startswith("proxy_next_upstream "))
+    assert {"error", "timeout", "http_503"} <= set(retry.rstrip(";").split())
+    assert "non_idempotent" not in retry
+
+
+def test_the_request_id_is_passed_on_and_logged(tmp_path: Path) -> None:
+    lines = directives(render_nginx_conf(CONFIG, tmp_path))
+    assert "map $http_x_request_id $vlserve_request_id {" in lines
+    assert '"" $request_id;' in lines  # nginx's own when the client sent none
+    assert "proxy_set_header X-Request-Id $vlserve_request_id;" in lines
+    assert any("request_id=$vlserve_request_id" in line for line in lines)
 
 
 @pytest.mark.parametrize(
@@ -76,6 +112,8 @@ def test_config_validation() -> None:
         NginxConfig(listen_host="127.0.0.1", listen_port=9000, upstreams=())
     with pytest.raises(ValueError, match="port"):
         NginxConfig(listen_host="127.0.0.1", listen_port=70000, upstreams=("a:1",))
+    with pytest.raises(ValueError, match="timeouts"):
+        NginxConfig(listen_host="127.0.0.1", listen_port=9000, upstreams=("a:1",), quick_timeout_s=0)
 
 
 def test_standalone_config_keeps_every_path_under_the_prefix(tmp_path: Path) -> None:
@@ -127,3 +165,62 @@ def test_real_nginx_rejection_is_reported_with_its_message(tmp_path: Path) -> No
     (tmp_path / "nginx.conf").write_text("events {}\nhttp { bogus_directive on; }\n")
     with pytest.raises(VLServeError, match="bogus_directive"):
         check_nginx_conf(NGINX, tmp_path)
+
+
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (apt-get install nginx)")
+def test_real_nginx_sends_reads_past_a_frozen_instance(tmp_path: Path) -> None:
+    """One upstream accepts connections and never answers (what SIGSTOP looks like from
+    outside); every GET /v1/models through nginx still gets the other instance's answer, in
+    about the quick timeout (it waited 3600 s before)."""
+    assert NGINX is not None
+    frozen = socket.create_server(("127.0.0.1", 0), backlog=64)  # never accept()ed
+    answer = json.dumps({"object": "list", "data": []}).encode()
+
+    class Models(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    healthy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Models)
+    threading.Thread(target=healthy.serve_forever, daemon=True).start()
+    port = _free_port()
+    config = NginxConfig(
+        listen_host="127.0.0.1",
+        listen_port=port,
+        upstreams=(f"127.0.0.1:{frozen.getsockname()[1]}", f"127.0.0.1:{healthy.server_port}"),
+        quick_timeout_s=1,
+    )
+    write_nginx_files(config, tmp_path)
+    proc = subprocess.Popen(nginx_command(NGINX, tmp_path), stderr=subprocess.PIPE)
+    try:
+        _wait_listening(port)
+        for _ in range(4):  # least_conn: the frozen one is tried too
+            started = time.monotonic()
+            reply = urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=20)
+            assert reply.status == 200 and reply.read() == answer
+            assert time.monotonic() - started < 10
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        healthy.shutdown()
+        frozen.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_listening(port: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"nginx is not listening on {port}")

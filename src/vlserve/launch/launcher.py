@@ -10,7 +10,7 @@ import socket
 from collections.abc import Mapping
 
 from vlserve.errors import VLServeError
-from vlserve.launch.config import LaunchConfig, instance_specs, nginx_spec
+from vlserve.launch.config import LaunchConfig, instance_specs, nginx_read_timeout_s, nginx_spec
 from vlserve.launch.nginx import (
     NginxConfig,
     check_nginx_conf,
@@ -103,7 +103,10 @@ def _prepare_nginx(config: LaunchConfig) -> list[str] | None:
         f"{config.instance_url(i).removeprefix('http://')}" for i in range(config.num_instances)
     )
     nginx_config = NginxConfig(
-        listen_host=config.host, listen_port=config.port, upstreams=upstreams
+        listen_host=config.host,
+        listen_port=config.port,
+        upstreams=upstreams,
+        read_timeout_s=nginx_read_timeout_s(config, os.environ),
     )
     prefix = (config.state_dir / "nginx").resolve()
     conf, snippet = write_nginx_files(nginx_config, prefix)

@@ -23,8 +23,12 @@ class NginxConfig:
     listen_host: str
     listen_port: int
     upstreams: tuple[str, ...]
-    # Generation can run for minutes; a short read timeout would cut long streams.
+    # Generation can run for minutes: nginx waits this long for the next bytes of an answer. The
+    # instances' own --request-timeout ends every request sooner (launch sets it just above).
     read_timeout_s: int = 3600
+    # /health and /v1/models answer in milliseconds: silence this long means a frozen instance,
+    # and the request goes to another one.
+    quick_timeout_s: int = 5
     connect_timeout_s: int = 5
     # Base64 images make request bodies large; nginx's default of 1 MB rejects them with 413.
     max_body_mb: int = 100
@@ -38,6 +42,8 @@ class NginxConfig:
             raise ValueError("nginx needs at least one upstream")
         if not 0 < self.listen_port < 65536:
             raise ValueError(f"listen port out of range: {self.listen_port}")
+        if min(self.read_timeout_s, self.quick_timeout_s, self.connect_timeout_s) < 1:
+            raise ValueError("nginx timeouts must be at least 1 s")
 
 
 def render_http_block(config: NginxConfig, *, upstream_name: str = "vlserve") -> str:
@@ -48,6 +54,13 @@ def render_http_block(config: NginxConfig, *, upstream_name: str = "vlserve") ->
     listen = _listen_address(config.listen_host, config.listen_port)
     tries = len(config.upstreams)
     return f"""\
+# The client's X-Request-Id, or nginx's own: the same id in nginx's log, the instance's log
+# and the response header.
+map $http_x_request_id $vlserve_request_id {{
+    default $http_x_request_id;
+    "" $request_id;
+}}
+
 upstream {upstream_name} {{
     # An image request can take seconds: send each new request to the least busy instance.
     # The shared zone makes the count of open requests (and failed instances) common to all
@@ -63,24 +76,35 @@ server {{
     client_max_body_size {config.max_body_mb}m;
     client_body_buffer_size 1m;
 
+    # HTTP/1.1 with an empty Connection header keeps upstream connections alive.
+    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    proxy_set_header Host $host;
+    proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+    proxy_set_header X-Request-Id $vlserve_request_id;
+    # Server-sent events must reach the client token by token.
+    proxy_buffering off;
+    proxy_cache off;
+    proxy_connect_timeout {config.connect_timeout_s}s;
+    proxy_next_upstream_tries {tries};
+
     location / {{
         proxy_pass http://{upstream_name};
-        # HTTP/1.1 with an empty Connection header keeps upstream connections alive.
-        proxy_http_version 1.1;
-        proxy_set_header Connection "";
-        proxy_set_header Host $host;
-        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
-        # Server-sent events must reach the client token by token.
-        proxy_buffering off;
-        proxy_cache off;
-        proxy_connect_timeout {config.connect_timeout_s}s;
         proxy_read_timeout {config.read_timeout_s}s;
         proxy_send_timeout {config.read_timeout_s}s;
         # A dead, loading or draining instance sends the request to another one. Chat
         # completions have no side effects, so retrying a POST that got no answer is safe.
         # Not on "timeout": a generation that outlived the read timeout must not run twice.
         proxy_next_upstream error http_502 http_503 non_idempotent;
-        proxy_next_upstream_tries {tries};
+    }}
+
+    # Reads that answer at once and change nothing: a frozen instance's silence is retried
+    # on another instance after {config.quick_timeout_s} s (and marks it failed for 5 s).
+    location ~ ^/(health|v1/models)(/|$) {{
+        proxy_pass http://{upstream_name};
+        proxy_read_timeout {config.quick_timeout_s}s;
+        proxy_send_timeout {config.quick_timeout_s}s;
+        proxy_next_upstream error timeout http_502 http_503 http_504;
     }}
 }}
 """
@@ -107,7 +131,8 @@ http {{
     default_type application/octet-stream;
     # Which instance served each request, and how long it took: the first thing to look at.
     log_format vlserve '$remote_addr [$time_local] "$request" $status $body_bytes_sent '
-                       'rt=$request_time upstream=$upstream_addr urt=$upstream_response_time';
+                       'rt=$request_time upstream=$upstream_addr urt=$upstream_response_time '
+                       'request_id=$vlserve_request_id';
     access_log {prefix / "access.log"} vlserve;
 {temp_paths}
 
