@@ -40,6 +40,7 @@ class Option:
     metavar: str | None = None
     repeat: bool = False  # a list: the flag is repeatable (else it takes several values)
     secret: bool = False  # never printed, never in a ConfigMap (a Secret holds it)
+    infinite: bool = False  # a float that may be inf (e.g. "as fast as possible")
     doc_default: str = ""  # the default as the docs say it, when the value alone says little
 
 
@@ -60,6 +61,7 @@ class Setting:
     kind: type  # bool, int, float, str, Path or tuple (of str)
     optional: bool  # None allowed (and the default)
     default: Any
+    prefix: str = ENV_PREFIX  # the root config's ENV_PREFIX class attribute, if it has one
 
     @property
     def flag(self) -> str:
@@ -67,23 +69,27 @@ class Setting:
 
     @property
     def env(self) -> str:
-        return ENV_PREFIX + self.flag.lstrip("-").replace("-", "_").upper()
+        return self.prefix + self.flag.lstrip("-").replace("-", "_").upper()
 
     @property
     def dest(self) -> str:
         return "__".join(self.path)
 
 
-def settings(cls: type, path: tuple[str, ...] = ()) -> Iterator[Setting]:
-    """Every setting of ``cls`` and its sections, in declaration order."""
+def settings(
+    cls: type, path: tuple[str, ...] = (), prefix: str | None = None
+) -> Iterator[Setting]:
+    """Every setting of ``cls`` and its sections, in declaration order. Variables are named
+    ``VLSERVE_<FLAG>``, or with the root class's own ``ENV_PREFIX`` (a ClassVar) if it has one."""
+    prefix = getattr(cls, "ENV_PREFIX", ENV_PREFIX) if prefix is None else prefix
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if f.metadata.get("section"):
-            yield from settings(hints[f.name], (*path, f.name))
+            yield from settings(hints[f.name], (*path, f.name), prefix)
         elif "option" in f.metadata:
             kind, optional = _kind(hints[f.name])
             default = f.default if f.default is not dataclasses.MISSING else None
-            yield Setting((*path, f.name), f.metadata["option"], kind, optional, default)
+            yield Setting((*path, f.name), f.metadata["option"], kind, optional, default, prefix)
 
 
 def _kind(hint: Any) -> tuple[type, bool]:
@@ -205,13 +211,13 @@ def _check_value(s: Setting, value: Any) -> None:
     number = s.kind in (int, float) and not isinstance(value, bool)
     if s.kind is float and number and isinstance(value, int):
         value = float(value)
-    what = _WHAT[s.kind] + _bounds(o)
+    what = ("a number" if o.infinite else _WHAT[s.kind]) + _bounds(o)
     if not isinstance(value, s.kind) or (s.kind is int and isinstance(value, bool)):
         raise ValueError(f"{name} must be {what}, got {value!r}")
     if o.choices and value not in o.choices:
         raise ValueError(f"{name} must be one of {', '.join(o.choices)}, got {value!r}")
     out = number and (
-        (s.kind is float and not math.isfinite(value))
+        (s.kind is float and not (math.isfinite(value) or (o.infinite and value == math.inf)))
         or (o.min is not None and value < o.min)
         or (o.above is not None and value <= o.above)
         or (o.max is not None and value > o.max)

@@ -155,3 +155,31 @@ def test_api_key_comes_from_the_env_and_is_never_printed(monkeypatch: pytest.Mon
     assert "sk-secret" not in parser.format_help()
     summary = build_summary(c, RunOutcome(), dataset_size=0, skipped_lines=0, resumed=0)
     assert "sk-secret" not in json.dumps(summary)
+
+
+def test_every_flag_has_a_bench_variable_and_the_flag_wins() -> None:
+    """bench's flags are declared once (bench/flags.py), with their own prefix: a server's
+    VLSERVE_MODEL (a checkpoint path) or VLSERVE_PORT beside it must not change the bench."""
+    from vlserve import settings
+    from vlserve.bench.flags import BenchFlags
+
+    names = settings.env_names(BenchFlags)
+    assert all(name.startswith("VLSERVE_BENCH_") for name in names)
+    assert "VLSERVE_BENCH_MAX_CONCURRENCY" in names and "VLSERVE_BENCH_SWEEP_RATES" in names
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    env = {"VLSERVE_BENCH_INPUT": "a.jsonl,b.jsonl", "VLSERVE_BENCH_MAX_CONCURRENCY": "5",
+           "VLSERVE_BENCH_STREAM": "false", "VLSERVE_BENCH_REQUEST_RATE": "inf",
+           "VLSERVE_BENCH_GOODPUT": "ttft:200,e2el:900", "VLSERVE_MODEL": "/models/x",
+           "OPENAI_API_KEY": "sk-env"}  # fmt: skip
+    c = cli.config_from_args(parser.parse_args([]), env)
+    assert c.dataset.inputs == ("a.jsonl", "b.jsonl") and c.load.max_concurrency == 5
+    assert not c.request.stream and math.isinf(c.load.request_rate)
+    assert c.output.goodput_slo_ms == {"ttft": 200.0, "e2el": 900.0}
+    assert c.request.model is None and c.request.api_key == "sk-env"
+    c = cli.config_from_args(parser.parse_args(["--max-concurrent", "7", "--stream"]), env)
+    assert c.load.max_concurrency == 7 and c.request.stream
+    with pytest.raises(ValueError, match="VLSERVE_BENCH_MAX_TOKENS='many'"):
+        cli.config_from_args(parser.parse_args([]), {"VLSERVE_BENCH_MAX_TOKENS": "many"})
+    with pytest.raises(ValueError, match="--max-tokens / max_tokens must be an integer >= 1"):
+        cli.config_from_args(parser.parse_args(["--max-tokens", "0"]), {})

@@ -122,10 +122,14 @@ def sweep_args(*argv: str) -> argparse.Namespace:
     return parser.parse_args(["--input", "x", *argv])
 
 
+def sweep_of(*argv: str) -> SweepConfig | None:
+    return cli.sweep_from_flags(cli.build_flags(sweep_args(*argv), {}))
+
+
 def test_sweep_flags() -> None:
-    assert cli.sweep_from_args(sweep_args()) is None
-    assert cli.sweep_from_args(sweep_args("--sweep")) == SweepConfig()
-    sweep = cli.sweep_from_args(sweep_args("--sweep-rates", "1, 2.5,8", "--slo-attainment", "0.95"))
+    assert sweep_of() is None
+    assert sweep_of("--sweep") == SweepConfig()
+    sweep = sweep_of("--sweep-rates", "1, 2.5,8", "--slo-attainment", "0.95")
     assert sweep == SweepConfig(rates=(1.0, 2.5, 8.0), slo_attainment=0.95)
 
 
