@@ -3,73 +3,102 @@
 # With --engine vllm it starts vLLM (vLLM-Ascend on NPUs) instead, with the same checks, so that
 # both can be benchmarked side by side behind the same OpenAI API.
 #
-# Every setting comes from an environment variable or the matching flag (flags win); run with
-# --help for the list. Nothing is installed at container start: build the image first
-# (docs/DEPLOY.md). With --dry-run, read-only checks (image, device holders, ports) still run,
-# and every docker command that would change something is printed instead of run.
+# Every setting has a flag and an environment variable named VLSERVE_<NAME> (flags win); run
+# with --help for the list. Only these prefixed names are read: an unrelated CONTAINER_NAME or
+# IMAGE in the environment changes nothing (the prototype's names are reported and ignored).
+# Nothing is installed at container start: build the image first (docs/DEPLOY.md). With
+# --dry-run, read-only checks (image, device holders, ports) still run, and every docker command
+# that would change something is printed instead of run.
+#
+# The server listens on 0.0.0.0: VLSERVE_API_KEY, when set, is passed into the container by name
+# (docker reads its value from this environment; it never appears in a command line or the dry
+# run), as VLLM_API_KEY for --engine vllm.
 set -euo pipefail
 
-ENGINE=${ENGINE:-vlserve}                  # vlserve | vllm
-PLATFORM=${PLATFORM:-auto}                 # npu | cuda | cpu | auto
-IMAGE=${IMAGE:-}                           # repository:tag; default vlserve:<platform>
-CONTAINER_NAME=${CONTAINER_NAME:-vlserve}
-HOST_PORT=${HOST_PORT:-9000}
-SERVER_PORT=${SERVER_PORT:-${HOST_PORT}}
-NETWORK=${NETWORK:-host}                   # host | bridge (bridge publishes HOST_PORT only)
-DEVICES=${DEVICES:-all}                    # all | 0,1,4-7 (host numbering)
-MODE=${MODE:-auto}                         # serve | launch | auto (launch when >1 device)
-CPU_INSTANCES=${CPU_INSTANCES:-1}          # instances in launch mode on CPU
-HOST_MODEL_PATH=${HOST_MODEL_PATH:-/mnt/model_weights}
-CONTAINER_MODEL_PATH=${CONTAINER_MODEL_PATH:-/models/model}
-HOST_TEST_DATA=${HOST_TEST_DATA:-}         # optional, mounted read-only
-CONTAINER_TEST_DATA=${CONTAINER_TEST_DATA:-/data}
-HOST_CODE_DIR=${HOST_CODE_DIR:-}           # optional, mounted read-only (scripts, prompts)
-CONTAINER_CODE_DIR=${CONTAINER_CODE_DIR:-/workspace/app}
-SERVED_MODEL_NAME=${SERVED_MODEL_NAME:-}
-VLLM_TP=${VLLM_TP:-1}                      # vllm: devices per model copy (tensor parallel)
-VLLM_MAX_MODEL_LEN=${VLLM_MAX_MODEL_LEN:-16384}  # vllm: bounds the KV cache it reserves
-READY_TIMEOUT_S=${READY_TIMEOUT_S:-1800}   # an 8B model takes minutes to load
-PROGRESS_INTERVAL_S=${PROGRESS_INTERVAL_S:-15}
-POLL_INTERVAL_S=${POLL_INTERVAL_S:-2}
-SHM_SIZE=${SHM_SIZE:-16g}
-RESTART_POLICY=${RESTART_POLICY:-no}
-STOP_TIMEOUT_S=${STOP_TIMEOUT_S:-120}      # docker stop waits this long for the drain
-REPLACE=${REPLACE:-0}                      # 1: remove an existing container of the same name
-IGNORE_BUSY=${IGNORE_BUSY:-0}              # 1: start even if the devices are in use
-DRY_RUN=${DRY_RUN:-0}
-ASCEND_DRIVER_DIR=${ASCEND_DRIVER_DIR:-/usr/local/Ascend/driver}
-DEV_DIR=${DEV_DIR:-/dev}
+# The prototype's run_server_container.sh read these unprefixed names; set, they are reported.
+PROTOTYPE_SET=()
+for _name in IMAGE CONTAINER_NAME HOST_PORT SERVER_PORT HOST_MODEL_PATH HOST_TEST_DATA \
+    HOST_CODE_DIR CONTAINER_MODEL_PATH CONTAINER_TEST_DATA CONTAINER_CODE_DIR; do
+    if [[ -n "${!_name+set}" ]]; then PROTOTYPE_SET+=("${_name}"); fi
+done
+
+ENGINE=${VLSERVE_ENGINE:-vlserve}                      # vlserve | vllm
+PLATFORM=${VLSERVE_PLATFORM:-auto}                     # npu | cuda | cpu | auto
+IMAGE=${VLSERVE_IMAGE:-}                               # repository:tag; default vlserve:<platform>
+CONTAINER_NAME=${VLSERVE_CONTAINER_NAME:-vlserve}
+HOST_PORT=${VLSERVE_HOST_PORT:-9000}
+SERVER_PORT=${VLSERVE_SERVER_PORT:-${HOST_PORT}}
+NETWORK=${VLSERVE_NETWORK:-host}                       # host | bridge (bridge publishes HOST_PORT only)
+DEVICES=${VLSERVE_DEVICES:-all}                        # all | 0,1,4-7 (host numbering)
+MODE=${VLSERVE_MODE:-auto}                             # serve | launch | auto (launch when >1 device)
+CPU_INSTANCES=${VLSERVE_CPU_INSTANCES:-1}              # instances in launch mode on CPU
+HOST_MODEL_PATH=${VLSERVE_HOST_MODEL_PATH:-/mnt/model_weights}
+CONTAINER_MODEL_PATH=${VLSERVE_CONTAINER_MODEL_PATH:-/models/model}
+HOST_TEST_DATA=${VLSERVE_HOST_TEST_DATA:-}             # optional, mounted read-only
+CONTAINER_TEST_DATA=${VLSERVE_CONTAINER_TEST_DATA:-/data}
+HOST_CODE_DIR=${VLSERVE_HOST_CODE_DIR:-}               # optional, mounted read-only
+CONTAINER_CODE_DIR=${VLSERVE_CONTAINER_CODE_DIR:-/workspace/app}
+SERVED_MODEL_NAME=${VLSERVE_SERVED_MODEL_NAME:-}
+VLLM_TP=${VLSERVE_VLLM_TP:-1}                          # vllm: devices per model copy (tensor parallel)
+VLLM_MAX_MODEL_LEN=${VLSERVE_VLLM_MAX_MODEL_LEN:-16384}  # vllm: bounds the KV cache it reserves
+READY_TIMEOUT_S=${VLSERVE_READY_TIMEOUT_S:-1800}       # an 8B model takes minutes to load
+PROGRESS_INTERVAL_S=${VLSERVE_PROGRESS_INTERVAL_S:-15}
+POLL_INTERVAL_S=${VLSERVE_POLL_INTERVAL_S:-2}
+SHM_SIZE=${VLSERVE_SHM_SIZE:-16g}
+RESTART_POLICY=${VLSERVE_RESTART_POLICY:-unless-stopped}  # back after a crash or a host reboot
+STOP_TIMEOUT_S=${VLSERVE_STOP_TIMEOUT_S:-120}          # docker stop waits this long for the drain
+REPLACE=${VLSERVE_REPLACE:-0}                          # 1: remove an existing container of the same name
+IGNORE_BUSY=${VLSERVE_IGNORE_BUSY:-0}                  # 1: start even if the devices are in use
+DRY_RUN=${VLSERVE_DRY_RUN:-0}
+ASCEND_DRIVER_DIR=${VLSERVE_ASCEND_DRIVER_DIR:-/usr/local/Ascend/driver}
+DEV_DIR=${VLSERVE_DEV_DIR:-/dev}
 EXTRA_ARGS=()
 
 usage() {
     cat <<'EOF'
 Usage: run_server_container.sh [options] [-- extra arguments for vlserve serve/launch]
 
-  --engine E           vlserve | vllm (env ENGINE; default vlserve)
-  --platform P         npu | cuda | cpu | auto (env PLATFORM; default auto)
-  --image REPO:TAG     image to run (env IMAGE; default vlserve:<platform>, none for vllm);
+Every option also reads VLSERVE_<NAME> from the environment, NAME in brackets; flags win.
+
+  --engine E           vlserve | vllm [ENGINE; default vlserve]
+  --platform P         npu | cuda | cpu | auto [PLATFORM; default auto]
+  --image REPO:TAG     image to run [IMAGE; default vlserve:<platform>, none for vllm];
                        must exist locally
-  --name NAME          container name (env CONTAINER_NAME; default vlserve)
-  --port N             port clients use on the host (env HOST_PORT; default 9000)
-  --server-port N      port inside the container (env SERVER_PORT; default = --port)
-  --network host|bridge  (env NETWORK; default host)
-  --devices LIST       all | 0,1,4-7 (env DEVICES; default all)
+  --name NAME          container name [CONTAINER_NAME; default vlserve]
+  --port N             port clients use on the host [HOST_PORT; default 9000]
+  --server-port N      port inside the container [SERVER_PORT; default = --port]
+  --network host|bridge  [NETWORK; default host]
+  --devices LIST       all | 0,1,4-7 [DEVICES; default all]
   --mode M             serve | launch | auto: one server, or one per device behind nginx
-                       (env MODE; default auto = launch when more than one device)
-  --cpu-instances N    instances in launch mode on CPU (env CPU_INSTANCES; default 1)
-  --model-path DIR     model weights on the host (env HOST_MODEL_PATH)
-  --container-model-path DIR   (env CONTAINER_MODEL_PATH; default /models/model)
-  --test-data DIR      host test data, mounted read-only (env HOST_TEST_DATA)
-  --code-dir DIR       host code dir, mounted read-only (env HOST_CODE_DIR)
-  --served-model-name NAME     (env SERVED_MODEL_NAME)
-  --ready-timeout S    seconds to wait for /health (env READY_TIMEOUT_S; default 1800)
-  --vllm-tp N          vllm: tensor-parallel size (env VLLM_TP; default 1); the devices
+                       [MODE; default auto = launch when more than one device]
+  --cpu-instances N    instances in launch mode on CPU [CPU_INSTANCES; default 1]
+  --model-path DIR     model weights on the host [HOST_MODEL_PATH; default /mnt/model_weights]
+  --container-model-path DIR   [CONTAINER_MODEL_PATH; default /models/model]
+  --test-data DIR      host test data, mounted read-only [HOST_TEST_DATA]
+  --container-test-data DIR    [CONTAINER_TEST_DATA; default /data]
+  --code-dir DIR       host code dir, mounted read-only [HOST_CODE_DIR]
+  --container-code-dir DIR     [CONTAINER_CODE_DIR; default /workspace/app]
+  --served-model-name NAME     [SERVED_MODEL_NAME]
+  --restart POLICY     docker restart policy: unless-stopped | always | on-failure[:N] | no
+                       [RESTART_POLICY; default unless-stopped: back after a crash or reboot]
+  --stop-timeout S     seconds docker stop gives the drain [STOP_TIMEOUT_S; default 120]
+  --shm-size SIZE      /dev/shm of the container [SHM_SIZE; default 16g]
+  --ready-timeout S    seconds to wait for /health [READY_TIMEOUT_S; default 1800]
+  --progress-interval S  seconds between progress lines [PROGRESS_INTERVAL_S; default 15]
+  --poll-interval S    seconds between health checks [POLL_INTERVAL_S; default 2]
+  --vllm-tp N          vllm: tensor-parallel size [VLLM_TP; default 1]; the devices
                        are split into data-parallel replicas of N devices each
-  --vllm-max-model-len N  (env VLLM_MAX_MODEL_LEN; default 16384)
-  --replace            remove an existing container with the same name (env REPLACE=1)
-  --ignore-busy        start even if the devices are held by others (env IGNORE_BUSY=1)
-  --dry-run            print the docker commands instead of running them (env DRY_RUN=1)
+  --vllm-max-model-len N  [VLLM_MAX_MODEL_LEN; default 16384]
+  --ascend-driver-dir DIR  [ASCEND_DRIVER_DIR; default /usr/local/Ascend/driver]
+  --dev-dir DIR        where the device nodes are [DEV_DIR; default /dev]
+  --replace            remove an existing container with the same name [REPLACE=1]
+  --ignore-busy        start even if the devices are held by others [IGNORE_BUSY=1]
+  --dry-run            print the docker commands instead of running them [DRY_RUN=1]
   -h, --help           this text
+
+The API key: export VLSERVE_API_KEY (several: comma-separated) and the server requires it as
+'Authorization: Bearer KEY'. It is passed to the container by name, never printed. Without it
+the server on 0.0.0.0 answers anyone who reaches the port (the script warns).
 EOF
 }
 
@@ -89,31 +118,49 @@ run() {
 }
 
 parse_args() {
+    local value
     while (($#)); do
         case "$1" in
-            --engine) ENGINE=$2; shift ;;
-            --platform) PLATFORM=$2; shift ;;
-            --image) IMAGE=$2; shift ;;
-            --name) CONTAINER_NAME=$2; shift ;;
-            --port) HOST_PORT=$2; SERVER_PORT=$2; shift ;;
-            --server-port) SERVER_PORT=$2; shift ;;
-            --network) NETWORK=$2; shift ;;
-            --devices) DEVICES=$2; shift ;;
-            --mode) MODE=$2; shift ;;
-            --cpu-instances) CPU_INSTANCES=$2; shift ;;
-            --model-path) HOST_MODEL_PATH=$2; shift ;;
-            --container-model-path) CONTAINER_MODEL_PATH=$2; shift ;;
-            --test-data) HOST_TEST_DATA=$2; shift ;;
-            --code-dir) HOST_CODE_DIR=$2; shift ;;
-            --served-model-name) SERVED_MODEL_NAME=$2; shift ;;
-            --ready-timeout) READY_TIMEOUT_S=$2; shift ;;
-            --vllm-tp) VLLM_TP=$2; shift ;;
-            --vllm-max-model-len) VLLM_MAX_MODEL_LEN=$2; shift ;;
             --replace) REPLACE=1 ;;
             --ignore-busy) IGNORE_BUSY=1 ;;
             --dry-run) DRY_RUN=1 ;;
             -h | --help) usage; exit 0 ;;
             --) shift; EXTRA_ARGS=("$@"); break ;;
+            --*)
+                value=${2-}
+                case "$1" in
+                    --engine) ENGINE=${value} ;;
+                    --platform) PLATFORM=${value} ;;
+                    --image) IMAGE=${value} ;;
+                    --name) CONTAINER_NAME=${value} ;;
+                    --port) HOST_PORT=${value}; SERVER_PORT=${value} ;;
+                    --server-port) SERVER_PORT=${value} ;;
+                    --network) NETWORK=${value} ;;
+                    --devices) DEVICES=${value} ;;
+                    --mode) MODE=${value} ;;
+                    --cpu-instances) CPU_INSTANCES=${value} ;;
+                    --model-path) HOST_MODEL_PATH=${value} ;;
+                    --container-model-path) CONTAINER_MODEL_PATH=${value} ;;
+                    --test-data) HOST_TEST_DATA=${value} ;;
+                    --container-test-data) CONTAINER_TEST_DATA=${value} ;;
+                    --code-dir) HOST_CODE_DIR=${value} ;;
+                    --container-code-dir) CONTAINER_CODE_DIR=${value} ;;
+                    --served-model-name) SERVED_MODEL_NAME=${value} ;;
+                    --restart) RESTART_POLICY=${value} ;;
+                    --stop-timeout) STOP_TIMEOUT_S=${value} ;;
+                    --shm-size) SHM_SIZE=${value} ;;
+                    --ready-timeout) READY_TIMEOUT_S=${value} ;;
+                    --progress-interval) PROGRESS_INTERVAL_S=${value} ;;
+                    --poll-interval) POLL_INTERVAL_S=${value} ;;
+                    --vllm-tp) VLLM_TP=${value} ;;
+                    --vllm-max-model-len) VLLM_MAX_MODEL_LEN=${value} ;;
+                    --ascend-driver-dir) ASCEND_DRIVER_DIR=${value} ;;
+                    --dev-dir) DEV_DIR=${value} ;;
+                    *) usage >&2; die "unknown option: $1" ;;
+                esac
+                (($# >= 2)) || die "$1 needs a value"
+                shift
+                ;;
             *) usage >&2; die "unknown option: $1" ;;
         esac
         shift
@@ -122,6 +169,18 @@ parse_args() {
     [[ "${NETWORK}" == host || "${NETWORK}" == bridge ]] || die "--network must be host or bridge"
     [[ "${MODE}" =~ ^(serve|launch|auto)$ ]] || die "--mode must be serve, launch or auto"
     [[ "${READY_TIMEOUT_S}" =~ ^[0-9]+$ ]] || die "--ready-timeout must be a number of seconds"
+    [[ "${STOP_TIMEOUT_S}" =~ ^[0-9]+$ ]] || die "--stop-timeout must be a number of seconds"
+    [[ "${RESTART_POLICY}" =~ ^(no|always|unless-stopped|on-failure(:[0-9]+)?)$ ]] ||
+        die "--restart must be unless-stopped, always, on-failure[:N] or no"
+}
+
+# Said, not silently ignored: the prototype's unprefixed names are no longer read.
+report_prototype_names() {
+    local name
+    for name in "${PROTOTYPE_SET[@]}"; do
+        warn "${name} is set in the environment and ignored: set VLSERVE_${name} or use the flag"
+    done
+    return 0
 }
 
 # "0,2,4-6" -> "0 2 4 5 6"
@@ -369,7 +428,19 @@ start_container() {
     [[ -n "${HOST_CODE_DIR}" ]] && args+=(-v "${HOST_CODE_DIR}:${CONTAINER_CODE_DIR}:ro")
     # The image's HEALTHCHECK reads SERVER_PORT: it must match the port actually served.
     args+=(-e HF_HUB_OFFLINE=1 -e "SERVER_PORT=${SERVER_PORT}")
-    [[ -n "${MAX_IMAGE_PIXELS:-}" ]] && args+=(-e "MAX_IMAGE_PIXELS=${MAX_IMAGE_PIXELS}")
+    # The key by name only: docker copies the value from this environment (never on the command
+    # line, in `ps`, or in the dry run). vLLM reads the same key as VLLM_API_KEY.
+    if [[ -n "${VLSERVE_API_KEY:-}" ]]; then
+        if [[ "${ENGINE}" == vllm ]]; then
+            export VLLM_API_KEY=${VLSERVE_API_KEY}
+            args+=(-e VLLM_API_KEY)
+        else
+            export VLSERVE_API_KEY
+            args+=(-e VLSERVE_API_KEY)
+        fi
+    else
+        warn "VLSERVE_API_KEY is not set: the server on 0.0.0.0:${SERVER_PORT} answers anyone who reaches port ${HOST_PORT} of this host"
+    fi
     if [[ "${ENGINE}" == vllm ]]; then
         if [[ ! "${VLLM_TP}" =~ ^[1-9][0-9]*$ ]] || ((${#DEVICE_IDS[@]} % VLLM_TP != 0)); then
             die "${#DEVICE_IDS[@]} devices cannot be split into tensor-parallel groups of ${VLLM_TP}"
@@ -390,18 +461,23 @@ wait_ready() {
         log "dry run: would wait up to ${READY_TIMEOUT_S} s for ${url}"
         return 0
     fi
-    local start=${SECONDS} next_report=$((SECONDS + PROGRESS_INTERVAL_S)) running
+    local start=${SECONDS} next_report=$((SECONDS + PROGRESS_INTERVAL_S)) running restarts
     log "waiting up to ${READY_TIMEOUT_S} s for ${url} (model loading takes minutes)"
     while ((SECONDS - start < READY_TIMEOUT_S)); do
         if curl -fsS --max-time 5 "${url}" >/dev/null 2>&1; then
             log "ready after $((SECONDS - start)) s: ${url}"
             return 0
         fi
-        running=$(docker inspect --format '{{.State.Running}}' "${CONTAINER_NAME}" 2>/dev/null || echo false)
-        if [[ "${running}" != true ]]; then
+        # With a restart policy a crashed server comes back by itself: a restart before the first
+        # readiness is a failed start (bad model path, unusable device), not one to loop on.
+        read -r running restarts < <(docker inspect --format '{{.State.Running}} {{.RestartCount}}' \
+            "${CONTAINER_NAME}" 2>/dev/null || echo false 0)
+        if [[ "${running}" != true || "${restarts:-0}" != 0 ]]; then
+            [[ "${restarts:-0}" == 0 ]] || warn "container ${CONTAINER_NAME} restarted ${restarts} time(s) before it was ready"
             warn "container ${CONTAINER_NAME} stopped; its last log lines:"
             docker logs --tail 50 "${CONTAINER_NAME}" >&2 || true
-            die "server failed to start"
+            [[ "${RESTART_POLICY}" == no ]] || docker stop "${CONTAINER_NAME}" >/dev/null 2>&1 || true
+            die "server failed to start (the container is stopped; docker start ${CONTAINER_NAME} after fixing the cause)"
         fi
         if ((SECONDS >= next_report)); then
             log "still loading after $((SECONDS - start)) s: $(docker logs --tail 1 "${CONTAINER_NAME}" 2>&1 | tail -n 1)"
@@ -416,6 +492,7 @@ wait_ready() {
 
 main() {
     parse_args "$@"
+    report_prototype_names
     command -v docker >/dev/null || die "docker not found"
     [[ "${DRY_RUN}" == 1 ]] || command -v curl >/dev/null || die "curl not found (needed for the health check)"
     resolve_platform

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import random
+from pathlib import Path
 
 import pytest
 
@@ -165,3 +166,54 @@ def test_each_rate_draws_its_own_synthetic_requests_the_same_on_resume() -> None
     assert not set(first) & set(second)
     assert _texts(config, 2.0) == first  # a resumed sweep draws the same again
     assert _texts(config, 2.00001) == first  # the rate as named in files and on resume
+
+
+def sweep_line(rate: float, achieved: float, completed: int, duration_s: float, e2el_ms: float):
+    """A sweep line as point_record writes it (the fields the verdict and the table read)."""
+    from vlserve.bench.sweep import point_record
+
+    summary = {
+        "successful": completed, "failed": 0, "total_requests": completed, "success_rate": 100.0,
+        "duration_s": duration_s, "request_throughput": achieved,
+        "output_token_throughput": 10 * achieved, "total_token_throughput": 20 * achieved,
+        **{f"{m}_ms": {"mean": e2el_ms, "median": e2el_ms, "p99": e2el_ms}
+           for m in ("ttft", "tpot", "itl", "e2el", "queued")},
+    }  # fmt: skip
+    return point_record(rate, summary, 1.0, Path("r.jsonl"), "fp")
+
+
+def test_too_brief_needs_a_hundred_requests_over_ten_latencies() -> None:
+    from vlserve.bench.sweep import too_brief
+
+    # The review's case: about 3 s at 22 req/s.
+    short = sweep_line(22, 13.4, completed=40, duration_s=3.0, e2el_ms=800)
+    assert short["too_brief"] is not None and "40 completed requests" in short["too_brief"]
+    assert "under 10 mean E2E latencies" in short["too_brief"]
+    assert sweep_line(4, 4, completed=240, duration_s=60, e2el_ms=1000)["too_brief"] is None
+    slow = too_brief({"completed": 500, "duration_s": 20.0, "mean_e2el_ms": 4000.0})
+    assert slow is not None and "completed" not in slow
+    assert too_brief({"completed": 100, "duration_s": 10.0, "mean_e2el_ms": None}) is None
+
+
+def test_the_headline_is_the_achieved_rate_and_brief_rates_are_flagged() -> None:
+    from vlserve.bench.report import format_sweep_table
+    from vlserve.bench.sweep import sweep_summary
+
+    sweep = SweepConfig(rates=(11, 22))
+    points = [
+        RatePoint.from_record(sweep_line(11, 10.9, completed=600, duration_s=55, e2el_ms=500)),
+        RatePoint.from_record(sweep_line(22, 13.4, completed=40, duration_s=3.0, e2el_ms=800)),
+    ]
+    config = cli.config_from_args(sweep_args("--dataset", "random"))
+    summary = sweep_summary(config, sweep, points, interrupted=False)
+    assert summary["best_rate"] == 22 and summary["best_request_throughput"] == 13.4
+    assert summary["too_brief_rates"] == [22]
+    assert [bool(p["too_brief"]) for p in summary["points"]] == [False, True]
+    table = format_sweep_table(summary)
+    (headline,) = [line for line in table.splitlines() if line.startswith("Sustained")]
+    # The achieved rate comes first; the offered one only as where it was reached.
+    assert headline.index("13.40 req/s achieved") < headline.index("22 req/s")
+    assert "too brief to trust" in headline
+    rows = {line.split()[0]: line for line in table.splitlines() if line[:8].strip()[:1].isdigit()}
+    assert rows["22.00"].endswith(" *") and not rows["11.00"].endswith("*")
+    assert "* ran too briefly to trust (1 of 2 rates" in table

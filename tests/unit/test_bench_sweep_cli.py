@@ -33,7 +33,7 @@ def sweep(stub: StubProcess, tmp_path: Path, rates: str) -> subprocess.Completed
 
 def table_rates(stdout: str) -> list[str]:
     lines = stdout.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.strip().startswith("Rate")) + 1
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith("Offered")) + 1
     rows = []
     for line in lines[start:]:
         if line.startswith("-"):
@@ -45,7 +45,10 @@ def table_rates(stdout: str) -> list[str]:
 def test_sweep_writes_table_and_files_and_resumes(stub: StubProcess, tmp_path: Path) -> None:
     first = sweep(stub, tmp_path, "20,40")
     assert table_rates(first.stdout) == ["20.00", "40.00"]
-    assert "Highest passing rate" in first.stdout
+    assert "req/s achieved, at the highest passing offered rate" in first.stdout
+    # 6 requests a rate: too few to trust, and said so in the log, the table and the files.
+    assert first.stderr.count("ran too briefly to trust") == 2
+    assert "* ran too briefly to trust (2 of 2 rates" in first.stdout
     assert "every rate sends the same 6 requests" in first.stderr  # files: no fresh data per rate
     assert stub.stats()["num_requests"] == 12
     out = tmp_path / "out"
@@ -53,9 +56,13 @@ def test_sweep_writes_table_and_files_and_resumes(stub: StubProcess, tmp_path: P
     assert [p["request_rate"] for p in summary["points"]] == [20.0, 40.0]
     point = summary["points"][0]
     assert point["completed"] == 6 and point["slo_attainment"] == 1.0
+    assert "6 completed requests" in point["too_brief"]
+    assert summary["too_brief_rates"] == [20.0, 40.0]
+    assert summary["best_request_throughput"] == summary["best"]["request_throughput"]
     for key in ("request_throughput", "output_throughput", "p99_ttft_ms", "median_tpot_ms"):
         assert point[key] is not None
-    assert len((out / "run.sweep.jsonl").read_text().splitlines()) == 2
+    lines = (out / "run.sweep.jsonl").read_text().splitlines()
+    assert len(lines) == 2 and all(json.loads(line)["too_brief"] for line in lines)
     assert len((out / "run.rate-40.jsonl").read_text().splitlines()) == 6
     assert (out / "run.rate-20.summary.json").is_file()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import shutil
 import socket
@@ -45,13 +46,13 @@ elif cmd == "ps":
 elif cmd == "top":
     print("PID")
     print("\\n".join(str(p) for p in state["pids"].get(args[1], [])))
-elif cmd == "inspect" and "{{.State.Running}}" in args:
-    print(state["state_running"])
+elif cmd == "inspect" and "{{.State.Running}} {{.RestartCount}}" in args:
+    print(state["state_running"], state["restart_count"])
 elif cmd == "inspect":
     print(" ".join(state["devices"].get(args[-1], [])))
 elif cmd == "logs":
     print(state["logs"])
-elif cmd in ("run", "rm"):
+elif cmd in ("run", "rm", "stop"):
     print("fake-container-id")
 else:
     sys.exit(f"fake docker: unexpected {args}")
@@ -93,6 +94,7 @@ class Host:
     npu_processes: list[tuple[int, int, str]] = field(default_factory=list)
     gpus: int = 0
     state_running: str = "true"
+    restart_count: int = 0
     logs: str = ""
     # Fake curl: the health check fails this many times, then succeeds (-1: never).
     curl_failures: int = 0
@@ -118,7 +120,8 @@ class Host:
         bin_dir.mkdir(exist_ok=True)
         self.dev.mkdir(exist_ok=True)
         write_exe(bin_dir / "docker", f"#!{sys.executable}\n{FAKE_DOCKER}")
-        keys = ("images", "existing", "running", "pids", "devices", "state_running", "logs")
+        keys = ("images", "existing", "running", "pids", "devices", "state_running",
+                "restart_count", "logs")  # fmt: skip
         state = {k: getattr(self, k) for k in keys}
         write_exe(bin_dir / "curl", fake_curl(self.root / "curl.count", self.curl_failures))
         (self.root / "docker.json").write_text(json.dumps(state))
@@ -133,10 +136,10 @@ class Host:
             write_exe(bin_dir / "nvidia-smi", fake_nvidia_smi(self.gpus))
         full_env = {
             "PATH": f"{bin_dir}:/usr/bin:/bin",
-            "DEV_DIR": str(self.dev),
+            "VLSERVE_DEV_DIR": str(self.dev),
             "FAKE_DOCKER_STATE": str(self.root / "docker.json"),
             "FAKE_DOCKER_LOG": str(self.root / "docker.log"),
-            "HOST_PORT": str(free_port()),
+            "VLSERVE_HOST_PORT": str(free_port()),
             **env,
         }
         return subprocess.run(
@@ -225,7 +228,7 @@ def test_npu_launch_passes_only_the_chosen_devices_and_the_driver(host: Host) ->
 
 def test_one_npu_runs_a_single_server(host: Host) -> None:
     host.add_npus(8)
-    result = host.run("--served-model-name", "qwen3-vl", DEVICES="5")
+    result = host.run("--served-model-name", "qwen3-vl", VLSERVE_DEVICES="5")
     assert result.returncode == 0, result.stderr
     argv = docker_run_argv(result.stdout)
     args = vlserve_args(argv, "vlserve:npu")
@@ -238,7 +241,7 @@ def test_one_npu_runs_a_single_server(host: Host) -> None:
 
 def test_cuda_uses_gpus_flag(host: Host) -> None:
     host.gpus = 4
-    result = host.run("--devices", "0,2", PLATFORM="cuda")
+    result = host.run("--devices", "0,2", VLSERVE_PLATFORM="cuda")
     assert result.returncode == 0, result.stderr
     argv = docker_run_argv(result.stdout)
     assert argv[argv.index("--gpus") + 1] == '"device=0,2"'
@@ -305,7 +308,7 @@ def test_waits_for_health_printing_progress(host: Host, tmp_path: Path) -> None:
     host.curl_failures = 3
     host.logs = "loading checkpoint shards 3/4"
     result = host.run_for_real("--platform", "cpu", "--model-path", str(tmp_path),
-                               POLL_INTERVAL_S="0.05", PROGRESS_INTERVAL_S="0")  # fmt: skip
+                               "--poll-interval", "0.05", "--progress-interval", "0")  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "still loading after" in result.stdout and "shards 3/4" in result.stdout
     assert "ready after" in result.stdout
@@ -317,7 +320,7 @@ def test_a_container_that_dies_shows_its_last_log_lines(host: Host, tmp_path: Pa
     host.state_running = "false"
     host.logs = "DeviceUnavailableError: npu requested but torch_npu failed to load"
     result = host.run_for_real("--platform", "cpu", "--model-path", str(tmp_path),
-                               POLL_INTERVAL_S="0.05")  # fmt: skip
+                               VLSERVE_POLL_INTERVAL_S="0.05")  # fmt: skip
     assert result.returncode == 1
     assert "stopped; its last log lines" in result.stderr
     assert "torch_npu failed to load" in result.stderr
@@ -327,7 +330,7 @@ def test_readiness_timeout_shows_last_log_lines(host: Host, tmp_path: Path) -> N
     host.curl_failures = -1
     host.logs = "still compiling"
     result = host.run_for_real("--platform", "cpu", "--model-path", str(tmp_path),
-                               "--ready-timeout", "1", POLL_INTERVAL_S="0.1")  # fmt: skip
+                               "--ready-timeout", "1", VLSERVE_POLL_INTERVAL_S="0.1")  # fmt: skip
     assert result.returncode == 1
     assert "not ready after 1 s" in result.stderr and "still compiling" in result.stderr
     assert "raise --ready-timeout" in result.stderr
@@ -345,7 +348,7 @@ def test_missing_tag_lists_the_tags_that_exist(host: Host) -> None:
     untagged = host.run("--platform", "cpu", "--image", "swr.example.com/vllm-npu/train")
     assert untagged.returncode == 1 and "has no tag" in untagged.stderr
     assert "20260115" in untagged.stderr
-    nothing = host.run("--platform", "cpu", IMAGE="vlserve-ascend:0.1")
+    nothing = host.run("--platform", "cpu", VLSERVE_IMAGE="vlserve-ascend:0.1")
     assert nothing.returncode == 1 and "build it" in nothing.stderr
 
 
@@ -444,3 +447,91 @@ def test_dockerfiles_exist_and_ascend_requires_its_base_image() -> None:
     assert "ARG BASE_IMAGE\n" in ascend  # no default, so never a silent :latest
     assert ":latest" not in ascend
     assert os.access(SCRIPT, os.X_OK)
+
+
+def test_dry_run_shows_the_safe_defaults(host: Host) -> None:
+    """Restarts after a crash or a reboot, and the API key passed by name, never printed."""
+    key = "sk-do-not-print-4c1f"
+    result = host.run("--platform", "cpu", VLSERVE_API_KEY=key)
+    assert result.returncode == 0, result.stderr
+    argv = docker_run_argv(result.stdout)
+    assert argv[argv.index("--restart") + 1] == "unless-stopped"
+    assert argv[argv.index("--stop-timeout") + 1] == "120"
+    keys = [argv[i + 1] for i, a in enumerate(argv) if a == "-e" and "API_KEY" in argv[i + 1]]
+    assert keys == ["VLSERVE_API_KEY"]  # docker copies the value from the environment
+    assert key not in result.stdout + result.stderr
+    assert "VLSERVE_API_KEY is not set" not in result.stderr
+
+    keyless = host.run("--platform", "cpu")
+    assert keyless.returncode == 0
+    assert "-e VLSERVE_API_KEY" not in keyless.stdout
+    assert "VLSERVE_API_KEY is not set" in keyless.stderr  # 0.0.0.0 with no key: said
+
+
+def test_vllm_gets_the_key_as_its_own_variable(host: Host) -> None:
+    host.add_npus(2)
+    host.images = ["vllm/vllm-openai:v0.11.0"]
+    key = "sk-vllm-1234"
+    result = host.run("--engine", "vllm", "--image", "vllm/vllm-openai:v0.11.0",
+                      VLSERVE_API_KEY=key)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    argv = docker_run_argv(result.stdout)
+    envs = [argv[i + 1] for i, a in enumerate(argv) if a == "-e"]
+    assert "VLLM_API_KEY" in envs and "VLSERVE_API_KEY" not in envs
+    assert key not in result.stdout + result.stderr
+
+
+def test_generic_environment_names_are_not_read(host: Host) -> None:
+    """An unrelated CONTAINER_NAME or IMAGE no longer names the container or picks the image; the
+    prototype's names are reported, and the prefixed ones are read."""
+    result = host.run("--platform", "cpu", CONTAINER_NAME="foo", IMAGE="other:1", HOST_PORT="1")
+    assert result.returncode == 0, result.stderr
+    argv = docker_run_argv(result.stdout)
+    assert argv[argv.index("--name") + 1] == "vlserve"
+    assert "vlserve:cpu" in argv and "other:1" not in argv
+    for name in ("CONTAINER_NAME", "IMAGE", "HOST_PORT"):
+        assert f"{name} is set in the environment and ignored" in result.stderr
+    named = host.run("--platform", "cpu", VLSERVE_CONTAINER_NAME="bar", VLSERVE_RESTART_POLICY="no")
+    argv = docker_run_argv(named.stdout)
+    assert argv[argv.index("--name") + 1] == "bar"
+    assert argv[argv.index("--restart") + 1] == "no"
+    assert "ignored" not in named.stderr
+
+
+def test_every_setting_has_a_flag_and_a_prefixed_variable() -> None:
+    text = SCRIPT.read_text()
+    names = re.findall(r"^[A-Z_]+=\$\{VLSERVE_([A-Z_0-9]+):-", text, flags=re.MULTILINE)
+    assert len(names) >= 30 and "RESTART_POLICY" in names
+    usage = subprocess.run(["bash", str(SCRIPT), "--help"], capture_output=True, text=True).stdout
+    for name in names:
+        assert f"[{name}" in usage, name  # each documented with its flag
+    # Nothing else is read from an unprefixed variable.
+    assert not re.findall(r"^[A-Z_]+=\$\{(?!VLSERVE_)[A-Z_]+:-", text, flags=re.MULTILINE)
+
+
+def test_new_flags_reach_docker(host: Host) -> None:
+    result = host.run("--platform", "cpu", "--restart", "on-failure:3", "--stop-timeout", "30",
+                      "--shm-size", "2g", "--test-data", "/mnt/td", "--container-test-data", "/td")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    argv = docker_run_argv(result.stdout)
+    assert argv[argv.index("--restart") + 1] == "on-failure:3"
+    assert argv[argv.index("--stop-timeout") + 1] == "30"
+    assert argv[argv.index("--shm-size") + 1] == "2g"
+    assert "/mnt/td:/td:ro" in argv
+    bad = host.run("--platform", "cpu", "--restart", "sometimes")
+    assert bad.returncode == 1 and "--restart must be" in bad.stderr
+    missing = host.run("--platform", "cpu", "--name")
+    assert missing.returncode == 1 and "--name needs a value" in missing.stderr
+
+
+def test_a_container_that_restarts_before_ready_is_stopped(host: Host, tmp_path: Path) -> None:
+    """unless-stopped would bring a failing server back forever: a restart before the first
+    readiness is a failed start."""
+    host.curl_failures = -1
+    host.restart_count = 2
+    host.logs = "model path /models/model has no config.json"
+    result = host.run_for_real("--platform", "cpu", "--model-path", str(tmp_path),
+                               "--poll-interval", "0.05")  # fmt: skip
+    assert result.returncode == 1
+    assert "restarted 2 time(s)" in result.stderr and "no config.json" in result.stderr
+    assert ["stop", "vlserve"] in host.docker_calls()

@@ -4,6 +4,7 @@ what the server needs (probes on /health, drain timing, one device, read-only mo
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -22,14 +23,21 @@ K8S = REPO / "deploy" / "k8s"
 # autoscaling/v2 and everything else used here are GA by then). kubernetes-validate bundles them.
 K8S_VERSION = "1.30.0"
 # Custom resources have no schema in Kubernetes' own; their fields are checked below instead.
-CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+CRD_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"), ("keda.sh/v1alpha1", "ScaledObject")}
 
 OVERLAYS = ("ascend", "cuda", "cpu")
 DEVICE_RESOURCES = {"ascend": "huawei.com/Ascend910", "cuda": "nvidia.com/gpu", "cpu": None}
 DEVICE_FLAG = {"ascend": "npu", "cuda": "cuda", "cpu": "cpu"}  # also the image tag (deploy/)
-COMPONENTS = ("model-hostpath", "hpa", "servicemonitor")
-# An overlay alone, and the overlay with every optional component.
-VARIANTS = (*OVERLAYS, *(f"{o}+all" for o in OVERLAYS))
+# Optional components, as a kustomization of one's own adds them next to an overlay. KEDA is the
+# alternative to the HPA (it makes its own), so it gets a variant of its own.
+COMPONENTS = {"all": ("model-hostpath", "hpa", "servicemonitor"), "keda": ("keda",)}
+# An overlay alone, and the overlay with each set of optional components.
+VARIANTS = (*OVERLAYS, *(f"{o}+{c}" for c in COMPONENTS for o in OVERLAYS))
+AUTOSCALED = tuple(v for v in VARIANTS if "+" in v)  # hpa or keda owns the replica count
+# Each overlay's replicas and rollout (maxSurge, maxUnavailable): surge where a device is free.
+REPLICAS = {"ascend": 8, "cuda": 1, "cpu": 1}
+ROLLOUT = {"ascend": (0, 1), "cuda": (1, 0), "cpu": (1, 0)}
+DIGEST = "sha256:" + "0123456789abcdef" * 4
 
 Obj = dict[str, Any]
 
@@ -57,25 +65,36 @@ def render(directory: Path) -> list[Obj]:
     return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
 
 
+def own_kustomization(root: Path, overlay: str, **fields: Any) -> Path:
+    """A kustomization of one's own in ``root``, as docs/DEPLOY.md shows: the overlay as a
+    resource, plus ``fields`` (``components`` named by directory under components/)."""
+    # kustomize takes relative paths only, from a root outside the repository too
+    rel = Path(os.path.relpath(K8S, root))
+    components = [str(rel / "components" / c) for c in fields.pop("components", ())]
+    (root / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "kustomize.config.k8s.io/v1beta1",
+                "kind": "Kustomization",
+                "resources": [str(rel / "overlays" / overlay)],
+                **({"components": components} if components else {}),
+                **fields,
+            }
+        )
+    )
+    return root
+
+
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Obj]]:
     out: dict[str, list[Obj]] = {}
     for overlay in OVERLAYS:
         out[overlay] = render(K8S / "overlays" / overlay)
-        # kustomize takes relative paths only, from a root outside the repository too
-        root = tmp_path_factory.mktemp(f"{overlay}-all")
-        rel = Path(os.path.relpath(K8S, root))
-        (root / "kustomization.yaml").write_text(
-            yaml.safe_dump(
-                {
-                    "apiVersion": "kustomize.config.k8s.io/v1beta1",
-                    "kind": "Kustomization",
-                    "resources": [str(rel / "overlays" / overlay)],
-                    "components": [str(rel / "components" / c) for c in COMPONENTS],
-                }
+        for name, components in COMPONENTS.items():
+            root = tmp_path_factory.mktemp(f"{overlay}-{name}")
+            out[f"{overlay}+{name}"] = render(
+                own_kustomization(root, overlay, components=components)
             )
-        )
-        out[f"{overlay}+all"] = render(root)
     return out
 
 
@@ -131,6 +150,14 @@ def test_every_object_passes_the_pinned_schema(
     kinds = {o["kind"] for o in objs}
     if variant in OVERLAYS:
         assert kinds == {"Deployment", "Service", "PodDisruptionBudget", "PersistentVolumeClaim"}
+    elif variant.endswith("+keda"):
+        assert kinds == {
+            "Deployment",
+            "Service",
+            "PodDisruptionBudget",
+            "PersistentVolumeClaim",
+            "ScaledObject",
+        }
     else:  # the hostPath component removes the PVC; hpa and servicemonitor add theirs
         assert kinds == {"Deployment", "Service", "PodDisruptionBudget"} | {
             "HorizontalPodAutoscaler",
@@ -218,9 +245,6 @@ def test_one_device_per_pod(rendered: dict[str, list[Obj]], variant: str) -> Non
         else:
             assert name not in limits and name not in requests
     assert "cpu" in requests and "memory" in requests
-    strategy = one(objs, "Deployment")["spec"]["strategy"]
-    if DEVICE_RESOURCES[variant]:  # a surge pod would wait for a spare device
-        assert strategy["rollingUpdate"]["maxSurge"] == 0
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -231,7 +255,7 @@ def test_model_is_read_only(rendered: dict[str, list[Obj]], variant: str) -> Non
     (mount,) = [m for m in c["volumeMounts"] if m["mountPath"] == flag(c["args"], "--model")]
     assert mount["readOnly"] is True
     volume = volumes[mount["name"]]
-    if variant in OVERLAYS:
+    if not variant.endswith("+all"):
         claim = volume["persistentVolumeClaim"]
         assert claim["readOnly"] is True
         pvc = one(objs, "PersistentVolumeClaim")
@@ -311,8 +335,12 @@ def test_autoscaling_and_scraping_use_the_servers_metrics(
     values = yaml.safe_load(
         (K8S / "components" / "hpa" / "prometheus-adapter-values.yaml").read_text()
     )
+    # Additive: only a rule of ours; the chart's default rules (rules.default) and every other
+    # setting of an adapter the cluster already runs stay as they are.
+    assert values == {"rules": {"custom": values["rules"]["custom"]}}
     (rule,) = values["rules"]["custom"]
     assert rule["name"]["as"] == name and name in rule["seriesQuery"]
+    assert re.search(rule["name"]["matches"], name)
     monitor = one(objs, "ServiceMonitor")
     service = one(objs, "Service")
     assert (
@@ -324,3 +352,107 @@ def test_autoscaling_and_scraping_use_the_servers_metrics(
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert int(annotations["prometheus.io/port"]) == http_port(c)
     assert annotations["prometheus.io/path"] == "/metrics"
+
+
+def replicas(objs: list[Obj]) -> int | None:
+    return one(objs, "Deployment")["spec"].get("replicas")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_an_autoscaler_owns_the_replica_count(
+    rendered: dict[str, list[Obj]], variant: str
+) -> None:
+    """With hpa or keda the Deployment carries no spec.replicas, so `kubectl apply -k` never resets
+    an autoscaled fleet to the overlay's count; without them each overlay keeps its count."""
+    objs = rendered[variant]
+    if variant in AUTOSCALED:
+        assert replicas(objs) is None
+    else:
+        assert replicas(objs) == REPLICAS[variant]
+
+
+def test_no_kustomization_sets_replicas_next_to_an_autoscaler() -> None:
+    """Kustomize runs a kustomization's `replicas:` after its components: next to hpa or keda it
+    would put spec.replicas back (the components' own notes say so)."""
+    scalers = {"hpa", "keda"}
+    for path in K8S.rglob("kustomization.yaml"):
+        data = yaml.safe_load(path.read_text())
+        used = {Path(c).name for c in data.get("components", ())}
+        if used & scalers or path.parent.name in scalers:
+            assert "replicas" not in data, path
+    (root,) = {p.parent.parent for p in K8S.rglob("replicas-from-autoscaler/kustomization.yaml")}
+    for scaler in scalers:
+        data = yaml.safe_load((root / scaler / "kustomization.yaml").read_text())
+        assert "../replicas-from-autoscaler" in data["components"], scaler
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_rollout_never_takes_the_last_pod(rendered: dict[str, list[Obj]], variant: str) -> None:
+    """A single replica (or an autoscaled fleet, which may be down to one) is replaced by starting
+    the new pod first; only an overlay that fills its node's devices replaces pods in place."""
+    objs = rendered[variant]
+    strategy = one(objs, "Deployment")["spec"]["strategy"]
+    assert strategy.get("type", "RollingUpdate") == "RollingUpdate"
+    rolling = strategy["rollingUpdate"]
+    surge, unavailable = int(rolling["maxSurge"]), int(rolling["maxUnavailable"])
+    count = replicas(objs)
+    assert surge + unavailable >= 1  # the rollout can make progress
+    if count is None or count == 1:
+        assert (surge, unavailable) == (1, 0), "one pod must never be taken down before its successor"
+    else:
+        assert unavailable < count
+    if variant in OVERLAYS:
+        assert (surge, unavailable) == ROLLOUT[variant]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_an_image_pinned_by_digest(overlay: str, tmp_path: Path) -> None:
+    """A kustomization of one's own pins the image: the pods name it by digest, not by tag."""
+    registry = "registry.example.com/ml/vlserve"
+    images = [{"name": "vlserve", "newName": registry, "digest": DIGEST}]
+    objs = render(own_kustomization(tmp_path, overlay, images=images))
+    c = container(objs)
+    assert c["image"] == f"{registry}@{DIGEST}"
+    assert c["imagePullPolicy"] == "IfNotPresent"  # a digest names one image: never stale
+
+
+def series(query: str) -> set[str]:
+    """The metric names in a PromQL query (vlserve's only)."""
+    return set(re.findall(r"\bvlserve[_:][a-z_:]*", query))
+
+
+@pytest.mark.parametrize("variant", [f"{o}+keda" for o in OVERLAYS])
+def test_keda_scales_the_deployment_on_the_servers_queue(
+    rendered: dict[str, list[Obj]], variant: str
+) -> None:
+    """KEDA's CRD is not in Kubernetes' schemas: the fields are checked against its documented
+    ScaledObject spec, and the HPA behaviour it passes on against the HPA schema."""
+    objs = rendered[variant]
+    deployment = one(objs, "Deployment")
+    scaled = one(objs, "ScaledObject")
+    spec = scaled["spec"]
+    known = {"scaleTargetRef", "pollingInterval", "cooldownPeriod", "initialCooldownPeriod",
+             "idleReplicaCount", "minReplicaCount", "maxReplicaCount", "advanced", "triggers",
+             "fallback"}  # fmt: skip
+    assert set(spec) <= known
+    target = spec["scaleTargetRef"]
+    assert (target["apiVersion"], target["kind"]) == ("apps/v1", "Deployment")
+    assert target["name"] == deployment["metadata"]["name"]
+    assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]  # never to zero: a model load
+    (trigger,) = spec["triggers"]
+    assert set(trigger) <= {"type", "name", "metadata", "authenticationRef", "metricType"}
+    assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
+    meta = trigger["metadata"]
+    assert all(isinstance(v, str) for v in meta.values()), "KEDA's metadata values are strings"
+    assert meta["serverAddress"].startswith("http") and float(meta["threshold"]) > 0
+    served = {family.name for family in Metrics().registry.collect()}
+    assert series(meta["query"]) == {"vlserve_num_requests_waiting"} <= served
+    # The same scaling policy as components/hpa, and a valid HPA behaviour.
+    hpa = yaml.safe_load((K8S / "components" / "hpa" / "hpa.yaml").read_text())
+    behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    assert behavior == hpa["spec"]["behavior"]
+    assert spec["minReplicaCount"] == hpa["spec"]["minReplicas"]
+    assert spec["maxReplicaCount"] == hpa["spec"]["maxReplicas"]
+    target_value = hpa["spec"]["metrics"][0]["pods"]["target"]["averageValue"]
+    assert float(meta["threshold"]) == float(target_value)
+    kubernetes_validate.validate(hpa, K8S_VERSION, strict=True)

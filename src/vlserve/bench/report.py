@@ -226,8 +226,8 @@ def _row(label: str, value: Any, width: int) -> str:
 
 
 SWEEP_COLUMNS = (  # (header, sweep-line key, width, digits)
-    ("Rate", "request_rate", 7, 2),
-    ("Req/s", "request_throughput", 8, 2),
+    ("Offered", "request_rate", 8, 2),
+    ("Achieved", "request_throughput", 9, 2),
     ("Out tok/s", "output_throughput", 10, 1),
     ("TTFT p50", "median_ttft_ms", 10, 1),
     ("p99", "p99_ttft_ms", 8, 1),
@@ -240,8 +240,9 @@ SWEEP_COLUMNS = (  # (header, sweep-line key, width, digits)
 
 
 def format_sweep_table(summary: dict[str, Any]) -> str:
-    """One row per offered rate (sorted), latencies in ms; then the rate found and the peak."""
-    width = sum(c[2] for c in SWEEP_COLUMNS) + 6
+    """One row per offered rate (sorted), latencies in ms; then the achieved rate of the highest
+    passing one (the headline), the peak, and which rates ran too briefly to trust."""
+    width = sum(c[2] for c in SWEEP_COLUMNS) + 8
     lines = [
         "",
         " vlserve bench sweep ".center(width, "="),
@@ -254,9 +255,10 @@ def format_sweep_table(summary: dict[str, Any]) -> str:
             if key == "slo_attainment" and value is not None:
                 value = 100.0 * value
             cells.append(f"{_fmt(float(value) if value is not None else None, digits):>{w}}")
-        lines.append("".join(cells) + f"{'yes' if row['passed'] else 'no':>6}")
+        brief = " *" if row.get("too_brief") else ""
+        lines.append("".join(cells) + f"{'yes' if row['passed'] else 'no':>6}" + brief)
     lines.append("-" * width)
-    lines.append("Rate: offered requests/s; Req/s: achieved (successful); latencies in ms")
+    lines.append("Offered, Achieved (successful): requests/s; latencies in ms")
     slo = summary.get("goodput_slo_ms") or {}
     share = 100.0 * (summary.get("sweep") or {}).get("slo_attainment", 0.9)
     criteria = (
@@ -268,9 +270,10 @@ def format_sweep_table(summary: dict[str, Any]) -> str:
     if best:
         goodput = best.get("request_goodput")
         lines.append(
-            f"Highest passing rate ({criteria}): {best['request_rate']:g} req/s, "
-            f"achieved {_fmt(best['request_throughput'])} req/s"
-            + (f", goodput {_fmt(goodput)} req/s" if goodput is not None else "")
+            f"Sustained ({criteria}): {_fmt(best['request_throughput'])} req/s achieved, "
+            f"at the highest passing offered rate, {best['request_rate']:g} req/s"
+            + (f"; goodput {_fmt(goodput)} req/s" if goodput is not None else "")
+            + (" (* too brief to trust)" if best.get("too_brief") else "")
         )
     else:
         lines.append(f"No rate passed ({criteria})")
@@ -278,6 +281,14 @@ def format_sweep_table(summary: dict[str, Any]) -> str:
         lines.append(
             f"Peak achieved: {_fmt(summary['max_request_throughput'])} req/s "
             f"(offered {summary['max_request_throughput_rate']:g} req/s)"
+        )
+    brief = [row for row in summary["points"] if row.get("too_brief")]
+    if brief:
+        lines.append(
+            f"* ran too briefly to trust ({len(brief)} of {len(summary['points'])} rates; want "
+            f">= {summary.get('min_completed')} completed requests over >= "
+            f"{summary.get('min_latencies')} mean E2E latencies): raise --num-requests or "
+            "--duration"
         )
     lines.append("=" * width)
     return "\n".join(lines)

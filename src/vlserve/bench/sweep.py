@@ -22,6 +22,10 @@ and the sweep says so.
 A rate passes when at least 90% of its requests succeed, the server keeps up (``keep_up_ratio``
 at least ``KEEP_UP``: past saturation completions stop growing with arrivals) and, with
 ``--goodput``, at least ``slo_attainment`` of the requests meet every SLO.
+
+The headline is the achieved rate of the highest passing rate (what the server sustained), not
+the offered one. A rate that ran too briefly to trust (``too_brief``) is flagged in the table, the
+log and the files, since its verdict and its throughput are within noise.
 """
 
 from __future__ import annotations
@@ -46,6 +50,12 @@ from vlserve.bench.report import _ends_with_newline, format_sweep_table, write_s
 log = logging.getLogger("vlserve.bench")
 
 KEEP_UP = 0.9  # completion rate below this fraction of the arrival rate: saturated
+# Too brief to trust, both sized to the 10% that the keep-up margin and --sweep-precision resolve:
+# a Poisson count of n arrivals has a relative spread of 1/sqrt(n), 10% at 100 requests; and in a
+# run of D seconds whose requests take L seconds each, about L/D of it is ramp-up or drain, 10%
+# once it lasts 10 mean E2E latencies.
+MIN_COMPLETED = 100
+MIN_LATENCIES = 10
 MIN_RATE = 1e-3  # exploring downward stops here
 LATENCY_METRICS = ("ttft", "tpot", "itl", "e2el", "queued")
 
@@ -71,6 +81,21 @@ class RatePoint:
             keep_up=record.get("keep_up_ratio"),
             record=record,
         )
+
+
+def too_brief(record: dict[str, Any]) -> str | None:
+    """Why a sweep line's run was too brief to trust, or None (see MIN_COMPLETED)."""
+    completed = int(record.get("completed") or 0)
+    duration = float(record.get("duration_s") or 0.0)
+    mean_e2el_s = float(record.get("mean_e2el_ms") or 0.0) / 1000.0
+    reasons = []
+    if completed < MIN_COMPLETED:
+        reasons.append(f"{completed} completed requests (want >= {MIN_COMPLETED})")
+    if mean_e2el_s and duration < MIN_LATENCIES * mean_e2el_s:
+        reasons.append(
+            f"{duration:.3g} s, under {MIN_LATENCIES} mean E2E latencies of {mean_e2el_s:.3g} s"
+        )
+    return "; ".join(reasons) or None
 
 
 def rate_key(rate: float) -> str:
@@ -254,6 +279,7 @@ def point_record(
         timespec="seconds"
     )
     record["fingerprint"] = fingerprint
+    record["too_brief"] = too_brief(record)
     return record
 
 
@@ -293,7 +319,11 @@ def measure(
 def sweep_summary(
     config: BenchConfig, sweep: SweepConfig, points: Sequence[RatePoint], interrupted: bool
 ) -> dict[str, Any]:
-    rows = [{**p.record, "passed": passes(p, sweep)} for p in sorted(points, key=lambda p: p.rate)]
+    # too_brief again: lines written before it existed (--resume) get it too
+    rows = [
+        {**p.record, "passed": passes(p, sweep), "too_brief": too_brief(p.record)}
+        for p in sorted(points, key=lambda p: p.rate)
+    ]
     best = best_point(points, sweep)
     peak = max(points, key=lambda p: p.achieved, default=None)
     return {
@@ -304,7 +334,13 @@ def sweep_summary(
         "runs": len(points),
         "interrupted": interrupted,
         "best_rate": best.rate if best else None,
-        "best": {**best.record, "passed": True} if best else None,
+        "best_request_throughput": best.achieved if best else None,
+        "best": {**best.record, "passed": True, "too_brief": too_brief(best.record)}
+        if best
+        else None,
+        "too_brief_rates": [row["request_rate"] for row in rows if row["too_brief"]],
+        "min_completed": MIN_COMPLETED,
+        "min_latencies": MIN_LATENCIES,
         "max_request_throughput": peak.achieved if peak else None,
         "max_request_throughput_rate": peak.rate if peak else None,
         "points": rows,
@@ -349,6 +385,13 @@ def run_sweep(config: BenchConfig, sweep: SweepConfig) -> int:
             point.achieved,
             "passed" if passes(point, sweep) else "failed",
         )
+        if brief := too_brief(record):
+            log.warning(
+                "sweep: rate %s req/s ran too briefly to trust: %s; raise --num-requests or "
+                "--duration",
+                rate_key(rate),
+                brief,
+            )
         return point
 
     points, interrupted = drive(sweep, run)
