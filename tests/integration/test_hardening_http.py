@@ -269,17 +269,15 @@ def _metric(srv: ServerProcess, line_start: str) -> float:
 def test_metrics_count_requests_and_tokens(hard: ServerProcess) -> None:
     ok = 'vlserve_requests_total{route="/v1/chat/completions",status="200"}'
     unauth = 'vlserve_requests_total{route="/v1/models",status="401"}'
-    before = {k: _metric(hard, k) for k in (ok, unauth, "vlserve_completion_tokens_total")}
+    tokens = f'vlserve_completion_tokens_total{{model_name="{hard.model}"}}'
+    before = {k: _metric(hard, k) for k in (ok, unauth, tokens)}
     _chat(
         hard, {"model": hard.model, "messages": [{"role": "user", "content": "x"}], "max_tokens": 3}
     )
     httpx.get(hard.base_url + "/v1/models")
     assert _metric(hard, ok) == before[ok] + 1
     assert _metric(hard, unauth) == before[unauth] + 1
-    assert (
-        _metric(hard, "vlserve_completion_tokens_total")
-        == before["vlserve_completion_tokens_total"] + 3
-    )
+    assert _metric(hard, tokens) == before[tokens] + 3
     text = httpx.get(hard.base_url + "/metrics").text
     for name in (
         "vlserve_time_to_first_token_seconds_bucket",

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,6 +181,46 @@ def burst(url: str, model: str, num_requests: int) -> list[str]:
     return asyncio.run(run())
 
 
+def http_get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return resp.read().decode()
+
+
+def launch_series(text: str) -> dict[str, float]:
+    """The launcher's text: ``name{labels}`` → value."""
+    pairs = (line.rsplit(" ", 1) for line in text.splitlines() if line and line[0] != "#")
+    return {key: float(value) for key, value in pairs}
+
+
+def check_metrics_paths(launched: Launched) -> None:
+    """Each instance has its own scrape path through nginx; /metrics is launch's own series."""
+    for index, port in enumerate(launched.ports):
+        path = f"{launched.front}/instances/{index}/metrics"
+        if launched.kind == "fake":  # the fake answers every GET with its pid
+            (pid,) = [json.loads(http_get(f"http://127.0.0.1:{port}/health"))["pid"]]
+            assert json.loads(http_get(path))["pid"] == pid
+            continue
+        # Every scrape of one instance counts itself there (after answering): 0, 1, 2, 3, 4,
+        # never 1, 3, 1, 3 as through the balancer.
+        key = 'vlserve_requests_total{route="/metrics",status="200"} '
+        counts = [
+            next((float(x.split()[-1]) for x in http_get(path).splitlines() if x.startswith(key)), 0)
+            for _ in range(5)
+        ]
+        assert counts == sorted(counts) and counts[-1] >= counts[0] + 3, counts
+    restarted = 'vlserve_launch_restarts_total{process="instance-1"}'
+
+    def settled() -> bool:  # the file is rewritten every health interval
+        series = launch_series(http_get(f"{launched.front}/metrics"))
+        return series.get(restarted) == 1 and series["vlserve_launch_instances_ready"] == 2
+
+    wait_for(settled, 30, lambda: http_get(f"{launched.front}/metrics"))
+    series = launch_series(http_get(f"{launched.front}/metrics"))
+    assert series["vlserve_launch_instances"] == NUM_INSTANCES
+    assert series['vlserve_launch_restarts_total{process="instance-0"}'] == 0
+    assert series['vlserve_launch_hangs_total{process="instance-1"}'] == 0  # a crash, not a hang
+
+
 def health_ok(url: str) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=2) as s:
@@ -250,6 +291,7 @@ def test_traffic_through_nginx_survives_losing_an_instance(launched: Launched) -
     wait_for(lambda: health_ok(f"http://127.0.0.1:{launched.ports[1]}"), 300, launched.tail)
     results = burst(launched.front, launched.model, 8)
     assert results == ["ok"] * 8, (results, launched.tail())
+    check_metrics_paths(launched)
 
     if launched.kind == "real":
         bench_instances_directly(launched)

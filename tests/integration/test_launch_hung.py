@@ -18,7 +18,14 @@ import pytest
 
 from vlserve.launch.nginx import find_nginx
 
-from .test_launch_cluster import FAKE_SERVER, free_port_block, health_ok, wait_for
+from .test_launch_cluster import (
+    FAKE_SERVER,
+    free_port_block,
+    health_ok,
+    http_get,
+    launch_series,
+    wait_for,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -51,6 +58,20 @@ def test_launch_restarts_a_sigstopped_instance(tmp_path: Path) -> None:
         assert pids("instance-1")[1] != victim
         wait_for(lambda: health_ok(f"http://127.0.0.1:{base + 2}"), 15, text)
         assert "instance-1 was hung and killed (exit code -9)" in text()
+        # launch's own series count the hang and the restart, and both instances ready again
+        prom = tmp_path / "state" / "launch.prom"
+        hung = 'vlserve_launch_hangs_total{process="instance-1"}'
+        wait_for(
+            lambda: launch_series(prom.read_text()).get(hung) == 1
+            and launch_series(prom.read_text())["vlserve_launch_instances_ready"] == 2,
+            15,
+            prom.read_text,
+        )
+        series = launch_series(prom.read_text())
+        assert series['vlserve_launch_restarts_total{process="instance-1"}'] == 1
+        assert series['vlserve_launch_hangs_total{process="instance-0"}'] == 0
+        if find_nginx() is not None:  # and nginx serves that file as the front's /metrics
+            assert launch_series(http_get(f"http://127.0.0.1:{base}/metrics")).get(hung) == 1
         # Only the stopped instance: not its sibling, not nginx.
         assert len(pids("instance-0")) == 1
         if find_nginx() is not None:

@@ -26,6 +26,7 @@ class FakeEngine:
         self.model_info = ModelInfo("/models/fake", 4096, 1000, None, "cpu", "float32")
         self.num_running = 0
         self.num_waiting = 0
+        self.stalled_s = 0.0
         self.calls: list[tuple[ChatPrompt, SamplingParams, str]] = []
         self.refuse: Exception | None = None
 

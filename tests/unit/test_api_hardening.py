@@ -21,6 +21,7 @@ from vlserve.api.metrics import Metrics, RequestRecord
 from vlserve.api.middleware import RequestContextMiddleware, request_id_from
 from vlserve.api.protocol import ChatCompletionRequest
 from vlserve.config import ServerConfig
+from vlserve.engine.request import FinishReason, StepStats, TokenEvent
 
 # -- API keys ----------------------------------------------------------------------------------
 
@@ -198,41 +199,50 @@ def test_streamed_answer_cut_short_counts_as_client_closed() -> None:
 # -- metrics --------------------------------------------------------------------------------------
 
 
+class _Gauges:
+    num_running, num_waiting, stalled_s = 3, 7, 1.5
+
+
 def test_metrics_render_prometheus_text() -> None:
-    metrics = Metrics()
-    metrics.watch_engine(lambda: 3, lambda: 7)
+    metrics = Metrics("m")
+    metrics.watch_engine(_Gauges())  # type: ignore[arg-type]
     record = RequestRecord(request_id="r", method="POST", path="/v1/chat/completions")
     record.status, record.model = 200, "m"
-    record.prompt_tokens, record.completion_tokens = 10, 5
+    for tokens in (1, 2, 3, 5):  # four events, the last with two tokens: three gaps
+        event = TokenEvent("x", (0,), 10, tokens, FinishReason.LENGTH if tokens == 5 else None)
+        metrics.observe_event(record, event)
+        record.prompt_tokens, record.choice_tokens[0] = 10, tokens
     record.ttft_s, record.queue_s, record.finish_reason = 0.2, 0.01, "length"
     metrics.observe(record, 1.5)
-    from vlserve.engine.request import StepStats
-
     metrics.observe_step(StepStats(4, 4, False, 30, 120, 0, 0))  # a decode step of 4 rows
-    metrics.observe_step(StepStats(2, 300, True, 60, 120, 48, 1))  # a prefill, one preempted
+    metrics.observe_step(StepStats(2, 300, True, 60, 120, 48, 1, 300))  # a prefill, 1 preempted
     probe = RequestRecord(request_id="p", method="GET", path="/wp-admin/../x")
     probe.status = 404
     metrics.observe(probe, 0.001)
     text = metrics.render().decode()
+    m = '{model_name="m"}'
     for line in (
         'vlserve_requests_total{route="/v1/chat/completions",status="200"} 1.0',
         'vlserve_requests_total{route="other",status="404"} 1.0',
-        "vlserve_prompt_tokens_total 10.0",
-        "vlserve_completion_tokens_total 5.0",
-        "vlserve_e2e_request_latency_seconds_count 1.0",
-        'vlserve_time_to_first_token_seconds_bucket{le="0.25"} 1.0',
-        "vlserve_queue_time_seconds_count 1.0",
-        'vlserve_batch_size_bucket{le="4.0"} 1.0',
-        "vlserve_batch_size_count 1.0",  # decode steps only
-        'vlserve_step_tokens_bucket{le="1.0"} 0.0',
-        'vlserve_step_tokens_bucket{le="8.0"} 1.0',
-        'vlserve_step_tokens_bucket{le="512.0"} 2.0',
-        "vlserve_preemptions_total 1.0",
-        "vlserve_prefix_cache_hit_tokens_total 48.0",
-        "vlserve_kv_cache_usage_ratio 0.5",
-        "vlserve_num_requests_running 3.0",
-        "vlserve_num_requests_waiting 7.0",
-        'vlserve_request_finish_total{reason="length"} 1.0',
+        f"vlserve_prompt_tokens_total{m} 10.0",  # once per request
+        f"vlserve_completion_tokens_total{m} 5.0",
+        f"vlserve_time_per_output_token_seconds_count{m} 3.0",
+        f"vlserve_e2e_request_latency_seconds_count{m} 1.0",
+        'vlserve_time_to_first_token_seconds_bucket{le="0.25",model_name="m"} 1.0',
+        f"vlserve_queue_time_seconds_count{m} 1.0",
+        'vlserve_batch_size_bucket{le="4.0",model_name="m"} 1.0',
+        f"vlserve_batch_size_count{m} 1.0",  # decode steps only
+        'vlserve_step_tokens_bucket{le="1.0",model_name="m"} 0.0',
+        'vlserve_step_tokens_bucket{le="8.0",model_name="m"} 1.0',
+        'vlserve_step_tokens_bucket{le="512.0",model_name="m"} 2.0',
+        f"vlserve_preemptions_total{m} 1.0",
+        f"vlserve_prefix_cache_query_tokens_total{m} 300.0",
+        f"vlserve_prefix_cache_hit_tokens_total{m} 48.0",
+        f"vlserve_kv_cache_usage_ratio{m} 0.5",
+        f"vlserve_num_requests_running{m} 3.0",
+        f"vlserve_num_requests_waiting{m} 7.0",
+        f"vlserve_engine_stalled_seconds{m} 1.5",
+        'vlserve_request_finish_total{model_name="m",reason="length"} 1.0',
     ):
         assert line in text, line
     assert "_created" not in text

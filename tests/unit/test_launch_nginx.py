@@ -28,7 +28,10 @@ from vlserve.launch.nginx import (
 )
 
 CONFIG = NginxConfig(
-    listen_host="127.0.0.1", listen_port=9000, upstreams=("127.0.0.1:9001", "127.0.0.1:9002")
+    listen_host="127.0.0.1",
+    listen_port=9000,
+    upstreams=("127.0.0.1:9001", "127.0.0.1:9002"),
+    launch_metrics_file=Path("/srv/launch/launch.prom"),
 )
 
 
@@ -60,26 +63,52 @@ def test_proxy_settings_suit_long_streaming_requests() -> None:
         "proxy_next_upstream_tries 2;",
     ):
         assert expected in lines, expected
-    general, quick = _locations(render_http_block(CONFIG))
+    general = locations(render_http_block(CONFIG))["location /"]
     retry = next(line for line in general if line.startswith("proxy_next_upstream "))
     assert "http_503" in retry and "non_idempotent" in retry
     # A generation that outlived the read timeout must not be run again elsewhere.
     assert "timeout" not in retry.split()
 
 
-def _locations(text: str) -> tuple[list[str], list[str]]:
-    """The directives of ``location /`` and of the quick-reads location."""
-    lines = directives(text)
-    general = lines[lines.index("location / {") : lines.index("}", lines.index("location / {"))]
-    start = next(i for i, line in enumerate(lines) if line.startswith("location ~"))
-    return general, lines[start : lines.index("}", start)]
+def locations(text: str) -> dict[str, list[str]]:
+    """Each ``location`` line → the directives of its block (no nesting inside them here)."""
+    blocks: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in directives(text):
+        if line.startswith("location "):
+            current = blocks.setdefault(line.removesuffix("{").strip(), [])
+        elif line == "}":
+            current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
+
+
+def test_each_instance_has_its_own_scrape_path_and_metrics_is_the_launchers() -> None:
+    """Through ``location /`` a scrape reaches whichever instance least_conn picks."""
+    blocks = locations(render_http_block(CONFIG))
+    assert "proxy_pass http://127.0.0.1:9001/metrics;" in blocks["location = /instances/0/metrics"]
+    assert "proxy_pass http://127.0.0.1:9002/metrics;" in blocks["location = /instances/1/metrics"]
+    assert "location = /instances/2/metrics" not in blocks
+    front = blocks["location = /metrics"]
+    assert "alias /srv/launch/launch.prom;" in front
+    assert 'default_type "text/plain; version=0.0.4; charset=utf-8";' in front
+    assert not any(line.startswith("proxy_pass") for line in front)
+    # Only /metrics of an instance: the rest of its API stays behind the balancer.
+    assert not any(key.startswith("location /instances") for key in blocks)
+
+
+def test_without_a_launch_metrics_file_the_front_has_no_metrics_location() -> None:
+    config = NginxConfig(listen_host="127.0.0.1", listen_port=9000, upstreams=("127.0.0.1:1",))
+    blocks = locations(render_http_block(config))
+    assert "location = /metrics" not in blocks
+    assert "location = /instances/0/metrics" in blocks
 
 
 def test_a_frozen_instance_fails_quick_reads_over_to_another() -> None:
     """/health and /v1/models answer at once: silence is retried elsewhere after a few seconds
     (a frozen instance accepts connections but never answers), unlike a generation."""
-    _, quick = _locations(render_http_block(CONFIG))
-    assert quick[0] == "location ~ ^/(health|v1/models)(/|$) {"
+    quick = locations(render_http_block(CONFIG))["location ~ ^/(health|v1/models)(/|$)"]
     assert "proxy_read_timeout 5s;" in quick
     retry = next(line for line in quick if line.startswith("proxy_next_upstream "))
     assert {"error", "timeout", "http_503"} <= set(retry.rstrip(";").split())

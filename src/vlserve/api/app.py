@@ -38,8 +38,8 @@ def create_app(
     ``metrics`` is the registry the engine's hooks already report to (a new one otherwise);
     ``faults`` the test-only fault injector whose hook the engine was built with.
     """
-    metrics = metrics or Metrics()
-    metrics.watch_engine(lambda: engine.num_running, lambda: engine.num_waiting)
+    metrics = metrics or Metrics(config.model_names[0])
+    metrics.watch_engine(engine)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -73,7 +73,7 @@ def serve(config: ServerConfig, faults: FaultInjector | None = None) -> int:
         return 3
     log.info("device %s, dtype %s, %s", device.type, device.dtype_name, openmp.describe())
     fatal: list[BaseException] = []
-    metrics = Metrics()
+    metrics = Metrics(config.model_names[0])
     engine = AsyncEngine(
         config.engine,
         device,

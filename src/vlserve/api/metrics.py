@@ -1,9 +1,13 @@
-"""Prometheus metrics (/metrics) and the per-request record they and the request log are made from."""
+"""Prometheus metrics (/metrics) and the per-request record they and the request log are made from.
+
+The engine's series follow vLLM's semantics and carry its ``model_name`` label (the first served
+name), so dashboards built for vLLM need only their names changed: docs/METRICS.md has the map,
+deploy/grafana/vlserve.json a dashboard (tests/unit/test_metrics_dashboard.py keeps them true).
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -18,7 +22,8 @@ from prometheus_client import (
 )
 
 if TYPE_CHECKING:
-    from vlserve.engine.request import StepStats
+    from vlserve.engine.client import EngineClient
+    from vlserve.engine.request import StepStats, TokenEvent
 
 disable_created_metrics()  # the *_created series double the output and nothing here reads them
 
@@ -26,6 +31,10 @@ disable_created_metrics()  # the *_created series double the output and nothing 
 KNOWN_ROUTES = frozenset({"/health", "/metrics", "/v1/models", "/v1/chat/completions"})
 _LATENCY_BUCKETS_S = (
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)  # fmt: skip
+_TOKEN_GAP_BUCKETS_S = (
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+    20.0, 40.0, 80.0,
 )  # fmt: skip
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -44,6 +53,7 @@ class RequestRecord:
     completion_tokens: int = 0  # all choices together
     choice_tokens: dict[int, int] = field(default_factory=dict)  # completion tokens by choice
     cached_tokens: int = 0  # of the prompt, from the prefix cache
+    last_token_at: dict[int, float] = field(default_factory=dict)  # by choice (perf_counter)
     ttft_s: float | None = None
     queue_s: float | None = None
     finish_reason: str | None = None
@@ -59,71 +69,102 @@ class RequestRecord:
 
 
 class Metrics:
-    """One registry per app, so several apps in one process (tests) never share series."""
+    """One registry per app, so several apps in one process (tests) never share series.
+
+    ``model_name`` labels every series of the engine and its requests, as vLLM's do; HTTP
+    requests by route are counted whatever the model.
+    """
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self) -> None:
+    def __init__(self, model_name: str = "") -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        self.model_name = model_name
         self.requests = Counter(
             "vlserve_requests", "HTTP requests by route and status", ["route", "status"], registry=r
         )
-        self.e2e = Histogram(
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, doc, ["model_name"], buckets=buckets, registry=r).labels(
+                model_name
+            )
+
+        def counter(name: str, doc: str) -> Counter:
+            return Counter(name, doc, ["model_name"], registry=r).labels(model_name)
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(name, doc, ["model_name"], registry=r).labels(model_name)
+
+        self.e2e = histogram(
             "vlserve_e2e_request_latency_seconds",
             "chat completion latency, arrival to last byte",
-            buckets=_LATENCY_BUCKETS_S,
-            registry=r,
+            _LATENCY_BUCKETS_S,
         )
-        self.ttft = Histogram(
+        self.ttft = histogram(
             "vlserve_time_to_first_token_seconds",
             "arrival to the first generated token",
-            buckets=_LATENCY_BUCKETS_S,
-            registry=r,
+            _LATENCY_BUCKETS_S,
         )
-        self.queue = Histogram(
+        self.tpot = histogram(
+            "vlserve_time_per_output_token_seconds",
+            "time between two consecutive tokens of one choice (inter-token latency)",
+            _TOKEN_GAP_BUCKETS_S,
+        )
+        self.queue = histogram(
             "vlserve_queue_time_seconds",
             "time a prepared request waited for the engine to start its prefill",
-            buckets=_LATENCY_BUCKETS_S,
+            _LATENCY_BUCKETS_S,
+        )
+        self.prompt_tokens = counter(
+            "vlserve_prompt_tokens", "prompt tokens, counted as each request starts generating"
+        )
+        self.completion_tokens = counter(
+            "vlserve_completion_tokens", "generated tokens, counted as they are generated"
+        )
+        self._finished = Counter(
+            "vlserve_request_finish",
+            "finished generations by reason",
+            ["model_name", "reason"],
             registry=r,
         )
-        self.prompt_tokens = Counter("vlserve_prompt_tokens", "prompt tokens", registry=r)
-        self.completion_tokens = Counter(
-            "vlserve_completion_tokens", "generated tokens", registry=r
+        self.batch_size = histogram(
+            "vlserve_batch_size", "rows in each decode step", _BATCH_BUCKETS
         )
-        self.finished = Counter(
-            "vlserve_request_finish", "finished generations by reason", ["reason"], registry=r
+        self.cached_tokens = counter(
+            "vlserve_prompt_cached_tokens", "prompt tokens served from the prefix cache"
         )
-        self.batch_size = Histogram(
-            "vlserve_batch_size", "rows in each decode step", buckets=_BATCH_BUCKETS, registry=r
-        )
-        self.cached_tokens = Counter(
-            "vlserve_prompt_cached_tokens", "prompt tokens served from the prefix cache", registry=r
-        )
-        self.step_tokens = Histogram(
+        self.step_tokens = histogram(
             "vlserve_step_tokens",
             "positions computed by each engine step (prefill and decode)",
-            buckets=(1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384),
-            registry=r,
+            (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384),
         )
-        self.preemptions = Counter(
-            "vlserve_preemptions", "running requests preempted for KV space", registry=r
+        self.preemptions = counter(
+            "vlserve_preemptions", "running requests preempted for KV space"
         )
-        self.prefix_hits = Counter(
+        self.prefix_queries = counter(
+            "vlserve_prefix_cache_query_tokens",
+            "prompt tokens looked up in the prefix cache as requests started",
+        )
+        self.prefix_hits = counter(
             "vlserve_prefix_cache_hit_tokens",
             "prompt tokens the prefix cache gave requests as they started",
-            registry=r,
         )
-        self.kv_usage = Gauge(
-            "vlserve_kv_cache_usage_ratio", "KV cache blocks in use after the last step", registry=r
+        self.kv_usage = gauge(
+            "vlserve_kv_cache_usage_ratio", "KV cache blocks in use after the last step (0-1)"
         )
-        self.running = Gauge("vlserve_num_requests_running", "requests decoding", registry=r)
-        self.waiting = Gauge("vlserve_num_requests_waiting", "requests queued", registry=r)
+        self.running = gauge("vlserve_num_requests_running", "requests decoding")
+        self.waiting = gauge("vlserve_num_requests_waiting", "requests queued")
+        self.stalled = gauge(
+            "vlserve_engine_stalled_seconds",
+            "seconds since the engine last finished a step while work is pending (0 while idle)",
+        )
 
-    def watch_engine(self, running: Callable[[], int], waiting: Callable[[], int]) -> None:
+    def watch_engine(self, engine: EngineClient) -> None:
         """Read the engine's gauges at scrape time (never stale, no bookkeeping)."""
-        self.running.set_function(lambda: float(running()))
-        self.waiting.set_function(lambda: float(waiting()))
+        self.running.set_function(lambda: float(engine.num_running))
+        self.waiting.set_function(lambda: float(engine.num_waiting))
+        self.stalled.set_function(lambda: float(engine.stalled_s))
 
     def observe_step(self, step: StepStats) -> None:
         """The engine's ``on_step`` hook (inference thread): the step's plan and the KV cache."""
@@ -132,9 +173,27 @@ class Metrics:
         self.step_tokens.observe(step.tokens)
         if step.preemptions:
             self.preemptions.inc(step.preemptions)
+        if step.prefix_query_tokens:
+            self.prefix_queries.inc(step.prefix_query_tokens)
         if step.prefix_hit_tokens:
             self.prefix_hits.inc(step.prefix_hit_tokens)
         self.kv_usage.set(step.kv_blocks_used / max(step.kv_blocks_total, 1))
+
+    def observe_event(self, record: RequestRecord, event: TokenEvent) -> None:
+        """Each of a request's events (event loop), before ``record`` takes it in: tokens as
+        they come (a long generation moves the counters while it runs), and the gap since the
+        choice's previous token."""
+        if not record.prompt_tokens and event.num_prompt_tokens:
+            self.prompt_tokens.inc(event.num_prompt_tokens)
+        new = event.num_completion_tokens - record.choice_tokens.get(event.index, 0)
+        if new <= 0:
+            return
+        self.completion_tokens.inc(new)
+        now = time.perf_counter()
+        previous = record.last_token_at.get(event.index)
+        if previous is not None:
+            self.tpot.observe(now - previous)
+        record.last_token_at[event.index] = now
 
     def observe(self, record: RequestRecord, duration_s: float) -> None:
         route = record.path if record.path in KNOWN_ROUTES else "other"
@@ -149,14 +208,10 @@ class Metrics:
             self.ttft.observe(record.ttft_s)
         if record.queue_s is not None:
             self.queue.observe(record.queue_s)
-        if record.prompt_tokens:
-            self.prompt_tokens.inc(record.prompt_tokens)
-        if record.completion_tokens:
-            self.completion_tokens.inc(record.completion_tokens)
         if record.cached_tokens:
             self.cached_tokens.inc(record.cached_tokens)
         if record.finish_reason is not None:
-            self.finished.labels(record.finish_reason).inc()
+            self._finished.labels(self.model_name, record.finish_reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -211,7 +211,7 @@ async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> R
     out = Completion(
         f"chatcmpl-{uuid.uuid4().hex}",
         body.model,
-        functools.partial(_track, record),
+        functools.partial(_track, record, state.metrics),
         parse_tools=tools.parse_calls,
         logprobs=bool(body.logprobs),
         media=media_kinds(prompt.messages),
@@ -239,8 +239,9 @@ async def _forget_after(
         state.streams.discard(events)
 
 
-def _track(record: RequestRecord, event: TokenEvent) -> None:
+def _track(record: RequestRecord, metrics: Metrics, event: TokenEvent) -> None:
     """Fill the request's record from its events (TTFT, queue time, tokens, finish)."""
+    metrics.observe_event(record, event)
     if record.ttft_s is None and event.num_completion_tokens:
         record.first_token()
         record.queue_s = event.queue_s

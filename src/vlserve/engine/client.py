@@ -48,6 +48,11 @@ class EngineClient(Protocol):
     @property
     def num_waiting(self) -> int: ...
 
+    @property
+    def stalled_s(self) -> float:
+        """Seconds since the last finished step while work is pending (0 while idle)."""
+        ...
+
     async def generate(
         self, prompt: ChatPrompt, params: SamplingParams, request_id: str
     ) -> RequestStream:

@@ -119,11 +119,14 @@ class AsyncEngine:
     @property
     def state(self) -> EngineState:
         limit = self.config.engine_stall_timeout_s
-        loop = self.loop
-        if self._state is EngineState.READY and loop is not None and limit > 0:  # noqa: SIM102
-            if loop.stalled_for(time.monotonic()) > limit:
-                return EngineState.STALLED
+        if self._state is EngineState.READY and limit > 0 and self.stalled_s > limit:
+            return EngineState.STALLED
         return self._state
+
+    @property
+    def stalled_s(self) -> float:
+        loop = self.loop
+        return loop.stalled_for(time.monotonic()) if loop is not None else 0.0
 
     @property
     def model_info(self) -> ModelInfo | None:

@@ -150,7 +150,9 @@ class EngineLoop:
         return 0.0 if since is None else max(now - since, 0.0)
 
     def step(self, plan: StepPlan[Sequence]) -> None:
-        rows, hits = self._before_prefill(plan.rows) if plan.is_prefill else (plan.rows, 0)
+        rows, hits, queries = (
+            self._before_prefill(plan.rows) if plan.is_prefill else (plan.rows, 0, 0)
+        )
         if not rows:
             return
         seqs = [row.seq for row in rows]
@@ -167,12 +169,12 @@ class EngineLoop:
         for row in rows:
             self.blocks.commit(row.seq, row.end)
         if self.hooks.on_step is not None:
-            self.hooks.on_step(self._stats(rows, plan, hits))
+            self.hooks.on_step(self._stats(rows, plan, hits, queries))
         for seq, token, row_logprobs in zip(ready, tokens, logprobs, strict=True):
             self._on_token(seq, token, row_logprobs)
 
     def _stats(
-        self, rows: list[StepRow[Sequence]], plan: StepPlan[Sequence], hits: int
+        self, rows: list[StepRow[Sequence]], plan: StepPlan[Sequence], hits: int, queries: int
     ) -> StepStats:
         return StepStats(
             rows=len(rows),
@@ -182,6 +184,7 @@ class EngineLoop:
             kv_blocks_total=self.blocks.num_blocks - 1,
             prefix_hit_tokens=hits,
             preemptions=len(plan.preempted),
+            prefix_query_tokens=queries,
         )
 
     def warm_up(self) -> None:
@@ -211,19 +214,23 @@ class EngineLoop:
         self.blocks.reset_prefix_cache()
 
     # -- per-token bookkeeping ------------------------------------------------------------------
-    def _before_prefill(self, rows: list[StepRow[Sequence]]) -> tuple[list[StepRow[Sequence]], int]:
+    def _before_prefill(
+        self, rows: list[StepRow[Sequence]]
+    ) -> tuple[list[StepRow[Sequence]], int, int]:
         """Stamp first schedules and run the test hook one request at a time, so a request it
-        fails never takes its prefill batch-mates down with it. Returns the rows kept and the
-        prompt tokens the prefix cache gave the sequences starting now."""
+        fails never takes its prefill batch-mates down with it. Returns the rows kept, the
+        prompt tokens the prefix cache gave the sequences starting now, and their prompt
+        tokens (vLLM's prefix-cache hits and queries)."""
         now = time.monotonic()
         kept = []
-        hits = 0
+        hits = queries = 0
         for row in rows:
             seq = row.seq
             if seq.scheduled_time is None:
                 seq.scheduled_time = now
                 seq.num_prefix_hit_tokens = min(seq.num_cached_tokens, seq.num_prompt_tokens)
                 hits += seq.num_prefix_hit_tokens
+                queries += seq.num_prompt_tokens
             try:
                 if self.hooks.before_prefill is not None:
                     self.hooks.before_prefill(seq.request_id)
@@ -231,7 +238,7 @@ class EngineLoop:
                 self._fail(exc, [seq])
                 continue
             kept.append(row)
-        return kept, hits
+        return kept, hits, queries
 
     def _on_token(self, seq: Sequence, token: int, row_logprobs: RowLogprobs | None) -> None:
         if seq.detok is None:

@@ -155,3 +155,4 @@ class StepStats:
     kv_blocks_total: int
     prefix_hit_tokens: int  # prompt tokens found in the prefix cache, for rows starting now
     preemptions: int  # running rows the scheduler preempted to make this step fit
+    prefix_query_tokens: int = 0  # prompt tokens of the rows starting now (looked up in the cache)

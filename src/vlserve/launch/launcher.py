@@ -10,6 +10,7 @@ import socket
 from collections.abc import Mapping
 
 from vlserve.errors import VLServeError
+from vlserve.launch import metrics
 from vlserve.launch.config import LaunchConfig, instance_specs, nginx_read_timeout_s, nginx_spec
 from vlserve.launch.nginx import (
     NginxConfig,
@@ -48,6 +49,11 @@ async def launch(config: LaunchConfig, env: Mapping[str, str]) -> int:
     names = [spec.name for spec in specs]
     for spec in specs:
         supervisor.start(spec)
+    publisher = asyncio.ensure_future(
+        metrics.publish(
+            supervisor, names, config.state_dir / metrics.METRICS_FILE, config.health_interval_s
+        )
+    )
     logger.info(
         "starting %d %s instance(s) of %s on ports %d-%d; logs in %s",
         config.num_instances, config.device, config.model, config.instance_ports[0],
@@ -68,6 +74,7 @@ async def launch(config: LaunchConfig, env: Mapping[str, str]) -> int:
     finally:
         logger.info("stopping: nginx first (finishes open requests), then the instances")
         await supervisor.stop([["nginx"], names])
+        publisher.cancel()
     return exit_code
 
 
@@ -107,6 +114,7 @@ def _prepare_nginx(config: LaunchConfig) -> list[str] | None:
         listen_port=config.port,
         upstreams=upstreams,
         read_timeout_s=nginx_read_timeout_s(config, os.environ),
+        launch_metrics_file=config.state_dir / metrics.METRICS_FILE,
     )
     prefix = (config.state_dir / "nginx").resolve()
     conf, snippet = write_nginx_files(nginx_config, prefix)

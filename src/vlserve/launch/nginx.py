@@ -36,6 +36,8 @@ class NginxConfig:
     # A few hundred requests per second at most: two workers are plenty, even on 192 cores.
     worker_processes: str = "2"
     worker_connections: int = 4096
+    # The launcher's own series (launch/metrics.py), served as /metrics on the front port.
+    launch_metrics_file: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.upstreams:
@@ -106,8 +108,34 @@ server {{
         proxy_send_timeout {config.quick_timeout_s}s;
         proxy_next_upstream error timeout http_502 http_503 http_504;
     }}
-}}
+{_metrics_locations(config)}}}
 """
+
+
+def _metrics_locations(config: NginxConfig) -> str:
+    """One scrape path per instance, ``/instances/<i>/metrics`` (through ``location /`` a
+    scrape reaches whichever instance least_conn picks: a counter reads 1, 3, 1, 3), and
+    ``/metrics``: the launcher's own series, from the file it rewrites."""
+    blocks = [
+        f"""
+    location = /instances/{index}/metrics {{
+        proxy_pass http://{addr}/metrics;
+        proxy_connect_timeout {config.connect_timeout_s}s;
+        proxy_read_timeout 60s;
+    }}
+"""
+        for index, addr in enumerate(config.upstreams)
+    ]
+    if config.launch_metrics_file is not None:
+        blocks.append(f"""
+    location = /metrics {{
+        types {{ }}
+        default_type "text/plain; version=0.0.4; charset=utf-8";
+        add_header Cache-Control no-store;
+        alias {config.launch_metrics_file.resolve()};
+    }}
+""")
+    return "".join(blocks)
 
 
 def render_nginx_conf(config: NginxConfig, prefix: Path) -> str:
