@@ -1,0 +1,126 @@
+"""Host memory of decoding hostile-size media: peak and idle RSS, each case in a fresh process.
+
+tracemalloc misses C allocations (libjpeg, zlib, FFmpeg), so each case runs in a child process
+that resets its peak (``/proc/self/clear_refs``), loads the media through ``MediaLoader`` (data
+URLs, worker threads, as the server does) and reports ``VmHWM`` (peak RSS) and ``VmRSS`` (idle,
+once the results are dropped), all minus the RSS before loading. The decoded-media cache is off,
+so "idle" is what the process keeps of memory it no longer uses.
+
+Cases (issue #22 item 3): one 5888x5888 H.264 clip of 16 frames; two concurrent requests of 4
+such clips; six 7000x7000 PNGs in one request; one 7000x7000 JPEG.
+
+Usage: ``.venv/bin/python benchmarks/media_memory.py [--cases video1,video2x4,png6,jpeg]``
+(about a minute on 2 cores: the clip is encoded once, into a temporary folder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+CASES = ("video1", "video2x4", "png6", "jpeg")
+
+
+def rss_mib(field: str) -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def make_inputs(folder: Path) -> None:
+    from PIL import Image
+
+    from vlserve.testing.video import make_clip
+
+    if not (folder / "clip.mp4").exists():
+        (folder / "clip.mp4").write_bytes(make_clip(5888, 5888, 16, 8, gradient=False))
+    for fmt in ("PNG", "JPEG"):
+        path = folder / f"big.{fmt.lower()}"
+        if not path.exists():
+            image = Image.linear_gradient("L").resize((7000, 7000)).convert("RGB")
+            buffer = io.BytesIO()
+            image.save(buffer, fmt)
+            path.write_bytes(buffer.getvalue())
+
+
+def data_url(path: Path, mime: str) -> str:
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+async def load_case(case: str, folder: Path) -> None:
+    from vlserve.api.chat import MediaRef
+    from vlserve.api.multimodal import load_parts
+    from vlserve.media import MediaConfig, MediaLoader
+
+    loader = MediaLoader(MediaConfig(decoded_cache_bytes=0))
+    video = MediaRef("video", data_url(folder / "clip.mp4", "video/mp4"), "v")
+    png = MediaRef("image", data_url(folder / "big.png", "image/png"), "i")
+    jpeg = MediaRef("image", data_url(folder / "big.jpeg", "image/jpeg"), "i")
+    requests = {
+        "video1": [[video]],
+        "video2x4": [[video] * 4, [video] * 4],
+        "png6": [[png] * 6],
+        "jpeg": [[jpeg]],
+    }[case]
+    try:
+        results = await asyncio.gather(*(load_parts(loader, refs, None) for refs in requests))
+        del results
+    finally:
+        await loader.aclose()
+
+
+def child(case: str, folder: Path) -> None:
+    import ctypes
+
+    import av  # noqa: F401  (imports before the baseline)
+    import PIL.Image  # noqa: F401
+
+    import vlserve.api.multimodal  # noqa: F401
+
+    asyncio.run(asyncio.sleep(0))  # imports and the event loop's own memory before the baseline
+    base = rss_mib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # reset VmHWM to the current RSS
+    asyncio.run(load_case(case, folder))
+    idle = rss_mib("VmRSS")
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    print(json.dumps({
+        "peak": rss_mib("VmHWM") - base, "idle": idle - base, "trimmed": rss_mib("VmRSS") - base,
+    }))  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, Path(args.folder))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        make_inputs(folder)
+        env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        print(f"{'case':<10} {'peak MiB':>9} {'idle MiB':>9} {'after malloc_trim':>18}")
+        for case in args.cases.split(","):
+            out = subprocess.run(
+                [sys.executable, __file__, "--child", case, "--folder", str(folder)],
+                check=True, capture_output=True, text=True, env=env,
+            ).stdout  # fmt: skip
+            r = json.loads(out.strip().splitlines()[-1])
+            print(f"{case:<10} {r['peak']:>9.0f} {r['idle']:>9.0f} {r['trimmed']:>18.0f}")
+
+
+if __name__ == "__main__":
+    main()
