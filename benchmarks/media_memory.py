@@ -7,7 +7,7 @@ once the results are dropped), all minus the RSS before loading. The decoded-med
 so "idle" is what the process keeps of memory it no longer uses.
 
 Cases (issue #22 item 3): one 5888x5888 H.264 clip of 16 frames; two concurrent requests of 4
-such clips; six 7000x7000 PNGs in one request; one 7000x7000 JPEG.
+such clips; four and six 7000x7000 PNGs in one request; one 7000x7000 JPEG.
 
 Usage: ``.venv/bin/python benchmarks/media_memory.py [--cases video1,video2x4,png6,jpeg]``
 (about a minute on 2 cores: the clip is encoded once, into a temporary folder).
@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-CASES = ("video1", "video2x4", "png6", "jpeg")
+CASES = ("video1", "video2x4", "png4", "png6", "jpeg")
 
 
 def rss_mib(field: str) -> float:
@@ -57,7 +57,7 @@ def data_url(path: Path, mime: str) -> str:
     return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
 
 
-async def load_case(case: str, folder: Path) -> None:
+async def load_case(case: str, folder: Path) -> str:
     from vlserve.api.chat import MediaRef
     from vlserve.api.multimodal import load_parts
     from vlserve.media import MediaConfig, MediaLoader
@@ -69,12 +69,17 @@ async def load_case(case: str, folder: Path) -> None:
     requests = {
         "video1": [[video]],
         "video2x4": [[video] * 4, [video] * 4],
+        "png4": [[png] * 4],
         "png6": [[png] * 6],
         "jpeg": [[jpeg]],
     }[case]
     try:
-        results = await asyncio.gather(*(load_parts(loader, refs, None) for refs in requests))
+        results = await asyncio.gather(
+            *(load_parts(loader, refs, None) for refs in requests), return_exceptions=True
+        )
+        errors = [r for r in results if isinstance(r, BaseException)]
         del results
+        return f"refused: {errors[0]}" if errors else "loaded"
     finally:
         await loader.aclose()
 
@@ -91,11 +96,12 @@ def child(case: str, folder: Path) -> None:
     base = rss_mib("VmRSS")
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")  # reset VmHWM to the current RSS
-    asyncio.run(load_case(case, folder))
+    outcome = asyncio.run(load_case(case, folder))
     idle = rss_mib("VmRSS")
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     print(json.dumps({
         "peak": rss_mib("VmHWM") - base, "idle": idle - base, "trimmed": rss_mib("VmRSS") - base,
+        "outcome": outcome[:70],
     }))  # fmt: skip
 
 
@@ -112,14 +118,15 @@ def main() -> None:
         folder = Path(tmp)
         make_inputs(folder)
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-        print(f"{'case':<10} {'peak MiB':>9} {'idle MiB':>9} {'after malloc_trim':>18}")
+        print(f"{'case':<10} {'peak MiB':>9} {'idle MiB':>9} {'after malloc_trim':>18}  outcome")
         for case in args.cases.split(","):
             out = subprocess.run(
                 [sys.executable, __file__, "--child", case, "--folder", str(folder)],
                 check=True, capture_output=True, text=True, env=env,
             ).stdout  # fmt: skip
             r = json.loads(out.strip().splitlines()[-1])
-            print(f"{case:<10} {r['peak']:>9.0f} {r['idle']:>9.0f} {r['trimmed']:>18.0f}")
+            print(f"{case:<10} {r['peak']:>9.0f} {r['idle']:>9.0f} {r['trimmed']:>18.0f}  "
+                  f"{r['outcome']}")  # fmt: skip
 
 
 if __name__ == "__main__":

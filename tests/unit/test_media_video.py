@@ -398,3 +398,19 @@ def test_decoding_leaves_no_frames_for_the_cyclic_collector() -> None:
         gc.garbage.clear()
         gc.enable()
     assert frames == []
+
+
+def test_the_decode_reserves_its_cost_from_the_header_before_sampling() -> None:
+    from vlserve.media.video import decode_cost
+
+    clip = make_clip(320, 240, 20, 10)
+    costs: list[int] = []
+    video = decode_video(clip, LIMITS, reserve=costs.append)
+    info = StreamInfo("h264", 320, 240, 10.0, 2.0, 20)
+    assert costs == [decode_cost(info, (320, 240), 4)]
+    assert costs[0] >= 2 * video.frames.nbytes + 4 * 320 * 240 * 3 // 2
+
+    def refuse(nbytes: int) -> None:
+        raise MediaError("no room")
+
+    refused(clip, "no room", reserve=refuse)

@@ -48,6 +48,10 @@ class EngineClient(Protocol):
     @property
     def num_waiting(self) -> int: ...
 
+    def cache_bytes(self) -> dict[str, int]:
+        """Bytes held by each of the engine's content caches, by name (the same names always)."""
+        ...
+
     async def generate(
         self, prompt: ChatPrompt, params: SamplingParams, request_id: str
     ) -> RequestStream:

@@ -136,12 +136,15 @@ def decode_video(
     *,
     min_frames: int = 2,
     clock: Callable[[], float] = time.monotonic,
+    reserve: Callable[[int], None] | None = None,
 ) -> DecodedVideo:
     """Decode the frames of ``data`` sampled at ``fps``, at most ``max_frames`` (and the
     limits') of them, at least ``min_frames`` (Qwen3-VL needs 2: its temporal patch), evenly
     spread; each downsized to the pixel limits. Blocking and CPU-bound: call it in a worker
     thread. Bad bytes raise ``MediaError`` (a 400); only PyAV's own errors count as bad bytes,
-    so anything else (a bug, an incompatible PyAV) propagates and becomes a 500."""
+    so anything else (a bug, an incompatible PyAV) propagates and becomes a 500. ``reserve``
+    is called with ``decode_cost`` once the header is checked, before frames are sampled (the
+    loader's memory budget; it may wait, or raise)."""
     deadline = clock() + config.deadline_s
     if not data:
         raise MediaError("video data is empty")
@@ -161,6 +164,8 @@ def decode_video(
         indices = sample_indices(info, fps, limit, min_frames)
         budget = min(config.max_pixels, config.max_total_pixels // len(indices))
         size = fit_within((info.width, info.height), budget)
+        if reserve is not None:
+            reserve(decode_cost(info, size, len(indices)))
         frames, decoded = _read_frames(container, stream, info, indices, size, deadline, clock)
     except av.error.FFmpegError as exc:  # the demuxer or decoder refused the bytes
         raise MediaError("video data is truncated or corrupt") from exc
@@ -186,6 +191,15 @@ def _content_key(data: bytes, fps: float, frames: int, min_frames: int, config: 
     )
     h.update(data)
     return h.digest()[:16]
+
+
+def decode_cost(info: StreamInfo, size: tuple[int, int], frames: int) -> int:
+    """Bytes sampling ``frames`` frames of ``size`` from the stream holds at its peak: four
+    source frames in 4:2:0 (the one decoded, the reference it needs, FFmpeg's frame pool and
+    the scaler's input; a 5888x5888 H.264 clip peaked at 181 MiB, 3.5 frames,
+    benchmarks/media_memory.py), and the sampled RGB frames with their stacked copy."""
+    source = info.width * info.height * 3 // 2
+    return 4 * source + 2 * frames * size[0] * size[1] * 3
 
 
 def check_stream(info: StreamInfo, config: VideoLimits) -> None:
