@@ -533,3 +533,32 @@ def test_large_decodes_give_their_memory_back() -> None:
         capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": src},
     ).stdout  # fmt: skip
     assert json.loads(out)["idle"] < 32
+
+
+def test_decodes_waiting_for_memory_are_admitted_first_come_first_served() -> None:
+    """A large decode waiting for room is not overtaken by a small one that would fit now: it
+    would never get its turn while small ones keep arriving."""
+    import threading
+
+    from vlserve.media.budget import MediaMemory
+
+    memory = MediaMemory(100, wait_s=30)
+    memory.acquire(60, threading.Event())
+    order: list[str] = []
+
+    def take(name: str, nbytes: int) -> None:
+        memory.acquire(nbytes, threading.Event())
+        order.append(name)
+
+    large = threading.Thread(target=take, args=("large", 80))
+    large.start()
+    while not memory.waiting:  # the large one is in line
+        threading.Event().wait(0.01)
+    small = threading.Thread(target=take, args=("small", 10))  # fits beside the 60 held
+    small.start()
+    threading.Event().wait(0.2)
+    assert order == []  # the small one waits behind the large one
+    memory.release(60)
+    large.join(10)
+    small.join(10)  # 80 held: the small one fits beside it
+    assert order == ["large", "small"] and memory.held == 90

@@ -11,6 +11,7 @@ in progress waits for room, up to ``MediaConfig.media_wait_timeout_s``, then get
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import ctypes.util
 import threading
@@ -32,26 +33,43 @@ class MediaMemory:
         self.wait_s = wait_s
         self._held = 0
         self._room = threading.Condition()
+        # decodes waiting, first come first served: a large one is not starved by small ones
+        # that keep fitting beside the others
+        self._queue: collections.deque[object] = collections.deque()
 
     @property
     def held(self) -> int:
         """Bytes reserved by decodes in progress (the /metrics gauge)."""
         return self._held
 
+    @property
+    def waiting(self) -> int:
+        """Decodes waiting for room."""
+        return len(self._queue)
+
     def acquire(self, nbytes: int, cancelled: threading.Event) -> None:
-        """Wait until ``nbytes`` fit beside what is held, then hold them; ``OverloadedError``
-        after ``wait_s``. ``cancelled`` (the request went away) ends the wait early."""
+        """Wait, behind the decodes that came first, until ``nbytes`` fit beside what is held
+        (or nothing is held), then hold them; ``OverloadedError`` after ``wait_s``.
+        ``cancelled`` (the request went away) ends the wait early."""
         deadline = time.monotonic() + self.wait_s
+        turn = object()
         with self._room:
-            while self._held + nbytes > self.capacity and self._held > 0:
-                left = deadline - time.monotonic()
-                if left <= 0 or cancelled.is_set():
-                    raise OverloadedError(
-                        "media decoding is at the server's memory budget (--media-memory-mb); "
-                        "retry shortly"
-                    )
-                self._room.wait(min(left, 0.05))
-            self._held += nbytes
+            self._queue.append(turn)
+            try:
+                while self._queue[0] is not turn or (
+                    self._held + nbytes > self.capacity and self._held > 0
+                ):
+                    left = deadline - time.monotonic()
+                    if left <= 0 or cancelled.is_set():
+                        raise OverloadedError(
+                            "media decoding is at the server's memory budget "
+                            "(--media-memory-mb); retry shortly"
+                        )
+                    self._room.wait(min(left, 0.05))
+                self._held += nbytes
+            finally:
+                self._queue.remove(turn)
+                self._room.notify_all()  # the next in line may fit now
 
     def release(self, nbytes: int) -> None:
         with self._room:
