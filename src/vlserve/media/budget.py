@@ -145,7 +145,7 @@ _MALLOC_TRIM = _load_malloc_trim()
 def trim_heap() -> None:
     """Give the pages glibc's malloc keeps after ``free`` back to the system, in every arena
     (``malloc_trim(0)``). Without it a decoding thread's arena kept hundreds of MiB after its
-    decode: six 7000x7000 PNGs left 925 MiB of idle RSS, 1 MiB after a trim, which takes
-    about 0.1 ms (benchmarks/media_memory.py, docs/media.md)."""
+    decode: four 7000x7000 PNGs in one request left 547 MiB of idle RSS, 1 MiB after a trim,
+    which takes about 0.1 ms (benchmarks/media_memory.py, docs/media.md)."""
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)  # type: ignore[operator]
