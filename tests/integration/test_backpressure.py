@@ -1,4 +1,5 @@
-"""Admission limits seen from a client: a full queue answers 429 at once, a slow request 504."""
+"""Admission limits seen from a client: a full queue answers 429 at once, a slow request 504,
+media over the request's decoding memory 400."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ServerProcess, start_server, stop_server
+from tests.conftest import ServerProcess, png_data_url, start_server, stop_server
 
 pytestmark = pytest.mark.integration
 
@@ -24,6 +25,8 @@ def tight_server(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory
         "1",
         "--request-timeout",
         "20",
+        "--max-request-media-mb",
+        "1",
     )
     yield srv
     stop_server(srv)
@@ -73,3 +76,23 @@ def test_request_timeout_gives_504_and_frees_the_slot(tight_server: ServerProces
         tight_server.base_url + "/v1/chat/completions", json=_body(tight_server, 2), timeout=60
     )
     assert ok.status_code == 200
+
+
+def test_media_over_the_request_memory_budget_get_400_naming_the_part(
+    tight_server: ServerProcess,
+) -> None:
+    """A 700x700 PNG needs about 5 MiB to decode, over --max-request-media-mb 1: a 400 that
+    names the part and the flag, before any pixel is decoded; a small image still passes."""
+
+    def ask(url: str) -> httpx.Response:
+        content = [{"type": "text", "text": "x"}, {"type": "image_url", "image_url": {"url": url}}]
+        body = {**_body(tight_server, 1), "messages": [{"role": "user", "content": content}]}
+        return httpx.post(tight_server.base_url + "/v1/chat/completions", json=body, timeout=60)
+
+    refused = ask(png_data_url(700, 700))
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert error["code"] == "invalid_image" and error["param"] == "messages[0].content[1].image_url"
+    assert error["message"].startswith("image 1: decoding it needs about 5 MiB")
+    assert "--max-request-media-mb" in error["message"]
+    assert ask(png_data_url(64, 64)).status_code == 200

@@ -241,3 +241,32 @@ def test_sampling_parameters_accepted(client: openai.OpenAI, server: ServerProce
         extra_body={"top_k": 20, "min_p": 0.05, "repetition_penalty": 1.1},
     )
     assert r.usage.completion_tokens == 8
+
+
+def _memory_gauges(server: ServerProcess) -> dict[str, float]:
+    """The media and cache memory gauges of /metrics, by series."""
+    text = httpx.get(server.base_url + "/metrics").text
+    found = {}
+    for line in text.splitlines():
+        if line.startswith(("vlserve_cache_bytes{", "vlserve_media_decoding_bytes ")):
+            name, value = line.rsplit(" ", 1)
+            found[name] = float(value)
+    return found
+
+
+def test_metrics_show_the_memory_held_by_media_and_caches(
+    client: openai.OpenAI, server: ServerProcess
+) -> None:
+    """Issue #23 item 3: each content cache's bytes and the decodes' in flight are exported,
+    and an image no cache has seen yet grows all three caches."""
+    before = _memory_gauges(server)
+    caches = [f'vlserve_cache_bytes{{cache="{c}"}}' for c in ("decoded_media", "processed_media", "encoder")]  # fmt: skip
+    assert set(before) == {*caches, "vlserve_media_decoding_bytes"}
+    image = png_data_url(96, 64, (17, 171, 71))  # a colour no other test sends
+    client.chat.completions.create(
+        model=server.model, messages=_user("Describe this image.", image), max_tokens=1
+    )
+    after = _memory_gauges(server)
+    assert after["vlserve_media_decoding_bytes"] == 0  # the decode is over
+    assert after[caches[0]] - before[caches[0]] == 96 * 64 * 4  # Pillow's RGB, 4 bytes a pixel
+    assert after[caches[1]] > before[caches[1]] and after[caches[2]] > before[caches[2]]

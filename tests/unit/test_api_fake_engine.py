@@ -33,6 +33,9 @@ class FakeEngine:
     def start(self) -> None:
         pass
 
+    def cache_bytes(self) -> dict[str, int]:
+        return {"processed_media": 0, "encoder": 0}
+
     async def wait_ready(self) -> None:
         pass
 

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import os
 import struct
+import subprocess
+import sys
 import zlib
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -15,9 +20,11 @@ from PIL import Image
 from tests.conftest import mutate
 from vlserve.errors import MediaError
 from vlserve.media import MediaConfig, decode_image, fit_within, parse_data_url
+from vlserve.media.decode import decode_cost
 
 CONFIG = MediaConfig()
 MB = 1024 * 1024
+SRC = str(Path(__file__).resolve().parents[2] / "src")
 
 
 def encode(image: Image.Image, fmt: str, **save_args: object) -> bytes:
@@ -385,3 +392,67 @@ def _decode_or_media_error(data: bytes) -> None:
 def test_non_canonical_base64_padding_is_refused(payload: str) -> None:
     with pytest.raises(MediaError):
         parse_data_url("data:image/gif;base64," + payload, max_bytes=MB)
+
+
+# --- decoding memory (issue #22 item 3) ----------------------------------------------------------
+
+_PEAK_SCRIPT = """
+import io, json, sys
+from PIL import Image
+from vlserve.media import MediaConfig, decode_image
+
+def rss_mib(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+
+image = Image.linear_gradient("L").resize((4000, 4000))
+if sys.argv[1] != "L":
+    image = image.convert(sys.argv[1])
+exif = Image.Exif()
+exif[0x0112] = 6
+buffer = io.BytesIO()
+image.save(buffer, "PNG", exif=exif.tobytes())
+data = buffer.getvalue()
+del image, buffer
+base = rss_mib("VmRSS")
+open("/proc/self/clear_refs", "w").write("5")
+costs = []
+out = decode_image(data, MediaConfig(), reserve=costs.append)
+print(json.dumps({"peak": rss_mib("VmHWM") - base, "cost": costs[0] / 2**20, "size": out.size}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's /proc")
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_a_huge_image_peaks_within_its_reserved_cost(mode: str) -> None:
+    """A 4000x4000 PNG with an EXIF rotation, downsized to 1619x1619: the process's peak RSS
+    stays within the ``decode_cost`` reserved for it (plus the decoder's buffers). Before, the
+    full-size image was copied by ``exif_transpose`` and greyscale converted to RGB at full
+    size: L peaked at 118 MiB and RGB at 157, against costs of 40 and 86 (now 44 and 95)."""
+    out = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT, mode],
+        capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": SRC},
+    ).stdout  # fmt: skip
+    result = json.loads(out)
+    assert result["size"] == [1619, 1619]  # rotated by 90 degrees: square either way
+    assert result["peak"] <= result["cost"] + 24, result
+
+
+def test_the_reserved_cost_follows_jpeg_draft_decoding() -> None:
+    """A 4000x3000 JPEG for a 10,000-pixel budget is decoded by libjpeg at 1/8 scale: what it
+    reserves is that (500x375), not the full size."""
+    data = encode(Image.new("RGB", (4000, 3000), (10, 200, 30)), "JPEG")
+    costs: list[int] = []
+    image = decode_image(data, MediaConfig(max_image_pixels=10_000), reserve=costs.append)
+    assert image.size == (114, 87)
+    assert costs == [decode_cost("RGB", (500, 375), (114, 87))]
+    assert costs[0] < 4000 * 3000  # a quarter of the full-size RGB pixels
+
+
+def test_a_refusing_reserve_stops_the_decode() -> None:
+    def refuse(nbytes: int) -> None:
+        raise MediaError(f"no room for {nbytes}")
+
+    with pytest.raises(MediaError, match="no room for"):
+        decode_image(encode(Image.new("RGB", (64, 64)), "PNG"), CONFIG, reserve=refuse)

@@ -105,9 +105,9 @@ def test_the_same_bytes_are_decoded_once(
     calls: list[int] = []
     real = loader_module.decode_image
 
-    def counting(data: bytes, config: MediaConfig) -> Image.Image:
+    def counting(data: bytes, config: MediaConfig, **kwargs: Any) -> Image.Image:
         calls.append(len(data))
-        return real(data, config)
+        return real(data, config, **kwargs)
 
     monkeypatch.setattr(loader_module, "decode_image", counting)
     url = png_url((20, 10))
@@ -134,9 +134,11 @@ def test_the_same_video_is_decoded_once_per_sampling(monkeypatch: pytest.MonkeyP
     calls: list[float] = []
     real = loader_module.decode_video
 
-    def counting(data: bytes, config: Any, fps: float = 2.0, max_frames: Any = None) -> Any:
+    def counting(
+        data: bytes, config: Any, fps: float = 2.0, max_frames: Any = None, **kwargs: Any
+    ) -> Any:
         calls.append(fps)
-        return real(data, config, fps, max_frames)
+        return real(data, config, fps, max_frames, **kwargs)
 
     monkeypatch.setattr(loader_module, "decode_video", counting)
     url = "data:video/mp4;base64," + base64.b64encode(make_clip(frames=40)).decode()
@@ -384,9 +386,11 @@ def test_slow_videos_never_hold_an_image_decode_slot(monkeypatch: pytest.MonkeyP
     release = threading.Event()
     real = loader_module.decode_video
 
-    def stuck(data: bytes, config: Any, fps: float = 2.0, max_frames: Any = None) -> Any:
+    def stuck(
+        data: bytes, config: Any, fps: float = 2.0, max_frames: Any = None, **kwargs: Any
+    ) -> Any:
         release.wait(10)
-        return real(data, config, fps, max_frames)
+        return real(data, config, fps, max_frames, **kwargs)
 
     monkeypatch.setattr(loader_module, "decode_video", stuck)
     clip = "data:video/mp4;base64," + base64.b64encode(make_clip()).decode()
@@ -407,3 +411,154 @@ def test_slow_videos_never_hold_an_image_decode_slot(monkeypatch: pytest.MonkeyP
 
     waiting, image = asyncio.run(main())
     assert waiting and image.mode == "RGB"
+
+
+# --- decoding memory (issue #22 item 3) ----------------------------------------------------------
+
+
+def test_media_over_the_request_budget_are_refused_naming_the_item() -> None:
+    config = MediaConfig(media_memory_mb=1, max_request_media_mb=1)
+    message = message_of(png_url((700, 700)), config)  # about 4.2 MiB to decode
+    assert message.startswith("decoding it needs about 5 MiB") and "--max-request-media-mb" in message
+    with pytest.raises(MediaError) as info:  # 0.8 MiB each: fine alone, too much together
+        load_many([png_url((300, 300)), png_url((300, 301))], config)
+    assert info.value.code == "invalid_image"
+    assert "more than the 1 MiB allowed per request" in info.value.message
+    assert info.value.message.startswith(("image 1: ", "image 2: "))
+
+
+def test_a_decode_waits_for_room_in_the_servers_budget() -> None:
+    import threading
+
+    async def scenario() -> tuple[bool, tuple[int, int], int]:
+        loader = MediaLoader(MediaConfig(media_memory_mb=1, max_request_media_mb=1))
+        try:
+            loader.memory.acquire(1 << 20, threading.Event())  # other decodes hold it all
+            task = asyncio.ensure_future(loader.load(png_url((300, 300))))
+            await asyncio.sleep(0.3)
+            waited = not task.done()  # it cannot finish: there is no room
+            loader.memory.release(1 << 20)
+            image = await asyncio.wait_for(task, 30)
+            return waited, image.size, loader.memory.held
+        finally:
+            await loader.aclose()
+
+    assert asyncio.run(scenario()) == (True, (300, 300), 0)
+
+
+def test_a_full_budget_answers_429_after_the_wait() -> None:
+    import threading
+
+    from vlserve.errors import OverloadedError
+
+    async def scenario() -> int:
+        config = MediaConfig(media_memory_mb=1, max_request_media_mb=1, media_wait_timeout_s=0.2)
+        loader = MediaLoader(config)
+        try:
+            loader.memory.acquire(1 << 20, threading.Event())
+            with pytest.raises(OverloadedError, match="--media-memory-mb"):
+                await loader.load_many([png_url((300, 300))])
+            return loader.memory.held
+        finally:
+            await loader.aclose()
+
+    assert asyncio.run(scenario()) == 1 << 20  # the refused decode holds nothing
+
+
+def test_a_cancelled_load_stops_waiting_for_memory() -> None:
+    import threading
+
+    async def scenario() -> tuple[int, int]:
+        loader = MediaLoader(MediaConfig(media_memory_mb=1, max_request_media_mb=1,
+                                         max_concurrent_decodes=1))  # fmt: skip
+        try:
+            held = (1 << 20) - 4096  # room for a 4x4 image, not for 300x300
+            loader.memory.acquire(held, threading.Event())
+            waiting = asyncio.ensure_future(loader.load(png_url((300, 300))))
+            await asyncio.sleep(0.1)
+            # the client went away: its thread stops waiting (not after the 30 s wait) and
+            # frees the only decode slot
+            waiting.cancel()
+            small = await asyncio.wait_for(loader.load(png_url((4, 4))), 10)
+            return small.size[0], loader.memory.held - held
+        finally:
+            await loader.aclose()
+
+    assert asyncio.run(scenario()) == (4, 0)
+
+
+_IDLE_SCRIPT = """
+import asyncio, base64, io, json
+from PIL import Image
+from vlserve.media import MediaConfig, MediaLoader
+
+def rss_mib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+
+image = Image.linear_gradient("L").resize((4000, 4000)).convert("RGB")
+buffer = io.BytesIO()
+image.save(buffer, "PNG")
+url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+del image, buffer
+
+async def main():
+    loader = MediaLoader(MediaConfig(decoded_cache_bytes=0))
+    await loader.load(url)
+    base = rss_mib()
+    images = await loader.load_many([url, url])
+    del images
+    await asyncio.sleep(0.1)
+    idle = rss_mib() - base
+    await loader.aclose()
+    return idle
+
+print(json.dumps({"idle": asyncio.run(main())}))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux's /proc")
+def test_large_decodes_give_their_memory_back() -> None:
+    """Two concurrent 4000x4000 PNG decodes (after a first one, so imports and the threads
+    exist): the process's RSS is back where it was, not 104 MiB above it (glibc's arenas keep
+    freed memory unless trimmed)."""
+    import json
+    import subprocess
+    import sys
+
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    out = subprocess.run(
+        [sys.executable, "-c", _IDLE_SCRIPT],
+        capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": src},
+    ).stdout  # fmt: skip
+    assert json.loads(out)["idle"] < 32
+
+
+def test_decodes_waiting_for_memory_are_admitted_first_come_first_served() -> None:
+    """A large decode waiting for room is not overtaken by a small one that would fit now: it
+    would never get its turn while small ones keep arriving."""
+    import threading
+
+    from vlserve.media.budget import MediaMemory
+
+    memory = MediaMemory(100, wait_s=30)
+    memory.acquire(60, threading.Event())
+    order: list[str] = []
+
+    def take(name: str, nbytes: int) -> None:
+        memory.acquire(nbytes, threading.Event())
+        order.append(name)
+
+    large = threading.Thread(target=take, args=("large", 80))
+    large.start()
+    while not memory.waiting:  # the large one is in line
+        threading.Event().wait(0.01)
+    small = threading.Thread(target=take, args=("small", 10))  # fits beside the 60 held
+    small.start()
+    threading.Event().wait(0.2)
+    assert order == []  # the small one waits behind the large one
+    memory.release(60)
+    large.join(10)
+    small.join(10)  # 80 held: the small one fits beside it
+    assert order == ["large", "small"] and memory.held == 90

@@ -375,3 +375,42 @@ def test_decode_fuzz_mutated_real_videos(
 )
 def test_decode_fuzz_arbitrary_bytes(prefix: bytes, data: bytes) -> None:
     _decode_or_media_error(prefix + data)
+
+
+def test_decoding_leaves_no_frames_for_the_cyclic_collector() -> None:
+    """Reading a frame's side data through ``frame.side_data`` made a reference cycle (the frame
+    caches the container, the container points back): every sampled source frame stayed in
+    memory until a full collection, 52 MB each at 5888x5888 (issue #22 item 3)."""
+    import gc
+
+    clip = make_clip(64, 48, 20, 10, rotation=90, hflip=True)
+    gc.collect()
+    gc.disable()
+    try:
+        video = decode_video(clip, LIMITS)
+        assert video.frames.shape[0] == 4
+        del video
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        frames = [o for o in gc.garbage if isinstance(o, av.frame.Frame)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert frames == []
+
+
+def test_the_decode_reserves_its_cost_from_the_header_before_sampling() -> None:
+    from vlserve.media.video import decode_cost
+
+    clip = make_clip(320, 240, 20, 10)
+    costs: list[int] = []
+    video = decode_video(clip, LIMITS, reserve=costs.append)
+    info = StreamInfo("h264", 320, 240, 10.0, 2.0, 20)
+    assert costs == [decode_cost(info, (320, 240), 4)]
+    assert costs[0] >= 2 * video.frames.nbytes + 4 * 320 * 240 * 3 // 2
+
+    def refuse(nbytes: int) -> None:
+        raise MediaError("no room")
+
+    refused(clip, "no room", reserve=refuse)

@@ -43,9 +43,14 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        media = MediaLoader(config.media)
+        metrics.watch_memory(
+            lambda: media.memory.held,
+            lambda: {"decoded_media": media.cached_bytes, **engine.cache_bytes()},
+        )
         state = ServerState(
             engine=engine,
-            media=MediaLoader(config.media),
+            media=media,
             model_names=config.accepted_model_names,
             listed_names=config.model_names,
             metrics=metrics,

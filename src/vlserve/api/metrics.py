@@ -215,3 +215,24 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    # --- host memory held by media and caches (issue #23 item 3), read at scrape time ---------
+
+    def watch_memory(
+        self, decoding: Callable[[], int], caches: Callable[[], dict[str, int]]
+    ) -> None:
+        """Gauges of the bytes decodes in progress hold (``decoding``) and of each content
+        cache (``caches``: name -> bytes, the same names at every call)."""
+        Gauge(
+            "vlserve_media_decoding_bytes",
+            "host memory reserved by image and video decodes in progress (--media-memory-mb)",
+            registry=self.registry,
+        ).set_function(lambda: float(decoding()))
+        held = Gauge(
+            "vlserve_cache_bytes",
+            "bytes held by each content cache (decoded media, processed media, encoder outputs)",
+            ["cache"],
+            registry=self.registry,
+        )
+        for name in caches():
+            held.labels(name).set_function(lambda name=name: float(caches().get(name, 0)))

@@ -53,6 +53,10 @@ class EngineClient(Protocol):
         """Seconds since the last finished step while work is pending (0 while idle)."""
         ...
 
+    def cache_bytes(self) -> dict[str, int]:
+        """Bytes held by each of the engine's content caches, by name (the same names always)."""
+        ...
+
     async def generate(
         self, prompt: ChatPrompt, params: SamplingParams, request_id: str
     ) -> RequestStream:

@@ -161,6 +161,12 @@ class AsyncEngine:
     def num_waiting(self) -> int:
         return self.loop.scheduler.num_waiting if self.loop else 0
 
+    def cache_bytes(self) -> dict[str, int]:
+        """The processed-media cache (images and videos through the processor) and the
+        encoder cache (vision-tower outputs), in bytes."""
+        processed = self.runner.preprocess.cache.nbytes if self.runner is not None else 0
+        return {"processed_media": processed, "encoder": self.encoder_cache.nbytes}
+
     # -- the one entry --------------------------------------------------------------------------
     async def generate(
         self, prompt: ChatPrompt, params: SamplingParams, request_id: str

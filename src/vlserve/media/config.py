@@ -100,6 +100,26 @@ class MediaConfig:
     # Videos decoded at once, apart from images: a slow video (up to its decode deadline) never
     # holds a slot an image is waiting for. PyAV releases the GIL while it decodes.
     max_concurrent_video_decodes: int = 2
+    # Decoding memory (media/budget.py): what decodes in progress hold, estimated from each
+    # header before any pixel is decoded (full-size pixels and the copies made on the way down).
+    media_memory_mb: int = option(
+        1024,
+        group="images",
+        min=1,
+        metavar="MIB",
+        help="memory that image and video decodes in progress may hold together, server-wide "
+        "(estimated from each header before decoding); a decode waits for room, then gets 429",
+    )
+    max_request_media_mb: int = option(
+        1024,
+        group="images",
+        min=1,
+        metavar="MIB",
+        help="the same, summed over all the images and videos of one request (capped by "
+        "--media-memory-mb); more gets 400",
+    )
+    # How long a decode waits for room in --media-memory-mb before its request gets 429.
+    media_wait_timeout_s: float = 30.0
     # Decoded images kept by the hash of their encoded bytes (LRU, RGB pixels counted): the same
     # image in the next turn of a conversation skips decoding. 0 turns it off.
     decoded_cache_bytes: int = 256 * 1024 * 1024
@@ -151,6 +171,7 @@ class MediaConfig:
         if self.max_aspect_ratio < 1:
             raise ValueError(f"max_aspect_ratio must be >= 1, got {self.max_aspect_ratio!r}")
         self._check_local_path()
+        _require_positive_number("media_wait_timeout_s", self.media_wait_timeout_s)
 
     def _check_video(self) -> None:
         _require_positive_number("video_decode_timeout_s", self.video_decode_timeout_s)

@@ -6,10 +6,11 @@ import contextlib
 import io
 import math
 import re
+from collections.abc import Callable
 
 from PIL import Image, ImageOps
 
-from vlserve.errors import MediaError
+from vlserve.errors import MediaError, VLServeError
 from vlserve.media.config import ALLOWED_FORMATS, MediaConfig
 from vlserve.media.dataurl import format_not_allowed
 
@@ -51,15 +52,20 @@ _REFUSED_MAGIC: tuple[tuple[int, bytes, str], ...] = (
     (4, b"ftypmif1", "heif"),
 )
 _WHITE = (255, 255, 255)
+_ORIENTATION = 0x0112  # the EXIF tag
 
 
-def decode_image(data: bytes, config: MediaConfig) -> Image.Image:
+def decode_image(
+    data: bytes, config: MediaConfig, *, reserve: Callable[[int], None] | None = None
+) -> Image.Image:
     """Decode ``data`` into an RGB image of at most ``config.max_image_pixels`` pixels.
 
     Only PNG, JPEG, WebP, GIF and BMP are decoded; the pixel count and aspect ratio are read
     from the header and refused before any pixel is decoded; animated images give their first
-    frame; EXIF orientation is applied; alpha is composited on white. Blocking and CPU-bound:
-    call it in a worker thread. Raises only ``MediaError``.
+    frame; EXIF orientation is applied; alpha is composited on white. ``reserve`` is called
+    with ``decode_cost`` before any pixel is decoded (the loader's memory budget; it may wait,
+    or raise). Blocking and CPU-bound: call it in a worker thread. Raises ``MediaError``, and
+    whatever ``reserve`` raises.
     """
     if not data:
         raise MediaError("image data is empty")
@@ -72,8 +78,10 @@ def decode_image(data: bytes, config: MediaConfig) -> Image.Image:
         if target != image.size:
             # JPEG only: let libjpeg decode at 1/2, 1/4 or 1/8 scale, never below target.
             image.draft(None, target)
+        if reserve is not None:
+            reserve(decode_cost(image.mode, image.size, target))
         image.load()
-    except MediaError:
+    except VLServeError:
         raise
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, struct.error, ...
         raise MediaError("image data is truncated or corrupt") from exc
@@ -81,6 +89,18 @@ def decode_image(data: bytes, config: MediaConfig) -> Image.Image:
         return _normalise(image, target)
     except Exception as exc:
         raise MediaError("image data could not be converted to RGB") from exc
+
+
+def decode_cost(mode: str, size: tuple[int, int], target: tuple[int, int]) -> int:
+    """Bytes decoding an image of ``mode`` and ``size`` (after JPEG draft scaling) down to
+    ``target`` holds at its peak, with Pillow's 4 bytes a pixel for every mode but L and P:
+    the decoded pixels, one full-size copy where the mode is converted or alpha premultiplied
+    before resizing, the 1/4-size intermediate of ``reduce`` and the result (7000x7000 RGB PNG:
+    255 MB; measured 266 MiB peak RSS, benchmarks/media_memory.py)."""
+    pixels = size[0] * size[1]
+    stored = 1 if mode in ("L", "P", "1") else 4
+    copies = 0 if mode in ("RGB", "L") else 1
+    return pixels * stored + pixels * 4 * copies + pixels + target[0] * target[1] * 4
 
 
 def fit_within(size: tuple[int, int], max_pixels: int) -> tuple[int, int]:
@@ -137,25 +157,39 @@ def _check_header(image: Image.Image, config: MediaConfig) -> None:
 
 
 def _normalise(image: Image.Image, target: tuple[int, int]) -> Image.Image:
-    """Orientation, mode, size and alpha: in that order, so alpha is resized premultiplied.
+    """Size, mode, alpha and orientation, each step on as few pixels as it can: L and RGB are
+    resized before anything else (no full-size copy), other modes become RGB or RGBA first
+    (Pillow resizes alpha premultiplied), then alpha is composited on white and the EXIF
+    orientation applied to the small image (``exif_transpose`` copied the full-size one).
 
     ``target`` is the final size computed from the header, in stored orientation: JPEG draft
     decoding may have shrunk the image already, and the result must not depend on that.
     """
-    stored_size = image.size
-    # A broken EXIF block leaves the pixels intact: keep them as stored.
-    with contextlib.suppress(Exception):
-        image = ImageOps.exif_transpose(image)
-    if image.size != stored_size:  # rotated by 90 degrees
-        target = (target[1], target[0])
-    image = _to_rgb_or_rgba(image)
+    orientation = _exif_orientation(image)
+    if image.mode not in ("L", "RGB"):
+        image = _to_rgb_or_rgba(image)
     if image.size != target:
         image = image.resize(target, Image.Resampling.BICUBIC, reducing_gap=2.0)
     if image.mode == "RGBA":
         background = Image.new("RGB", image.size, _WHITE)
         background.paste(image, mask=image.getchannel("A"))
         image = background
+    elif image.mode != "RGB":
+        image = image.convert("RGB")
+    if orientation not in (None, 1):
+        image.getexif()[_ORIENTATION] = orientation
+        # A broken EXIF block leaves the pixels intact: keep them as stored.
+        with contextlib.suppress(Exception):
+            image = ImageOps.exif_transpose(image)
     return image
+
+
+def _exif_orientation(image: Image.Image) -> int | None:
+    """The EXIF orientation tag, None without one (or with a broken EXIF block)."""
+    try:
+        return image.getexif().get(_ORIENTATION)
+    except Exception:
+        return None
 
 
 def _to_rgb_or_rgba(image: Image.Image) -> Image.Image:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from av.video.reformatter import VideoReformatter
 
 from vlserve.errors import MediaError
 from vlserve.media.decode import fit_within
+from vlserve.media.orientation import orientation, upright
 
 # FFmpeg demuxer forced for each container we accept, by its signature.
 _MP4_BOXES: frozenset[bytes] = frozenset({b"ftyp", b"moov", b"mdat", b"free", b"skip", b"wide"})
@@ -130,12 +130,15 @@ def decode_video(
     *,
     min_frames: int = 2,
     clock: Callable[[], float] = time.monotonic,
+    reserve: Callable[[int], None] | None = None,
 ) -> DecodedVideo:
     """Decode the frames of ``data`` sampled at ``fps``, at most ``max_frames`` (and the
     limits') of them, at least ``min_frames`` (Qwen3-VL needs 2: its temporal patch), evenly
     spread; each downsized to the pixel limits. Blocking and CPU-bound: call it in a worker
     thread. Bad bytes raise ``MediaError`` (a 400); only PyAV's own errors count as bad bytes,
-    so anything else (a bug, an incompatible PyAV) propagates and becomes a 500."""
+    so anything else (a bug, an incompatible PyAV) propagates and becomes a 500. ``reserve``
+    is called with ``decode_cost`` once the header is checked, before frames are sampled (the
+    loader's memory budget; it may wait, or raise)."""
     deadline = clock() + config.deadline_s
     if not data:
         raise MediaError("video data is empty")
@@ -155,6 +158,8 @@ def decode_video(
         indices = sample_indices(info, fps, limit, min_frames)
         budget = min(config.max_pixels, config.max_total_pixels // len(indices))
         size = fit_within((info.width, info.height), budget)
+        if reserve is not None:
+            reserve(decode_cost(info, size, len(indices)))
         frames, decoded = _read_frames(container, stream, info, indices, size, deadline, clock)
     except av.error.FFmpegError as exc:  # the demuxer or decoder refused the bytes
         raise MediaError("video data is truncated or corrupt") from exc
@@ -180,6 +185,15 @@ def _content_key(data: bytes, fps: float, frames: int, min_frames: int, config: 
     )
     h.update(data)
     return h.digest()[:16]
+
+
+def decode_cost(info: StreamInfo, size: tuple[int, int], frames: int) -> int:
+    """Bytes sampling ``frames`` frames of ``size`` from the stream holds at its peak: four
+    source frames in 4:2:0 (the one decoded, the reference it needs, FFmpeg's frame pool and
+    the scaler's input; a 5888x5888 H.264 clip peaked at 181 MiB, 3.5 frames,
+    benchmarks/media_memory.py), and the sampled RGB frames with their stacked copy."""
+    source = info.width * info.height * 3 // 2
+    return 4 * source + 2 * frames * size[0] * size[1] * 3
 
 
 def check_stream(info: StreamInfo, config: VideoLimits) -> None:
@@ -330,43 +344,6 @@ def _read_frames(
         rgb = reformatter.reformat(last, size[0], size[1], "rgb24", interpolation="AREA")
         frames.append(upright(rgb.to_ndarray(), *orientation(last)))
     return frames, decoded
-
-
-# The display matrix's rotation part (signs of a, b, c, d) -> quarter turns counter-clockwise
-_QUARTER_TURNS = {(1, 0, 0, 1): 0, (0, -1, 1, 0): 1, (-1, 0, 0, -1): 2, (0, 1, -1, 0): 3}
-
-
-def orientation(frame: Any) -> tuple[int, bool]:
-    """How players show a decoded frame, as FFmpeg's autorotate does: ``(turns, mirrored)``,
-    turn it ``turns`` quarter turns counter-clockwise, then mirror it left to right. From the
-    display matrix in its side data (phones store portrait video as landscape frames and -90;
-    a front camera may store a mirror); only quarter turns and mirrors, any other matrix is
-    left as stored. Without the matrix bytes (older PyAV), its rotation angle alone."""
-    # by name: PyAV 19's side data iterates over types, 18's over the data itself
-    side_data = frame.side_data
-    matrix = bytes(side_data["DISPLAYMATRIX"]) if "DISPLAYMATRIX" in side_data else None
-    if matrix is None or len(matrix) != 36:
-        rotation = frame.rotation or 0
-        turns = round(rotation / 90)
-        return (turns % 4, False) if abs(rotation - 90 * turns) <= 2 else (0, False)
-    values = struct.unpack("<9i", matrix)
-    entries = [values[i] / 65536 for i in (0, 1, 3, 4)]  # a, b, c, d: 16.16 fixed point
-    a, b, c, d = signs = tuple(round(x) for x in entries)
-    if any(abs(x - s) > 0.02 for x, s in zip(entries, signs, strict=True)):
-        return 0, False
-    # a mirror after the rotation negates the matrix's first column: undo it to read the turns
-    mirrored = a * d - b * c < 0
-    turns = _QUARTER_TURNS.get((-a, b, -c, d) if mirrored else signs)
-    return (0, False) if turns is None else (turns, mirrored)
-
-
-def upright(frame: np.ndarray, turns: int, mirrored: bool = False) -> np.ndarray:
-    """``frame`` (rows, columns, channels) turned ``turns`` quarter turns counter-clockwise,
-    then mirrored left to right; the frame itself when neither."""
-    if turns % 4 == 0 and not mirrored:
-        return frame
-    out = np.rot90(frame, turns % 4)  # counter-clockwise
-    return np.ascontiguousarray(out[:, ::-1] if mirrored else out)
 
 
 def _frames(
