@@ -244,13 +244,17 @@ def test_sampling_parameters_accepted(client: openai.OpenAI, server: ServerProce
 
 
 def _memory_gauges(server: ServerProcess) -> dict[str, float]:
-    """The media and cache memory gauges of /metrics, by series."""
+    """The media and cache memory gauges of /metrics: the series name, with the cache's name."""
+    from prometheus_client.parser import text_string_to_metric_families
+
     text = httpx.get(server.base_url + "/metrics").text
     found = {}
-    for line in text.splitlines():
-        if line.startswith(("vlserve_cache_bytes{", "vlserve_media_decoding_bytes ")):
-            name, value = line.rsplit(" ", 1)
-            found[name] = float(value)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in ("vlserve_cache_bytes", "vlserve_media_decoding_bytes"):
+                assert sample.labels["model_name"] == server.model, sample
+                cache = sample.labels.get("cache")
+                found[f"{sample.name}:{cache}" if cache else sample.name] = sample.value
     return found
 
 
@@ -260,7 +264,7 @@ def test_metrics_show_the_memory_held_by_media_and_caches(
     """Issue #23 item 3: each content cache's bytes and the decodes' in flight are exported,
     and an image no cache has seen yet grows all three caches."""
     before = _memory_gauges(server)
-    caches = [f'vlserve_cache_bytes{{cache="{c}"}}' for c in ("decoded_media", "processed_media", "encoder")]  # fmt: skip
+    caches = [f"vlserve_cache_bytes:{c}" for c in ("decoded_media", "processed_media", "encoder")]
     assert set(before) == {*caches, "vlserve_media_decoding_bytes"}
     image = png_data_url(96, 64, (17, 171, 71))  # a colour no other test sends
     client.chat.completions.create(

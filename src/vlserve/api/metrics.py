@@ -8,6 +8,7 @@ deploy/grafana/vlserve.json a dashboard (tests/unit/test_metrics_dashboard.py ke
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -226,13 +227,16 @@ class Metrics:
         Gauge(
             "vlserve_media_decoding_bytes",
             "host memory reserved by image and video decodes in progress (--media-memory-mb)",
+            ["model_name"],
             registry=self.registry,
-        ).set_function(lambda: float(decoding()))
+        ).labels(self.model_name).set_function(lambda: float(decoding()))
         held = Gauge(
             "vlserve_cache_bytes",
             "bytes held by each content cache (decoded media, processed media, encoder outputs)",
-            ["cache"],
+            ["model_name", "cache"],
             registry=self.registry,
         )
         for name in caches():
-            held.labels(name).set_function(lambda name=name: float(caches().get(name, 0)))
+            held.labels(self.model_name, name).set_function(
+                lambda name=name: float(caches().get(name, 0))
+            )
