@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from tests.conftest import seeds
+from tests.unit.simulated_kv import SimulatedKV
 from vlserve.engine.block_manager import BlockManager
 from vlserve.engine.scheduler import Scheduler, SchedulerConfig
 from vlserve.engine.sequence import SequenceStatus
@@ -334,32 +336,6 @@ def test_a_block_shared_with_a_running_sequence_stays_held_when_its_other_holder
     assert s.blocks.num_free_blocks == 5
 
 
-class SimulatedKV:
-    """The KV pool in miniature: position p of a sequence, once computed, leaves in its slot
-    (``block_table[p // BS]``, ``p % BS``) a mark of everything its K/V depends on (the tokens
-    up to and including p); a row reads every earlier slot back through its block table, as
-    attention reads the pool, and each must hold its own sequence's mark. Sharing a block that
-    a newcomer overwrote, or a cached block computed behind another prefix, is caught at the
-    read; a step that skips or repeats a token shows in the emitted tokens."""
-
-    def __init__(self) -> None:
-        self.slots: dict[tuple[int, int], tuple[int, ...]] = {}
-
-    def compute(self, row: object) -> None:
-        seq, start, end = row.seq, row.start, row.end  # type: ignore[attr-defined]
-        # a row computes at least one position (its logits come from the last)
-        assert start == seq.num_cached_tokens < end <= seq.num_tokens, (start, end)
-        assert 0 not in seq.block_table, "the null block was handed out"
-        for p in range(start, end):
-            self.slots[(seq.block_table[p // BS], p % BS)] = tuple(seq.token_ids[: p + 1])
-        for p in range(end):
-            slot = (seq.block_table[p // BS], p % BS)
-            assert self.slots.get(slot) == tuple(seq.token_ids[: p + 1]), (
-                f"{seq.request_id} read position {p} from block {slot[0]}: "
-                "K/V computed for other tokens"
-            )
-
-
 def _next_token(tokens: list[int]) -> int:
     """The simulated model: a deterministic function of the whole context."""
     return 5000 + sum((i + 1) * t for i, t in enumerate(tokens)) % 997
@@ -372,12 +348,8 @@ def _shared_prompts(rng: random.Random) -> list[list[int]]:
     return [a + x + y, b + x + y, a + x + y + x[:2], a + x, b + x + [7], a + y + x + a + b]
 
 
-# Fixed seeds (the mixes the mutants listed in tests/README.md were checked against) and one
-# drawn per run: the fixed ones keep the test's strength the same from run to run.
-SIM_SEEDS = [0, 1, 2, 3, 4, 5, 6, 7]
-
-
-@pytest.mark.parametrize("seed", [*SIM_SEEDS, random.randrange(2**31)])
+# the mixes the mutants listed in tests/README.md were checked against, and one drawn per run
+@pytest.mark.parametrize("seed", seeds(*range(8)))
 def test_every_step_reads_its_own_kv_and_emits_what_a_lone_run_would(seed: int) -> None:
     """Sequences that share prompt blocks run side by side (a sharer is admitted while its
     source decodes), under a KV budget that forces eviction and preemption, with prefill
@@ -390,7 +362,7 @@ def test_every_step_reads_its_own_kv_and_emits_what_a_lone_run_would(seed: int) 
         max_prefill_tokens=rng.choice([4, 8, 64]),
         max_num_seqs=rng.choice([2, 4]),
     )
-    kv = SimulatedKV()
+    kv = SimulatedKV(BS)
     emitted: dict[str, list[int]] = {}
     seqs: list[Seq] = []
     for step in range(5000):
@@ -403,7 +375,7 @@ def test_every_step_reads_its_own_kv_and_emits_what_a_lone_run_would(seed: int) 
             break
         plan = s.schedule()
         for row in plan.rows:
-            kv.compute(row)
+            kv.compute(row.seq, row.start, row.end)
         for row in plan.rows:
             s.blocks.commit(row.seq, row.end)
         for row in plan.rows:
