@@ -377,7 +377,9 @@ def test_videos_batch_exactly(tiny_model_path: Path, seed: int) -> None:
 )
 # two runs under the interpreter cost three minutes: the graphs run the fixed mix (1, as
 # above), eager the drawn one
-@pytest.mark.parametrize(("decode_graph", "seed"), list(zip(["static", "none"], seeds(1), strict=True)))
+@pytest.mark.parametrize(
+    ("decode_graph", "seed"), list(zip(["static", "none"], seeds(1), strict=True))
+)
 def test_paged_decode_is_exact_inner(tiny_model_path: Path, decode_graph: str, seed: int) -> None:
     """Eager, and through the decode graphs' static buffers and row buckets (engine/graphs.py,
     without a device to capture on)."""
