@@ -292,7 +292,13 @@ def _run_exactness(
         # the hit at admission, whichever chunk of the prompt reported it
         if plan["kind"] in ("same", "beside") and plain:
             assert plan["cached"] == (lengths[plan["id"]] - 1) // block * block, plan
-    return {"steps": steps, "preemptions": preemptions, "plans": plans, "graphs": graphs}
+    return {
+        "steps": steps,
+        "preemptions": preemptions,
+        "plans": plans,
+        "graphs": graphs,
+        "lengths": lengths,
+    }
 
 
 # The fixed mixes: each seed's mix has what its test is about (checked when chosen): 1 has
@@ -342,6 +348,55 @@ def test_exact_under_memory_pressure_with_preemption(tiny_model_path: Path, seed
     out = _run_exactness(tiny_model_path, seed, plans, kv_cache_tokens=384, decode_row_buckets=True)
     assert out["preemptions"] > 0
     assert [p["cached"] for p in out["plans"] if p["kind"] == "fresh"] == [0] * 6
+
+
+def _text_plan(name: str, text: str, max_tokens: int, **extra: object) -> dict:
+    plan = {
+        "id": name,
+        "kind": "fresh",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": text}]}],
+        "max_tokens": max_tokens,
+        "delay_s": 0.0,
+        "cancel_after": None,
+        "after": None,
+    }
+    return {**plan, **extra}
+
+
+def test_blocks_shared_with_a_finished_request_stay_intact_under_pressure(
+    tiny_model_path: Path,
+) -> None:
+    """``b`` repeats ``s``'s prompt while ``s`` decodes, sharing its prompt blocks; ``s`` ends,
+    then three newcomers fill the 384-token cache while ``b`` decodes on. The shared blocks
+    stay ``b``'s: freeing them when ``s`` ended handed them to the third newcomer, whose K/V
+    overwrote ``b``'s prompt (wrong tokens, no error)."""
+    rng = random.Random(7)
+    text = " ".join(rng.choice(WORDS[:9]) for _ in range(70))
+    plans = [
+        _text_plan("s", text, 30),
+        _text_plan("b", text, 80, kind="beside", after="s"),
+        *(
+            _text_plan(f"f{i}", " ".join(rng.choice(WORDS[:9]) for _ in range(70)), 40, after="s")
+            for i in range(3)
+        ),
+    ]
+    _run_exactness(tiny_model_path, 7, plans, kv_cache_tokens=384, decode_row_buckets=True)
+    assert plans[1]["cached"] > 0
+
+
+def test_cached_tokens_are_the_hit_at_admission_whatever_chunk_reports_them(
+    tiny_model_path: Path,
+) -> None:
+    """Prefill chunks of 4 tokens: ``b``, ``s``'s prompt again beside it, computes its uncached
+    tail in several chunks, each starting further on; usage reports the hit it was admitted
+    with."""
+    rng = random.Random(8)
+    text = " ".join(rng.choice(WORDS[:9]) for _ in range(70))
+    plans = [_text_plan("s", text, 20), _text_plan("b", text, 4, kind="beside", after="s")]
+    out = _run_exactness(tiny_model_path, 8, plans, prefill_tokens=4)
+    hit = (out["lengths"]["b"] - 1) // 16 * 16
+    assert out["lengths"]["b"] - hit > 8  # its uncached tail takes several chunks
+    assert plans[1]["cached"] == hit > 0
 
 
 @pytest.mark.parametrize("seed", seeds(2))
