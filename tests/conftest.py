@@ -7,6 +7,7 @@ import contextlib
 import http.server
 import io
 import os
+import random
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ __all__ = [
     "load_checkpoint",
     "mutate",
     "png_data_url",
+    "seeds",
     "serve_routes",
     "start_server",
     "stop_server",
@@ -61,6 +63,14 @@ def serve_routes(routes: dict[str, tuple[int, bytes]], content_type: str) -> Ite
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def seeds(*fixed: int) -> list[int]:
+    """Seeds for a randomized test: the fixed ones, which keep its strength the same from run
+    to run, then one drawn for this run (``VLSERVE_TEST_SEED`` when set, to reproduce a
+    failure: the test's id shows the seed)."""
+    drawn = int(os.environ.get("VLSERVE_TEST_SEED") or random.randrange(2**31))
+    return [*fixed, drawn]
 
 
 def png_data_url(

@@ -154,6 +154,67 @@ def test_slow_headers_are_closed_and_others_served(guarded: ServerProcess) -> No
             s.close()
 
 
+def _drip_until_cut(srv: ServerProcess, head: bytes, limit_s: float = 12.0) -> tuple[bytes, float]:
+    """Send ``head``, then one more byte every 0.25 s (far faster than the 2 s timeouts) until
+    the server closes the connection or ``limit_s`` passes. Returns what the server sent (with
+    b"TIMEOUT" appended if it never closed) and the seconds from the first byte."""
+    with socket.create_connection(_address(srv)) as sock:
+        sock.sendall(head)
+        start = time.monotonic()
+        sock.settimeout(0.25)
+        data = b""
+        while time.monotonic() - start < limit_s:
+            try:
+                chunk = sock.recv(65536)
+            except TimeoutError:
+                try:
+                    sock.sendall(b"x")
+                except OSError:  # closed while the client was writing
+                    break
+                continue
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            data += chunk
+        else:
+            data += b"TIMEOUT"
+        return data, time.monotonic() - start
+
+
+def _cut_at_deadline(data: bytes, elapsed: float, code: str) -> None:
+    """Closed once the 2 s total deadline passed, not kept open by the bytes still arriving
+    (a timer restarted by every byte or chunk never fires at this pace); a 408 first, which a
+    reset may swallow."""
+    assert not data.endswith(b"TIMEOUT"), f"still open after {elapsed:.1f} s"
+    assert 1.5 < elapsed < 8, elapsed
+    if data:
+        assert data.startswith(b"HTTP/1.1 408 "), data[:200]
+        assert json.loads(data.partition(b"\r\n\r\n")[2])["error"]["code"] == code
+
+
+def test_headers_dripped_faster_than_the_timeout_are_cut_at_its_total(
+    guarded: ServerProcess,
+) -> None:
+    """--header-timeout bounds the whole request head, not the gap between two bytes."""
+    data, elapsed = _drip_until_cut(guarded, b"GET /health HTTP/1.1\r\nX-Slow: ")
+    _cut_at_deadline(data, elapsed, "header_timeout")
+    _ok(guarded)
+
+
+def test_a_body_dripped_faster_than_the_timeout_is_cut_at_its_total(
+    guarded: ServerProcess,
+) -> None:
+    """--body-timeout bounds the whole body, not the gap between two chunks."""
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+        b"Authorization: Bearer " + KEY.encode() + b"\r\n\r\n"
+    )
+    data, elapsed = _drip_until_cut(guarded, head)
+    _cut_at_deadline(data, elapsed, "body_timeout")
+    _ok(guarded)
+
+
 def test_sigterm_with_slow_connections_and_streams_exits_0(
     tiny_model_path: Path, tmp_path: Path
 ) -> None:

@@ -7,15 +7,8 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
+from tests.unit.simulated_kv import ByteDecoder
 from vlserve.engine.detokenizer import IncrementalDetokenizer
-
-
-class ByteDecoder:
-    """Byte-level BPE in miniature: token i is one byte; id 1000 is a special token."""
-
-    def decode(self, ids: list[int], *, skip_special_tokens: bool = True) -> str:
-        data = bytes(i for i in ids if i < 256)
-        return data.decode("utf-8", errors="replace")
 
 
 def _run(
@@ -85,3 +78,12 @@ def test_random_chunking_matches_real_tokenizer(tiny_tokenizer) -> None:  # type
     detok = IncrementalDetokenizer(tiny_tokenizer)
     joined = "".join(detok.add(t) for t in ids) + detok.flush()
     assert joined == tiny_tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_flush_releases_trailing_bytes_that_never_completed_a_character() -> None:
+    """The answer ends with the first byte of a four-byte character: held back while more
+    could come, then released as the tokenizer decodes it (U+FFFD), never dropped."""
+    detok = IncrementalDetokenizer(ByteDecoder())
+    assert "".join(detok.add(t) for t in [ord("a"), ord("b"), 0xF0]) == "ab"
+    assert detok.flush() == "\ufffd"
+    assert detok.text == "ab\ufffd" == ByteDecoder().decode([ord("a"), ord("b"), 0xF0])

@@ -194,3 +194,26 @@ def test_a_greedy_choice_the_grammar_allows_skips_the_mask(
         states[0].guide, states[2].guide = in_string, at_start
         tokens, _ = sample(logits.clone(), states, masker)
         assert tokens == best
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_sample_advances_each_guided_row_by_the_token_it_returns(
+    compiler: GuideCompiler, tiny_tokenizer: Any, temperature: float
+) -> None:
+    """A guided row beside a free one, sampled step by step from random logits until EOS:
+    what it returned is JSON of the schema, so its matcher followed every token sample()
+    chose (greedy: the masked row's pick, not the unmasked proposal)."""
+    compiled = compiler.compile(Guide("json_schema", json.dumps(SCHEMA)))
+    masker = GuideMasker(VOCAB, torch.device("cpu"))
+    noise = torch.Generator().manual_seed(3)
+    params = SamplingParams(temperature=temperature, seed=5)
+    states = [SamplerState(params, [1], VOCAB, torch.device("cpu")) for _ in range(2)]
+    states[0].guide = guide = compiled.new_state()
+    out: list[int] = []
+    for _ in range(64):
+        tokens, _ = sample(torch.randn(2, VOCAB, generator=noise), states, masker)
+        if tokens[0] in EOS:
+            break
+        out.append(tokens[0])
+    assert guide.terminated, tiny_tokenizer.decode(out)
+    assert set(json.loads(tiny_tokenizer.decode(out))) == {"ok", "kind"}
