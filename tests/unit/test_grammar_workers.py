@@ -70,6 +70,8 @@ def test_an_abandoned_compile_is_killed_and_frees_its_slot(compiler: GuideCompil
     slow = Guide("json_schema", json.dumps({"type": "string", "pattern": "^.{0,150001}$"}))
 
     async def abandon() -> tuple[float, float]:
+        while not workers.pids:  # the worker the last test's timeout killed is replaced
+            await asyncio.sleep(0.05)
         (pid,) = workers.pids
         task = asyncio.ensure_future(compiler.obtain(slow))
         await asyncio.sleep(0.5)  # the worker is compiling it

@@ -3,9 +3,14 @@
 xgrammar's compile is C++ with no way to stop it (mlc-ai/xgrammar#298), and a Python thread
 running one cannot be stopped either: before this, one 42-byte ``"pattern": "^.{0,150000}$"``
 held the grammar thread for 11 s and every structured request behind it. So a grammar the
-server has not compiled yet is first compiled in a worker process
-(``python -m vlserve.engine.grammar_worker``, holding the vocabulary), within the time budget;
-a worker past the budget, or whose request was abandoned, is killed and a fresh one started.
+server has not compiled yet is first compiled in a worker process (engine/grammar_worker.py,
+holding the vocabulary), within the time budget; a worker past the budget, or whose request was
+abandoned, is killed and a fresh one started. Workers fork from multiprocessing's fork server,
+which imports xgrammar (and torch) once: a replacement starts in a fraction of a second, not
+the 9 s of CPU an import costs (so killing workers is cheap, also for someone provoking it).
+Like every multiprocessing start method but fork, a worker imports the parent's main script
+(not a ``-m`` module's ``__main__``): a script that makes a GuideCompiler with workers needs
+the ``if __name__ == "__main__":`` guard.
 Only a grammar that compiled there within the budget is then compiled in the server, on the same
 slot's thread (so it too takes about the time the trial took). The compiled grammar itself does
 not travel back: xgrammar's ``serialize_json`` of a 1.4 MB grammar is 45 MB of JSON and takes
@@ -20,19 +25,17 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import json
-import os
+import multiprocessing
 import queue
-import select
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
+from multiprocessing.connection import Connection
 from typing import TypeVar
 
 T = TypeVar("T")
-STARTUP_S = 120.0  # a worker imports xgrammar (and torch) and reads the vocabulary once
+STARTUP_S = 120.0  # the first worker waits for the fork server to import xgrammar (and torch)
+_CONTEXT = multiprocessing.get_context("forkserver")
 
 
 class TrialError(Exception):
@@ -59,80 +62,80 @@ class _Worker:
     """One worker process; used by one slot thread at a time, killed from any thread."""
 
     def __init__(self, vocabulary: bytes) -> None:
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vlserve.engine.grammar_worker"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            env=env,
+        self._conn, theirs = _CONTEXT.Pipe()
+        self.proc = _CONTEXT.Process(
+            target=_serve, args=(theirs,), name="vlserve-grammar-worker", daemon=True
         )
-        self._buffer = b""
+        self._lock = threading.Lock()
+        self._killed = self._started = False
         self._ready = threading.Event()
         self._failure: str | None = None
+        # started on its own thread: the first start waits for the fork server's imports
         threading.Thread(
-            target=self._boot, args=(vocabulary,), name="vlserve-grammar-boot", daemon=True
+            target=self._boot, args=(theirs, vocabulary), name="vlserve-grammar-boot", daemon=True
         ).start()
 
-    def _boot(self, vocabulary: bytes) -> None:
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid
+
+    def _boot(self, theirs: Connection, vocabulary: bytes) -> None:
         try:
-            self._send(vocabulary)
-            if self._read_line(time.monotonic() + STARTUP_S) != b"ready":
+            self.proc.start()  # never under the lock: the first start can take seconds
+            theirs.close()
+            with self._lock:
+                self._started = True
+                if self._killed:
+                    self.proc.kill()
+                    raise OSError("killed as it started")
+            self._conn.send_bytes(vocabulary)
+            if self._answer(time.monotonic() + STARTUP_S) != "ready":
                 self._failure = "it answered something other than ready"
         except (OSError, EOFError, TimeoutError) as exc:
             self._failure = f"{type(exc).__name__} {exc}".strip()
         finally:
             self._ready.set()
 
-    def ask(self, request: bytes, timeout_s: float) -> dict[str, object]:
-        """The worker's answer to one trial; TimeoutError past ``timeout_s`` (counted from
-        when the worker is ready), EOFError or OSError if it died."""
+    def ask(self, kind: str, spec: str, timeout_s: float) -> str | None:
+        """None if ``(kind, spec)`` compiles, else what is wrong. TimeoutError past
+        ``timeout_s`` (counted from when the worker is ready), EOFError or OSError if it died."""
         self._ready.wait()
         if self._failure is not None:
             raise WorkerUnavailable(f"the grammar worker did not start: {self._failure}")
-        self._send(request)
-        return json.loads(self._read_line(time.monotonic() + timeout_s))
+        self._conn.send((kind, spec))
+        answer = self._answer(time.monotonic() + timeout_s)
+        return None if answer is None else str(answer)
 
-    def _send(self, line: bytes) -> None:
-        stdin = self.proc.stdin
-        if stdin is None:
-            raise OSError("no pipe to the worker")
-        stdin.write(line + b"\n")
-        stdin.flush()
-
-    def _read_line(self, deadline: float) -> bytes:
-        stdout = self.proc.stdout
-        if stdout is None:
-            raise OSError("no pipe from the worker")
-        fd = stdout.fileno()
-        while b"\n" not in self._buffer:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                raise TimeoutError
-            chunk = os.read(fd, 1 << 16)
-            if not chunk:
-                raise EOFError("the worker exited")
-            self._buffer += chunk
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        return line
+    def _answer(self, deadline: float) -> object:
+        if not self._conn.poll(max(deadline - time.monotonic(), 0)):
+            raise TimeoutError
+        return self._conn.recv()
 
     def kill(self) -> None:
-        with contextlib.suppress(OSError):
-            self.proc.kill()
+        with self._lock:
+            self._killed = True
+            if self._started:
+                with contextlib.suppress(OSError):
+                    self.proc.kill()
 
     def close(self) -> None:
-        """Kill and reap (the slot thread that owns it, once nothing reads its pipes)."""
+        """Kill and reap (the slot thread that owns it, once nothing reads its connection)."""
         self.kill()
-        self.proc.wait()
         self._ready.wait()
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            if pipe is not None:
-                with contextlib.suppress(OSError):
-                    pipe.close()
+        if self._started:
+            self.proc.join()
+        self._conn.close()
+
+
+def _serve(conn: Connection) -> None:
+    from vlserve.engine.grammar_worker import serve  # imported once, by the fork server
+
+    serve(conn)
 
 
 class _Job:
-    def __init__(self, request: bytes) -> None:
-        self.request = request
+    def __init__(self, kind: str, spec: str) -> None:
+        self.kind, self.spec = kind, spec
         self.created = time.monotonic()
         self.lock = threading.Lock()
         self.abandoned = False
@@ -161,19 +164,20 @@ class GrammarWorkers:
         self._idle: queue.SimpleQueue[_Worker] = queue.SimpleQueue()
         self._all: set[_Worker] = set()
         self._lock = threading.Lock()
+        _CONTEXT.set_forkserver_preload(["vlserve.engine.grammar_worker"])
         for _ in range(size):
             self._idle.put(self._start())
 
     @property
     def pids(self) -> list[int]:
         with self._lock:
-            return sorted(w.proc.pid for w in self._all)
+            return sorted(w.pid for w in self._all if w.pid is not None)
 
     async def run(self, kind: str, spec: str, build: Callable[[], T]) -> T:
         """Trial-compile ``(kind, spec)`` in a worker within the budget, then ``build()`` on
         the same slot. Raises TrialError, TrialTimeout, WorkerDied, WorkersBusy or WorkerUnavailable.
         Cancelled (the client left), a compile in progress is killed."""
-        job = _Job(json.dumps({"kind": kind, "spec": spec}).encode())
+        job = _Job(kind, spec)
         future = self._slots.submit(self._run, job, build)
         try:
             return await asyncio.wrap_future(future)
@@ -194,7 +198,7 @@ class GrammarWorkers:
                     raise WorkersBusy("abandoned")  # nobody is waiting for the answer
                 job.worker = worker
             try:
-                reply = worker.ask(job.request, self.timeout_s)
+                wrong = worker.ask(job.kind, job.spec, self.timeout_s)
             except TimeoutError:
                 worker = self._replace(worker)
                 raise TrialTimeout from None
@@ -208,8 +212,8 @@ class GrammarWorkers:
                 job.worker = None
         finally:
             self._idle.put(worker)
-        if "error" in reply:
-            raise TrialError(str(reply["error"]))
+        if wrong is not None:
+            raise TrialError(wrong)
         return build()
 
     def _start(self) -> _Worker:

@@ -1,44 +1,34 @@
-"""A grammar trial process: ``python -m vlserve.engine.grammar_worker`` (engine/grammar_pool.py).
+"""A grammar worker process (engine/grammar_pool.py): forked from multiprocessing's fork server,
+which imported this module, and so xgrammar (and torch with it, about 9 s and 0.7 GB on two busy
+cores), once; a worker starts in a fraction of a second and shares those pages.
 
-Protocol, one JSON line each way: first the vocabulary (xgrammar's ``TokenizerInfo`` as JSON
-text) in, ``ready`` out; then per trial ``{"kind": ..., "spec": ...}`` (a ``Guide``) in and
-``{"ok": true}`` or ``{"error": "what is wrong"}`` out. The compiled grammar does not come back
-(see grammar_pool.py for why); the parent is told whether, and so how fast, it compiles. It
-exits when its input closes (the server is gone) or when it is killed.
+Over its connection: the vocabulary (xgrammar's ``TokenizerInfo`` as JSON bytes) in, ``ready``
+out; then per trial ``(kind, spec)`` (a ``Guide``) in and ``None`` (it compiles) or what is wrong
+out. The compiled grammar does not come back (grammar_pool.py says why). It ends when the
+connection closes or it is killed.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import sys
+from multiprocessing.connection import Connection
+
+import xgrammar as xgr
+
+from vlserve.engine.guided import describe_error, grammar_for
+from vlserve.engine.request import Guide
 
 
-def main() -> None:
-    # the protocol owns the real stdout; anything a library prints goes to stderr
-    out = os.fdopen(os.dup(sys.stdout.fileno()), "wb", buffering=0)
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    import xgrammar as xgr
-
-    from vlserve.engine.guided import describe_error, grammar_for
-    from vlserve.engine.request import Guide
-
-    source = sys.stdin.buffer
-    compiler = xgr.GrammarCompiler(
-        xgr.TokenizerInfo.deserialize_json(source.readline().decode()),
-        max_threads=1,
-        cache_enabled=False,
-    )
-    out.write(b"ready\n")
-    for line in source:
-        job = json.loads(line)
+def serve(conn: Connection) -> None:
+    info = xgr.TokenizerInfo.deserialize_json(conn.recv_bytes().decode())
+    compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+    conn.send("ready")
+    while True:
         try:
-            compiler.compile_grammar(grammar_for(Guide(job["kind"], job["spec"])))
-            reply: dict[str, object] = {"ok": True}
+            kind, spec = conn.recv()
+        except EOFError:
+            return
+        try:
+            compiler.compile_grammar(grammar_for(Guide(kind, spec)))
+            conn.send(None)
         except Exception as exc:  # a bad schema: what is wrong goes back as the answer
-            reply = {"error": describe_error(exc)}
-        out.write(json.dumps(reply).encode() + b"\n")
-
-
-if __name__ == "__main__":
-    main()
+            conn.send(describe_error(exc))
