@@ -4,6 +4,7 @@ while another user's slow compile runs, and a compile whose client left is kille
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -118,3 +119,41 @@ def test_a_compile_whose_client_left_is_killed_and_its_slot_freed(
     assert response.status_code == 200, response.text  # a new worker took the slot
     assert len(_workers(one_worker)) == 1
     assert one_worker.proc.poll() is None
+
+
+def test_a_server_killed_mid_compile_leaves_no_worker_behind(
+    tiny_model_path: Path, tmp_path: Path
+) -> None:
+    srv = start_server(tiny_model_path, tmp_path, "--grammar-compile-timeout", "60")
+    try:
+        thread = threading.Thread(target=lambda: _catch(lambda: _chat(srv, _pattern(150_003), 60)))
+        thread.start()
+        start = time.monotonic()
+        while not _workers(srv) and time.monotonic() - start < 60:
+            time.sleep(0.1)
+        workers = _workers(srv)
+        assert workers
+        time.sleep(1.0)  # one of them is compiling the pattern now
+        srv.proc.kill()
+        srv.proc.wait()
+        start = time.monotonic()
+        while any(map(_running, workers)) and time.monotonic() - start < 3:
+            time.sleep(0.1)
+        left = [pid for pid in workers if _running(pid)]
+        assert not left, "grammar workers outlived their server"
+        thread.join(10)
+    finally:
+        if srv.proc.poll() is None:
+            stop_server(srv)
+
+
+def _catch(call: Any) -> None:
+    with contextlib.suppress(httpx.HTTPError):  # the server was killed under it
+        call()
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -26,6 +26,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import multiprocessing
+import os
 import queue
 import threading
 import time
@@ -64,7 +65,7 @@ class _Worker:
     def __init__(self, vocabulary: bytes) -> None:
         self._conn, theirs = _CONTEXT.Pipe()
         self.proc = _CONTEXT.Process(
-            target=_serve, args=(theirs,), name="vlserve-grammar-worker", daemon=True
+            target=_serve, args=(theirs, os.getpid()), name="vlserve-grammar-worker", daemon=True
         )
         self._lock = threading.Lock()
         self._killed = self._started = False
@@ -127,10 +128,10 @@ class _Worker:
         self._conn.close()
 
 
-def _serve(conn: Connection) -> None:
+def _serve(conn: Connection, server_pid: int) -> None:
     from vlserve.engine.grammar_worker import serve  # imported once, by the fork server
 
-    serve(conn)
+    serve(conn, server_pid)
 
 
 class _Job:
@@ -175,8 +176,8 @@ class GrammarWorkers:
 
     async def run(self, kind: str, spec: str, build: Callable[[], T]) -> T:
         """Trial-compile ``(kind, spec)`` in a worker within the budget, then ``build()`` on
-        the same slot. Raises TrialError, TrialTimeout, WorkerDied, WorkersBusy or WorkerUnavailable.
-        Cancelled (the client left), a compile in progress is killed."""
+        the same slot. Raises TrialError, TrialTimeout, WorkerDied, WorkersBusy or
+        WorkerUnavailable. Cancelled (the client left), a compile in progress is killed."""
         job = _Job(kind, spec)
         future = self._slots.submit(self._run, job, build)
         try:

@@ -10,6 +10,9 @@ connection closes or it is killed.
 
 from __future__ import annotations
 
+import os
+import threading
+import time
 from multiprocessing.connection import Connection
 
 import xgrammar as xgr
@@ -18,7 +21,8 @@ from vlserve.engine.guided import describe_error, grammar_for
 from vlserve.engine.request import Guide
 
 
-def serve(conn: Connection) -> None:
+def serve(conn: Connection, server_pid: int) -> None:
+    threading.Thread(target=_exit_without, args=(server_pid,), daemon=True).start()
     info = xgr.TokenizerInfo.deserialize_json(conn.recv_bytes().decode())
     compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
     conn.send("ready")
@@ -32,3 +36,20 @@ def serve(conn: Connection) -> None:
             conn.send(None)
         except Exception as exc:  # a bad schema: what is wrong goes back as the answer
             conn.send(describe_error(exc))
+
+
+
+def _exit_without(server_pid: int) -> None:
+    """Exit once the server is gone: one killed mid-compile must leave no worker compiling on
+    (the compile releases the GIL, so this thread runs meanwhile). The fork server in between
+    does not end its children, nor end while one runs."""
+    stat = f"/proc/{server_pid}/stat"
+    while True:
+        time.sleep(0.5)
+        try:
+            with open(stat) as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    continue
+        except OSError:
+            pass
+        os._exit(0)

@@ -179,8 +179,6 @@ class GuideCompiler:
         key = _key(guide)
         found = self._cache.get(key)
         if found is None:
-            if self.workers is None:
-                raise EngineUnavailableError("no grammar workers")
             found = await self._trial_then_build(guide)
             self._cache.put(key, found)
         return _compiled_or_raise(found, guide)
