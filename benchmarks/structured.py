@@ -7,11 +7,12 @@ a free string (the random model writes it until max_tokens: a dense mask, the co
 the sampler), the others are free (ignore_eos). The two loads alternate (free, mixed, free,
 mixed...) to spread the machine's noise; output tokens/s per load is the median over rounds.
 Also prints the grammar compiler's vocabulary setup and a schema's compile time, cold and
-cached, in-process with the same tokenizer.
+cached, in-process and through a grammar worker process (the server's path), with the same
+tokenizer (``--compile-only``: just those).
 
 Target (issue 11): mixed / free >= 0.85.
 
-    .venv/bin/python benchmarks/structured.py [--rounds 3] [--requests 96]
+    .venv/bin/python benchmarks/structured.py [--rounds 3] [--requests 96] [--compile-only]
 """
 
 from __future__ import annotations
@@ -87,35 +88,59 @@ async def _load(base_url: str, model: str, requests: int, constrained_share: flo
     return tokens / wall
 
 
-def compile_times(model_path: Path) -> dict[str, float]:
+WIDE = 150  # optional properties: a schema that takes a while (about 0.1 s) to compile
+
+
+def compile_times(model_path: Path, schemas: int = 7) -> dict[str, float]:
+    """Setup, then cold compiles in-process and the server's way (``obtain``: a trial in a
+    grammar worker process, then the compile here), the median over ``schemas`` variants (each
+    its own cache entry), after the worker has started: the invoice schema, and one of ``WIDE``
+    optional properties. Also a cached lookup."""
     from transformers import AutoTokenizer
 
     from vlserve.engine.guided import GuideCompiler
     from vlserve.engine.request import Guide
     from vlserve.engine.vocab import TokenBytes
 
+    def invoice(i: int) -> Guide:
+        schema = json.loads(json.dumps(SCHEMA).replace('"vendor"', f'"vendor{i}"'))
+        return Guide("json_schema", json.dumps(schema))
+
+    def wide(i: int) -> Guide:
+        props = {f"p{i}_{j}": {"type": "string"} for j in range(WIDE)}
+        return Guide("json_schema", json.dumps({"type": "object", "properties": props}))
+
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     t0 = time.perf_counter()
-    compiler = GuideCompiler(TokenBytes(tokenizer, 151_936), tokenizer, [151645, 151643])
+    compiler = GuideCompiler(
+        TokenBytes(tokenizer, 151_936), tokenizer, [151645, 151643], workers=1, timeout_s=30
+    )
     t1 = time.perf_counter()
-    compiler.compile(Guide("json_schema", json.dumps(SCHEMA)))
-    t2 = time.perf_counter()
-    compiler.compile(Guide("json_schema", json.dumps(SCHEMA)))
-    t3 = time.perf_counter()
-    compiler.compile(Guide("json_object"))
-    t4 = time.perf_counter()
-    return {
-        "setup_ms": (t1 - t0) * 1e3,
-        "cold_ms": (t2 - t1) * 1e3,
-        "cached_ms": (t3 - t2) * 1e3,
-        "json_object_ms": (t4 - t3) * 1e3,
-    }
+    asyncio.run(compiler.obtain(invoice(-1)))  # waits for the worker to start
+    times = {"setup_ms": (t1 - t0) * 1e3, "worker_start_ms": (time.perf_counter() - t1) * 1e3}
+    for name, make in (("invoice", invoice), ("wide", wide)):
+        here, there = [], []
+        for i in range(schemas):
+            start = time.perf_counter()
+            compiler.compile(make(i))
+            here.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            asyncio.run(compiler.obtain(make(1000 + i)))
+            there.append(time.perf_counter() - start)
+        times[f"{name}_ms"] = statistics.median(here) * 1e3
+        times[f"{name}_worker_ms"] = statistics.median(there) * 1e3
+    start = time.perf_counter()
+    compiler.compile(invoice(0))
+    times["cached_ms"] = (time.perf_counter() - start) * 1e3
+    compiler.shutdown()
+    return times
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--requests", type=int, default=96, help="per load and round")
+    ap.add_argument("--compile-only", action="store_true", help="only the compile times")
     args = ap.parse_args()
 
     from vlserve.testing import ensure_tiny_model
@@ -124,10 +149,17 @@ def main() -> int:
     model = ensure_tiny_model()
     times = compile_times(model)
     print(
-        f"grammar compiler setup {times['setup_ms']:.0f} ms; invoice schema compile cold "
-        f"{times['cold_ms']:.1f} ms, cached {times['cached_ms']:.3f} ms; json_object "
-        f"{times['json_object_ms']:.1f} ms"
+        f"grammar compiler setup (with json_object) {times['setup_ms']:.0f} ms, a grammar "
+        f"worker's start {times['worker_start_ms']:.0f} ms; cached {times['cached_ms']:.3f} ms"
     )
+    for name in ("invoice", "wide"):
+        here, there = times[f"{name}_ms"], times[f"{name}_worker_ms"]
+        print(
+            f"{name} schema, cold: {here:.2f} ms in-process, {there:.2f} ms the server's way "
+            f"(trial in a worker, then here): +{there - here:.2f} ms, {there / here:.2f}x"
+        )
+    if args.compile_only:
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         server = start_server(model, Path(tmp), "--max-num-seqs", str(CONCURRENCY))
         try:

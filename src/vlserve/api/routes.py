@@ -199,8 +199,14 @@ async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> R
     prompt, params = await _convert(state, body, tools, _tenant_salt(state, record, body))
     if state.faults is not None:
         state.faults.track(record.request_id, body.user)
+    # watched: a client gone while its grammar compiles (or its images encode) cancels that
+    starting = asyncio.ensure_future(state.engine.generate(prompt, params, record.request_id))
+    if not await _done_unless_gone(starting, request):
+        if not starting.cancelled() and starting.exception() is None:
+            await starting.result().aclose()  # it finished just as the client left
+        return Response(status_code=499)
     try:
-        events = await state.engine.generate(prompt, params, record.request_id)
+        events = starting.result()
     except ContextLengthError as exc:
         if exc.param == "max_tokens" and body.max_completion_tokens is not None:
             exc.param = "max_completion_tokens"
@@ -297,14 +303,23 @@ async def _complete(events: RequestStream, out: Completion, request: Request) ->
     """Collect a whole completion, aborting it if the client goes away meanwhile."""
     task = asyncio.ensure_future(collect(events, out))
     try:
-        while not task.done():
-            await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
-            if not task.done() and await request.is_disconnected():
-                task.cancel()
-                return Response(status_code=499)  # nobody reads it; the request log says 499
+        if not await _done_unless_gone(task, request):
+            return Response(status_code=499)  # nobody reads it; the request log says 499
         completion = task.result()
     finally:
         if not task.done():
             task.cancel()
         await events.aclose()
     return Response(completion.model_dump_json(), media_type="application/json")
+
+
+async def _done_unless_gone(task: asyncio.Future[Any], request: Request) -> bool:
+    """Wait for ``task``: True once it is done; False if the client went away first (the task
+    is then cancelled, and done when this returns)."""
+    while not task.done():
+        await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
+        if not task.done() and await request.is_disconnected():
+            task.cancel()
+            await asyncio.wait({task})
+            return False
+    return True

@@ -124,7 +124,7 @@ def _check_parameters(tool: Tool, where: str) -> None:
 
 def _checked_text(schema: Any, where: str) -> str:
     """The schema as JSON text, once its size and nesting are within what compiles quickly
-    (a schema nested 200 deep took 1.3 s to compile; the grammar thread is shared)."""
+    (a schema nested 200 deep took 1.3 s to compile; the time budget comes after)."""
     depth = _depth(schema)
     if depth > MAX_SCHEMA_DEPTH:
         raise InvalidRequestError(

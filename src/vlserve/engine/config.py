@@ -89,6 +89,26 @@ class EngineConfig:
         help="image tokens of all of a request's images together; more gets 400 "
         "too_many_image_tokens (a 1600x1600 image is about 2500 tokens)",
     )
+    grammar_compile_timeout_s: float = option(
+        5.0,
+        group="limits",
+        flag="--grammar-compile-timeout",
+        above=0,
+        metavar="SECONDS",
+        help="a response_format or tools schema whose grammar does not compile within this "
+        "many seconds gets 400 grammar_too_complex (compiled first in a grammar worker "
+        "process, killed past the budget or when its client leaves; ordinary schemas take "
+        "milliseconds)",
+    )
+    grammar_workers: int = option(
+        2,
+        group="limits",
+        min=1,
+        metavar="N",
+        help="grammar worker processes: compiles of new schemas that run at once (cached "
+        "schemas and json_object never wait for one); started with the first schema, each "
+        "about 80 MB of its own beside a fork server of about 0.7 GB (mostly shared libraries)",
+    )
     kv_cache_tokens: int | None = option(
         None,
         group="batching",

@@ -96,11 +96,13 @@ class AsyncEngine:
         self._lock = threading.Condition()
         self._stop = False
         self._prep = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vlserve-prep")
-        # Grammars compile apart from preprocessing: a slow schema never delays an image.
-        self._compile = concurrent.futures.ThreadPoolExecutor(
-            1, thread_name_prefix="vlserve-grammar"
+        # Grammars compile apart from preprocessing (a slow schema never delays an image), in
+        # worker processes with a time budget; this thread only sets the compiler up, once.
+        self._grammar_setup = concurrent.futures.ThreadPoolExecutor(
+            1, thread_name_prefix="vlserve-grammar-setup"
         )
-        self._guide_compiler: GuideCompiler | None = None
+        self._guide_compiler: concurrent.futures.Future[GuideCompiler] | None = None
+        self._guide_workers: GuideCompiler | None = None  # once set up: killed at shutdown
         self._encoder = (
             Encoder(
                 self._encode_on_encoder_thread,
@@ -147,7 +149,9 @@ class AsyncEngine:
         if self._thread.is_alive():
             self._thread.join(timeout_s)
         self._prep.shutdown(wait=False, cancel_futures=True)
-        self._compile.shutdown(wait=False, cancel_futures=True)
+        self._grammar_setup.shutdown(wait=False, cancel_futures=True)
+        if self._guide_workers is not None:
+            self._guide_workers.shutdown()
         if self._encoder is not None:
             self._encoder.shutdown()
         if self._state is EngineState.READY:
@@ -179,7 +183,7 @@ class AsyncEngine:
         aio = asyncio.get_running_loop()
         guide = None
         if params.guide is not None:  # a 400 for a bad schema comes before any image work
-            guide = await aio.run_in_executor(self._compile, self._guides().compile, params.guide)
+            guide = await (await self._guides()).obtain(params.guide)
         prepared, encoded = await aio.run_in_executor(self._prep, self._prepare, prompt)
         params = self._fit(prepared, params, loop.scheduler.blocks.capacity_tokens)
         with self._lock:
@@ -196,16 +200,31 @@ class AsyncEngine:
         hit = runner.encode_cached(prepared) if self._encoder is not None else None
         return prepared, hit
 
-    def _guides(self) -> GuideCompiler:
-        """The grammar compiler, on the grammar thread only. Made by the first request with a
-        grammar (its vocabulary setup takes about 1 s, half of it holding the GIL), not at
-        startup: a server whose clients never ask for one never pays."""
+    async def _guides(self) -> GuideCompiler:
+        """The grammar compiler, set up on its own thread by the first request with a grammar
+        (its vocabulary takes about 1 s, half of it holding the GIL; the workers start then),
+        not at startup: a server whose clients never ask for one never pays. A failed setup is
+        tried again by the next request."""
         if self._guide_compiler is None:
-            runner = self._loaded()
-            self._guide_compiler = GuideCompiler(
-                runner.token_bytes, runner.tokenizer, sorted(runner.eos_token_ids)
-            )
-        return self._guide_compiler
+            self._guide_compiler = self._grammar_setup.submit(self._make_guides)
+        setup = self._guide_compiler
+        try:  # shielded: one waiter's cancellation must not cancel the setup for the others
+            return await asyncio.shield(asyncio.wrap_future(setup))
+        except Exception:
+            if self._guide_compiler is setup:
+                self._guide_compiler = None
+            raise
+
+    def _make_guides(self) -> GuideCompiler:
+        runner = self._loaded()
+        self._guide_workers = GuideCompiler(
+            runner.token_bytes,
+            runner.tokenizer,
+            sorted(runner.eos_token_ids),
+            workers=self.config.grammar_workers,
+            timeout_s=self.config.grammar_compile_timeout_s,
+        )
+        return self._guide_workers
 
     def _fit(
         self, prepared: PreparedPrompt, params: SamplingParams, kv_tokens: int

@@ -1,9 +1,11 @@
 """Structured output: grammars compiled once per distinct spec, a matcher per sequence, and the
 per-row token mask inside the batched sampler (xgrammar; see docs/STRUCTURED.md for why).
 
-- ``GuideCompiler.compile`` runs on the engine's grammar thread, never on the event loop or the
-  inference thread. Results are cached by the spec (an LRU of ``MAX_CACHED`` grammars); a spec
-  that cannot be compiled is a 400 naming the request field it came from.
+- ``GuideCompiler.obtain`` serves ``json_object`` (compiled once, at setup) and cached grammars
+  at once, on the event loop; any other grammar is compiled first in a worker process within the
+  time budget, then in the server (engine/grammar_pool.py). Grammars, and the reasons specs
+  could not be compiled, are cached by the spec (a byte-bounded LRU); a spec that cannot be
+  compiled, or not within the budget, is a 400 naming the request field it came from.
 - A ``GuideMatcher`` lives on the inference thread with its sequence. ``GuideMasker`` fills
   one shared bitmask for the constrained rows of a step and applies it to their logits only;
   free rows in the same batch are untouched.
@@ -14,21 +16,22 @@ per-row token mask inside the batched sampler (xgrammar; see docs/STRUCTURED.md 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
-import threading
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import xgrammar as xgr
 
+from vlserve.engine import grammar_pool
 from vlserve.engine.request import Guide
 from vlserve.engine.vocab import TokenBytes
-from vlserve.errors import InvalidRequestError
+from vlserve.errors import EngineUnavailableError, InvalidRequestError, OverloadedError
+from vlserve.lru import BytesLRU
 
-MAX_CACHED = 256
+CACHE_BYTES = 256 * 1024 * 1024  # compiled grammars: the invoice schema's is 40 KB in memory
 _COMPACT = (",", ":")
 
 
@@ -37,6 +40,7 @@ class CompiledGuide:
 
     def __init__(self, compiled: Any) -> None:
         self._compiled = compiled
+        self.nbytes = int(compiled.memory_size_bytes)
 
     def new_state(self) -> GuideMatcher:
         return GuideMatcher(xgr.GrammarMatcher(self._compiled))
@@ -115,36 +119,113 @@ class GuideMasker:
         return bool((int(self._bitmask[row, token >> 5]) >> (token & 31)) & 1)
 
 
-class GuideCompiler:
-    """Compiles ``Guide``s against the model's vocabulary; thread-safe, cached by spec."""
+class _Refusal:
+    """Why a spec cannot be compiled, cached like a grammar: asking again costs nothing."""
 
-    def __init__(self, table: TokenBytes, tokenizer: Any, stop_token_ids: list[int]) -> None:
-        self._compiler = xgr.GrammarCompiler(
-            vocabulary(table, tokenizer, stop_token_ids), max_threads=1, cache_enabled=False
+    def __init__(self, message: str, code: str | None = None) -> None:
+        self.message, self.code = message, code
+        self.nbytes = len(message) + 64
+
+    def error(self, guide: Guide) -> InvalidRequestError:
+        return InvalidRequestError(
+            f"{guide.param}: {self.message}", param=guide.param, code=self.code
         )
-        self._cache: OrderedDict[Guide, CompiledGuide] = OrderedDict()
-        self._lock = threading.Lock()
+
+
+class GuideCompiler:
+    """Compiles ``Guide``s against the model's vocabulary; thread-safe, cached by spec.
+
+    ``compile`` compiles in the calling thread (benchmarks, tests). ``obtain`` is the server's
+    path: with ``workers`` it never lets one request's compile hold another's (see its doc)."""
+
+    def __init__(
+        self,
+        table: TokenBytes,
+        tokenizer: Any,
+        stop_token_ids: list[int],
+        workers: int = 0,
+        timeout_s: float = 5.0,
+    ) -> None:
+        info = vocabulary(table, tokenizer, stop_token_ids)
+        self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_enabled=False)
+        self._cache: BytesLRU[CompiledGuide | _Refusal] = BytesLRU(
+            CACHE_BYTES, size=lambda entry: entry.nbytes
+        )
+        any_object = grammar_for(Guide("json_object"))
+        self._any_object = CompiledGuide(self._compiler.compile_grammar(any_object))
+        self.workers = (
+            grammar_pool.GrammarWorkers(info.serialize_json().encode(), workers, timeout_s)
+            if workers
+            else None
+        )
 
     def compile(self, guide: Guide) -> CompiledGuide:
-        with self._lock:
-            found = self._cache.get(guide)
-            if found is not None:
-                self._cache.move_to_end(guide)
-                return found
+        if guide.kind == "json_object":
+            return self._any_object
+        key = _key(guide)
+        found = self._cache.get(key)
+        if found is None:
+            found = self._build(guide)
+            self._cache.put(key, found)
+        return _compiled_or_raise(found, guide)
+
+    async def obtain(self, guide: Guide) -> CompiledGuide:
+        """``json_object`` and a cached spec at once, without queueing; any other spec is
+        compiled in a worker process within the budget (killed past it, or when the request is
+        cancelled: its client left), then here on the same slot. At most ``workers`` compiles
+        run at a time; one that waits longer than the budget for a slot is a 429."""
+        if guide.kind == "json_object":
+            return self._any_object
+        key = _key(guide)
+        found = self._cache.get(key)
+        if found is None:
+            found = await self._trial_then_build(guide)
+            self._cache.put(key, found)
+        return _compiled_or_raise(found, guide)
+
+    async def _trial_then_build(self, guide: Guide) -> CompiledGuide | _Refusal:
+        workers = self.workers
+        if workers is None:
+            raise EngineUnavailableError("no grammar workers")
         try:
-            compiled = CompiledGuide(self._compiler.compile_grammar(grammar_for(guide)))
-        except InvalidRequestError:
-            raise
+            return await workers.run(guide.kind, guide.spec, lambda: self._build(guide))
+        except grammar_pool.TrialError as exc:
+            return _Refusal(f"the schema cannot be compiled: {exc}")
+        except grammar_pool.TrialTimeout:
+            return _Refusal(
+                f"the schema's grammar did not compile within {workers.timeout_s:g} s (the "
+                "server's --grammar-compile-timeout); make it simpler: fewer optional "
+                "properties, smaller repetition bounds in patterns and lengths",
+                code="grammar_too_complex",
+            )
+        except grammar_pool.WorkerDied:
+            return _Refusal("compiling the schema's grammar made the compiler fail")
+        except grammar_pool.WorkersBusy as exc:
+            raise OverloadedError(str(exc), retry_after_s=5) from exc
+        except grammar_pool.WorkerUnavailable as exc:
+            raise EngineUnavailableError(str(exc), retry_after_s=30) from exc
+
+    def _build(self, guide: Guide) -> CompiledGuide | _Refusal:
+        try:
+            return CompiledGuide(self._compiler.compile_grammar(grammar_for(guide)))
         except Exception as exc:  # xgrammar reports bad schemas as RuntimeError/ValueError
-            raise InvalidRequestError(
-                f"{guide.param}: the schema cannot be compiled: {_first_line(exc)}",
-                param=guide.param,
-            ) from exc
-        with self._lock:
-            self._cache[guide] = compiled
-            while len(self._cache) > MAX_CACHED:
-                self._cache.popitem(last=False)
-        return compiled
+            return _Refusal(f"the schema cannot be compiled: {describe_error(exc)}")
+
+    def shutdown(self) -> None:
+        if self.workers is not None:
+            self.workers.shutdown()
+
+
+def _key(guide: Guide) -> bytes:
+    """The cache key: the spec as the API wrote it (JSON re-serialized from the parsed request,
+    so whitespace never splits entries; key order is kept, it is the output's order)."""
+    return hashlib.sha256(f"{guide.kind}\0{guide.spec}".encode()).digest()
+
+
+def _compiled_or_raise(found: CompiledGuide | _Refusal, guide: Guide) -> CompiledGuide:
+    if isinstance(found, _Refusal):
+        raise found.error(guide)
+    return found
 
 
 def vocabulary(table: TokenBytes, tokenizer: Any, stop_token_ids: list[int]) -> Any:
@@ -201,7 +282,7 @@ def _literal(text: str) -> Any:
     return xgr.Grammar.from_ebnf(f"root ::= {json.dumps(text)}")
 
 
-def _first_line(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
     """What is wrong with the schema, in the error's first line, without xgrammar's internals:
     its "[time] file.cc:line: " prefix and a failed check's "Check failed: (expr) is false: "."""
     lines = str(exc).strip().splitlines()
