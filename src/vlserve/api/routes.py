@@ -20,7 +20,7 @@ from vlserve.api.convert import DEFAULT_MAX_N, SamplingDefaults, check_supported
 from vlserve.api.faults import FaultInjector
 from vlserve.api.metrics import Metrics, RequestRecord
 from vlserve.api.multimodal import load_parts, media_kinds
-from vlserve.api.serving import Completion, collect, stream_chunks
+from vlserve.api.serving import Completion, collect, completion_json, stream_chunks
 from vlserve.api.tools import ToolPlan
 from vlserve.api.tools import plan as plan_tools
 from vlserve.engine.client import EngineClient, EngineState
@@ -307,4 +307,4 @@ async def _complete(events: RequestStream, out: Completion, request: Request) ->
         if not task.done():
             task.cancel()
         await events.aclose()
-    return Response(completion.model_dump_json(), media_type="application/json")
+    return Response(await completion_json(completion), media_type="application/json")
