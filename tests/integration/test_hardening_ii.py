@@ -317,7 +317,7 @@ def test_health_answers_while_hostile_bodies_are_parsed(server: ServerProcess) -
     *budget, named = [f.result() for f in posts]
     for r in budget:
         assert r.status_code == 413 and r.json()["error"]["code"] == "payload_too_large", r.text
-        assert "JSON values" in r.json()["error"]["message"]
+        assert "JSON tokens" in r.json()["error"]["message"]
     assert named.status_code == 400 and named.json()["error"] == {
         "message": "unsupported parameter: zzz",
         "type": "invalid_request_error",

@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from vlserve.api.body import MAX_JSON_DEPTH, MAX_JSON_VALUES, is_json, parse_model
+from vlserve.api.body import MAX_JSON_DEPTH, MAX_JSON_TOKENS, is_json, parse_model
 from vlserve.api.metrics import Metrics
 from vlserve.api.middleware import RequestContextMiddleware
 from vlserve.api.protocol import ChatCompletionRequest
@@ -43,8 +43,8 @@ def test_a_valid_body_parses_to_the_model() -> None:
 
 
 def test_an_unknown_top_level_field_is_refused_before_its_value_is_scanned() -> None:
-    # the value alone is over the value budget: refused for the key, the value never counted
-    hostile = b'{"model": "m", "zzz": [' + b"[]," * (MAX_JSON_VALUES + 10) + b"[]]}"
+    # the value alone is over the token budget: refused for the key, the value never counted
+    hostile = b'{"model": "m", "zzz": [' + b"[]," * (MAX_JSON_TOKENS + 10) + b"[]]}"
     (error,) = _errors(hostile)
     assert error["type"] == "extra_forbidden" and error["loc"] == ("body", "zzz")
 
@@ -55,9 +55,9 @@ def test_keys_of_nested_objects_are_the_models_to_judge() -> None:
     assert errors[0]["loc"] == ("body", "stream_options", "zzz")
 
 
-def test_too_many_values_are_413_before_parsing() -> None:
-    hostile = _body(stop=[1] * (MAX_JSON_VALUES + 1))
-    with pytest.raises(PayloadTooLargeError, match="JSON values"):
+def test_too_many_tokens_are_413_before_parsing() -> None:
+    hostile = _body(stop=[1] * (MAX_JSON_TOKENS + 1))
+    with pytest.raises(PayloadTooLargeError, match="JSON tokens"):
         parse_model(hostile, ChatCompletionRequest)
 
 

@@ -4,7 +4,7 @@ A JSON parser builds every value it reads, holding the GIL all the while, so the
 thread waits for it wherever it runs: a 48 MB body of empty arrays took 9-14 s in ``json`` or
 orjson. So a body is first *scanned* on a worker thread: a walk over its structural characters
 (C-speed searches in windows of 1 MiB, Python in between, so the GIL passes back to the loop
-every few milliseconds) that counts its values against ``MAX_JSON_VALUES``, its nesting against
+every few milliseconds) that counts its tokens against ``MAX_JSON_TOKENS``, its nesting against
 ``MAX_JSON_DEPTH``, and reads the top-level keys, so an unknown field is refused before its
 value is built. Only a body within those budgets is parsed (orjson) and validated (pydantic),
 on the same thread, each a bounded stall.
@@ -30,10 +30,11 @@ from vlserve.errors import InvalidRequestError, PayloadTooLargeError
 # A valid request nests about 6 levels (messages, parts, image_url) plus a schema's own, which
 # is refused past 64 levels (api.tools); 128 leaves room for both.
 MAX_JSON_DEPTH = 128
-# Every value, key and container counts, and so does each escaped quote inside a string (each
-# costs the scan a step). A million is 250 times the 4,096 content parts a request may hold;
-# a schema at its 100,000-character cap holds at most 50,000 values.
-MAX_JSON_VALUES = 1_000_000
+# The scan's steps: each bracket, comma and string (a key or a value), each escaped quote in a
+# string and each 1 MiB without any of them; about two per value. A million is over a hundred
+# times what the 4,096 content parts a request may hold take, and a schema at its
+# 100,000-character cap has at most about 100,000.
+MAX_JSON_TOKENS = 1_000_000
 _WINDOW = 1 << 20  # bytes searched per C call: a few milliseconds holding the GIL
 _STRUCTURAL = re.compile(rb'[\[\]{},"]')
 _QUOTE, _BACKSLASH, _COMMA = 0x22, 0x5C, 0x2C
@@ -42,16 +43,16 @@ _MAX_KEY_BYTES = 256  # no field name is longer; a longer key is unknown and sho
 
 
 class _Scan:
-    """One body's walk: its depth, its values, and the root object's keys."""
+    """One body's walk: its depth, its tokens, and the root object's keys."""
 
     def __init__(
-        self, body: bytes, known: frozenset[str], max_depth: int, max_values: int
+        self, body: bytes, known: frozenset[str], max_depth: int, max_tokens: int
     ) -> None:
         self.body = body
         self.known = known
         self.max_depth = max_depth
-        self.max_values = max_values
-        self.values = 0
+        self.max_tokens = max_tokens
+        self.steps = 0
 
     def run(self) -> None:
         body, n = self.body, len(self.body)
@@ -132,11 +133,11 @@ class _Scan:
             piece_start = end + 1
 
     def _count(self) -> None:
-        self.values += 1
-        if self.values > self.max_values:
+        self.steps += 1
+        if self.steps > self.max_tokens:
             raise PayloadTooLargeError(
-                f"the request body holds more than {self.max_values} JSON values, the server's "
-                "limit"
+                f"the request body holds more than {self.max_tokens} JSON tokens (brackets, "
+                "commas and strings), the server's limit"
             )
 
 
@@ -148,12 +149,12 @@ def parse_model(
     body: bytes,
     model: type[BaseModel],
     max_depth: int = MAX_JSON_DEPTH,
-    max_values: int = MAX_JSON_VALUES,
+    max_tokens: int = MAX_JSON_TOKENS,
 ) -> BaseModel:
     """Scan, parse and validate ``body`` as ``model`` (on a worker thread). Raises
     ``RequestValidationError`` (the same errors FastAPI's own parsing gives: unknown fields,
-    invalid JSON, invalid values) or a ``VLServeError`` (too deep, too many values)."""
-    _Scan(body, _field_names(model), max_depth, max_values).run()
+    invalid JSON, invalid values) or a ``VLServeError`` (too deep, too many tokens)."""
+    _Scan(body, _field_names(model), max_depth, max_tokens).run()
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
