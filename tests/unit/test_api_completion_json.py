@@ -1,75 +1,73 @@
-"""A huge non-streamed answer is written in slices, the event loop let go between them
-(issue 22 item 5), and the bytes are exactly pydantic's."""
+"""A huge non-streamed answer (issue 22 item 5): its logprob entries are kept as JSON bytes as
+they arrive, not as pydantic objects the garbage collector walks, and spliced into exactly the
+bytes pydantic writes for the whole."""
 
 from __future__ import annotations
 
-import asyncio
+import gc
 import json
 
 from vlserve.api import protocol as p
-from vlserve.api.serving import completion_json
+from vlserve.api.serving import ChoiceBuilder, completion_json, to_logprob
+from vlserve.engine.request import FinishReason, TokenEvent, TokenLogprob, TopLogprob
 
 
-def _logprob(i: int) -> p.TokenLogprob:
-    top = [p.TopLogprob(token=f"alt{j}", logprob=-2.5 - j, bytes=[97, j]) for j in range(20)]
-    return p.TokenLogprob(token=f'"content":[]{i}', logprob=-0.25, bytes=[116, i % 256], top_logprobs=top)
+def _engine_logprob(i: int) -> TokenLogprob:
+    top = tuple(TopLogprob(f"alt{j}", b"a%d" % j, -2.5 - j) for j in range(20))
+    return TokenLogprob(f'"content":[]{i}', b"t%d" % i, -0.25 - i / 7, top)
 
 
-def _completion(tokens: int) -> p.ChatCompletion:
-    entries = [_logprob(i) for i in range(tokens)]
+def _completion(
+    entries: list[list[p.TokenLogprob] | None],
+) -> p.ChatCompletion:
     call = p.ToolCall(id="call_1", function=p.FunctionCall(name="f", arguments='{"content":[]}'))
+    messages = [
+        p.AssistantMessage(content='text with "content":[] in it'),
+        p.AssistantMessage(content=None, tool_calls=[call]),
+        p.AssistantMessage(content=""),
+    ]
     choices = [
         p.Choice(
-            index=0,
-            message=p.AssistantMessage(content='text with "content":[] in it'),
-            logprobs=p.ChoiceLogprobs(content=entries),
-            finish_reason="length",
-        ),
-        p.Choice(index=1, message=p.AssistantMessage(content=None, tool_calls=[call]),
-                 logprobs=p.ChoiceLogprobs(content=[]), finish_reason="tool_calls"),  # fmt: skip
-        p.Choice(index=2, message=p.AssistantMessage(content=""), finish_reason="stop"),
-        p.Choice(
-            index=3,
-            message=p.AssistantMessage(content="x"),
-            logprobs=p.ChoiceLogprobs(content=entries[:7]),
+            index=i,
+            message=messages[i % 3],
+            logprobs=None if e is None else p.ChoiceLogprobs(content=e),
             finish_reason="stop",
-        ),
-    ]
-    usage = p.Usage(prompt_tokens=3, completion_tokens=tokens, total_tokens=tokens + 3)
-    return p.ChatCompletion(id="chatcmpl-1", created=1, model='m"choices":[]', choices=choices,
-                            usage=usage)  # fmt: skip
-
-
-def test_the_bytes_are_pydantics_small_and_large() -> None:
-    for tokens in (3, 1000):
-        completion = _completion(tokens)
-        written = asyncio.run(completion_json(completion))
-        assert written == completion.model_dump_json().encode()
-        assert json.loads(written)["choices"][0]["logprobs"]["content"][-1]["token"].endswith(
-            str(tokens - 1)
         )
+        for i, e in enumerate(entries)
+    ]
+    usage = p.Usage(prompt_tokens=3, completion_tokens=9, total_tokens=12)
+    return p.ChatCompletion(id="c1", created=1, model='m"choices":[]', choices=choices, usage=usage)
 
 
-def test_a_large_answer_lets_the_loop_run_while_it_is_written() -> None:
-    completion = _completion(2000)  # 8 slices of logprob entries
+def test_spliced_entries_are_the_bytes_pydantic_writes() -> None:
+    logprobs = [to_logprob(_engine_logprob(i)) for i in range(50)]
+    for entries in ([logprobs, [], logprobs[:3]], [None, None], [logprobs[:1]]):
+        whole = _completion(entries)  # type: ignore[arg-type]
+        shells = _completion([None if e is None else [] for e in entries])
+        pieces = [[e.model_dump_json().encode() for e in es or ()] for es in entries]
+        written = completion_json(shells, pieces)
+        assert written == whole.model_dump_json().encode()
+        json.loads(written)
 
-    async def scenario() -> int:
-        ticks = 0
-        done = False
 
-        async def ticker() -> None:
-            nonlocal ticks
-            while not done:
-                ticks += 1
-                await asyncio.sleep(0)
+def test_a_choice_keeps_its_entries_as_bytes_the_collector_never_walks() -> None:
+    builder = ChoiceBuilder(0, None, keep_logprobs=True)
+    events = [
+        TokenEvent("x", (i,), 3, i + 1, logprobs=(_engine_logprob(i),)) for i in range(300)
+    ]
+    events.append(TokenEvent("", (), 3, 300, finish_reason=FinishReason.LENGTH))
+    gc.collect()
+    before = len(gc.get_objects())
+    for event in events:
+        builder.add(event)
+    gc.collect()
+    # one list of bytes: no tracked object per entry (as pydantic objects: 300 x 42)
+    assert len(gc.get_objects()) - before < 300
+    assert all(isinstance(entry, bytes) for entry in builder.logprobs)
+    assert json.loads(builder.logprobs[7])["top_logprobs"][19]["token"] == "alt19"
 
-        task = asyncio.ensure_future(ticker())
-        await asyncio.sleep(0)
-        start = ticks
-        await completion_json(completion)
-        during = ticks - start
-        done = True
-        await task
-        return during
 
-    assert asyncio.run(scenario()) >= 6  # the loop ran between slices, not once at the end
+def test_a_streamed_choice_keeps_none() -> None:
+    builder = ChoiceBuilder(0, None)
+    builder.add(TokenEvent("x", (1,), 3, 1, logprobs=(_engine_logprob(1),)))
+    assert builder.logprobs == []

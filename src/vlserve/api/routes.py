@@ -20,7 +20,7 @@ from vlserve.api.convert import DEFAULT_MAX_N, SamplingDefaults, check_supported
 from vlserve.api.faults import FaultInjector
 from vlserve.api.metrics import Metrics, RequestRecord
 from vlserve.api.multimodal import load_parts, media_kinds
-from vlserve.api.serving import Completion, collect, completion_json, stream_chunks
+from vlserve.api.serving import Completion, collect, stream_chunks
 from vlserve.api.tools import ToolPlan
 from vlserve.api.tools import plan as plan_tools
 from vlserve.engine.client import EngineClient, EngineState
@@ -302,9 +302,9 @@ async def _complete(events: RequestStream, out: Completion, request: Request) ->
             if not task.done() and await request.is_disconnected():
                 task.cancel()
                 return Response(status_code=499)  # nobody reads it; the request log says 499
-        completion = task.result()
+        body = task.result()
     finally:
         if not task.done():
             task.cancel()
         await events.aclose()
-    return Response(await completion_json(completion), media_type="application/json")
+    return Response(body, media_type="application/json")
