@@ -110,6 +110,14 @@ class ServerConfig:
         doc_default="64 MiB",
         help="larger request bodies get 413 (counted while reading; Content-Length not trusted)",
     )
+    max_inflight_body_mb: int = option(
+        512,
+        group="limits",
+        min=1,
+        metavar="MIB",
+        help="request bodies held at once, all requests together, from their first byte to "
+        "their answer's end; past it 503 + Retry-After; at least --max-request-body-bytes",
+    )
     max_header_bytes: int = option(
         16 * 1024,
         group="limits",
@@ -158,6 +166,10 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         check(self)
+        if self.max_inflight_body_mb * 1024 * 1024 < self.max_request_body_bytes:
+            raise ValueError(
+                "--max-inflight-body-mb must hold at least one body of --max-request-body-bytes"
+            )
         if any(not key or key != key.strip() for key in self.api_keys):
             raise ValueError("API keys must be non-empty and have no surrounding whitespace")
         # Derived settings, resolved once: the modality limits and the decoded-image cache

@@ -80,6 +80,7 @@ def create_app(
         RequestContextMiddleware,
         metrics=metrics,
         max_body_bytes=config.max_request_body_bytes,
+        max_inflight_body_bytes=config.max_inflight_body_mb * 1024 * 1024,
         max_headers=config.max_headers,
         max_header_bytes=config.max_header_bytes,
         keys=ApiKeys(config.api_keys) if config.api_keys else None,

@@ -117,8 +117,9 @@ def validation_error(exc: RequestValidationError) -> JSONResponse:
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
     loc = tuple(first.get("loc", ()))
     param = _loc_to_param(loc)
+    code = "invalid_value"
     if first.get("type") == "json_invalid":  # loc is ("body", character offset)
-        param = None
+        param, code = None, "invalid_json"
         at = f" at character {loc[-1]}" if loc and isinstance(loc[-1], int) else ""
         reason = (first.get("ctx") or {}).get("error") or first.get("msg")
         message = f"request body is not valid JSON: {reason}{at}"
@@ -129,7 +130,7 @@ def validation_error(exc: RequestValidationError) -> JSONResponse:
     else:
         message = f"{param}: {first.get('msg')}"
     return JSONResponse(
-        error_body(message, "invalid_request_error", param, "invalid_value"), status_code=400
+        error_body(message, "invalid_request_error", param, code), status_code=400
     )
 
 

@@ -57,9 +57,11 @@ class RequestContextMiddleware:
     The body is read here, after the key check and only for ``BODY_ROUTES``, counting bytes as
     they arrive (Content-Length is not trusted, only used to refuse early) within
     ``body_timeout_s``, and replayed to the app; reading it all first costs nothing since the
-    JSON parser needs all of it anyway. A request with both Content-Length and
-    Transfer-Encoding is refused and its connection closed (RFC 9112 6.3: the shape of
-    request smuggling).
+    JSON parser needs all of it anyway. The bodies of all requests together are held to
+    ``max_inflight_body_bytes`` from their first byte until their request ends: past it, 503
+    with Retry-After (the server is busy, not the client too fast) and the connection closed.
+    A request with both Content-Length and Transfer-Encoding is refused and its connection
+    closed (RFC 9112 6.3: the shape of request smuggling).
     """
 
     def __init__(
@@ -74,6 +76,7 @@ class RequestContextMiddleware:
         body_timeout_s: float = 30.0,
         metrics_auth: bool = False,
         body_routes: frozenset[tuple[str, str]] = BODY_ROUTES,
+        max_inflight_body_bytes: int | None = None,
     ) -> None:
         self.app = app
         self.body_routes = body_routes
@@ -82,6 +85,8 @@ class RequestContextMiddleware:
         self.metrics_auth = metrics_auth
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.max_inflight_body_bytes = max_inflight_body_bytes or 1 << 62
+        self.inflight_body_bytes = 0  # held by all requests (event loop only: no lock)
         self.max_headers = max_headers
         self.max_header_bytes = max_header_bytes
 
@@ -99,6 +104,7 @@ class RequestContextMiddleware:
         _trace(record, scope)
         id_header = (b"x-request-id", record.request_id.encode())
         started = completed = False
+        held = [0]  # this request's share of inflight_body_bytes
 
         async def send_with_id(message: Message) -> None:
             nonlocal started, completed
@@ -114,7 +120,7 @@ class RequestContextMiddleware:
         try:
             target = scope.get("raw_path") or scope["path"].encode()
             line = len(scope["method"]) + len(target) + len(scope.get("query_string", b"")) + 12
-            replay = await self._admit(headers, receive, send_with_id, record, line)
+            replay = await self._admit(headers, receive, send_with_id, record, line, held)
             if replay is not None:
                 await self.app(scope, replay, send_with_id)
         except Exception:
@@ -124,6 +130,7 @@ class RequestContextMiddleware:
             record.error_code = "internal_error"
             await send_error(send_with_id, 500, "internal server error", "internal_error")
         finally:
+            self.inflight_body_bytes -= held[0]
             if not completed:
                 record.status = _CLIENT_CLOSED  # gone mid-answer, or cancelled at shutdown
             if record.status == _CLIENT_CLOSED and record.model and not record.finish_reason:
@@ -137,6 +144,7 @@ class RequestContextMiddleware:
         send: Send,
         record: RequestRecord,
         request_line_bytes: int = 0,
+        held: list[int] | None = None,
     ) -> Receive | None:
         """Check the request line and headers, and read the body under the cap; None if
         refused."""
@@ -223,6 +231,17 @@ class RequestContextMiddleware:
                 record.error_code = "payload_too_large"
                 await send_error(send, 413, self._too_large(), "payload_too_large", close)
                 return None
+            if self.inflight_body_bytes + len(chunk) > self.max_inflight_body_bytes:
+                record.error_code = "server_busy"
+                message = (
+                    "the server holds its limit of request bodies being read and served "
+                    "(--max-inflight-body-mb); retry shortly"
+                )
+                await send_error(send, 503, message, "server_busy", ((b"retry-after", b"1"), *close))
+                return None
+            self.inflight_body_bytes += len(chunk)
+            if held is not None:
+                held[0] += len(chunk)
             chunks.append(chunk)
             if not event.get("more_body", False):
                 break

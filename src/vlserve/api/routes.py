@@ -14,6 +14,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
 from vlserve.api import protocol as p
+from vlserve.api.body import BoundedJSONRoute
 from vlserve.api.chat import attach_media, split_messages
 from vlserve.api.convert import DEFAULT_MAX_N, SamplingDefaults, check_supported, to_sampling
 from vlserve.api.faults import FaultInjector
@@ -31,7 +32,7 @@ from vlserve.launch.health import STALLED_HEADER
 from vlserve.media import MediaLoader
 
 log = logging.getLogger(__name__)
-router = APIRouter()
+router = APIRouter(route_class=BoundedJSONRoute)  # bodies parse off the loop, bounded
 _DISCONNECT_POLL_S = 0.25
 
 
@@ -305,12 +306,12 @@ async def _complete(events: RequestStream, out: Completion, request: Request) ->
     try:
         if not await _done_unless_gone(task, request):
             return Response(status_code=499)  # nobody reads it; the request log says 499
-        completion = task.result()
+        body = task.result()
     finally:
         if not task.done():
             task.cancel()
         await events.aclose()
-    return Response(completion.model_dump_json(), media_type="application/json")
+    return Response(body, media_type="application/json")
 
 
 async def _done_unless_gone(task: asyncio.Future[Any], request: Request) -> bool:

@@ -24,7 +24,9 @@ from vlserve.engine.device import (
 )
 from vlserve.engine.encoder import Encoder
 from vlserve.engine.guided import CompiledGuide, GuideCompiler
+from vlserve.engine.long_text import LONG_TEXT_CHARS, LongTexts, text_chars
 from vlserve.engine.loop import EngineLoop
+from vlserve.engine.preprocess import hide_texts
 from vlserve.engine.prompt import ChatPrompt, EncodedPrompt, ImageFeatures, PreparedPrompt
 from vlserve.engine.request import SamplingParams, StepStats, TokenEvent
 from vlserve.engine.runner import ModelRunner
@@ -96,6 +98,9 @@ class AsyncEngine:
         self._lock = threading.Condition()
         self._stop = False
         self._prep = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vlserve-prep")
+        # Long texts are bounded and tokenized on a lane of their own (engine/long_text.py).
+        self._long = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vlserve-long")
+        self._long_texts: LongTexts | None = None
         # Grammars compile apart from preprocessing (a slow schema never delays an image), in
         # worker processes with a time budget; this thread only sets the compiler up, once.
         self._grammar_setup = concurrent.futures.ThreadPoolExecutor(
@@ -149,6 +154,7 @@ class AsyncEngine:
         if self._thread.is_alive():
             self._thread.join(timeout_s)
         self._prep.shutdown(wait=False, cancel_futures=True)
+        self._long.shutdown(wait=False, cancel_futures=True)
         self._grammar_setup.shutdown(wait=False, cancel_futures=True)
         if self._guide_workers is not None:
             self._guide_workers.shutdown()
@@ -175,7 +181,8 @@ class AsyncEngine:
     async def generate(
         self, prompt: ChatPrompt, params: SamplingParams, request_id: str
     ) -> RequestStream:
-        """Prepare (preprocessing thread) → fit and admit (400/429 before any image work) →
+        """Prepare (preprocessing thread; texts over ``LONG_TEXT_CHARS`` are first bounded and
+        tokenized on the long-text lane, so short prompts never queue behind them) → fit and admit (400/429 before any image work) →
         encode (encoder thread, unless the encoder cache holds every image and video patch
         already: then the preprocessing thread finished it, and a cache hit never queues behind
         another request's vision forward) → queue. Returns the request's event stream."""
@@ -184,7 +191,10 @@ class AsyncEngine:
         guide = None
         if params.guide is not None:  # a 400 for a bad schema comes before any image work
             guide = await (await self._guides()).obtain(params.guide)
-        prepared, encoded = await aio.run_in_executor(self._prep, self._prepare, prompt)
+        pieces = None
+        if text_chars(prompt.messages) > LONG_TEXT_CHARS:  # bounded, then tokenized, apart
+            pieces = await aio.run_in_executor(self._long, self._tokenize_long, prompt, loop)
+        prepared, encoded = await aio.run_in_executor(self._prep, self._prepare, prompt, pieces)
         params = self._fit(prepared, params, loop.scheduler.blocks.capacity_tokens)
         with self._lock:
             loop.scheduler.check_admissible(prepared.num_tokens, params.max_tokens or 0, params.n)
@@ -192,11 +202,27 @@ class AsyncEngine:
             encoded = await self._encode(prepared)
         return self._submit(encoded, params, request_id, guide)
 
-    def _prepare(self, prompt: ChatPrompt) -> tuple[PreparedPrompt, EncodedPrompt | None]:
+    def _tokenize_long(self, prompt: ChatPrompt, loop: EngineLoop) -> list[list[int]]:
+        """Long-text lane: the texts' ids, or a 400 once they provably cannot fit the context
+        or the KV cache (whichever is smaller), before or while tokenizing."""
+        runner = self._loaded()
+        if self._long_texts is None:
+            self._long_texts = LongTexts(runner.preprocess.tokenizer)
+        context, kv = runner.max_model_len, loop.scheduler.blocks.capacity_tokens
+        limit, what = (
+            (context, f"the model's context of {context} tokens")
+            if context <= kv
+            else (kv, f"the server's KV cache of {kv} tokens (--kv-cache-tokens)")
+        )
+        return self._long_texts.tokenize(hide_texts(prompt.messages)[1], limit, what)
+
+    def _prepare(
+        self, prompt: ChatPrompt, pieces: list[list[int]] | None = None
+    ) -> tuple[PreparedPrompt, EncodedPrompt | None]:
         """Preprocessing thread: the prepared prompt, and its encoding when that needs no
         device work (text only, or every visual input's features in the encoder cache)."""
         runner = self._loaded()
-        prepared = runner.preprocess(prompt)
+        prepared = runner.preprocess(prompt, pieces)
         hit = runner.encode_cached(prepared) if self._encoder is not None else None
         return prepared, hit
 

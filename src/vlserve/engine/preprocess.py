@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from vlserve.engine.long_text import encode_text
 from vlserve.engine.prompt import ChatPrompt, PreparedPrompt, VisualInput
 from vlserve.engine.sequence import ImageSpan
 from vlserve.engine.video_input import (
@@ -98,11 +99,14 @@ class Preprocessor:
                 param=where,
             )
 
-    def __call__(self, prompt: ChatPrompt) -> PreparedPrompt:
+    def __call__(
+        self, prompt: ChatPrompt, pieces: list[list[int]] | None = None
+    ) -> PreparedPrompt:
         """Render the chat template and preprocess images (CPU tensors).
 
         Message texts never pass through the template's tokenization: special-token strings in
-        them stay plain text (see ``hide_texts``).
+        them stay plain text (see ``hide_texts``). ``pieces``: the texts' ids, when the
+        long-text lane has tokenized them already (``engine.long_text``).
         """
         template, texts = hide_texts(prompt.messages)
         extra: dict[str, Any] = {}
@@ -118,10 +122,10 @@ class Preprocessor:
         processed = [self._process_part(p) for p in parts]
         text = self._expand(text, processed)
         rendered = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        pieces = [
-            self.tokenizer.encode(t, add_special_tokens=False, split_special_tokens=True)
-            for t in texts
-        ]
+        if pieces is None:
+            pieces = [encode_text(self.tokenizer, t) for t in texts]
+        elif len(pieces) != len(texts):
+            raise ValueError("the long-text lane tokenized another prompt's texts")
         token_ids, _ = splice_texts(rendered, self._slot_id, pieces)
         visuals = self._visuals(token_ids, processed)
         return PreparedPrompt(

@@ -9,7 +9,7 @@ from vlserve.engine.request import TokenLogprob, TopLogprob
 
 
 @lru_cache(maxsize=1)
-def _byte_decoder() -> dict[str, int]:
+def byte_decoder() -> dict[str, int]:
     """GPT-2's byte-level alphabet, reversed: the printable character standing for each byte."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1)]
     printable += range(ord("®"), ord("ÿ") + 1)
@@ -31,7 +31,7 @@ class TokenBytes:
     """
 
     def __init__(self, tokenizer: Any, vocab_size: int) -> None:
-        decoder = _byte_decoder()
+        decoder = byte_decoder()
         table: list[bytes] = [b""] * vocab_size
         added = {int(i) for i in getattr(tokenizer, "added_tokens_decoder", {})}
         for piece, token_id in tokenizer.get_vocab().items():
