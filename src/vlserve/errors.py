@@ -13,6 +13,7 @@ class VLServeError(Exception):
     status: int = 500
     type: str = "internal_error"
     code: str = "internal_error"  # every error carries a code (subclasses narrow it)
+    retry_after_s: int | None = None  # sent as Retry-After when set
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
@@ -42,6 +43,14 @@ class ContextLengthError(InvalidRequestError):
     code = "context_length_exceeded"
 
 
+class ClientTimeoutError(VLServeError):
+    """The client sent its request head or body too slowly (408)."""
+
+    status = 408
+    type = "invalid_request_error"
+    code = "body_timeout"
+
+
 class AuthenticationError(VLServeError):
     status = 401
     type = "authentication_error"
@@ -54,10 +63,22 @@ class NotFoundError(VLServeError):
     code = "model_not_found"
 
 
+class MethodNotAllowedError(VLServeError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
 class PayloadTooLargeError(VLServeError):
     status = 413
     type = "invalid_request_error"
     code = "payload_too_large"
+
+
+class HeadersTooLargeError(VLServeError):
+    status = 431
+    type = "invalid_request_error"
+    code = "headers_too_large"
 
 
 class OverloadedError(VLServeError):
@@ -67,8 +88,8 @@ class OverloadedError(VLServeError):
     type = "rate_limit_error"
     code = "server_overloaded"
 
-    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, retry_after_s: int = 1, code: str | None = None) -> None:
+        super().__init__(message, code=code)
         self.retry_after_s = retry_after_s
 
 
@@ -87,8 +108,8 @@ class EngineUnavailableError(VLServeError):
     type = "service_unavailable"
     code = "engine_unavailable"
 
-    def __init__(self, message: str, *, retry_after_s: int = 5) -> None:
-        super().__init__(message)
+    def __init__(self, message: str, *, retry_after_s: int = 5, code: str | None = None) -> None:
+        super().__init__(message, code=code)
         self.retry_after_s = retry_after_s
 
 

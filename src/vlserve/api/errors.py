@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -12,65 +13,74 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Send
 
-from vlserve.errors import EngineUnavailableError, OverloadedError, VLServeError
+from vlserve.errors import (
+    AuthenticationError,
+    HeadersTooLargeError,
+    InvalidRequestError,
+    MethodNotAllowedError,
+    NotFoundError,
+    PayloadTooLargeError,
+    VLServeError,
+)
 
 log = logging.getLogger(__name__)
 
-_STATUS_CODES = {
-    400: "invalid_json",  # the only HTTPException 400 FastAPI raises: an unparsable body
-    404: "not_found",
-    405: "method_not_allowed",
-    413: "payload_too_large",
-    431: "headers_too_large",
+# What FastAPI and Starlette raise themselves, as the exception tree's errors.
+_HTTP_ERRORS: dict[int, tuple[type[VLServeError], str]] = {
+    400: (InvalidRequestError, "invalid_json"),  # FastAPI's only one: an unparsable body
+    404: (NotFoundError, "not_found"),
+    405: (MethodNotAllowedError, "method_not_allowed"),
+    413: (PayloadTooLargeError, "payload_too_large"),
+    431: (HeadersTooLargeError, "headers_too_large"),
 }
-_STATUS_TYPES = {
-    400: "invalid_request_error",
-    408: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "invalid_request_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    415: "invalid_request_error",
-    422: "invalid_request_error",
-    429: "rate_limit_error",
-    431: "invalid_request_error",
-    503: "service_unavailable",
-}
-
-
-def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+_UNPARSABLE = (
+    "the request body could not be parsed as JSON (invalid UTF-8, a number too long to parse, "
+    "or nesting too deep)"
+)
 
 
 def body_for(exc: VLServeError) -> dict[str, Any]:
-    return error_body(exc.message, exc.type, exc.param, exc.code)
+    """OpenAI's error body for ``exc``."""
+    return {"error": {"message": exc.message, "type": exc.type, "param": exc.param, "code": exc.code}}
 
 
-async def send_error(
-    send: Send,
-    status: int,
-    message: str,
-    code: str,
-    headers: tuple[tuple[bytes, bytes], ...] = (),
-) -> None:
-    """Answer from an ASGI middleware (before any route runs) with an OpenAI error body."""
-    type_ = _STATUS_TYPES.get(status, "internal_error")
-    body = json.dumps(error_body(message, type_, None, code)).encode()
-    start_headers = [
+def headers_for(exc: VLServeError) -> dict[str, str]:
+    """The headers an error's answer carries besides its body."""
+    headers = {}
+    if exc.retry_after_s is not None:
+        headers["Retry-After"] = str(exc.retry_after_s)
+    if isinstance(exc, AuthenticationError):
+        headers["WWW-Authenticate"] = "Bearer"
+    return headers
+
+
+def from_http(status: int, detail: Any) -> VLServeError:
+    """FastAPI's or Starlette's ``HTTPException`` as the exception tree's error."""
+    cls, code = _HTTP_ERRORS.get(status, (VLServeError, f"http_{status}"))
+    exc = cls(_UNPARSABLE if code == "invalid_json" else str(detail), code=code)
+    exc.status = status  # the same for every class above; an unlisted status keeps its own
+    return exc
+
+
+async def send_error(send: Send, exc: VLServeError, *, close: bool = False) -> None:
+    """Answer from an ASGI middleware (before any route runs) with ``exc``'s error body;
+    ``close``: the connection closes after it (a body left unread, or a client cut off)."""
+    body = json.dumps(body_for(exc)).encode()
+    headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
-        *headers,
+        *((k.lower().encode(), v.encode()) for k, v in headers_for(exc).items()),
     ]
-    await send({"type": "http.response.start", "status": status, "headers": start_headers})
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": exc.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
-def response_for(exc: VLServeError) -> JSONResponse:
-    headers = {}
-    if isinstance(exc, OverloadedError | EngineUnavailableError):
-        headers["Retry-After"] = str(exc.retry_after_s)
-    return JSONResponse(body_for(exc), status_code=exc.status, headers=headers)
+def response_for(exc: VLServeError, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(
+        body_for(exc), status_code=exc.status, headers={**headers_for(exc), **(headers or {})}
+    )
 
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "none"}
@@ -129,9 +139,7 @@ def validation_error(exc: RequestValidationError) -> JSONResponse:
         message = f"request body is not valid JSON for this endpoint: {first.get('msg')}"
     else:
         message = f"{param}: {first.get('msg')}"
-    return JSONResponse(
-        error_body(message, "invalid_request_error", param, code), status_code=400
-    )
+    return response_for(InvalidRequestError(message, param=param, code=code))
 
 
 def _note(request: Request, code: str) -> None:
@@ -156,25 +164,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = _STATUS_CODES.get(exc.status_code, f"http_{exc.status_code}")
-        _note(request, code)
-        type_ = _STATUS_TYPES.get(exc.status_code, "internal_error")
-        message = str(exc.detail)
-        if code == "invalid_json":  # FastAPI's "There was an error parsing the body"
-            message = (
-                "the request body could not be parsed as JSON (invalid UTF-8, a number too "
-                "long to parse, or nesting too deep)"
-            )
-        return JSONResponse(
-            error_body(message, type_, None, code),
-            status_code=exc.status_code,
-            headers=getattr(exc, "headers", None),
-        )
+        error = from_http(exc.status_code, exc.detail)
+        _note(request, error.code)
+        return response_for(error, getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error")
-        return JSONResponse(
-            error_body("internal server error", "internal_error", None, "internal_error"),
-            status_code=500,
-        )
+        return response_for(VLServeError("internal server error"))

@@ -8,7 +8,13 @@ import json
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from vlserve.api.errors import error_body
+from vlserve.api.errors import body_for
+from vlserve.errors import (
+    ClientTimeoutError,
+    HeadersTooLargeError,
+    InvalidRequestError,
+    VLServeError,
+)
 
 DEFAULT_LIMIT = 16 * 1024  # h11's own default
 
@@ -58,28 +64,24 @@ class OpenAIErrorH11Protocol(H11Protocol):
         if self.cycle is not None and not self.cycle.response_complete:
             return  # still answering the previous request; its response restarts nothing
         message = f"request headers not received within {self.header_timeout_s:g} s"
-        self._send_error(408, b"Request Timeout", message, "header_timeout")
+        self._send_error(ClientTimeoutError(message, code="header_timeout"), b"Request Timeout")
 
     def send_400_response(self, msg: str) -> None:
         limit = self.config.h11_max_incomplete_event_size or DEFAULT_LIMIT
-        too_big = len(self.conn.trailing_data[0]) > limit
-        status = 431 if too_big else 400
-        message = (
-            f"request headers exceed the server's limit of {limit} bytes"
-            if too_big
-            else "invalid HTTP request"
-        )
-        code = "headers_too_large" if too_big else "invalid_http_request"
-        reason = b"Request Header Fields Too Large" if too_big else b"Bad Request"
-        self._send_error(status, reason, message, code)
+        if len(self.conn.trailing_data[0]) > limit:
+            message = f"request headers exceed the server's limit of {limit} bytes"
+            self._send_error(HeadersTooLargeError(message), b"Request Header Fields Too Large")
+        else:
+            error = InvalidRequestError("invalid HTTP request", code="invalid_http_request")
+            self._send_error(error, b"Bad Request")
 
-    def _send_error(self, status: int, reason: bytes, message: str, code: str) -> None:
-        """An OpenAI error body, written raw onto the socket (h11 may be in an error state, or
-        have no request to answer), then close."""
-        body = json.dumps(error_body(message, "invalid_request_error", None, code)).encode()
+    def _send_error(self, exc: VLServeError, reason: bytes) -> None:
+        """``exc``'s OpenAI error body, written raw onto the socket (h11 may be in an error
+        state, or have no request to answer), then close."""
+        body = json.dumps(body_for(exc)).encode()
         head = (
             b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-            b"connection: close\r\n\r\n" % (status, reason, len(body))
+            b"connection: close\r\n\r\n" % (exc.status, reason, len(body))
         )
         self.transport.write(head + body)
         self.transport.close()

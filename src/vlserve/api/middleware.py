@@ -15,6 +15,17 @@ from vlserve.api.accesslog import log_line, request_fields
 from vlserve.api.auth import ApiKeys, is_protected
 from vlserve.api.errors import send_error
 from vlserve.api.metrics import Metrics, RequestRecord
+from vlserve.errors import (
+    AuthenticationError,
+    ClientTimeoutError,
+    EngineUnavailableError,
+    HeadersTooLargeError,
+    InvalidRequestError,
+    MethodNotAllowedError,
+    NotFoundError,
+    PayloadTooLargeError,
+    VLServeError,
+)
 
 log = logging.getLogger("vlserve.request")
 
@@ -38,7 +49,6 @@ _KNOWN_PATHS = frozenset(
         "/openapi.json",
     }
 )
-_CLOSE = ((b"connection", b"close"),)
 
 
 def request_id_from(value: bytes | None) -> str:
@@ -120,15 +130,18 @@ class RequestContextMiddleware:
         try:
             target = scope.get("raw_path") or scope["path"].encode()
             line = len(scope["method"]) + len(target) + len(scope.get("query_string", b"")) + 12
-            replay = await self._admit(headers, receive, send_with_id, record, line, held)
+            replay = await self._admit(headers, receive, record, line, held)
             if replay is not None:
                 await self.app(scope, replay, send_with_id)
+        except VLServeError as exc:  # refused before the app ran: its body, if any, is unread
+            record.error_code = exc.code
+            await send_error(send_with_id, exc, close=True)
         except Exception:
             log.exception("unhandled error in request %s", record.request_id)
             if started:
                 raise  # the response is half sent: only closing the connection tells the client
             record.error_code = "internal_error"
-            await send_error(send_with_id, 500, "internal server error", "internal_error")
+            await send_error(send_with_id, VLServeError("internal server error"))
         finally:
             self.inflight_body_bytes -= held[0]
             if not completed:
@@ -141,52 +154,38 @@ class RequestContextMiddleware:
         self,
         headers: list[tuple[bytes, bytes]],
         receive: Receive,
-        send: Send,
         record: RequestRecord,
         request_line_bytes: int = 0,
         held: list[int] | None = None,
     ) -> Receive | None:
-        """Check the request line and headers, and read the body under the cap; None if
-        refused."""
-        close = ((b"connection", b"close"),)
+        """Check the request line and headers, and read the body under the cap: the app's
+        receive(), or None if the client left; a refusal raises the exception tree's error."""
         if len(headers) > self.max_headers:
-            record.error_code = "too_many_headers"
-            await send_error(
-                send, 431, f"more than {self.max_headers} request headers", "too_many_headers"
-            )
-            return None
+            message = f"more than {self.max_headers} request headers"
+            raise HeadersTooLargeError(message, code="too_many_headers")
         # h11 caps only a head that arrives in pieces; one read whole is checked here, its
         # request line included (a 100 KB URL is refused, not answered 404 with itself)
         head = request_line_bytes + sum(len(k) + len(v) + 4 for k, v in headers)
         if head > self.max_header_bytes:
-            record.error_code = "headers_too_large"
-            message = (
+            raise HeadersTooLargeError(
                 "the request line and headers exceed the server's limit of "
                 f"{self.max_header_bytes} bytes"
             )
-            await send_error(send, 431, message, "headers_too_large", close)
-            return None
         if _header(headers, b"transfer-encoding") is not None and (
             _header(headers, b"content-length") is not None
         ):
-            record.error_code = "ambiguous_length"
             message = "a request may not carry both Content-Length and Transfer-Encoding"
-            await send_error(send, 400, message, "ambiguous_length", _CLOSE)
-            return None
+            raise InvalidRequestError(message, code="ambiguous_length")
         # Keys before the body: an unauthenticated client never makes the server buffer it.
         if self.keys and is_protected(record.path, metrics=self.metrics_auth):
             authorization = _header(headers, b"authorization")
             record.api_key_index = self.keys.identify(authorization)
             if record.api_key_index is None:
-                record.error_code = "invalid_api_key"
-                message = (
+                raise AuthenticationError(
                     "missing API key: send 'Authorization: Bearer <key>'"
                     if authorization is None
                     else "invalid API key"
                 )
-                www = ((b"www-authenticate", b"Bearer"), *close)
-                await send_error(send, 401, message, "invalid_api_key", www)
-                return None
         declared = _header(headers, b"content-length")
         has_body = _header(headers, b"transfer-encoding") is not None or declared not in (
             None,
@@ -196,22 +195,12 @@ class RequestContextMiddleware:
             if not has_body:
                 return receive
             # never read: answered at once, and the connection closed (its body is unread)
-            status, what = (
-                (405, "method_not_allowed")
-                if record.path in _KNOWN_PATHS
-                else (
-                    404,
-                    "not_found",
-                )
-            )
-            record.error_code = what
+            known = record.path in _KNOWN_PATHS
+            what = "method_not_allowed" if known else "not_found"
             message = f"{record.method} {record.path} takes no request body here ({what})"
-            await send_error(send, status, message, what, close)
-            return None
+            raise MethodNotAllowedError(message) if known else NotFoundError(message, code=what)
         if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
-            record.error_code = "payload_too_large"
-            await send_error(send, 413, self._too_large(), "payload_too_large", close)
-            return None
+            raise self._too_large()
         chunks: list[bytes] = []
         size = 0
         deadline = time.monotonic() + self.body_timeout_s
@@ -219,26 +208,20 @@ class RequestContextMiddleware:
             try:
                 event = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0))
             except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11
-                record.error_code = "body_timeout"
                 message = f"request body not received within {self.body_timeout_s:g} s"
-                await send_error(send, 408, message, "body_timeout", close)
-                return None
+                raise ClientTimeoutError(message) from None
             if event["type"] == "http.disconnect":
                 return None
             chunk = event.get("body", b"")
             size += len(chunk)
             if size > self.max_body_bytes:
-                record.error_code = "payload_too_large"
-                await send_error(send, 413, self._too_large(), "payload_too_large", close)
-                return None
+                raise self._too_large()
             if self.inflight_body_bytes + len(chunk) > self.max_inflight_body_bytes:
-                record.error_code = "server_busy"
                 message = (
                     "the server holds its limit of request bodies being read and served "
                     "(--max-inflight-body-mb); retry shortly"
                 )
-                await send_error(send, 503, message, "server_busy", ((b"retry-after", b"1"), *close))
-                return None
+                raise EngineUnavailableError(message, retry_after_s=1, code="server_busy")
             self.inflight_body_bytes += len(chunk)
             if held is not None:
                 held[0] += len(chunk)
@@ -247,8 +230,9 @@ class RequestContextMiddleware:
                 break
         return _replay(b"".join(chunks), receive)
 
-    def _too_large(self) -> str:
-        return f"request body exceeds the server's limit of {self.max_body_bytes} bytes"
+    def _too_large(self) -> PayloadTooLargeError:
+        limit = self.max_body_bytes
+        return PayloadTooLargeError(f"request body exceeds the server's limit of {limit} bytes")
 
     def _finish(self, record: RequestRecord) -> None:
         e2e_s = time.perf_counter() - record.start
