@@ -21,7 +21,7 @@ _check_disk() {
 # python3), holding vlserve (editable) with EXTRAS (default server,test,plot), every package at
 # its version in the lock. Reinstalls when pyproject.toml, the lock or this file change.
 ensure_venv() {
-    local dir=${1:-$VENV} python=${2:-${PYTHON:-python3}} extras=${3:-server,test,plot}
+    local dir=${1:-$VENV} python=${2:-${PYTHON:-python3}} extras=${3:-server,test,plot,otel}
     local py="$dir/bin/python" want have
     if [ ! -x "$py" ]; then
         echo "[vlserve] creating $dir ($("$python" --version))"

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Compile the locks that every install of this project goes through (scripts/_env.sh, the
 # Dockerfiles, scripts/wheelhouse.sh), with uv, for every supported Python and platform at once:
-#   requirements/lock.txt        pyproject.toml's server, test, plot and video extras, with the
+#   requirements/lock.txt        pyproject.toml's server, test, plot, video and otel extras, with the
 #                                torch pins of requirements/pins.in
-#   requirements/lock-tf457.txt  the server extra with transformers 4.57.1 (the Ascend image's pin)
+#   requirements/lock-tf457.txt  the server and otel extras with transformers 4.57.1 (the Ascend image's pin)
 #
 #   scripts/lock.sh             after editing pyproject.toml: re-resolve, keeping every pin that fits
 #   scripts/lock.sh --upgrade   move every pin to the newest release; then ./scripts/test.sh tests
@@ -27,6 +27,6 @@ compile() {  # $1: output, then inputs and options
         --custom-compile-command "scripts/lock.sh" ${UPGRADE[@]+"${UPGRADE[@]}"} \
         --output-file "$out" pyproject.toml requirements/pins.in "$@"
 }
-compile requirements/lock.txt --extra server --extra test --extra plot --extra video
-compile requirements/lock-tf457.txt --extra server requirements/tf457.in
+compile requirements/lock.txt --extra server --extra test --extra plot --extra video --extra otel
+compile requirements/lock-tf457.txt --extra server --extra otel requirements/tf457.in
 grep -E '^(torch|torchvision|transformers|av|fastapi|xgrammar)==' requirements/lock.txt

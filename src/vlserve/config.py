@@ -78,6 +78,14 @@ class ServerConfig:
         help="json: every log line one JSON object (time, level, logger, message; a request "
         "line's fields, client address and W3C trace id at the top level)",
     )
+    otlp_traces_endpoint: str = option(
+        "",
+        group="server",
+        metavar="URL",
+        doc_default="off",
+        help="send each request as an OpenTelemetry span to this OTLP/HTTP collector "
+        "(http://HOST:4318/v1/traces); needs pip install 'vlserve[otel]' (docs/HARDENING.md)",
+    )
     api_keys: tuple[str, ...] = option(
         (),
         group="limits",

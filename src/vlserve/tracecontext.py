@@ -37,9 +37,14 @@ class TraceParent:
         return cls(trace_id, parent_id, flags)
 
     @classmethod
-    def new(cls) -> TraceParent:
-        """The root of a new trace (not sampled: nothing upstream asked for it)."""
-        return cls(secrets.token_hex(16), secrets.token_hex(8), "00")
+    def new(cls, sampled: bool = False) -> TraceParent:
+        """The root of a new trace; sampled when this server records it (OpenTelemetry export
+        on), else not: nothing upstream asked for it."""
+        return cls(secrets.token_hex(16), secrets.token_hex(8), "01" if sampled else "00")
+
+    @property
+    def sampled(self) -> bool:
+        return bool(int(self.flags, 16) & 1)
 
     def child(self) -> TraceParent:
         """This server's span in the same trace: what it sends on as its requests' parent."""

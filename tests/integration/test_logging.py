@@ -1,6 +1,7 @@
 """`--log-format json` and W3C trace context against a real server: one JSON object per line,
-the request line's fields with the client address and trace id, and the client's traceparent
-passed on to the media host the request makes the server fetch from."""
+the request line's fields with the client address and trace id, the client's traceparent
+passed on to the media host the request makes the server fetch from, and each request sent as
+an OpenTelemetry span to an OTLP/HTTP collector (`--otlp-traces-endpoint`)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
 from tests.conftest import ServerProcess, png_data_url, start_server, stop_server
 
@@ -48,10 +51,47 @@ def media_host() -> Iterator[tuple[str, list[str | None]]]:
 
 
 @pytest.fixture(scope="module")
+def collector() -> Iterator[tuple[str, list[Span]]]:
+    """An OTLP/HTTP trace collector: the spans of every export it receives."""
+    spans: list[Span] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            request = ExportTraceServiceRequest()
+            request.ParseFromString(self.rfile.read(int(self.headers["Content-Length"])))
+            for resource in request.resource_spans:
+                for scope in resource.scope_spans:
+                    spans.extend(scope.spans)
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-protobuf")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1/traces", spans
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture(scope="module")
 def json_server(
-    tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory
+    tiny_model_path: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    collector: tuple[str, list[Span]],
 ) -> Iterator[ServerProcess]:
-    srv = start_server(tiny_model_path, tmp_path_factory.mktemp("jsonlog"), "--log-format", "json")
+    srv = start_server(
+        tiny_model_path,
+        tmp_path_factory.mktemp("jsonlog"),
+        "--log-format",
+        "json",
+        "--otlp-traces-endpoint",
+        collector[0],
+        env={"OTEL_BSP_SCHEDULE_DELAY": "100"},  # the SDK batches spans for 5 s by default
+    )
     yield srv
     stop_server(srv)
 
@@ -107,3 +147,59 @@ def test_a_malformed_traceparent_starts_a_new_trace(json_server: ServerProcess) 
     assert _chat(json_server, "hi", {"x-request-id": "j3", "traceparent": bad}).status_code == 200
     entry = _request_line(json_server, "j3")
     assert entry["trace_id"] != "0" * 32 and "traceparent" not in entry
+
+
+def _span(spans: list[Span], request_id: str) -> Span:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for span in list(spans):
+            attrs = {a.key: a.value for a in span.attributes}
+            if attrs["vlserve.request_id"].string_value == request_id:
+                return span
+        time.sleep(0.1)
+    raise AssertionError(f"no span for {request_id} among {len(spans)}")
+
+
+def test_a_request_is_exported_as_the_server_span_of_its_trace(
+    json_server: ServerProcess,
+    media_host: tuple[str, list[str | None]],
+    collector: tuple[str, list[Span]],
+) -> None:
+    url, seen = media_host
+    content = [
+        {"type": "text", "text": "what is it?"},
+        {"type": "image_url", "image_url": {"url": f"{url}/dog.png"}},
+    ]
+    r = _chat(json_server, content, {"x-request-id": "o1", "traceparent": TRACEPARENT})
+    assert r.status_code == 200, r.text
+    span = _span(collector[1], "o1")
+    assert span.trace_id.hex() == TRACE_ID and span.parent_span_id.hex() == "00f067aa0ba902b7"
+    # the span the media host was told is its parent is the one exported
+    assert seen[-1] == f"00-{TRACE_ID}-{span.span_id.hex()}-01"
+    assert span.name == "POST /v1/chat/completions" and span.kind == Span.SPAN_KIND_SERVER
+    attrs = {a.key: a.value for a in span.attributes}
+    usage = r.json()["usage"]
+    assert attrs["gen_ai.usage.input_tokens"].int_value == usage["prompt_tokens"]
+    assert attrs["gen_ai.usage.output_tokens"].int_value == usage["completion_tokens"] == 2
+    assert attrs["http.response.status_code"].int_value == 200
+    assert attrs["gen_ai.request.model"].string_value == json_server.model
+    ttft_s, e2e_s = (
+        attrs[f"gen_ai.latency.{k}"].double_value for k in ("time_to_first_token", "e2e")
+    )
+    assert 0 < ttft_s <= e2e_s
+    assert abs(span.end_time_unix_nano - span.start_time_unix_nano - e2e_s * 1e9) < 1_000
+
+
+def test_a_caller_that_does_not_sample_gets_no_span_and_a_root_does(
+    json_server: ServerProcess, collector: tuple[str, list[Span]]
+) -> None:
+    unsampled = f"00-{TRACE_ID}-00f067aa0ba902b7-00"
+    assert _chat(json_server, "hi", {"x-request-id": "o2", "traceparent": unsampled}).is_success
+    assert _chat(json_server, "hi", {"x-request-id": "o3"}).is_success
+    root = _span(collector[1], "o3")  # exported after o2 (one server, requests in turn)
+    assert not root.parent_span_id and root.trace_id.hex() != TRACE_ID
+    ids = [
+        {a.key: a.value for a in s.attributes}["vlserve.request_id"].string_value
+        for s in collector[1]
+    ]
+    assert "o2" not in ids

@@ -18,6 +18,7 @@ from vlserve.api.errors import install_error_handlers
 from vlserve.api.faults import FaultInjector
 from vlserve.api.metrics import Metrics
 from vlserve.api.middleware import RequestContextMiddleware
+from vlserve.api.otel import RequestSpans
 from vlserve.api.routes import ServerState, router
 from vlserve.config import ServerConfig
 from vlserve.engine.client import EngineClient
@@ -32,11 +33,13 @@ def create_app(
     engine: EngineClient,
     metrics: Metrics | None = None,
     faults: FaultInjector | None = None,
+    spans: RequestSpans | None = None,
 ) -> FastAPI:
     """The app serves /health at once; the engine loads on its own thread meanwhile.
 
     ``metrics`` is the registry the engine's hooks already report to (a new one otherwise);
-    ``faults`` the test-only fault injector whose hook the engine was built with.
+    ``faults`` the test-only fault injector whose hook the engine was built with; ``spans``
+    the OpenTelemetry exporter (``--otlp-traces-endpoint``), flushed at shutdown.
     """
     metrics = metrics or Metrics(config.model_names[0])
     metrics.watch_engine(engine)
@@ -69,6 +72,8 @@ def create_app(
             task.cancel()
             await state.media.aclose()
             engine.shutdown(config.shutdown_timeout_s)
+            if spans is not None:
+                spans.shutdown()
 
     # no redirect_slashes: "/v1/chat/completions/" is a 404, not a bodiless 307
     app = FastAPI(title="vlserve", version="0.1.0", lifespan=lifespan, redirect_slashes=False)
@@ -86,6 +91,7 @@ def create_app(
         keys=ApiKeys(config.api_keys) if config.api_keys else None,
         body_timeout_s=config.body_timeout_s,
         metrics_auth=config.metrics_auth,
+        spans=spans,
     )
     if config.cors_origins:
         app.add_middleware(

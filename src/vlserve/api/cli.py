@@ -11,12 +11,16 @@ import signal
 import socket
 from collections.abc import Mapping
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from vlserve import settings
 from vlserve.api import accesslog
 from vlserve.api.faults import ENV_VAR as FAULT_ENV_VAR
 from vlserve.api.faults import FaultInjector
 from vlserve.config import ServerConfig
+
+if TYPE_CHECKING:
+    from vlserve.api.otel import RequestSpans
 
 log = logging.getLogger("vlserve")
 
@@ -40,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
         faults = FaultInjector.from_spec(os.environ.get(FAULT_ENV_VAR))
+        spans = _spans(config.otlp_traces_endpoint)
     except ValueError as exc:
         log.error("invalid configuration: %s", exc)
         return 2
@@ -49,10 +54,22 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if faults is not None:
         log.warning("%s is set: requests will fail on purpose (testing only)", FAULT_ENV_VAR)
-    return serve(config, faults)
+    if spans is not None:
+        log.info("OpenTelemetry: each request's span goes to %s", config.otlp_traces_endpoint)
+    return serve(config, faults, spans)
 
 
-def serve(config: ServerConfig, faults: FaultInjector | None = None) -> int:
+def _spans(endpoint: str) -> RequestSpans | None:
+    if not endpoint:
+        return None
+    from vlserve.api.otel import RequestSpans
+
+    return RequestSpans.to_endpoint(endpoint)
+
+
+def serve(
+    config: ServerConfig, faults: FaultInjector | None = None, spans: RequestSpans | None = None
+) -> int:
     """Run the server until SIGINT/SIGTERM (exit 0) or a fatal engine error (exit 1)."""
     from vlserve.engine import openmp
 
@@ -83,7 +100,7 @@ def serve(config: ServerConfig, faults: FaultInjector | None = None) -> int:
             on_fatal=lambda exc: on_fatal(exc),
         ),
     )
-    app = create_app(config, engine, metrics, faults)
+    app = create_app(config, engine, metrics, faults, spans)
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:

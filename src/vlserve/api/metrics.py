@@ -63,6 +63,9 @@ class RequestRecord:
     client: str | None = None  # host:port of the peer (nginx's, behind launch)
     trace_id: str | None = None  # W3C trace id: the client's traceparent's, or a new one
     traceparent: str | None = None  # the client's, when it sent a valid one
+    span_id: str | None = None  # this server's span in that trace (the media fetches' parent)
+    sampled: bool = False  # the trace's sampled flag: exported as an OpenTelemetry span if set
+    wall_start_ns: int = field(default_factory=time.time_ns)  # the span's start (epoch)
 
     def first_token(self) -> None:
         if self.ttft_s is None:

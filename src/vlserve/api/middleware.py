@@ -15,6 +15,7 @@ from vlserve.api.accesslog import log_line, request_fields
 from vlserve.api.auth import ApiKeys, is_protected
 from vlserve.api.errors import send_error
 from vlserve.api.metrics import Metrics, RequestRecord
+from vlserve.api.otel import RequestSpans
 from vlserve.errors import (
     AuthenticationError,
     ClientTimeoutError,
@@ -87,7 +88,9 @@ class RequestContextMiddleware:
         metrics_auth: bool = False,
         body_routes: frozenset[tuple[str, str]] = BODY_ROUTES,
         max_inflight_body_bytes: int | None = None,
+        spans: RequestSpans | None = None,
     ) -> None:
+        self.spans = spans  # each request exported as an OpenTelemetry span, when set
         self.app = app
         self.body_routes = body_routes
         self.keys = keys
@@ -111,7 +114,7 @@ class RequestContextMiddleware:
             path=scope["path"],
         )
         scope.setdefault("state", {})["record"] = record
-        _trace(record, scope)
+        _trace(record, scope, self.spans is not None)
         id_header = (b"x-request-id", record.request_id.encode())
         started = completed = False
         held = [0]  # this request's share of inflight_body_bytes
@@ -237,21 +240,24 @@ class RequestContextMiddleware:
     def _finish(self, record: RequestRecord) -> None:
         e2e_s = time.perf_counter() - record.start
         self.metrics.observe(record, e2e_s)
+        if self.spans is not None and record.path not in _QUIET_PATHS:
+            self.spans.export(record, e2e_s)
         level = logging.DEBUG if record.path in _QUIET_PATHS else logging.INFO
         if log.isEnabledFor(level):
             extra = {"fields": request_fields(record, e2e_s), "event": "request"}
             log.log(level, "%s", log_line(record, e2e_s), extra=extra)
 
 
-def _trace(record: RequestRecord, scope: Scope) -> None:
+def _trace(record: RequestRecord, scope: Scope, sample_roots: bool) -> None:
     """The client's address and W3C trace context on the record; this request's span becomes
-    the current one, so the requests it makes (media fetches) carry it on."""
+    the current one, so the requests it makes (media fetches) carry it on. ``sample_roots``:
+    a trace begun here is sampled (this server exports its spans)."""
     client = scope.get("client")
     if client:
         record.client = f"{client[0]}:{client[1]}"
     incoming = tracecontext.TraceParent.parse(_header(scope["headers"], b"traceparent"))
-    span = incoming.child() if incoming is not None else tracecontext.TraceParent.new()
-    record.trace_id = span.trace_id
+    span = incoming.child() if incoming is not None else tracecontext.TraceParent.new(sample_roots)
+    record.trace_id, record.span_id, record.sampled = span.trace_id, span.parent_id, span.sampled
     record.traceparent = incoming.header() if incoming is not None else None
     tracecontext.current.set(span)
 
