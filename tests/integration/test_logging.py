@@ -6,6 +6,7 @@ an OpenTelemetry span to an OTLP/HTTP collector (`--otlp-traces-endpoint`)."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.server
 import json
 import threading
@@ -27,27 +28,40 @@ TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
 PNG = base64.b64decode(png_data_url(64, 64).split(",", 1)[1])
 
 
+class _Quiet(http.server.BaseHTTPRequestHandler):
+    def answer(self, content_type: str, body: bytes) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _serving(handler: type[_Quiet]) -> Iterator[str]:
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 @pytest.fixture(scope="module")
 def media_host() -> Iterator[tuple[str, list[str | None]]]:
     seen: list[str | None] = []
 
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(_Quiet):
         def do_GET(self) -> None:  # noqa: N802
             seen.append(self.headers.get("traceparent"))
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(PNG)))
-            self.end_headers()
-            self.wfile.write(PNG)
+            self.answer("image/png", PNG)
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", seen
-    httpd.shutdown()
-    httpd.server_close()
+    with _serving(Handler) as url:
+        yield url, seen
 
 
 @pytest.fixture(scope="module")
@@ -55,26 +69,17 @@ def collector() -> Iterator[tuple[str, list[Span]]]:
     """An OTLP/HTTP trace collector: the spans of every export it receives."""
     spans: list[Span] = []
 
-    class Handler(http.server.BaseHTTPRequestHandler):
+    class Handler(_Quiet):
         def do_POST(self) -> None:  # noqa: N802
             request = ExportTraceServiceRequest()
             request.ParseFromString(self.rfile.read(int(self.headers["Content-Length"])))
             for resource in request.resource_spans:
                 for scope in resource.scope_spans:
                     spans.extend(scope.spans)
-            self.send_response(200)
-            self.send_header("Content-Type", "application/x-protobuf")
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+            self.answer("application/x-protobuf", b"")
 
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/v1/traces", spans
-    httpd.shutdown()
-    httpd.server_close()
+    with _serving(Handler) as url:
+        yield url + "/v1/traces", spans
 
 
 @pytest.fixture(scope="module")
