@@ -52,7 +52,6 @@ class Sequence:
     num_image_tokens: int = 0  # of the prompt: usage's image_tokens
     num_video_tokens: int = 0  # of the prompt: usage's video_tokens
     scheduled_time: float | None = None  # when its first prefill started
-    num_preemptions: int = 0
     detok: IncrementalDetokenizer | None = None
     sampler: Any = None  # engine.sampling.SamplerState
     index: int = 0  # which of the request's n choices
