@@ -288,8 +288,7 @@ async def _convert(
     if info is None or engine_state is not EngineState.READY or state.defaults is None:
         raise EngineUnavailableError("the model is still loading; retry shortly")
     params = to_sampling(body, state.defaults, vocab_size=info.vocab_size, guide=tools.guide)
-    messages = [m.model_dump(exclude_none=True) for m in body.messages]
-    template, refs = split_messages(messages)
+    template, refs = split_messages(body.messages)
     kwargs = body.mm_processor_kwargs.model_dump() if body.mm_processor_kwargs else None
     parts = await load_parts(state.media, refs, kwargs)
     prompt = ChatPrompt(
