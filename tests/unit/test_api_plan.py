@@ -15,7 +15,9 @@ from vlserve.api.chat import split_messages
 from vlserve.api.convert import SamplingDefaults
 from vlserve.api.plan import RequestPlan, ResponsePlan, plan_request
 from vlserve.api.protocol import ChatCompletionRequest
-from vlserve.engine.fields import OUTPUT_TOKENS, PROMPT, about
+from vlserve.engine.block_manager import BlockManager
+from vlserve.engine.fields import OUTPUT_TOKENS, PROMPT, about, field_of
+from vlserve.engine.scheduler import Scheduler, SchedulerConfig
 from vlserve.errors import ContextLengthError, EngineUnavailableError, InvalidRequestError
 from vlserve.media import MediaConfig, MediaLoader
 
@@ -169,8 +171,18 @@ def test_rename_maps_only_the_engines_fields() -> None:
         assert response.rename(InvalidRequestError("x", param=param)).param == param
 
 
-def test_the_scheduler_refusal_reaches_the_client_under_its_limit_name() -> None:
-    """The engine says ``output_tokens``; over HTTP it is the field the client sent."""
+def test_the_schedulers_refusal_is_about_output_tokens() -> None:
+    """The engine says ``output_tokens`` (not a request name); the API names it."""
+    scheduler = Scheduler(SchedulerConfig(reserve_fraction=0.0), BlockManager(5, 16))
+    with pytest.raises(ContextLengthError) as info:
+        scheduler.check_admissible(10, 100)
+    assert field_of(info.value) == OUTPUT_TOKENS
+    response = ResponsePlan(model="m", output_tokens_param="max_completion_tokens")
+    assert response.rename(info.value).param == "max_completion_tokens"
+
+
+def test_an_output_tokens_refusal_reaches_the_client_under_its_limit_name() -> None:
+    """Over HTTP the engine's ``output_tokens`` is the field the client sent."""
     for sent in ("max_tokens", "max_completion_tokens"):
         fake = FakeEngine()
         fake.refuse = about(OUTPUT_TOKENS, ContextLengthError("needs more KV than there is"))
