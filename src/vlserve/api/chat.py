@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from vlserve.api.protocol import ChatMessage
 from vlserve.errors import InvalidRequestError
 
 _ROLES = {
@@ -76,11 +77,13 @@ _MEDIA_PARTS = {"image_url": "image", "video_url": "video"}
 
 
 def split_messages(
-    messages: Sequence[dict[str, Any]],
+    messages: Sequence[ChatMessage] | Sequence[Mapping[str, Any]],
 ) -> tuple[list[dict[str, Any]], list[MediaRef]]:
     """Return template messages with media placeholders, and the images and videos in prompt
     order.
 
+    ``messages`` are the request's typed messages, walked as they are (no dump, no second
+    validation); the same shapes as plain dicts are read alike (callers that build them).
     Each placeholder is ``{"type": "image" | "video", "index": k}``; ``attach_media`` later puts
     the k-th loaded part in its place, so media are fetched once, concurrently, outside this
     pure step.
@@ -88,21 +91,21 @@ def split_messages(
     out: list[dict[str, Any]] = []
     refs: list[MediaRef] = []
     for i, message in enumerate(messages):
-        role = _ROLES.get(message.get("role", ""))
+        role = _ROLES.get(_get(message, "role") or "")
         if role is None:
             raise InvalidRequestError(
-                f"messages[{i}].role {message.get('role')!r} is not supported; use system, "
+                f"messages[{i}].role {_get(message, 'role')!r} is not supported; use system, "
                 "developer, user, assistant or tool",
                 param=f"messages[{i}].role",
             )
-        content = message.get("content")
-        calls = message.get("tool_calls")
+        content = _get(message, "content")
+        calls = _get(message, "tool_calls")
         if calls is not None and role != "assistant":
             raise InvalidRequestError(
                 f"messages[{i}]: only assistant messages carry tool_calls",
                 param=f"messages[{i}].tool_calls",
             )
-        if role == "tool" and not message.get("tool_call_id"):
+        if role == "tool" and not _get(message, "tool_call_id"):
             raise InvalidRequestError(
                 f"messages[{i}].tool_call_id is required: messages with role 'tool' must "
                 "answer a tool call by its id",
@@ -121,15 +124,28 @@ def split_messages(
                 parts.append(_part(part, role, refs, f"messages[{i}].content[{j}]"))
         entry: dict[str, Any] = {"role": role, "content": parts}
         if calls:
-            entry["tool_calls"] = [{"type": "function", "function": c["function"]} for c in calls]
+            entry["tool_calls"] = [
+                {"type": "function", "function": _plain(_get(c, "function"))} for c in calls
+            ]
         out.append(entry)
     return out, refs
 
 
-def _part(part: dict[str, Any], role: str, refs: list[MediaRef], where: str) -> dict[str, Any]:
-    kind = part.get("type")
+def _get(item: Any, name: str) -> Any:
+    """Field ``name`` of a typed model, or key ``name`` of the same shape as a dict (None if
+    absent either way)."""
+    return item.get(name) if isinstance(item, Mapping) else getattr(item, name, None)
+
+
+def _plain(function: Any) -> dict[str, Any]:
+    """A tool call's ``function`` as the template takes it: ``{"name", "arguments"}``."""
+    return function if isinstance(function, Mapping) else function.model_dump(exclude_none=True)
+
+
+def _part(part: Any, role: str, refs: list[MediaRef], where: str) -> dict[str, Any]:
+    kind = _get(part, "type")
     if kind == "text":
-        return {"type": "text", "text": part.get("text", "")}
+        return {"type": "text", "text": _get(part, "text") or ""}
     media = _MEDIA_PARTS.get(kind)  # type: ignore[arg-type]
     if media is not None:
         if role not in _IMAGE_ROLES:
@@ -138,8 +154,8 @@ def _part(part: dict[str, Any], role: str, refs: list[MediaRef], where: str) -> 
                 "messages",
                 param=where,
             )
-        source = part[kind]
-        refs.append(MediaRef(media, source["url"], f"{where}.{kind}", source.get("detail")))
+        source = _get(part, kind)
+        refs.append(MediaRef(media, _get(source, "url"), f"{where}.{kind}", _get(source, "detail")))
         return {"type": media, "index": len(refs) - 1}
     raise InvalidRequestError(f"{where}.type {kind!r} is not supported", param=f"{where}.type")
 

@@ -69,10 +69,3 @@ async def load_parts(
         else:
             parts.append({"type": "image", "image": item, **images.bounds(ref.detail)})
     return parts
-
-
-def media_kinds(messages: Sequence[dict[str, Any]]) -> frozenset[str]:
-    """The media kinds ("image", "video") that template messages (placeholders or loaded
-    parts) hold."""
-    kinds = {p.get("type") for m in messages for p in m["content"]}
-    return frozenset(kinds & {"image", "video"})

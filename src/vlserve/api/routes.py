@@ -1,4 +1,4 @@
-"""Thin handlers: validate → media → engine.generate() → JSON or SSE."""
+"""Thin handlers: validate → plan (api/plan.py) → engine.generate() → JSON or SSE."""
 
 from __future__ import annotations
 
@@ -15,19 +15,15 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 from vlserve.api import protocol as p
 from vlserve.api.body import BoundedJSONRoute
-from vlserve.api.chat import attach_media, split_messages
-from vlserve.api.convert import DEFAULT_MAX_N, SamplingDefaults, check_supported, to_sampling
+from vlserve.api.convert import DEFAULT_MAX_N, SamplingDefaults
 from vlserve.api.faults import FaultInjector
 from vlserve.api.metrics import Metrics, RequestRecord
-from vlserve.api.multimodal import load_parts, media_kinds
+from vlserve.api.plan import plan_request
 from vlserve.api.serving import Completion, collect, stream_chunks
-from vlserve.api.tools import ToolPlan
-from vlserve.api.tools import plan as plan_tools
 from vlserve.engine.client import EngineClient, EngineState
-from vlserve.engine.prompt import ChatPrompt
-from vlserve.engine.request import SamplingParams, TokenEvent
+from vlserve.engine.request import TokenEvent
 from vlserve.engine.stream import RequestStream
-from vlserve.errors import ContextLengthError, EngineUnavailableError, NotFoundError
+from vlserve.errors import EngineUnavailableError, NotFoundError, VLServeError
 from vlserve.launch.health import STALLED_HEADER
 from vlserve.media import MediaLoader
 
@@ -195,9 +191,13 @@ async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> R
     _check_model(state, body.model)
     record = _record(request)
     record.model = body.model
-    check_supported(body, state.max_n)
-    tools = plan_tools(body)
-    prompt, params = await _convert(state, body, tools, _tenant_salt(state, record, body))
+    prompt, params, reply = await plan_request(
+        body,
+        max_n=state.max_n,
+        ready=functools.partial(_ready, state),
+        media=state.media,
+        api_key=record.api_key_index if state.num_api_keys > 1 else None,
+    )
     if state.faults is not None:
         state.faults.track(record.request_id, body.user)
     # watched: a client gone while its grammar compiles (or its images encode) cancels that
@@ -208,25 +208,18 @@ async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> R
         return Response(status_code=499)
     try:
         events = starting.result()
-    except ContextLengthError as exc:
-        if exc.param == "max_tokens" and body.max_completion_tokens is not None:
-            exc.param = "max_completion_tokens"
+    except VLServeError as exc:
+        reply.rename(exc)  # the engine's neutral field → the name this request used
         raise
     state.streams.add(events)
     if state.drain_expired:
         events.fail(_shutting_down())
-    out = Completion(
-        f"chatcmpl-{uuid.uuid4().hex}",
-        body.model,
-        functools.partial(_track, record, state.metrics),
-        parse_tools=tools.parse_calls,
-        logprobs=bool(body.logprobs),
-        media=media_kinds(prompt.messages),
+    out = reply.completion(
+        f"chatcmpl-{uuid.uuid4().hex}", functools.partial(_track, record, state.metrics)
     )
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    if reply.stream:
         return StreamingResponse(
-            _forget_after(state, events, stream_chunks(events, out, include_usage)),
+            _forget_after(state, events, stream_chunks(events, out, reply.include_usage)),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -234,6 +227,20 @@ async def chat_completions(body: p.ChatCompletionRequest, request: Request) -> R
         return await _complete(events, out, request)
     finally:
         state.streams.discard(events)
+
+
+def _ready(state: ServerState) -> tuple[SamplingDefaults, int]:
+    """The sampling defaults and the vocabulary size once the engine serves; a 503 before (and
+    while it is stalled)."""
+    info, engine_state = state.engine.model_info, state.engine.state
+    if engine_state is EngineState.STALLED:
+        raise EngineUnavailableError(
+            "the engine is stalled (no step finished for --engine-stall-timeout); retry shortly",
+            retry_after_s=5,
+        )
+    if info is None or engine_state is not EngineState.READY or state.defaults is None:
+        raise EngineUnavailableError("the model is still loading; retry shortly")
+    return state.defaults, info.vocab_size
 
 
 async def _forget_after(
@@ -261,43 +268,6 @@ def _track(record: RequestRecord, metrics: Metrics, event: TokenEvent) -> None:
         record.finish_reason = event.finish_reason.value  # type: ignore[union-attr]
         if event.error is not None:
             record.error_code = event.error.code
-
-
-def _tenant_salt(
-    state: ServerState, record: RequestRecord, body: p.ChatCompletionRequest
-) -> str | None:
-    """The prefix cache's salt: the request's ``cache_salt``, and with several API keys, the
-    key too, so one key holder cannot learn another's prompts from ``cached_tokens``
-    (requests under one key still share, and within it ``cache_salt`` splits further)."""
-    if state.num_api_keys < 2 or record.api_key_index is None:
-        return body.cache_salt
-    return f"key{record.api_key_index}:{body.cache_salt or ''}"
-
-
-async def _convert(
-    state: ServerState, body: p.ChatCompletionRequest, tools: ToolPlan, salt: str | None
-) -> tuple[ChatPrompt, SamplingParams]:
-    """The request as the engine takes it: template messages with decoded images and videos,
-    the tools, and its sampling parameters."""
-    info, engine_state = state.engine.model_info, state.engine.state
-    if engine_state is EngineState.STALLED:
-        raise EngineUnavailableError(
-            "the engine is stalled (no step finished for --engine-stall-timeout); retry shortly",
-            retry_after_s=5,
-        )
-    if info is None or engine_state is not EngineState.READY or state.defaults is None:
-        raise EngineUnavailableError("the model is still loading; retry shortly")
-    params = to_sampling(body, state.defaults, vocab_size=info.vocab_size, guide=tools.guide)
-    messages = [m.model_dump(exclude_none=True) for m in body.messages]
-    template, refs = split_messages(messages)
-    kwargs = body.mm_processor_kwargs.model_dump() if body.mm_processor_kwargs else None
-    parts = await load_parts(state.media, refs, kwargs)
-    prompt = ChatPrompt(
-        attach_media(template, parts),
-        cache_salt=salt,
-        tools=tools.template_tools,
-    )
-    return prompt, params
 
 
 async def _complete(events: RequestStream, out: Completion, request: Request) -> Response:

@@ -23,6 +23,7 @@ from vlserve.engine.device import (
     share_cpu,
 )
 from vlserve.engine.encoder import Encoder
+from vlserve.engine.fields import OUTPUT_TOKENS, PROMPT, about
 from vlserve.engine.guided import CompiledGuide, GuideCompiler
 from vlserve.engine.long_text import LONG_TEXT_CHARS, LongTexts, text_chars
 from vlserve.engine.loop import EngineLoop
@@ -259,29 +260,36 @@ class AsyncEngine:
         runner = self._loaded()
         images = prepared.num_image_tokens
         if images > self.config.max_image_tokens:
-            raise InvalidRequestError(
-                f"the request's images make {images} image tokens, more than the server's "
-                f"{self.config.max_image_tokens} per request (--max-image-tokens-per-request); "
-                "send fewer or smaller images, or use image_url.detail 'low'",
-                param="messages",
-                code="too_many_image_tokens",
+            raise about(
+                PROMPT,
+                InvalidRequestError(
+                    f"the request's images make {images} image tokens, more than the server's "
+                    f"{self.config.max_image_tokens} per request "
+                    "(--max-image-tokens-per-request); send fewer or smaller images, or use "
+                    "image_url.detail 'low'",
+                    code="too_many_image_tokens",
+                ),
             )
         n, limit = prepared.num_tokens, runner.max_model_len
         room = limit - n
         if room < 1:
-            raise ContextLengthError(
-                f"the prompt is {n} tokens, which leaves no room in the model's context of "
-                f"{limit} tokens",
-                param="messages",
+            raise about(
+                PROMPT,
+                ContextLengthError(
+                    f"the prompt is {n} tokens, which leaves no room in the model's context of "
+                    f"{limit} tokens"
+                ),
             )
         if params.max_tokens is None:
             fit = min(self.config.default_max_tokens, room, max(kv_tokens - n, 1))
             return dataclasses.replace(params, max_tokens=fit)
         if params.max_tokens > room:
-            raise ContextLengthError(
-                f"this model's context is {limit} tokens; the prompt uses {n}, so max_tokens "
-                f"can be at most {room} (got {params.max_tokens})",
-                param="max_tokens",
+            raise about(
+                OUTPUT_TOKENS,
+                ContextLengthError(
+                    f"this model's context is {limit} tokens; the prompt uses {n}, so max_tokens "
+                    f"can be at most {room} (got {params.max_tokens})"
+                ),
             )
         return params
 

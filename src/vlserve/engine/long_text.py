@@ -23,6 +23,7 @@ import copy
 from collections.abc import Sequence
 from typing import Any
 
+from vlserve.engine.fields import PROMPT, about
 from vlserve.engine.vocab import byte_decoder
 from vlserve.errors import ContextLengthError
 
@@ -92,11 +93,13 @@ class LongTexts:
         (``what`` names the limit in the message)."""
         least, size = self.least_tokens(texts)
         if least >= limit:
-            raise ContextLengthError(
-                f"the prompt is at least {least} tokens ({size} bytes of text, and no token of "
-                f"this model stands for more than {self.max_token_bytes}), which leaves no room "
-                f"in {what}",
-                param="messages",
+            raise about(
+                PROMPT,
+                ContextLengthError(
+                    f"the prompt is at least {least} tokens ({size} bytes of text, and no token "
+                    f"of this model stands for more than {self.max_token_bytes}), which leaves "
+                    f"no room in {what}"
+                ),
             )
         pieces: list[list[int]] = []
         total = 0
@@ -104,9 +107,11 @@ class LongTexts:
             pieces.append(encode_text(self.tokenizer, text))
             total += len(pieces[-1])
             if total >= limit:
-                raise ContextLengthError(
-                    f"the prompt's text is at least {total} tokens, which leaves no room in "
-                    f"{what}",
-                    param="messages",
+                raise about(
+                    PROMPT,
+                    ContextLengthError(
+                        f"the prompt's text is at least {total} tokens, which leaves no room in "
+                        f"{what}"
+                    ),
                 )
         return pieces

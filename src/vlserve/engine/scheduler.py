@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 from vlserve.engine.block_manager import BlockManager, BlockSequence
+from vlserve.engine.fields import OUTPUT_TOKENS, about
 from vlserve.engine.sequence import SequenceStatus
 from vlserve.errors import ContextLengthError, OverloadedError
 from vlserve.settings import check, option
@@ -145,11 +146,13 @@ class Scheduler(Generic[S]):
         (otherwise whether a request is refused would depend on that thread's timing)."""
         budget = self.blocks.capacity_tokens
         if num_prompt_tokens + max_tokens > budget:
-            raise ContextLengthError(
-                f"this request needs {num_prompt_tokens} prompt + {max_tokens} completion "
-                f"tokens, more than the server's KV cache of {budget} tokens "
-                "(--kv-cache-tokens); shorten the prompt or lower max_tokens",
-                param="max_tokens",
+            raise about(
+                OUTPUT_TOKENS,
+                ContextLengthError(
+                    f"this request needs {num_prompt_tokens} prompt + {max_tokens} completion "
+                    f"tokens, more than the server's KV cache of {budget} tokens "
+                    "(--kv-cache-tokens); shorten the prompt or lower max_tokens"
+                ),
             )
         free_rows = max(0, self.config.max_num_seqs - len(self.running))
         if len(self.waiting) + count - free_rows > self.config.max_queue:
