@@ -14,6 +14,7 @@ class VLServeError(Exception):
     type: str = "internal_error"
     code: str = "internal_error"  # every error carries a code (subclasses narrow it)
     retry_after_s: int | None = None  # sent as Retry-After when set
+    field: str | None = None  # an engine refusal's subject, in the engine's words (engine/fields.py)
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)

@@ -25,7 +25,7 @@ E = TypeVar("E", bound=VLServeError)
 
 def about(field: str, exc: E) -> E:
     """``exc`` marked as being about ``field``, its ``param`` the usual name of that field."""
-    exc.field = field  # type: ignore[attr-defined]
+    exc.field = field
     exc.param = _USUAL_PARAM[field]
     return exc
 
@@ -33,7 +33,7 @@ def about(field: str, exc: E) -> E:
 def field_of(exc: VLServeError) -> str | None:
     """The neutral field ``exc`` is about: its mark, else the field its ``param`` usually names
     (an engine that set only ``param``), else None."""
-    field = getattr(exc, "field", None)
+    field = exc.field
     if field is None and exc.param is not None:
         field = _FIELD_OF_PARAM.get(exc.param)
     return field
