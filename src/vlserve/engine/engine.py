@@ -23,7 +23,7 @@ from vlserve.engine.device import (
     share_cpu,
 )
 from vlserve.engine.encoder import Encoder
-from vlserve.engine.fields import OUTPUT_TOKENS, PROMPT, about
+from vlserve.engine.fit import fit, prompt_limit
 from vlserve.engine.guided import CompiledGuide, GuideCompiler
 from vlserve.engine.long_text import LONG_TEXT_CHARS, LongTexts, text_chars
 from vlserve.engine.loop import EngineLoop
@@ -33,12 +33,7 @@ from vlserve.engine.request import SamplingParams, StepStats, TokenEvent
 from vlserve.engine.runner import ModelRunner
 from vlserve.engine.sequence import Sequence
 from vlserve.engine.stream import RequestStream
-from vlserve.errors import (
-    ContextLengthError,
-    EngineError,
-    EngineUnavailableError,
-    InvalidRequestError,
-)
+from vlserve.errors import EngineError, EngineUnavailableError
 from vlserve.lru import BytesLRU
 
 log = logging.getLogger(__name__)
@@ -183,8 +178,8 @@ class AsyncEngine:
         self, prompt: ChatPrompt, params: SamplingParams, request_id: str
     ) -> RequestStream:
         """Prepare (preprocessing thread; texts over ``LONG_TEXT_CHARS`` are first bounded and
-        tokenized on the long-text lane, so short prompts never queue behind them) → fit and admit (400/429 before any image work) →
-        encode (encoder thread, unless the encoder cache holds every image and video patch
+        tokenized on the long-text lane, so short prompts never queue behind them) → fit and
+        admit (400/429 before any image work) → encode (encoder thread, unless the encoder cache holds every image and video patch
         already: then the preprocessing thread finished it, and a cache hit never queues behind
         another request's vision forward) → queue. Returns the request's event stream."""
         _, loop = self._require_ready()
@@ -196,7 +191,14 @@ class AsyncEngine:
         if text_chars(prompt.messages) > LONG_TEXT_CHARS:  # bounded, then tokenized, apart
             pieces = await aio.run_in_executor(self._long, self._tokenize_long, prompt, loop)
         prepared, encoded = await aio.run_in_executor(self._prep, self._prepare, prompt, pieces)
-        params = self._fit(prepared, params, loop.scheduler.blocks.capacity_tokens)
+        params = fit(
+            prepared,
+            params,
+            max_model_len=self._loaded().max_model_len,
+            kv_tokens=loop.scheduler.blocks.capacity_tokens,
+            max_image_tokens=self.config.max_image_tokens,
+            default_max_tokens=self.config.default_max_tokens,
+        )
         with self._lock:
             loop.scheduler.check_admissible(prepared.num_tokens, params.max_tokens or 0, params.n)
         if encoded is None:
@@ -209,12 +211,7 @@ class AsyncEngine:
         runner = self._loaded()
         if self._long_texts is None:
             self._long_texts = LongTexts(runner.preprocess.tokenizer)
-        context, kv = runner.max_model_len, loop.scheduler.blocks.capacity_tokens
-        limit, what = (
-            (context, f"the model's context of {context} tokens")
-            if context <= kv
-            else (kv, f"the server's KV cache of {kv} tokens (--kv-cache-tokens)")
-        )
+        limit, what = prompt_limit(runner.max_model_len, loop.scheduler.blocks.capacity_tokens)
         return self._long_texts.tokenize(hide_texts(prompt.messages)[1], limit, what)
 
     def _prepare(
@@ -252,46 +249,6 @@ class AsyncEngine:
             timeout_s=self.config.grammar_compile_timeout_s,
         )
         return self._guide_workers
-
-    def _fit(
-        self, prepared: PreparedPrompt, params: SamplingParams, kv_tokens: int
-    ) -> SamplingParams:
-        """Check the context and resolve ``max_tokens`` when the request gave none."""
-        runner = self._loaded()
-        images = prepared.num_image_tokens
-        if images > self.config.max_image_tokens:
-            raise about(
-                PROMPT,
-                InvalidRequestError(
-                    f"the request's images make {images} image tokens, more than the server's "
-                    f"{self.config.max_image_tokens} per request "
-                    "(--max-image-tokens-per-request); send fewer or smaller images, or use "
-                    "image_url.detail 'low'",
-                    code="too_many_image_tokens",
-                ),
-            )
-        n, limit = prepared.num_tokens, runner.max_model_len
-        room = limit - n
-        if room < 1:
-            raise about(
-                PROMPT,
-                ContextLengthError(
-                    f"the prompt is {n} tokens, which leaves no room in the model's context of "
-                    f"{limit} tokens"
-                ),
-            )
-        if params.max_tokens is None:
-            fit = min(self.config.default_max_tokens, room, max(kv_tokens - n, 1))
-            return dataclasses.replace(params, max_tokens=fit)
-        if params.max_tokens > room:
-            raise about(
-                OUTPUT_TOKENS,
-                ContextLengthError(
-                    f"this model's context is {limit} tokens; the prompt uses {n}, so max_tokens "
-                    f"can be at most {room} (got {params.max_tokens})"
-                ),
-            )
-        return params
 
     def _encode_on_encoder_thread(self, prompts: list[PreparedPrompt]) -> list[EncodedPrompt]:
         share_cpu(self.device, busy=self.num_running > 0)
