@@ -40,29 +40,43 @@ def mutate(seed: bytes, edits: list[tuple[int, int]], cut: int) -> bytes:
     return bytes(data[: max(cut, 1)])
 
 
+class QuietHandler(http.server.BaseHTTPRequestHandler):
+    """A loopback test server's handler: ``answer`` writes a whole response; no access log."""
+
+    def answer(self, content_type: str, body: bytes, status: int = 200) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
 @contextlib.contextmanager
-def serve_routes(routes: dict[str, tuple[int, bytes]], content_type: str) -> Iterator[str]:
-    """Serve ``routes`` (path → (status, body); others 404) on loopback; yield the base URL."""
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            status, body = routes.get(self.path, (404, b""))
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+def serving(handler: type[QuietHandler]) -> Iterator[str]:
+    """Run ``handler`` on a loopback port in a thread; yield the base URL."""
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
         yield f"http://127.0.0.1:{httpd.server_address[1]}"
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+@contextlib.contextmanager
+def serve_routes(routes: dict[str, tuple[int, bytes]], content_type: str) -> Iterator[str]:
+    """Serve ``routes`` (path → (status, body); others 404) on loopback; yield the base URL."""
+
+    class Handler(QuietHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            status, body = routes.get(self.path, (404, b""))
+            self.answer(content_type, body, status)
+
+    with serving(Handler) as url:
+        yield url
 
 
 def seeds(*fixed: int) -> list[int]:

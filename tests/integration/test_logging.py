@@ -6,10 +6,7 @@ an OpenTelemetry span to an OTLP/HTTP collector (`--otlp-traces-endpoint`)."""
 from __future__ import annotations
 
 import base64
-import contextlib
-import http.server
 import json
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +16,14 @@ import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span
 
-from tests.conftest import ServerProcess, png_data_url, start_server, stop_server
+from tests.conftest import (
+    QuietHandler,
+    ServerProcess,
+    png_data_url,
+    serving,
+    start_server,
+    stop_server,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -28,39 +32,16 @@ TRACEPARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
 PNG = base64.b64decode(png_data_url(64, 64).split(",", 1)[1])
 
 
-class _Quiet(http.server.BaseHTTPRequestHandler):
-    def answer(self, content_type: str, body: bytes) -> None:
-        self.send_response(200)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
-@contextlib.contextmanager
-def _serving(handler: type[_Quiet]) -> Iterator[str]:
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-
-
 @pytest.fixture(scope="module")
 def media_host() -> Iterator[tuple[str, list[str | None]]]:
     seen: list[str | None] = []
 
-    class Handler(_Quiet):
+    class Handler(QuietHandler):
         def do_GET(self) -> None:  # noqa: N802
             seen.append(self.headers.get("traceparent"))
             self.answer("image/png", PNG)
 
-    with _serving(Handler) as url:
+    with serving(Handler) as url:
         yield url, seen
 
 
@@ -69,7 +50,7 @@ def collector() -> Iterator[tuple[str, list[Span]]]:
     """An OTLP/HTTP trace collector: the spans of every export it receives."""
     spans: list[Span] = []
 
-    class Handler(_Quiet):
+    class Handler(QuietHandler):
         def do_POST(self) -> None:  # noqa: N802
             request = ExportTraceServiceRequest()
             request.ParseFromString(self.rfile.read(int(self.headers["Content-Length"])))
@@ -78,7 +59,7 @@ def collector() -> Iterator[tuple[str, list[Span]]]:
                     spans.extend(scope.spans)
             self.answer("application/x-protobuf", b"")
 
-    with _serving(Handler) as url:
+    with serving(Handler) as url:
         yield url + "/v1/traces", spans
 
 
