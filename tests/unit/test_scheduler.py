@@ -29,6 +29,7 @@ class Seq:
     block_hashes: list[bytes] = field(default_factory=list)
     num_cached_tokens: int = 0
     num_prompt_tokens: int = 0
+    index: int = 0
 
     def __post_init__(self) -> None:
         self.num_prompt_tokens = len(self.token_ids)
@@ -84,6 +85,44 @@ def test_fifo_admission_up_to_max_num_seqs() -> None:
     assert _run_prefill(s) == ["a", "b"]
     assert [q.request_id for q in s.waiting] == ["c"]
     assert all(q.status is SequenceStatus.RUNNING for q in s.running)
+
+
+def _choices(s: Scheduler[Seq], name: str, n: int, first: int = 0) -> None:
+    """A request of ``n`` choices, queued as the engine queues them: one sequence each."""
+    for i in range(n):
+        s.add(_seq(name if i == 0 else f"{name}-{i}", 3, first=first, index=i))
+
+
+def test_extra_choices_leave_a_quarter_of_the_rows_to_requests_starting() -> None:
+    """Two n=16 requests on 32 rows (issue 22's soak) do not take every row: the last 8 are
+    left for single requests, which start at once, and the 8 extra choices passed over do not
+    hold up the queue behind them."""
+    s = _sched(blocks=512, max_num_seqs=32)
+    _choices(s, "big1", 16)
+    _choices(s, "big2", 16, first=100)
+    admitted = _run_prefill(s)
+    big1 = ["big1"] + [f"big1-{i}" for i in range(1, 16)]
+    assert admitted == big1 + ["big2"] + [f"big2-{i}" for i in range(1, 8)]
+    assert [q.request_id for q in s.waiting] == [f"big2-{i}" for i in range(8, 16)]
+    for name in ("one", "two"):
+        s.add(_seq(name, 3, first=200))
+    assert _run_prefill(s) == ["one", "two"]
+    assert [q.request_id for q in s.waiting][:1] == ["big2-8"]  # still first in line
+
+
+def test_extra_choices_join_when_rows_free_and_always_can_run() -> None:
+    s = _sched(blocks=512, max_num_seqs=8)  # 2 rows kept for first choices
+    _choices(s, "big", 8)
+    assert len(_run_prefill(s)) == 6
+    assert _decode(s) == ["big"] + [f"big-{i}" for i in range(1, 6)]  # the 2 kept rows stay free
+    s.finish(s.running[1])  # a row frees beyond the kept ones: the next extra choice joins
+    assert _run_prefill(s) == ["big-6"]
+    # one row in all: nothing kept, so n > 1 runs one choice after the other
+    one = _sched(blocks=512, max_num_seqs=1)
+    _choices(one, "n3", 3)
+    assert _run_prefill(one) == ["n3"]
+    one.finish(one.running[0])
+    assert _run_prefill(one) == ["n3-1"]
 
 
 def test_budget_counts_used_blocks_not_max_tokens() -> None:

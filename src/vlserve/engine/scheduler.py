@@ -15,6 +15,14 @@ Policy (nano-vllm's, with vLLM's recompute preemption and chunked prefill):
   one per chunk;
 - admission is strict FIFO: when the oldest waiting request does not fit yet, nobody overtakes
   it, so a long prompt is never starved by a stream of short ones;
+- rows are shared by requests, not by choices: a request's extra choices (``n`` > 1: every
+  choice but its first) never take the last ``first_choice_rows`` of the batch's rows
+  (a quarter of ``max_num_seqs``), which are kept for requests starting. An extra choice that
+  would take one is passed over, without holding up the queue behind it, and joins when rows
+  free up. So two ``n=16`` requests on 32 rows cannot hold every row for their whole length
+  while single requests wait (issue 22's soak: 62 requests queued 85-99 s behind them); a
+  request's first choice still takes its turn like any other, and alone on the server an
+  ``n`` of up to three quarters of the rows still runs at once;
 - the KV budget counts what is used (prompt plus the tokens generated so far, in blocks), not
   prompt plus ``max_tokens``; a newcomer is admitted when its uncached blocks fit now, keeping a
   small reserve so the running rows can grow;
@@ -43,6 +51,7 @@ class Schedulable(BlockSequence, Protocol):
     request_id: str
     num_prompt_tokens: int
     status: SequenceStatus
+    index: int  # which of its request's n choices (0: the first)
 
     @property
     def max_tokens(self) -> int: ...
@@ -93,6 +102,11 @@ class SchedulerConfig:
         check(self)
         if not 0 <= self.reserve_fraction < 1:
             raise ValueError("reserve_fraction must be in [0, 1)")
+
+    @property
+    def first_choice_rows(self) -> int:
+        """Rows only first choices may take (fewer than all: an extra choice always can run)."""
+        return self.max_num_seqs // 4
 
 
 @dataclass(frozen=True)
@@ -178,8 +192,8 @@ class Scheduler(Generic[S]):
 
     def _admit(self, partial: list[S]) -> StepPlan[S]:
         """The next chunk of each prompt being prefilled, then newcomers (FIFO: a newcomer never
-        overtakes the head), while rows x the longest row's new tokens fits the budget; a row
-        wider than its share is chunked."""
+        overtakes the head, except past extra choices kept off the last rows), while rows x the
+        longest row's new tokens fits the budget; a row wider than its share is chunked."""
         cfg = self.config
         budget = cfg.max_prefill_tokens or DEVICE_PREFILL_TOKENS
         joining = min(len(self.waiting), max(cfg.max_num_seqs - len(self.running), 0))
@@ -194,15 +208,19 @@ class Scheduler(Generic[S]):
             planned.append(_prefill_row(seq, width))
             longest = max(longest, planned[-1].end - planned[-1].start)
         reserve = int(self.blocks.num_blocks * cfg.reserve_fraction)
-        while self.waiting and len(self.running) < cfg.max_num_seqs:
+        at = 0  # the oldest waiting sequence not passed over
+        while at < len(self.waiting) and len(self.running) < cfg.max_num_seqs:
+            head = self.waiting[at]
+            if head.index > 0 and cfg.max_num_seqs - len(self.running) <= cfg.first_choice_rows:
+                at += 1  # an extra choice: the last free rows are for requests starting
+                continue
             width = budget // (len(planned) + 1)  # the widest one more row may be
-            head = self.waiting[0]
             if width < max(longest, 1) or not self.blocks.can_allocate(
                 head, reserve if self.running else 0
             ):
                 break
             self.blocks.allocate(head)
-            self.waiting.popleft()
+            del self.waiting[at]
             head.status = SequenceStatus.RUNNING
             self.running.append(head)
             planned.append(_prefill_row(head, width))
