@@ -93,36 +93,65 @@ def _choices(s: Scheduler[Seq], name: str, n: int, first: int = 0) -> None:
         s.add(_seq(name if i == 0 else f"{name}-{i}", 3, first=first, index=i))
 
 
-def test_extra_choices_leave_a_quarter_of_the_rows_to_requests_starting() -> None:
-    """Two n=16 requests on 32 rows (issue 22's soak) do not take every row: the last 8 are
-    left for single requests, which start at once, and the 8 extra choices passed over do not
-    hold up the queue behind them."""
+def _ids(seqs: object) -> list[str]:
+    return [q.request_id for q in seqs]  # type: ignore[attr-defined]
+
+
+def test_extra_choices_hold_at_most_half_the_rows() -> None:
+    """Two n=16 requests on 32 rows (issue 22's soak) do not take every row: extra choices hold
+    at most 16, single requests start at once beside them, and the extra choices passed over
+    do not hold up the queue behind them."""
     s = _sched(blocks=512, max_num_seqs=32)
     _choices(s, "big1", 16)
     _choices(s, "big2", 16, first=100)
-    admitted = _run_prefill(s)
     big1 = ["big1"] + [f"big1-{i}" for i in range(1, 16)]
-    assert admitted == big1 + ["big2"] + [f"big2-{i}" for i in range(1, 8)]
-    assert [q.request_id for q in s.waiting] == [f"big2-{i}" for i in range(8, 16)]
+    assert _run_prefill(s) == big1 + ["big2", "big2-1"]
+    assert _ids(s.waiting) == [f"big2-{i}" for i in range(2, 16)]
     for name in ("one", "two"):
         s.add(_seq(name, 3, first=200))
     assert _run_prefill(s) == ["one", "two"]
-    assert [q.request_id for q in s.waiting][:1] == ["big2-8"]  # still first in line
+    assert _ids(s.waiting)[:1] == ["big2-2"]  # still first in line
 
 
-def test_extra_choices_join_when_rows_free_and_always_can_run() -> None:
-    s = _sched(blocks=512, max_num_seqs=8)  # 2 rows kept for first choices
+def test_a_waiting_extra_choice_takes_the_next_row_an_extra_choice_frees() -> None:
+    """Never starved: with every row taken and single requests arriving all the time, the
+    extra choice passed over still joins as soon as another extra choice finishes."""
+    s = _sched(blocks=512, max_num_seqs=8)  # extra choices: 4 rows
     _choices(s, "big", 8)
-    assert len(_run_prefill(s)) == 6
-    assert _decode(s) == ["big"] + [f"big-{i}" for i in range(1, 6)]  # the 2 kept rows stay free
-    s.finish(s.running[1])  # a row frees beyond the kept ones: the next extra choice joins
-    assert _run_prefill(s) == ["big-6"]
-    # one row in all: nothing kept, so n > 1 runs one choice after the other
+    assert _run_prefill(s) == ["big"] + [f"big-{i}" for i in range(1, 5)]
+    for name in ("one", "two", "three", "four"):
+        s.add(_seq(name, 3, first=100))
+    assert _run_prefill(s) == ["one", "two", "three"]  # the last rows: past big-5
+    _decode(s)
+    s.finish(s.running[1])  # big-1 finishes: its row goes to big-5, which is older than four
+    assert _run_prefill(s) == ["big-5"]
+    assert _ids(s.waiting) == ["big-6", "big-7", "four"]
+    # one row in all: n > 1 runs one choice after the other
     one = _sched(blocks=512, max_num_seqs=1)
     _choices(one, "n3", 3)
     assert _run_prefill(one) == ["n3"]
     one.finish(one.running[0])
     assert _run_prefill(one) == ["n3-1"]
+
+
+def test_n_above_one_is_refused_past_one_batch_of_waiting_extra_choices() -> None:
+    """Extra choices beyond the rows free to them may wait one batch's worth (16 of 32 rows);
+    a request with more gets 429 at once, not a queue its client would time out in, while
+    single requests are still taken."""
+    s = _sched(blocks=1024, max_num_seqs=32)
+    for i in range(2):  # 30 extra choices: 16 can run, 14 wait
+        s.check_admissible(3, 10, count=16)
+        _choices(s, f"big{i}", 16, first=100 * i)
+    with pytest.raises(OverloadedError, match="n > 1"):
+        s.check_admissible(3, 10, count=16)
+    _run_prefill(s)
+    assert len(s.running) == 18 and len(s.waiting) == 14
+    with pytest.raises(OverloadedError, match="n > 1"):
+        s.check_admissible(3, 10, count=16)
+    s.check_admissible(3, 10, count=3)  # 14 + 2 waiting: within one batch
+    with pytest.raises(OverloadedError, match="n > 1"):
+        s.check_admissible(3, 10, count=4)
+    s.check_admissible(3, 10)
 
 
 def test_budget_counts_used_blocks_not_max_tokens() -> None:

@@ -15,14 +15,18 @@ Policy (nano-vllm's, with vLLM's recompute preemption and chunked prefill):
   one per chunk;
 - admission is strict FIFO: when the oldest waiting request does not fit yet, nobody overtakes
   it, so a long prompt is never starved by a stream of short ones;
-- rows are shared by requests, not by choices: a request's extra choices (``n`` > 1: every
-  choice but its first) never take the last ``first_choice_rows`` of the batch's rows
-  (a quarter of ``max_num_seqs``), which are kept for requests starting. An extra choice that
-  would take one is passed over, without holding up the queue behind it, and joins when rows
-  free up. So two ``n=16`` requests on 32 rows cannot hold every row for their whole length
-  while single requests wait (issue 22's soak: 62 requests queued 85-99 s behind them); a
-  request's first choice still takes its turn like any other, and alone on the server an
-  ``n`` of up to three quarters of the rows still runs at once;
+- rows are shared by requests, not by choices: the extra choices of all requests together
+  (``n`` > 1: every choice but a request's first) hold at most ``extra_choice_rows`` rows
+  (half of ``max_num_seqs``), so at least half is always left to first choices. An extra
+  choice past that bound is passed over without holding up the queue behind it, and keeps its
+  place: it takes the next row an extra choice frees, so it is never starved. At most one
+  such batch of extra choices waits beyond the rows free to them; a request with more is
+  refused with 429 at once rather than queued for longer than one generation. So two
+  ``n=16`` requests on 32 rows no longer hold every row for their whole length while single
+  requests wait (issue 22's soak: 62 requests queued 85-99 s behind them). Tried first and
+  dropped: a reserve of free rows (under sustained load rows never freed, and starved extra
+  choices filled the queue until every request got 429), and three quarters of the rows
+  (6 of 32 rows were left to 60 clients: p50 latency 16 s);
 - the KV budget counts what is used (prompt plus the tokens generated so far, in blocks), not
   prompt plus ``max_tokens``; a newcomer is admitted when its uncached blocks fit now, keeping a
   small reserve so the running rows can grow;
@@ -36,7 +40,7 @@ Policy (nano-vllm's, with vLLM's recompute preemption and chunked prefill):
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
@@ -94,7 +98,9 @@ class SchedulerConfig:
         min=0,
         metavar="N",
         help="requests waiting beyond the batch's free rows (those that cannot start at the "
-        "next step), past which new ones get 429 + Retry-After",
+        "next step), past which new ones get 429 + Retry-After (a request with n > 1 also gets "
+        "429 when more than one batch of extra choices would wait: they hold at most half "
+        "of the --max-num-seqs rows)",
     )
     reserve_fraction: float = 0.01  # of the KV blocks kept free at admission, for growth
 
@@ -104,9 +110,9 @@ class SchedulerConfig:
             raise ValueError("reserve_fraction must be in [0, 1)")
 
     @property
-    def first_choice_rows(self) -> int:
-        """Rows only first choices may take (fewer than all: an extra choice always can run)."""
-        return self.max_num_seqs // 4
+    def extra_choice_rows(self) -> int:
+        """Rows the extra choices of all requests may hold together (at least one)."""
+        return max(self.max_num_seqs // 2, 1)
 
 
 @dataclass(frozen=True)
@@ -174,6 +180,15 @@ class Scheduler(Generic[S]):
                 f"server is at capacity ({len(self.running)} running, {len(self.waiting)} "
                 "waiting); retry later"
             )
+        if count > 1:
+            rows = self.config.extra_choice_rows
+            free = max(0, rows - _extras(self.running))
+            if _extras(self.waiting) + count - 1 - free > rows:
+                raise OverloadedError(
+                    f"server is at capacity for requests with n > 1 ({_extras(self.running)} "
+                    f"extra choices running, {_extras(self.waiting)} waiting); retry later "
+                    "or lower n"
+                )
 
     def add(self, seq: S) -> None:
         self.check_admissible(seq.num_prompt_tokens, seq.max_tokens)
@@ -209,10 +224,11 @@ class Scheduler(Generic[S]):
             longest = max(longest, planned[-1].end - planned[-1].start)
         reserve = int(self.blocks.num_blocks * cfg.reserve_fraction)
         at = 0  # the oldest waiting sequence not passed over
+        extras = _extras(self.running)
         while at < len(self.waiting) and len(self.running) < cfg.max_num_seqs:
             head = self.waiting[at]
-            if head.index > 0 and cfg.max_num_seqs - len(self.running) <= cfg.first_choice_rows:
-                at += 1  # an extra choice: the last free rows are for requests starting
+            if head.index > 0 and extras >= cfg.extra_choice_rows:
+                at += 1  # an extra choice, and extra choices hold their share of the rows
                 continue
             width = budget // (len(planned) + 1)  # the widest one more row may be
             if width < max(longest, 1) or not self.blocks.can_allocate(
@@ -223,6 +239,7 @@ class Scheduler(Generic[S]):
             del self.waiting[at]
             head.status = SequenceStatus.RUNNING
             self.running.append(head)
+            extras += head.index > 0
             planned.append(_prefill_row(head, width))
             longest = max(longest, planned[-1].end - planned[-1].start)
         return StepPlan(planned, True, [])
@@ -282,6 +299,11 @@ def _prefilling(seq: Schedulable) -> bool:
     """Running, but its prompt (or recompute) not all computed yet: a chunked prefill. (A
     decoding sequence has every token but its newest computed.)"""
     return seq.num_cached_tokens < seq.num_tokens - 1
+
+
+def _extras(seqs: Iterable[Schedulable]) -> int:
+    """How many of ``seqs`` are extra choices (not their request's first)."""
+    return sum(seq.index > 0 for seq in seqs)
 
 
 def _prefill_row(seq: S, budget: int) -> StepRow[S]:
