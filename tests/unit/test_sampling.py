@@ -7,6 +7,7 @@ import torch
 from vlserve.engine.request import SamplingParams
 from vlserve.engine.sampling import (
     SamplerState,
+    _draw,
     apply_penalties,
     inverse_cdf,
     probabilities,
@@ -39,7 +40,8 @@ def test_filters_apply_per_row_in_one_batch() -> None:
         SamplingParams(temperature=1.0),
         SamplingParams(temperature=1.0, top_k=2, top_p=0.5),
     ]
-    probs = probabilities(logits, params)
+    probs, ids = probabilities(logits, params)
+    assert ids is None  # not every row has a top-k: the whole vocabulary
     assert probs[0].nonzero().view(-1).tolist() == [0]
     assert set(probs[1].nonzero().view(-1).tolist()) <= {0, 1}
     assert probs[2].nonzero().view(-1).tolist() == [0, 1, 2, 3]  # the unfiltered row is untouched
@@ -62,6 +64,64 @@ def test_seed_reproducible_and_independent_of_batch() -> None:
     first = run([0])
     assert first == run([0, 1, 2]) == run([0, 2])
     assert len(set(first)) > 1  # really sampling, not a constant
+
+
+def _top_k_rows() -> list[SamplingParams]:
+    return [
+        SamplingParams(temperature=0.7, top_k=20, top_p=0.8),  # Qwen3-VL's defaults
+        SamplingParams(temperature=1.0, top_k=5),
+        SamplingParams(temperature=1.3, top_k=300, min_p=0.01),
+        SamplingParams(temperature=0.5, top_k=999, top_p=0.5),
+        SamplingParams(temperature=1.0, top_k=1),
+    ]
+
+
+def test_top_k_rows_get_their_distribution_over_candidates_only() -> None:
+    """Rows that all have a top-k are filtered over their k candidates; the distribution is the
+    one the whole-vocabulary form gives (a row without a top-k in the batch forces that form)."""
+    logits = torch.randn(5, 1000, generator=torch.Generator().manual_seed(1)) * 3
+    params = _top_k_rows()
+    probs, ids = probabilities(logits, params)
+    assert ids is not None and probs.shape == ids.shape == (5, 999)
+    assert bool((ids[:, 1:] > ids[:, :-1]).all())  # token order
+    full, none = probabilities(torch.cat([logits, logits[:1]]), [*params, SamplingParams()])
+    assert none is None
+    dense = torch.zeros(5, 1000).scatter_(1, ids, probs)
+    assert torch.allclose(
+        dense / dense.sum(1, keepdim=True), full[:5] / full[:5].sum(1, keepdim=True), atol=1e-6
+    )
+    assert [int((full[i] > 0).sum()) for i in range(5)] == [
+        int((dense[i] > 0).sum()) for i in range(5)
+    ]
+    assert (dense[1] > 0).sum() == 5 and (dense[4] > 0).sum() == 1
+
+
+def test_top_k_rows_draw_the_token_the_whole_vocabulary_draws() -> None:
+    """The candidates are in token order, so one draw lands on the same token either way."""
+    logits = torch.randn(5, 1000, generator=torch.Generator().manual_seed(2)) * 3
+    params = _top_k_rows()
+    full, _ = probabilities(torch.cat([logits, logits[:1]]), [*params, SamplingParams()])
+    rng = torch.Generator().manual_seed(3)
+    for _ in range(200):
+        draws = torch.rand(5, generator=rng, dtype=torch.float64)
+        assert _draw(logits, params, draws).tolist() == _full_cdf(full[:5], draws).tolist()
+
+
+def test_top_k_rows_sample_alike_alone_and_beside_other_rows() -> None:
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(4))
+
+    def run(rows: list[int]) -> list[int]:
+        states = [
+            _state(vocab=50, temperature=0.7, top_k=20, top_p=0.8, seed=11)
+            if r == 0
+            else _state(vocab=50, temperature=0.9, seed=r)
+            for r in rows
+        ]
+        return [sample(logits[rows], states)[0][0] for _ in range(12)]
+
+    first = run([0])
+    assert first == run([0, 1, 2]) == run([0, 2])
+    assert len(set(first)) > 1
 
 
 def test_sampling_follows_the_distribution() -> None:

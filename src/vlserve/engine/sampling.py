@@ -220,15 +220,33 @@ def _read_back(
     return [int(t) for t in flat[:n]], result
 
 
-def probabilities(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """The distribution each row samples from: temperature, then top-k, min-p and top-p."""
+def probabilities(
+    logits: torch.Tensor, params: Sequence[SamplingParams]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The distribution each row samples from: temperature, then top-k, min-p and top-p.
+
+    When every row has a top-k (``0 < top_k < vocab``) it is computed over the rows'
+    candidates only: ``(probs, ids)``, both (rows, largest k), ids ascending within each row.
+    ``torch.topk`` gives them sorted by logit, so top-p needs no sort, and nothing after the
+    top-k touches the vocabulary (a top-p over the whole vocabulary sorted 151,936 logits per
+    row per step: Qwen3-VL's defaults, top-k 20 and top-p 0.8, then cost about 80 ms a step at
+    16 rows on two CPU cores). A token tied with the k-th logit past k is dropped there; the
+    whole-vocabulary form keeps ties. Otherwise ``(probs, None)`` over the vocabulary."""
     dev = logits.device
     if any(p.temperature != 1.0 for p in params):
         temperature = torch.tensor([p.temperature for p in params], device=dev).unsqueeze(1)
         logits = logits / temperature
     vocab = logits.shape[-1]
     top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
-    if any(top_k):
+    ids = None
+    if all(top_k):
+        logits, ids = torch.topk(logits, max(top_k), dim=-1)  # descending
+        if min(top_k) < logits.shape[-1]:
+            beyond = torch.arange(logits.shape[-1], device=dev) >= torch.tensor(
+                top_k, device=dev
+            ).unsqueeze(1)
+            logits = logits.masked_fill(beyond, float("-inf"))
+    elif any(top_k):
         k_max = max(top_k)
         kth = torch.topk(logits, k_max, dim=-1).values  # (rows, k_max), descending
         index = torch.tensor([max(k, 1) - 1 if k else k_max - 1 for k in top_k], device=dev)
@@ -241,32 +259,66 @@ def probabilities(logits: torch.Tensor, params: Sequence[SamplingParams]) -> tor
         probs = probs.masked_fill(probs < min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
     top_p = [p.top_p for p in params]
     if any(p < 1.0 for p in top_p):
-        probs = top_p_filter(probs, torch.tensor(top_p, device=dev, dtype=probs.dtype))
-    return probs
+        mass = torch.tensor(top_p, device=dev, dtype=probs.dtype)
+        probs = top_p_filter(probs, mass) if ids is None else _top_p_sorted(probs, mass)
+    if ids is None:
+        return probs, None
+    ids, order = torch.sort(
+        ids, dim=-1
+    )  # token order: a draw lands where the vocabulary's CDF would
+    return probs.gather(1, order), ids
 
 
 def top_p_filter(probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     """Keep, per row, the smallest set of most likely tokens whose mass reaches ``top_p``."""
     sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+    return torch.zeros_like(probs).scatter_(-1, order, _top_p_sorted(sorted_probs, top_p))
+
+
+def _top_p_sorted(sorted_probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """``top_p_filter`` of rows already sorted in descending order."""
     cumulative = torch.cumsum(sorted_probs, dim=-1)
     # A token is dropped when the mass before it already reaches top_p; the first always stays.
     drop = (cumulative - sorted_probs) >= top_p.unsqueeze(-1) * cumulative[..., -1:]
     drop[..., 0] = False  # even when top_p * total underflows to 0
-    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-    return torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
+    return sorted_probs.masked_fill(drop, 0.0)
 
 
 def _sample_rows(logits: torch.Tensor, states: Sequence[SamplerState]) -> torch.Tensor:
-    """Inverse-CDF sampling: one uniform draw per row from that row's own generator."""
-    probs = probabilities(logits, [s.params for s in states])
+    """Inverse-CDF sampling: one uniform draw per row from that row's own generator. Rows with
+    a top-k and rows without are drawn apart, so which form a row's distribution takes depends
+    on its own parameters only, never on the rest of the batch."""
     draws = torch.cat(
         [torch.rand(1, generator=s.generator, device=s.generator.device) for s in states]  # type: ignore[union-attr]
-    ).to(probs.device, torch.float64)
-    picked = inverse_cdf(probs, draws)
+    ).to(logits.device, torch.float64)
+    params = [s.params for s in states]
+    vocab = logits.shape[-1]
+    few = [0 < p.top_k < vocab for p in params]
+    if all(few) or not any(few):
+        return _draw(logits, params, draws)
+    tokens = torch.empty(len(params), dtype=torch.long, device=logits.device)
+    for group in (True, False):
+        rows = [i for i, f in enumerate(few) if f is group]
+        index = torch.tensor(rows, device=logits.device)
+        tokens[index] = _draw(logits[index], [params[i] for i in rows], draws[index])
+    return tokens
+
+
+def _draw(
+    logits: torch.Tensor, params: Sequence[SamplingParams], draws: torch.Tensor
+) -> torch.Tensor:
+    probs, ids = probabilities(logits, params)
+    if ids is None:
+        picked = inverse_cdf(probs, draws)
+    else:  # at most k candidates: one float64 CDF
+        cdf = probs.double().cumsum(-1)
+        target = (draws.clamp(0.0, 1.0 - 2**-52) * cdf[:, -1]).unsqueeze(1)
+        picked = torch.searchsorted(cdf, target, right=True).view(-1).clamp(max=cdf.shape[1] - 1)
     # never a zero-probability token, even where float rounding lands on one (decided on the
     # device: no read back)
     zero = probs.gather(1, picked.unsqueeze(1)).view(-1) <= 0
-    return torch.where(zero, greedy(probs), picked)
+    picked = torch.where(zero, greedy(probs), picked)
+    return picked if ids is None else ids.gather(1, picked.unsqueeze(1)).view(-1)
 
 
 CDF_BLOCKS = 128
