@@ -13,7 +13,9 @@ import json
 import sys
 from pathlib import Path
 
-STEPS = ("exactness-graphs", "exactness-eager", "decode-step", "realsize", "served", "prefix")
+STEPS = (
+    "exactness-graphs", "exactness-eager", "decode-step", "sampling", "realsize", "served", "prefix"
+)  # fmt: skip
 KEEP = ("request_throughput", "output_token_throughput", "ttft_ms", "tpot_ms", "e2el_ms")
 KEEP += ("completed", "failed", "duration_s")
 

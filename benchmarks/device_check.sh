@@ -15,7 +15,8 @@
 #            graphs (the default there) and with --enforce-eager,
 #         2. benchmarks/decode_step.py: one 8B decode step at batch 1 and 64 by forward (HF /
 #            ours), attention (gather / paged kernel) and graph, against the HBM floor, and
-#            torch.profiler's top 15 operations of a step at batch 1 and 64,
+#            torch.profiler's top 15 operations of a step at batch 1 and 64; then
+#            benchmarks/sampling_step.py: the sampler at 32 and 256 rows per filter mix,
 #         3. benchmarks/gpu_realsize.py: the in-process engine at the 8B dimensions, 1 and 64
 #            users (448x448 image + 64 tokens each),
 #         4. the tiny model served in bf16 under `vlserve bench` at concurrency 1, 8 and 32,
@@ -81,12 +82,14 @@ if [ "$DRY" = 1 ]; then
     DECODE=(--smoke --batches 1 4 --steps 3 --variants transformers vlserve-gather)
     REALSIZE=(--smoke --batches 1)
     PREFIX=(--shapes tiny --conversations 2 --rounds 1 --concurrency 2 --max-tokens 4)
+    SAMPLING=(--rows 4 --repeats 2)
 else
     DEVICE=cuda; DTYPE=bfloat16; LEVELS=(1 8 32); REQUESTS=64
     K=(-k "not inner and not interpreter")
     DECODE=(--batches 1 64)
     REALSIZE=(--batches 1 64 --budget-s 70)
     PREFIX=(--shapes 8b --conversations 4 --rounds 1 --concurrency 4 --max-tokens 16)
+    SAMPLING=(--rows 32 256 --repeats 20)
     "$PY" -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else "no CUDA device")'
 fi
 started=$(date +%s)
@@ -114,6 +117,8 @@ step exactness-eager 60 env VLSERVE_TEST_DEVICE="$DEVICE" VLSERVE_TEST_DECODE_GR
 # 2. one 8B decode step by forward, attention and graph, against the HBM floor; profiler tables
 step decode-step 120 "$PY" benchmarks/decode_step.py --device "$DEVICE" --dtype "$DTYPE" \
     --jsonl "$WORK/decode-step.jsonl" "${DECODE[@]}"
+# 2b. the sampler per filter mix over the real vocabulary (Qwen3-VL's defaults: top-k 20, top-p 0.8)
+step sampling 20 "$PY" benchmarks/sampling_step.py --device "$DEVICE" "${SAMPLING[@]}"
 # 3. the in-process engine at the 8B dimensions, 448x448 image + 64 tokens per request
 step realsize 80 "$PY" benchmarks/gpu_realsize.py --device "$DEVICE" --dtype "$DTYPE" "${REALSIZE[@]}"
 

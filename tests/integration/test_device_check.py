@@ -31,14 +31,15 @@ def test_device_check_dry_run_writes_one_results_file(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert result["device"] == "cpu" and result["dry_run"] is True
     steps = result["steps"]
-    assert set(steps) == {"exactness-graphs", "exactness-eager", "decode-step", "realsize",
-                          "served", "prefix"}  # fmt: skip
+    assert set(steps) == {"exactness-graphs", "exactness-eager", "decode-step", "sampling",
+                          "realsize", "served", "prefix"}  # fmt: skip
     for name, step in steps.items():
         assert step["exit_code"] == 0, (name, step["tail"])
     assert "passed" in steps["exactness-graphs"]["tail"]
     (summary,) = result["bench"].values()
     assert summary["failed"] == 0 and summary["output_token_throughput"] > 0
     assert "batched tok/s" in steps["realsize"]["tail"]
+    assert "qwen-defaults" in steps["sampling"]["tail"]
     variants = {(r.get("variant"), r.get("batch")) for r in result["decode_step"]}
     assert {("transformers", 1), ("vlserve-gather", 4)} <= variants
     assert any(r["kind"] == "floor" for r in result["decode_step"])
