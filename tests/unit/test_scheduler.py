@@ -154,6 +154,20 @@ def test_n_above_one_is_refused_past_one_batch_of_waiting_extra_choices() -> Non
     s.check_admissible(3, 10)
 
 
+def test_with_no_extra_choice_waiting_any_n_is_taken_and_its_choices_take_turns() -> None:
+    """One row, n=4: more than a batch of extra choices, yet no other request's wait, so it is
+    taken (a 429 could never be retried into success); its choices run one after the other."""
+    s = _sched(blocks=64, max_num_seqs=1)
+    s.check_admissible(3, 10, count=4)
+    _choices(s, "n4", 4)
+    with pytest.raises(OverloadedError, match="n > 1"):  # now 3 extra choices wait
+        s.check_admissible(3, 10, count=2)
+    for name in ("n4", "n4-1", "n4-2", "n4-3"):
+        assert _run_prefill(s) == [name]
+        s.finish(s.running[0])
+    assert not s.has_work()
+
+
 def test_budget_counts_used_blocks_not_max_tokens() -> None:
     # 8 blocks of 4 tokens; each request may ask for 30 tokens, but holds only what it uses
     s = _sched(blocks=8)

@@ -19,9 +19,10 @@ Policy (nano-vllm's, with vLLM's recompute preemption and chunked prefill):
   (``n`` > 1: every choice but a request's first) hold at most ``extra_choice_rows`` rows
   (half of ``max_num_seqs``), so at least half is always left to first choices. An extra
   choice past that bound is passed over without holding up the queue behind it, and keeps its
-  place: it takes the next row an extra choice frees, so it is never starved. At most one
-  such batch of extra choices waits beyond the rows free to them; a request with more is
-  refused with 429 at once rather than queued for longer than one generation. So two
+  place: it takes the next row an extra choice frees, so it is never starved. While other
+  requests' extra choices wait, at most one such batch of them waits beyond the rows free to
+  them; a request that would add more is refused with 429 at once rather than queued for
+  longer than one generation (with none waiting, any ``n`` is taken). So two
   ``n=16`` requests on 32 rows no longer hold every row for their whole length while single
   requests wait (issue 22's soak: 62 requests queued 85-99 s behind them). Tried first and
   dropped: a reserve of free rows (under sustained load rows never freed, and starved extra
@@ -99,8 +100,8 @@ class SchedulerConfig:
         metavar="N",
         help="requests waiting beyond the batch's free rows (those that cannot start at the "
         "next step), past which new ones get 429 + Retry-After (a request with n > 1 also gets "
-        "429 when more than one batch of extra choices would wait: they hold at most half "
-        "of the --max-num-seqs rows)",
+        "429 when, beside other requests' waiting extra choices, more than one batch of them "
+        "would wait: they hold at most half of the --max-num-seqs rows)",
     )
     reserve_fraction: float = 0.01  # of the KV blocks kept free at admission, for growth
 
@@ -180,13 +181,15 @@ class Scheduler(Generic[S]):
                 f"server is at capacity ({len(self.running)} running, {len(self.waiting)} "
                 "waiting); retry later"
             )
-        if count > 1:
+        # with no other request's extra choice waiting, any n is taken: its choices take turns
+        waiting = _extras(self.waiting)
+        if count > 1 and waiting:
             rows = self.config.extra_choice_rows
             free = max(0, rows - _extras(self.running))
-            if _extras(self.waiting) + count - 1 - free > rows:
+            if waiting + count - 1 - free > rows:
                 raise OverloadedError(
                     f"server is at capacity for requests with n > 1 ({_extras(self.running)} "
-                    f"extra choices running, {_extras(self.waiting)} waiting); retry later "
+                    f"extra choices running, {waiting} waiting); retry later "
                     "or lower n"
                 )
 
