@@ -210,8 +210,8 @@ class Scheduler(Generic[S]):
 
     def _admit(self, partial: list[S]) -> StepPlan[S]:
         """The next chunk of each prompt being prefilled, then newcomers (FIFO: a newcomer never
-        overtakes the head, except past extra choices kept off the last rows), while rows x the
-        longest row's new tokens fits the budget; a row wider than its share is chunked."""
+        overtakes the head, except past extra choices over their share of the rows), while rows x
+        the longest row's new tokens fits the budget; a row wider than its share is chunked."""
         cfg = self.config
         budget = cfg.max_prefill_tokens or DEVICE_PREFILL_TOKENS
         joining = min(len(self.waiting), max(cfg.max_num_seqs - len(self.running), 0))
