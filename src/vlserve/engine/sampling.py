@@ -263,9 +263,8 @@ def probabilities(
         probs = top_p_filter(probs, mass) if ids is None else _top_p_sorted(probs, mass)
     if ids is None:
         return probs, None
-    ids, order = torch.sort(
-        ids, dim=-1
-    )  # token order: a draw lands where the vocabulary's CDF would
+    # back in token order: a draw lands where the vocabulary's CDF would put it
+    ids, order = torch.sort(ids, dim=-1)
     return probs.gather(1, order), ids
 
 
@@ -291,6 +290,7 @@ def _sample_rows(logits: torch.Tensor, states: Sequence[SamplerState]) -> torch.
     draws = torch.cat(
         [torch.rand(1, generator=s.generator, device=s.generator.device) for s in states]  # type: ignore[union-attr]
     ).to(logits.device, torch.float64)
+    draws = draws.clamp(0.0, 1.0 - 2**-52)  # never the whole mass: a token past the last
     params = [s.params for s in states]
     vocab = logits.shape[-1]
     few = [0 < p.top_k < vocab for p in params]
@@ -312,7 +312,7 @@ def _draw(
         picked = inverse_cdf(probs, draws)
     else:  # at most k candidates: one float64 CDF
         cdf = probs.double().cumsum(-1)
-        target = (draws.clamp(0.0, 1.0 - 2**-52) * cdf[:, -1]).unsqueeze(1)
+        target = (draws * cdf[:, -1]).unsqueeze(1)
         picked = torch.searchsorted(cdf, target, right=True).view(-1).clamp(max=cdf.shape[1] - 1)
     # never a zero-probability token, even where float rounding lands on one (decided on the
     # device: no read back)
