@@ -20,6 +20,7 @@ pytestmark = pytest.mark.integration
 
 FAULTY_USER = "fault-me"
 MAX_QUEUE = 6  # room for the concurrent burst of the forced-error test
+DRAINED_TOKENS = 1000  # each in-flight request of the drain test: seconds of work, not ms
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +221,10 @@ def _load_then_sigterm(srv: ServerProcess, max_tokens: int) -> list[object]:
 def test_sigterm_drains_in_flight_requests(tiny_model_path: Path, tmp_path: Path) -> None:
     srv = start_server(tiny_model_path, tmp_path, "--shutdown-timeout", "120")
     try:
-        results = _load_then_sigterm(srv, 100)
+        # long enough that the drain is still under way when it is probed 0.5 s after SIGTERM
+        # (6 x 100 greedy tokens drained within 0.5 s once sampling got faster: the port was
+        # already closed)
+        results = _load_then_sigterm(srv, DRAINED_TOKENS)
     finally:
         stop_server(srv)
     for events in results[:3]:
@@ -228,7 +232,7 @@ def test_sigterm_drains_in_flight_requests(tiny_model_path: Path, tmp_path: Path
         assert events[-2]["choices"][0]["finish_reason"] == "length"  # type: ignore[index]
     for r in results[3:]:
         assert isinstance(r, httpx.Response) and r.status_code == 200, r
-        assert r.json()["usage"]["completion_tokens"] == 100
+        assert r.json()["usage"]["completion_tokens"] == DRAINED_TOKENS
 
 
 def test_sigterm_deadline_ends_requests_clearly(tiny_model_path: Path, tmp_path: Path) -> None:
