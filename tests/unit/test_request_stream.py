@@ -45,3 +45,26 @@ def test_events_before_the_deadline_pass_untouched() -> None:
 
     events = asyncio.run(scenario())
     assert len(events) == 1 and events[0].finish_reason is FinishReason.STOP
+
+
+def test_a_cancel_that_meets_an_arriving_event_still_aborts_the_request() -> None:
+    """The client leaves (its task is cancelled) in the same loop pass as the engine's next token
+    arrives: the reader is cancelled and the request aborted. asyncio.wait_for before 3.12
+    returned the token instead, and the request ran on to max_tokens (clean-clone CI)."""
+    aborted: list[bool] = []
+
+    async def scenario() -> asyncio.Task[TokenEvent]:
+        queue: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        stream = RequestStream(
+            "r", queue, lambda: aborted.append(True), lambda: (3, 0),
+            deadline=(time.monotonic() + 30, 30.0),
+        )  # fmt: skip
+        reader = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0.01)  # it waits for the queue
+        queue.put_nowait(TokenEvent("a", (1,), 3, 1))  # as the inference thread's emit does
+        reader.cancel()  # and the disconnect poll, in the same pass
+        await asyncio.wait({reader})
+        return reader
+
+    assert asyncio.run(scenario()).cancelled()
+    assert aborted == [True]

@@ -11,6 +11,7 @@ import uuid
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from vlserve import tracecontext
+from vlserve.aio import within
 from vlserve.api.accesslog import log_line, request_fields
 from vlserve.api.auth import ApiKeys, is_protected
 from vlserve.api.errors import send_error
@@ -209,7 +210,7 @@ class RequestContextMiddleware:
         deadline = time.monotonic() + self.body_timeout_s
         while True:
             try:
-                event = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0))
+                event = await within(receive(), max(deadline - time.monotonic(), 0))
             except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11
                 message = f"request body not received within {self.body_timeout_s:g} s"
                 raise ClientTimeoutError(message) from None

@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections.abc import Callable
 
+from vlserve.aio import within
 from vlserve.engine.request import FinishReason, TokenEvent
 from vlserve.errors import RequestTimeoutError, VLServeError
 
@@ -42,11 +43,12 @@ class RequestStream:
         if self._finished:
             raise StopAsyncIteration
         try:
-            if self._deadline is None:
+            if not self._queue.empty():  # most events: a step emits them before this asks
+                event = self._queue.get_nowait()
+            elif self._deadline is None:
                 event = await self._queue.get()
             else:
-                remaining = self._deadline[0] - time.monotonic()
-                event = await asyncio.wait_for(self._queue.get(), max(remaining, 0.0))
+                event = await within(self._queue.get(), self._deadline[0] - time.monotonic())
         except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11
             timeout_s = self._deadline[1] if self._deadline else 0.0
             self.fail(RequestTimeoutError(f"request exceeded the server's {timeout_s:g} s timeout"))

@@ -20,6 +20,8 @@ import urllib.parse
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from vlserve.aio import within
+
 # `vlserve serve`'s /health sets it to "stalled" on its 503 when the engine is stuck.
 STALLED_HEADER = "x-vlserve-health"
 # (url, timeout_s) -> HTTP status, or None when nothing answered (or the engine is stalled).
@@ -33,7 +35,7 @@ async def probe_status(url: str, timeout_s: float = 5.0) -> int | None:
     status line together: a stopped process still gets its connections accepted by the kernel.
     """
     try:
-        return await asyncio.wait_for(_get_status(url), timeout=timeout_s)
+        return await within(_get_status(url), timeout_s)
     except (OSError, asyncio.TimeoutError, ValueError):
         return None
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vlserve.aio import within
 from vlserve.errors import VLServeError
 from vlserve.launch.health import HungDetector, Probe, is_stopped, probe_status
 from vlserve.launch.health import probe_health as probe_health  # re-exported: tests, benchmarks
@@ -211,7 +212,7 @@ class Supervisor:
             )  # fmt: skip
             child.state = ChildState.BACKOFF
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), timeout=backoff_s)
+                await within(self._stopping.wait(), backoff_s)
             backoff_s = min(backoff_s * 2, policy.max_backoff_s)
         child.state = ChildState.STOPPED
 
@@ -310,7 +311,7 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(stop_signal)
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(proc.wait(), timeout=self.policy.hung_kill_grace_s)
+                await within(proc.wait(), self.policy.hung_kill_grace_s)
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -325,7 +326,7 @@ class Supervisor:
                 # A stopped process only handles its stop signal once continued.
                 os.kill(proc.pid, signal.SIGCONT)
         try:
-            await asyncio.wait_for(proc.wait(), timeout=self.policy.stop_timeout_s)
+            await within(proc.wait(), self.policy.stop_timeout_s)
         except asyncio.TimeoutError:
             logger.warning(
                 "%s did not stop within %g s; killing it",

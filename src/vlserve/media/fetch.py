@@ -13,6 +13,7 @@ import httpcore
 import httpx
 
 from vlserve import tracecontext
+from vlserve.aio import within
 from vlserve.errors import MediaError
 from vlserve.media.config import MediaConfig
 from vlserve.media.netguard import (
@@ -77,7 +78,7 @@ class MediaFetcher:
         cap = self._config.max_image_bytes if max_bytes is None else max_bytes
         async with self._semaphore:
             try:
-                return await asyncio.wait_for(self._follow(url, cap, what), timeout_s)
+                return await within(self._follow(url, cap, what), timeout_s)
             except MediaError:
                 raise
             except asyncio.TimeoutError:

@@ -10,6 +10,7 @@ from typing import Any
 
 import httpcore
 
+from vlserve.aio import within
 from vlserve.errors import MediaError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -138,7 +139,7 @@ class GuardedNetworkBackend(httpcore.AsyncNetworkBackend):
 
     async def _checked_addresses(self, host: str, port: int, timeout: float | None) -> list[str]:
         try:
-            resolved = await asyncio.wait_for(self._resolver(host, port), timeout)
+            resolved = await within(self._resolver(host, port), timeout)
         except (OSError, UnicodeError, asyncio.TimeoutError):
             raise MediaError(f"could not resolve the image host '{host[:100]}'") from None
         if not resolved:
