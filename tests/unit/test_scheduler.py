@@ -234,6 +234,20 @@ def test_a_long_prompt_is_chunked_and_interleaved_with_decode_steps() -> None:
     assert huge.num_cached_tokens == 40 and steps < 20
 
 
+def test_a_chunk_is_not_narrowed_for_extra_choices_that_cannot_join() -> None:
+    """Extra choices past their share of the rows are passed over, so a long prompt's chunk
+    keeps its whole budget beside them instead of leaving room for rows that stay empty."""
+    s = _sched(max_prefill_tokens=20, max_num_seqs=8, blocks=256)  # extra choices: 4 rows
+    _choices(s, "big", 8)
+    assert _run_prefill(s) == ["big"] + [f"big-{i}" for i in range(1, 5)]
+    huge = _seq("huge", 80, first=500)
+    s.add(huge)
+    assert _run_prefill(s) == ["huge"] and huge.num_cached_tokens == 20  # past big-5..7
+    assert _decode(s) == ["big"] + [f"big-{i}" for i in range(1, 5)]
+    assert _run_prefill(s) == ["huge"] and huge.num_cached_tokens == 40  # not 20 // 3 more
+    assert _ids(s.waiting) == ["big-5", "big-6", "big-7"]
+
+
 def test_a_prefill_step_is_budgeted_as_padded_rows() -> None:
     """A prefill batch is right-padded to its longest row: 3 rows of 4 cost 12 positions."""
     s = _sched(max_prefill_tokens=10)

@@ -214,9 +214,8 @@ class Scheduler(Generic[S]):
         the longest row's new tokens fits the budget; a row wider than its share is chunked."""
         cfg = self.config
         budget = cfg.max_prefill_tokens or DEVICE_PREFILL_TOKENS
-        joining = min(len(self.waiting), max(cfg.max_num_seqs - len(self.running), 0))
         # of a prompt being chunked, while newcomers wait (at least a token: it always moves on)
-        share = max(budget // (1 + joining), 1)
+        share = max(budget // (1 + self._joinable()), 1)
         planned: list[StepRow[S]] = []
         longest = 0  # new tokens of the widest row planned: every row is padded to it
         for seq in partial:
@@ -246,6 +245,15 @@ class Scheduler(Generic[S]):
             planned.append(_prefill_row(head, width))
             longest = max(longest, planned[-1].end - planned[-1].start)
         return StepPlan(planned, True, [])
+
+    def _joinable(self) -> int:
+        """How many waiting sequences the free rows could take now: first choices, and extra
+        choices only up to the rows left to them (the rest are passed over, so a chunk narrowed
+        for them would be narrowed for nobody)."""
+        extras = _extras(self.waiting)
+        room = max(self.config.extra_choice_rows - _extras(self.running), 0)
+        eligible = len(self.waiting) - extras + min(extras, room)
+        return min(eligible, max(self.config.max_num_seqs - len(self.running), 0))
 
     def _decode(self) -> StepPlan[S]:
         preempted: list[S] = []
