@@ -24,7 +24,7 @@ def tight_server(tiny_model_path: Path, tmp_path_factory: pytest.TempPathFactory
         "--max-queue",
         "1",
         "--request-timeout",
-        "20",
+        "6",  # the 504 test waits it out; the others' requests take well under a second
         "--max-request-media-mb",
         "1",
     )
