@@ -11,7 +11,7 @@ import pytest
 from vlserve.bench import cli
 from vlserve.bench.client import RequestResult
 from vlserve.bench.config import BenchConfig, SweepConfig
-from vlserve.bench.sweep import RatePoint, best_point, drive, keep_up_ratio, next_rate, passes
+from vlserve.bench.rate_search import RatePoint, best_point, drive, keep_up_ratio, next_rate, passes
 
 
 def server(capacity: float, slo_limit: float = float("inf")):
@@ -183,7 +183,7 @@ def sweep_line(rate: float, achieved: float, completed: int, duration_s: float, 
 
 
 def test_too_brief_needs_a_hundred_requests_over_ten_latencies() -> None:
-    from vlserve.bench.sweep import too_brief
+    from vlserve.bench.rate_search import too_brief
 
     # The review's case: about 3 s at 22 req/s.
     short = sweep_line(22, 13.4, completed=40, duration_s=3.0, e2el_ms=800)
