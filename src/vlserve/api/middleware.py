@@ -210,7 +210,7 @@ class RequestContextMiddleware:
         deadline = time.monotonic() + self.body_timeout_s
         while True:
             try:
-                event = await within(receive(), max(deadline - time.monotonic(), 0))
+                event = await within(receive(), deadline - time.monotonic())  # past: 0 s
             except (TimeoutError, asyncio.TimeoutError):  # one class from Python 3.11
                 message = f"request body not received within {self.body_timeout_s:g} s"
                 raise ClientTimeoutError(message) from None
